@@ -1,0 +1,16 @@
+"""The one place where 16-bit ADU meet the model's [0, 1] scale (paper 2.3: ADU / 65535).
+
+Works on numpy arrays and torch tensors alike (only arithmetic).
+"""
+
+ADU_MAX = 65535.0
+
+
+def adu_to_unit(x):
+    """ADU -> [0, 1], in float (callers choose the dtype of ``x`` first when it matters)."""
+    return x / ADU_MAX
+
+
+def unit_to_adu(x):
+    """[0, 1] -> ADU (float, not rounded: predictions keep their sub-ADU precision)."""
+    return x * ADU_MAX
