@@ -3,7 +3,8 @@
 Layout of a shard (``SCHEMA_VERSION``):
 
 * one row per frame-channel in ``table/<column>`` (see ``TABLE_COLUMNS``);
-* ``a1``, ``a2``, ``a3``: uint16 strips (N, ...), one chunk per frame-channel;
+* ``a1``, ``a2``, ``a3``: uint16 strips along the whole active area (N, ...), one chunk per
+  frame-channel (see ``deepdark.strips``: the window's strips are slices of them);
 * ``active``: uint16 active areas (M, rows, cols) of the frame-channels whose image type is
   in ``TARGET_TYPES`` (darks and biases: the targets of training and evaluation); the table's
   ``active_index`` points into it, -1 elsewhere. Guide frames keep their pixels in the raw file,
@@ -36,7 +37,7 @@ from . import __version__
 from .atomic import atomic_path
 from .frames import FrameError, Keywords, is_fits_name, read_frame
 from .geometry import Geometry, parse_geometry
-from .strips import STRIP_NAMES, channel_strips, strip_shapes, window_of
+from .strips import STRIP_NAMES, channel_strips, strip_shapes, window_of, window_strips
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +211,12 @@ class Shard:
     def close(self) -> None:
         self.f.close()
 
-    def strips(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """``a1``, ``a2``, ``a3`` of table rows ``rows`` (sorted indices)."""
+    def strips(self, rows: np.ndarray, window: bool = False) -> dict[str, np.ndarray]:
+        """``a1``, ``a2``, ``a3`` of table rows ``rows`` (sorted indices): along the whole active
+        area, or cut to the model window (the paper's A1, A2, A3) when ``window``."""
         rows = np.asarray(rows)
-        return {s: self.f[s][rows] for s in STRIP_NAMES}
+        strips = {s: self.f[s][rows] for s in STRIP_NAMES}
+        return window_strips(strips, self.geometry) if window else strips
 
     def active(self, rows: np.ndarray) -> np.ndarray:
         """Active areas of table rows ``rows``; raises for rows without one (guide frames)."""
@@ -227,12 +230,12 @@ class Shard:
         return window_of(self.active(rows), self.geometry)
 
     def batches(self, rows: np.ndarray | None = None, batch_size: int = 8,
-                with_active: bool = False) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+                with_active: bool = False, window: bool = False) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Yield (row indices, arrays) over ``rows`` (default: all), ``batch_size`` at a time."""
         rows = np.arange(len(self)) if rows is None else np.sort(np.asarray(rows))
         for start in range(0, len(rows), batch_size):
             sel = rows[start:start + batch_size]
-            arrays = self.strips(sel)
+            arrays = self.strips(sel, window=window)
             if with_active:
                 arrays["active"] = self.active(sel)
             yield sel, arrays

@@ -1,9 +1,11 @@
 """The conditioning strips and targets of one frame (paper 2.3), in readout coordinates.
 
-Per channel: A1 = overscan rows of the window (size x 46), A2 = optical-black columns of the
-window rows (size x 4), A3 = optical-black rows over the window columns (4 x size), and the whole
-active area (the target B is its window). Raw uint16, exactly the pixels of the frame: resizing
-and [0, 1] scaling belong to the model's input step (``deepdark.nets.model_input``).
+Per channel the shard keeps the strips along the whole active area (the contract's regions):
+A1 = overscan (active rows x 46), A2 = optical-black columns (active rows x 4), A3 =
+optical-black rows (4 x active columns), and for darks the active area itself. The model's
+window cuts A1/A2/A3 and the target B out of them (:func:`window_strips`, :func:`window_of`);
+a prediction of the whole active area uses them whole. Raw uint16, exactly the pixels of the
+frame: resizing and [0, 1] scaling belong to the model's input step (``deepdark.nets``).
 """
 
 from __future__ import annotations
@@ -13,32 +15,28 @@ import numpy as np
 from .geometry import Geometry
 
 STRIP_NAMES = ("a1", "a2", "a3")
+_REGION_OF = {"a1": "overscan", "a2": "ob_cols", "a3": "ob_rows", "active": "active"}
 
 
 def strip_shapes(g: Geometry) -> dict[str, tuple[int, int]]:
-    s = g.window_size
-    return {
-        "a1": (s, g.regions["overscan"].shape[1]),
-        "a2": (s, g.regions["ob_cols"].shape[1]),
-        "a3": (g.regions["ob_rows"].shape[0], s),
-        "active": g.active.shape,
-    }
+    return {name: g.regions[region].shape for name, region in _REGION_OF.items()}
 
 
 def channel_strips(frame: np.ndarray, g: Geometry) -> dict[str, dict[str, np.ndarray]]:
     """``{channel name: {"a1", "a2", "a3", "active"}}`` for one frame (contiguous copies)."""
-    w = g.window
-    ov, obc, obr = g.regions["overscan"], g.regions["ob_cols"], g.regions["ob_rows"]
     out = {}
     for ch in g.channels:
         ro = g.readout(frame, ch)
-        out[ch.name] = {
-            "a1": np.ascontiguousarray(ro[w.r0:w.r1, ov.c0:ov.c1]),
-            "a2": np.ascontiguousarray(ro[w.r0:w.r1, obc.c0:obc.c1]),
-            "a3": np.ascontiguousarray(ro[obr.r0:obr.r1, w.c0:w.c1]),
-            "active": np.ascontiguousarray(ro[g.active.slices]),
-        }
+        out[ch.name] = {name: np.ascontiguousarray(ro[g.regions[region].slices])
+                        for name, region in _REGION_OF.items()}
     return out
+
+
+def window_strips(strips: dict[str, np.ndarray], g: Geometry) -> dict[str, np.ndarray]:
+    """The paper's A1 (size x 46), A2 (size x 4), A3 (4 x size) of the window, from whole strips
+    (..., rows, cols) as stored in a shard."""
+    rows, cols = g.window_in_active
+    return {"a1": strips["a1"][..., rows, :], "a2": strips["a2"][..., rows, :], "a3": strips["a3"][..., :, cols]}
 
 
 def window_of(active: np.ndarray, g: Geometry) -> np.ndarray:

@@ -33,11 +33,15 @@ def test_strips_equal_fits_pixels_at_spec_coordinates(tmp_path, mini):
         for row, rec in s.table.iterrows():
             f = frames[int(rec["file"][-6])]
             ch = rec["channel"]
-            strips = s.strips([row])
+            strips = s.strips([row], window=True)
             # window: active rows 4..72 offset 2 -> rows 6..70, cols 14..78
             np.testing.assert_array_equal(strips["a1"][0], frame_pixels(f, ch, (6, 70), (80, 126)))
             np.testing.assert_array_equal(strips["a2"][0], frame_pixels(f, ch, (6, 70), (8, 12)))
             np.testing.assert_array_equal(strips["a3"][0], frame_pixels(f, ch, (0, 4), (14, 78)))
+            whole = s.strips([row])
+            np.testing.assert_array_equal(whole["a1"][0], frame_pixels(f, ch, (4, 72), (80, 126)))
+            np.testing.assert_array_equal(whole["a2"][0], frame_pixels(f, ch, (4, 72), (8, 12)))
+            np.testing.assert_array_equal(whole["a3"][0], frame_pixels(f, ch, (0, 4), (12, 80)))
             np.testing.assert_array_equal(s.active([row])[0], frame_pixels(f, ch, (4, 72), (12, 80)))
             np.testing.assert_array_equal(s.target([row])[0], frame_pixels(f, ch, (6, 70), (14, 78)))
 
@@ -51,7 +55,7 @@ def test_guide_frames_keep_strips_only(write_night, tmp_path):
         with pytest.raises(ValueError, match="not darks"):
             s.active(guide[:1])
         got = list(s.batches(batch_size=5))
-        assert [len(r) for r, _ in got] == [5, 5, 2] and got[0][1]["a1"].shape == (5, 64, 46)
+        assert [len(r) for r, _ in got] == [5, 5, 2] and got[0][1]["a1"].shape == (5, 68, 46)
 
 
 def load():
