@@ -61,15 +61,19 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     print(format_table(table))
 
 
+# -- model subcommands (train, predict, ablation) --
+
+
+# -- workflow subcommands (correct, qa, summary) --
+
+
 def cmd_presets(a: argparse.Namespace) -> None:
     from .geometry import presets
 
     print("geometries:", ", ".join(presets()))
-    try:
-        from .nets import describe_presets
-    except ImportError:  # the model is optional for the core commands
-        return
-    print(describe_presets(size=a.size))
+    from .nets import describe_presets, format_presets
+
+    print(format_presets(describe_presets(size=a.size), size=a.size))
 
 
 # -- argument parsing -----------------------------------------------------------------------------
@@ -122,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--out", required=True, type=Path, help="folder for table1.json/csv and figures")
     s.set_defaults(func=cmd_evaluate)
+
+    # -- model parsers (train, predict, ablation) --
+
+    # -- workflow parsers (correct, qa, summary) --
 
     s = sub.add_parser("presets", help="list geometry presets and model presets (parameters, MACs)")
     s.add_argument("--size", type=int, default=1024, help="window size for the MAC count")
