@@ -14,8 +14,8 @@ import numpy as np
 
 def squared_error(pred: np.ndarray, truth: np.ndarray) -> tuple[float, int]:
     """Sum of squared differences (float64) and the pixel count."""
-    d = np.asarray(pred, dtype=np.float64) - np.asarray(truth, dtype=np.float64)
-    return float(np.einsum("...,...->", d, d)), d.size
+    d = (np.asarray(pred, dtype=np.float64) - np.asarray(truth, dtype=np.float64)).ravel()
+    return float(d @ d), d.size
 
 
 def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
