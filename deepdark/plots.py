@@ -58,8 +58,11 @@ def difference_histograms(hists, path: Path, by_group: bool) -> None:
             if c is None:
                 continue
             s = hists.sums[m, g]
-            ax.step(HIST_CENTERS, c / c.sum(), where="mid",
-                    label=f"{m}: mean {s[0] / s[1]:+.1f}, {100 * s[2] / s[1]:.0f}% within ±10")
+            # The outermost bins collect everything beyond +-100 ADU: said in the label, not drawn.
+            outside = 100 * (c[0] + c[-1]) / c.sum()
+            ax.step(HIST_CENTERS[1:-1], c[1:-1] / c.sum(), where="mid",
+                    label=f"{m}: mean {s[0] / s[1]:+.1f}, {100 * s[2] / s[1]:.0f}% within ±10"
+                          + (f", {outside:.0f}% beyond ±100" if outside >= 0.5 else ""))
         ax.set_title("all test darks" if g == "total" else f"{g} C")
         ax.set_xlabel("prediction - real (ADU)")
         ax.axvspan(-10, 10, color="0.9", zorder=0)

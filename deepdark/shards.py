@@ -22,6 +22,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -101,9 +103,11 @@ def extract(inputs: Iterable[str | Path], out: str | Path, geometry: Geometry,
     seen: dict[str, str] = {}
     n_frames = 0
     with atomic_path(out) as tmp, _ShardWriter(tmp, geometry) as writer:
-        for path in tqdm(files, desc=f"extract {out.name}", unit="frame", disable=not progress):
+        frames = _prefetched(files, lambda p: read_frame(p, geometry, keywords))
+        for path, frame in tqdm(frames, total=len(files), desc=f"extract {out.name}", unit="frame",
+                                disable=not progress):
             try:
-                frame = read_frame(path, geometry, keywords)
+                frame = frame.result()
             except FrameError as exc:
                 log.warning("quarantined %s", exc)
                 quarantine.append((exc.path, exc.reason))
@@ -118,6 +122,22 @@ def extract(inputs: Iterable[str | Path], out: str | Path, geometry: Geometry,
             n_frames += 1
     write_quarantine(quarantine_path(out), quarantine)
     return ExtractResult(out, n_frames, len(quarantine))
+
+
+def _prefetched(items: list, load, depth: int = 2) -> Iterator[tuple]:
+    """Yield (item, future of load(item)), loading up to ``depth`` items ahead in a thread.
+
+    Reading, hashing and decoding a frame release the GIL, so the next frame is read while
+    this one is written; the bounded depth keeps memory at a few frames whatever the night.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append((item, pool.submit(load, item)))
+            if len(pending) > depth:
+                yield pending.popleft()
+        while pending:
+            yield pending.popleft()
 
 
 def write_quarantine(path: Path, rows: list[tuple[str, str]]) -> None:

@@ -23,12 +23,12 @@ def strip_shapes(g: Geometry) -> dict[str, tuple[int, int]]:
 
 
 def channel_strips(frame: np.ndarray, g: Geometry) -> dict[str, dict[str, np.ndarray]]:
-    """``{channel name: {"a1", "a2", "a3", "active"}}`` for one frame (contiguous copies)."""
+    """``{channel name: {"a1", "a2", "a3", "active"}}`` for one frame, as views of ``frame``
+    (callers copy when they keep them: the shard writer stacks them, which is one copy)."""
     out = {}
     for ch in g.channels:
         ro = g.readout(frame, ch)
-        out[ch.name] = {name: np.ascontiguousarray(ro[g.regions[region].slices])
-                        for name, region in _REGION_OF.items()}
+        out[ch.name] = {name: ro[g.regions[region].slices] for name, region in _REGION_OF.items()}
     return out
 
 
