@@ -66,25 +66,29 @@ def build_masters(shards: Sequence[str | Path], out: str | Path, memory_mb: int 
         if frames.empty:
             raise ValueError("no DARK frames in the library shards")
         setpoints = sorted(set(frames["setpoint"]))
-        groups = []
-        for (camera, channel, exptime), sel in frames.groupby(["camera", "channel", "exptime"], sort=True):
-            groups.append(("all", np.nan, camera, channel, exptime, sel))
-            for sp, sub in sel.groupby("setpoint", sort=True):
-                groups.append(("temp", sp, camera, channel, exptime, sub))
+        families = list(frames.groupby(["camera", "channel", "exptime"], sort=True))
+        n_masters = sum(1 + sel["setpoint"].nunique() for _, sel in families)
         out = Path(out)
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
             f.attrs.update(schema_version=MASTER_SCHEMA, geometry=geometry.source,
                            setpoints=np.asarray(setpoints, dtype=float),
                            nights=",".join(sorted(set(frames["night"]))))
-            ds = f.create_dataset("master", shape=(len(groups), *geometry.active.shape), dtype=np.float32,
+            ds = f.create_dataset("master", shape=(n_masters, *geometry.active.shape), dtype=np.float32,
                                   chunks=(1, *geometry.active.shape))
             rows = []
-            bar = tqdm(total=len(groups), desc="median masters", unit="master", disable=not progress)
-            for i, (kind, sp, camera, channel, exptime, sel) in enumerate(groups):
-                ds[i] = _streamed_median(_members(opened, sel), geometry, memory_mb)
-                rows.append(dict(kind=kind, setpoint=sp, camera=camera, channel=channel, exptime=exptime,
-                                 n_frames=len(sel), bias=float(np.median(sel["bias"]))))
-                bar.update()
+            bar = tqdm(total=n_masters, desc="median masters", unit="master", disable=not progress)
+            for (camera, channel, exptime), sel in families:
+                # One pass over the family's frames gives its all-temperature master and every
+                # per-temperature master: each frame is read once per block of rows.
+                sel = sel.sort_values(["shard_no", "active_index"])
+                medians = _streamed_medians(_members(opened, sel), sel["setpoint"].to_numpy(), geometry, memory_mb)
+                for sp, master in medians.items():
+                    sub = sel if np.isnan(sp) else sel[sel["setpoint"] == sp]
+                    ds[len(rows)] = master
+                    rows.append(dict(kind="all" if np.isnan(sp) else "temp", setpoint=sp, camera=camera,
+                                     channel=channel, exptime=exptime, n_frames=len(sub),
+                                     bias=float(np.median(sub["bias"]))))
+                    bar.update()
             bar.close()
             table = pd.DataFrame(rows)
             grp = f.create_group("table")
@@ -123,17 +127,21 @@ def _members(shards: Sequence[Shard], sel: pd.DataFrame) -> list[_Member]:
     return [_Member(shards[k], np.sort(g["active_index"].to_numpy())) for k, g in sel.groupby("shard_no")]
 
 
-def _streamed_median(members: list[_Member], g: Geometry, memory_mb: int) -> np.ndarray:
-    """Per-pixel median over every member frame, a block of rows at a time."""
-    n = sum(len(m.active_index) for m in members)
+def _streamed_medians(members: list[_Member], setpoints: np.ndarray, g: Geometry,
+                      memory_mb: int) -> dict[float, np.ndarray]:
+    """Per-pixel medians over all member frames (key NaN) and over each setpoint's frames,
+    a block of rows at a time; ``setpoints`` follows the members' frame order."""
+    n = len(setpoints)
     rows, cols = g.active.shape
-    # np.median partitions a copy: two uint16 stacks of the block live at once.
-    block = max(1, min(rows, int(memory_mb * 2**20 // (4 * n * cols))))
-    out = np.empty((rows, cols), dtype=np.float32)
+    # Live at once per block: the uint16 stack, the copy np.median partitions, a subset and its copy.
+    block = max(1, min(rows, int(memory_mb * 2**20 // (8 * n * cols))))
+    keys = [np.nan, *sorted(set(setpoints))]
+    out = {k: np.empty((rows, cols), dtype=np.float32) for k in keys}
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
         stack = np.concatenate([m.shard.f["active"][m.active_index, r0:r1, :] for m in members])
-        out[r0:r1] = np.median(stack, axis=0)
+        for k in keys:
+            out[k][r0:r1] = np.median(stack if np.isnan(k) else stack[setpoints == k], axis=0)
     return out
 
 
