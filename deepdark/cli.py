@@ -57,14 +57,95 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         from .predict import model_predictor
 
         predictors["model"] = model_predictor(a.model, device=a.device, batch_size=a.batch_size)
+    if getattr(a, "physics", None):
+        from .physics import physics_predictor
+
+        predictors["physics"] = physics_predictor(a.physics)
     table = evaluate(a.test, a.baseline, a.out, predictors=predictors, progress=not a.quiet)
     print(format_table(table))
 
 
 # -- model subcommands (train, predict, ablation) --
 
+def _val_nights(values):
+    """``--val-nights 2`` (the last two nights) or ``--val-nights 20240103 20240104`` (those)."""
+    if not values:
+        return None
+    if len(values) == 1 and values[0].isdigit() and len(values[0]) < 8:
+        return int(values[0])
+    return list(values)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .train import train
+
+    res = train(a.shards, a.out, preset=a.preset, loss=a.loss, l1_weight=a.l1_weight, epochs=a.epochs,
+                batch_size=a.batch_size, lr=a.lr, betas=tuple(a.betas), crop=a.crop,
+                val_nights=_val_nights(a.val_nights), device=a.device, seed=a.seed,
+                max_steps_per_epoch=a.max_steps, progress=not a.quiet, resume=not a.no_resume, bn=a.bn,
+                bn_momentum=a.bn_momentum, norm=a.norm, lr_schedule=a.lr_schedule, crop_mode=a.crop_mode, setpoints=a.setpoints, max_val_samples=a.max_val_samples)
+    print(f"{res.model_dir}: {res.epochs} epochs in {res.seconds:.0f} s, trained on nights "
+          f"{','.join(res.train_nights)}; validation RMSE {res.val_rmse_adu:.2f} ADU on "
+          f"{','.join(res.val_nights) or 'no night'}")
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from .predict import predict_shard
+
+    out = predict_shard(a.model, a.shard, a.out, batch_size=a.batch_size, device=a.device, progress=not a.quiet)
+    log.info("predicted darks written to %s", out)
+
+
+def cmd_ablation(a: argparse.Namespace) -> None:
+    from .ablation import ablation, format_table2
+
+    table = ablation(a.shards, a.out, setpoint=a.setpoint, losses=a.losses, preset=a.preset, epochs=a.epochs,
+                     batch_size=a.batch_size, lr=a.lr, l1_weight=a.l1_weight, crop=a.crop,
+                     test_nights=_val_nights(a.test_nights), device=a.device, seed=a.seed,
+                     max_steps_per_epoch=a.max_steps, progress=not a.quiet, resume=not a.no_resume,
+                     lr_schedule=a.lr_schedule)
+    print(format_table2(table))
+
+
+
+def cmd_physics_fit(a: argparse.Namespace) -> None:
+    from .physics import fit_physics
+
+    out = fit_physics(a.shards, a.out, memory_mb=a.memory_mb, overscan_skip=a.overscan_skip,
+                      smooth_px=a.smooth_px, progress=not a.quiet)
+    log.info("physics model written to %s", out)
+
 
 # -- workflow subcommands (correct, qa, summary) --
+
+def cmd_correct(a: argparse.Namespace) -> None:
+    from .correct import correct_night
+
+    res = correct_night(a.source, a.out, method=a.method, masters=a.masters, include_dark=a.include_dark,
+                        cameras=a.cameras, keywords=_keywords(a), progress=not a.quiet)
+    log.info("%s: %d frames corrected, %d failed, %d skipped (%s)", a.out, res.n_ok, res.n_failed,
+             res.n_skipped, res.manifest)
+    if res.n_failed and (a.strict or res.n_ok == 0):
+        raise UserError(f"{res.n_failed} frame(s) could not be corrected, see {res.manifest}")
+
+
+def cmd_qa(a: argparse.Namespace) -> None:
+    from .qa import night_qa
+
+    qa = night_qa(a.shard, a.predictions, a.masters, a.out, keywords=_keywords(a), cameras=a.cameras,
+                  progress=not a.quiet)
+    log.info("QA of %s: %d frame-channels, %s", a.shard, len(qa), a.out / "qa.html")
+
+
+def cmd_summary(a: argparse.Namespace) -> None:
+    from .evaluate import format_table
+    from .qa import summarize
+
+    nights = [n for n in a.nights.split(",") if n] if a.nights else None
+    table, table1 = summarize(a.qa_dir, a.csv, a.html, a.table, nights=nights, corrected_dir=a.corrected_dir)
+    log.info("%d nights summarised, %d flagged: %s", len(table), int((table["flag"] != "").sum()), a.html)
+    if table1:
+        print(format_table(table1))
 
 
 def cmd_presets(a: argparse.Namespace) -> None:
@@ -122,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", nargs="+", required=True, type=Path, help="shards of test nights")
     s.add_argument("--baseline", type=Path, help="master-dark file from `deepdark baseline`")
     s.add_argument("--model", type=Path, help="model directory from `deepdark train`")
+    s.add_argument("--physics", type=Path, help="physics model from `deepdark physics-fit` (adds the `physics` column)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--out", required=True, type=Path, help="folder for table1.json/csv and figures")
@@ -129,7 +211,101 @@ def build_parser() -> argparse.ArgumentParser:
 
     # -- model parsers (train, predict, ablation) --
 
+    def training_options(s, epochs: int) -> None:
+        s.add_argument("--preset", default="compact", help="generator preset (see `deepdark presets`)")
+        s.add_argument("--epochs", type=int, default=epochs)
+        s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        s.add_argument("--l1-weight", type=float, default=100.0, help="weight of the L1 term (pix2pix: 100)")
+        s.add_argument("--batch-size", type=int, default=1, help="paper: 1")
+        s.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate (paper: 2e-5)")
+        s.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "pix2pix"],
+                       help="constant (paper), linear decay to zero over the run, or pix2pix's (constant, "
+                            "then linear to zero over the second half of the epochs)")
+        s.add_argument("--crop", type=int, help="train on random CROP x CROP crops of the window (CPU)")
+        s.add_argument("--max-steps", type=int, help="at most this many optimisation steps per epoch")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in the output folder")
+
+    s = sub.add_parser("train", help="train Deep-Dark-Net on the darks of a library (split by night)")
+    s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
+    s.add_argument("--out", required=True, type=Path, help="model directory (model.safetensors, model.json)")
+    training_options(s, epochs=40)
+    s.add_argument("--loss", default="deepdark", choices=["deepdark", "pix2pix", "lsgan", "mixed"],
+                   help="loss configuration (paper 2.5, Table 2)")
+    s.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas")
+    s.add_argument("--val-nights", nargs="+", metavar="N|NIGHT",
+                   help="validation nights: a count (the last N nights) or YYYYMMDD names (default: the last night(s))")
+    s.add_argument("--bn", default="running", choices=["running", "batch"],
+                   help="generator batch norm while training: running statistics as at inference (default) "
+                        "or batch statistics (the reference; erases the level with small batches)")
+    s.add_argument("--bn-momentum", type=float, default=0.01, help="update rate of the running statistics")
+    s.add_argument("--norm", choices=["batch", "instance", "none"], help="override the preset's normalisation")
+    s.add_argument("--crop-mode", default="window", choices=["window", "strips"],
+                   help="crop the whole-window input (default) or crop the strips and resize them to the crop")
+    s.add_argument("--setpoints", type=float, nargs="+", help="train on darks at these setpoints only (C)")
+    s.add_argument("--max-val-samples", type=int, help="validate on at most this many held-out channels")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("predict", help="predicted darks over the whole active area of every frame of a shard")
+    s.add_argument("shard", type=Path, help="the night's shard")
+    s.add_argument("--model", required=True, type=Path, help="model directory from `deepdark train`")
+    s.add_argument("--out", required=True, type=Path, help="predictions file to write (.h5)")
+    s.add_argument("--batch-size", type=int, default=4, help="channels per forward pass")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("ablation", help="the paper's Table 2: the four loss configurations at one setpoint")
+    s.add_argument("shards", nargs="+", type=Path, help="shards of the library (train and test nights)")
+    s.add_argument("--out", required=True, type=Path, help="folder for table2.csv/json and the models")
+    training_options(s, epochs=5)
+    s.add_argument("--setpoint", type=float, default=-15.0, help="the darks' setpoint (paper: -15 C)")
+    s.add_argument("--losses", nargs="+", default=["pix2pix", "lsgan", "mixed", "deepdark"],
+                   choices=["deepdark", "pix2pix", "lsgan", "mixed"])
+    s.add_argument("--test-nights", nargs="+", metavar="N|NIGHT",
+                   help="held-out nights: a count (the last N) or YYYYMMDD names (default: the last night(s))")
+    s.set_defaults(func=cmd_ablation)
+
+
+    s = sub.add_parser("physics-fit", help="per-pixel physical dark model of a dark library (the `physics` predictor)")
+    s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library (DARK and BIAS frames)")
+    s.add_argument("--out", required=True, type=Path, help="physics model to write (.h5)")
+    s.add_argument("--memory-mb", type=float, default=512, help="memory budget of the streamed per-pixel fit")
+    s.add_argument("--overscan-skip", type=int, default=4, help="first overscan columns left out of the row bias")
+    s.add_argument("--smooth-px", type=int, default=3,
+                   help="radius of the smooth prior on glow and the fast component (0: per-pixel only)")
+    s.set_defaults(func=cmd_physics_fit)
+
     # -- workflow parsers (correct, qa, summary) --
+
+    s = sub.add_parser("correct", help="dark-corrected FITS of every frame of a night (active mosaic, float32)")
+    s.add_argument("source", type=Path, help="predictions file (method model) or the night's shard (median methods)")
+    s.add_argument("--out", required=True, type=Path, help="folder for <frame>.fits and manifest.csv")
+    s.add_argument("--method", default="model", choices=["model", "median_temp", "median_all"],
+                   help="dark to remove: the predictions, or a median master (needs --masters)")
+    s.add_argument("--masters", type=Path, help="master-dark file from `deepdark baseline`")
+    s.add_argument("--include-dark", action="store_true", help="append the removed dark as extension DARK")
+    s.add_argument("--cameras", nargs="+", help="correct only these cameras (default: all)")
+    s.add_argument("--keywords", help='header keyword names as JSON, e.g. {"ccdtemp": "TEMP"}')
+    s.add_argument("--strict", action="store_true", help="exit 2 when any frame fails (default: only when all fail)")
+    s.set_defaults(func=cmd_correct)
+
+    s = sub.add_parser("qa", help="per-night QA: RMSE of darks, guide-frame background, quarantine (CSV + HTML)")
+    s.add_argument("--shard", required=True, type=Path, help="the night's shard")
+    s.add_argument("--predictions", required=True, type=Path, help="the night's predictions file")
+    s.add_argument("--masters", type=Path, help="master-dark file: adds the median baselines")
+    s.add_argument("--out", required=True, type=Path, help="QA folder of the night (qa.csv, qa.html, figures)")
+    s.add_argument("--cameras", nargs="+", help="report only these cameras (default: all)")
+    s.add_argument("--keywords", help='header keyword names as JSON, e.g. {"ccdtemp": "TEMP"}')
+    s.set_defaults(func=cmd_qa)
+
+    s = sub.add_parser("summary", help="all nights' QA in one table and page: Table 1 over the archive, flags")
+    s.add_argument("--qa-dir", required=True, type=Path, help="folder of the nights' QA folders")
+    s.add_argument("--nights", help="comma-separated YYYYMMDD (default: every QA folder with a qa.csv)")
+    s.add_argument("--corrected-dir", type=Path, help="folder of the nights' corrected folders (failure counts)")
+    s.add_argument("--csv", required=True, type=Path, help="per-night table to write")
+    s.add_argument("--html", required=True, type=Path, help="page to write")
+    s.add_argument("--table", type=Path, help="Table 1 over the archive (CSV) to write")
+    s.set_defaults(func=cmd_summary)
 
     s = sub.add_parser("presets", help="list geometry presets and model presets (parameters, MACs)")
     s.add_argument("--size", type=int, default=1024, help="window size for the MAC count")

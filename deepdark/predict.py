@@ -1,0 +1,126 @@
+"""Inference: a trained model turns the strips of frames into predicted darks, in ADU.
+
+Two predictors, both plain callables ``(shard, sorted table rows) -> (k, rows, cols) float32 ADU``:
+
+* :func:`model_predictor` predicts the model window (what the model was trained on and what
+  ``deepdark.evaluate`` scores, the paper's B);
+* :func:`active_predictor` predicts the whole active area of every channel (1042 x 1042 on the
+  LAMOST camera), which a corrected frame needs: the strips along the whole active area
+  (``Shard.strips(rows)``) are resized to the active shape exactly as the window's strips are
+  resized to the window, the input is padded by reflection to the network's multiple (1042 ->
+  1044: one row and column on each side), run, and cropped back. The network is fully
+  convolutional, so the active area is one pass, without tiling seams.
+
+:func:`predict_shard` writes a night's predictions with ``deepdark.predictions.write_predictions``
+(temporary name, renamed when complete) with the model's name and hash as provenance.
+
+The generator runs in eval mode (batch-norm running statistics, see ``deepdark.nets``), batched
+(``batch_size`` channels per forward pass), on CUDA under float16 autocast with a float32 output
+layer when a GPU is used, on the CPU in float32 otherwise. The model's geometry and window must
+be the shard's: another camera layout is refused with a message saying what differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model_io import LoadedModel, check_geometry, load_model
+from .nets import model_input
+from .shards import Shard
+from .train import autocast, fp32_head, resolve_device
+from .units import unit_to_adu
+
+
+class ModelRunner:
+    """A loaded generator on a device: ``run(x)`` maps model inputs to ADU, ``batch_size`` at a time."""
+
+    def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", batch_size: int = 4):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
+        self.generator = fp32_head(self.model.generator).to(self.device).eval()
+        self.batch_size = int(batch_size)
+        self._checked: set[str] = set()
+
+    def check(self, shard: Shard) -> None:
+        key = f"{shard.path}"
+        if key not in self._checked:
+            check_geometry(self.model.card, shard.geometry, where=f"shard {shard.path}")
+            self._checked.add(key)
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> np.ndarray:
+        """Model inputs (B, C, H, W) in [0, 1] -> predictions (B, H, W), float32 ADU.
+
+        Inputs whose sides are not multiples of the network's are padded by reflection (split
+        evenly between both sides) and the output cropped back.
+        """
+        m = self.generator.multiple
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % m, (-w) % m
+        top, left = ph // 2, pw // 2
+        out = np.empty((x.shape[0], h, w), dtype=np.float32)
+        for start in range(0, x.shape[0], self.batch_size):
+            xb = x[start:start + self.batch_size].to(self.device)
+            if ph or pw:
+                xb = F.pad(xb, (left, pw - left, top, ph - top), mode="reflect")
+            with autocast(self.device):
+                y = self.generator(xb)
+            y = y[:, 0, top:top + h, left:left + w].float()
+            out[start:start + len(xb)] = unit_to_adu(y.double()).cpu().numpy().astype(np.float32)
+        return out
+
+
+def _runner(model, device, batch_size) -> ModelRunner:
+    return model if isinstance(model, ModelRunner) else ModelRunner(model, device, batch_size)
+
+
+def model_predictor(model_dir: str | Path | LoadedModel, device: str | torch.device = "auto", batch_size: int = 4):
+    """Window predictor for ``deepdark.evaluate``: (shard, rows) -> (k, S, S) ADU."""
+    runner = _runner(model_dir, device, batch_size)
+
+    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
+        runner.check(shard)
+        s = shard.strips(np.asarray(rows), window=True)
+        x = model_input(s["a1"], s["a2"], s["a3"], shard.geometry.window_size)
+        return runner.run(x)
+
+    predict.runner = runner
+    return predict
+
+
+def active_predictor(model_dir: str | Path | LoadedModel, device: str | torch.device = "auto", batch_size: int = 4):
+    """Whole-active-area predictor for ``write_predictions``: (shard, rows) -> (k, AR, AC) ADU."""
+    runner = _runner(model_dir, device, batch_size)
+
+    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
+        runner.check(shard)
+        ar, ac = shard.geometry.active.shape
+        if ar != ac:
+            raise ValueError(f"{shard.path}: active area {ar} x {ac} is not square; the model's input step "
+                             "(deepdark.nets.model_input) resizes strips to squares only")
+        s = shard.strips(np.asarray(rows))
+        x = model_input(s["a1"], s["a2"], s["a3"], ar)
+        return runner.run(x)
+
+    predict.runner = runner
+    return predict
+
+
+def predict_shard(model_dir: str | Path, shard: str | Path, out: str | Path, batch_size: int = 4,
+                  device: str | torch.device = "auto", progress: bool = True) -> Path:
+    """Predicted darks of every frame-channel of ``shard`` over the whole active area -> ``out`` (HDF5)."""
+    from .predictions import write_predictions
+
+    model = load_model(model_dir, device="cpu")
+    with Shard(shard) as s:  # fail early, before any file is written, on a foreign geometry
+        check_geometry(model.card, s.geometry, where=f"shard {shard}")
+    predict = active_predictor(model, device=device, batch_size=batch_size)
+    provenance = {"method": "model", "model_name": model.name, "model_hash": model.hash,
+                  "model_path": str(Path(model_dir).resolve())}
+    return write_predictions(shard, out, predict, provenance, batch_size=batch_size, progress=progress)

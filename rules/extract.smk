@@ -1,0 +1,40 @@
+# Strips of every frame of a night into one HDF5 shard, with the night's quarantine table
+# (files that cannot be used, and why). Archive nights -> shards/, library nights -> library/.
+
+
+rule extract:
+    input:
+        night_folder("archive"),
+    output:
+        shard=results("shards/{night}.h5"),
+        quarantine=results("shards/{night}.quarantine.csv"),
+    params:
+        geometry=shlex.quote(config["geometry"]),
+        keywords=keywords_arg(),
+    log:
+        results("logs/extract/{night}.log"),
+    benchmark:
+        results("benchmarks/extract/{night}.tsv")
+    wildcard_constraints:
+        night=r"[0-9]{8}",
+    threads: config["threads"]["extract"]
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        env("cpu")
+    shell:
+        "python3 -m deepdark extract {input:q} --out {output.shard:q} --geometry {params.geometry} {params.keywords}"
+        " > {log} 2>&1"
+
+
+use rule extract as extract_library with:
+    input:
+        night_folder("library"),
+    output:
+        shard=results("library/{night}.h5"),
+        quarantine=results("library/{night}.quarantine.csv"),
+    log:
+        results("logs/extract_library/{night}.log"),
+    benchmark:
+        results("benchmarks/extract_library/{night}.tsv")
