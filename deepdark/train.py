@@ -153,11 +153,18 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _autocast_on_cuda() -> bool:
+    try:
+        return torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4: no device argument, CUDA implied
+        return torch.is_autocast_enabled()
+
+
 class _Float32Head(nn.Sequential):
     """An ``nn.Sequential`` that runs in float32 even under CUDA autocast."""
 
     def forward(self, x):
-        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        if x.device.type == "cuda" and _autocast_on_cuda():
             with torch.autocast("cuda", enabled=False):
                 return super().forward(x.float())
         return super().forward(x)
