@@ -37,7 +37,8 @@ def cmd_extract(a: argparse.Namespace) -> None:
     from .geometry import load_geometry
     from .shards import extract
 
-    res = extract(a.inputs, a.out, load_geometry(a.geometry), keywords=_keywords(a), progress=not a.quiet)
+    res = extract(a.inputs, a.out, load_geometry(a.geometry), keywords=_keywords(a), progress=not a.quiet,
+                  cameras=a.cameras)
     log.info("%s: %d frames, %d quarantined (%s)", res.shard, res.n_frames, res.n_quarantined,
              res.shard.name.removesuffix(".h5") + ".quarantine.csv")
 
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="shard to write (SHARD.h5; quarantine beside it)")
     s.add_argument("--geometry", default="lamost-kaf4320", help="geometry preset or YAML file")
     s.add_argument("--keywords", help='header keyword names as JSON, e.g. {"ccdtemp": "TEMP"}')
+    s.add_argument("--cameras", nargs="+", help="only frames of these cameras (default: all)")
     s.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("baseline", help="median master darks (all temperatures and per temperature)")

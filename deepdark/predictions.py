@@ -46,8 +46,9 @@ def write_predictions(shard_path: str | Path, out: str | Path, predict: ActivePr
                        software=f"deepdark {__version__}",
                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance)
         n = len(shard)
-        ds = f.create_dataset("dark", shape=(n, *g.active.shape), dtype=np.float32,
-                              chunks=(1, *g.active.shape), **_COMPRESSION)
+        # A night whose every file was quarantined has no rows, and HDF5 cannot chunk nothing.
+        layout = dict(chunks=(1, *g.active.shape), **_COMPRESSION) if n else {}
+        ds = f.create_dataset("dark", shape=(n, *g.active.shape), dtype=np.float32, **layout)
         bar = tqdm(total=n, desc=f"predict {Path(shard_path).name}", unit="channel", disable=not progress)
         for start in range(0, n, batch_size):
             rows = np.arange(start, min(n, start + batch_size))

@@ -24,7 +24,7 @@ import logging
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,9 +92,11 @@ class ExtractResult:
 
 
 def extract(inputs: Iterable[str | Path], out: str | Path, geometry: Geometry,
-            keywords: Keywords = Keywords(), progress: bool = True) -> ExtractResult:
+            keywords: Keywords = Keywords(), progress: bool = True,
+            cameras: Sequence[str] | None = None) -> ExtractResult:
     """Extract the strips of every readable frame in ``inputs`` into the shard ``out``.
 
+    With ``cameras``, frames of other cameras are left out (not quarantined: they are fine).
     Both the shard and its quarantine table appear under their final names only when complete.
     """
     files = expand_inputs(inputs)
@@ -111,6 +113,8 @@ def extract(inputs: Iterable[str | Path], out: str | Path, geometry: Geometry,
             except FrameError as exc:
                 log.warning("quarantined %s", exc)
                 quarantine.append((exc.path, exc.reason))
+                continue
+            if cameras is not None and frame.info.camera not in cameras:
                 continue
             if frame.hash in seen:
                 reason = f"duplicate of {seen[frame.hash]} (same content)"

@@ -11,6 +11,7 @@ rule extract:
     params:
         geometry=shlex.quote(config["geometry"]),
         keywords=keywords_arg(),
+        cameras=cameras_arg(),
     log:
         results("logs/extract/{night}.log"),
     benchmark:
@@ -25,6 +26,7 @@ rule extract:
         env("cpu")
     shell:
         "python3 -m deepdark extract {input:q} --out {output.shard:q} --geometry {params.geometry} {params.keywords}"
+        " {params.cameras}"
         " > {log} 2>&1"
 
 
