@@ -103,3 +103,25 @@ def test_not_a_shard(tmp_path):
     (tmp_path / "x.h5").write_text("nope")
     with pytest.raises(ValueError, match="not a deepdark shard"):
         Shard(tmp_path / "x.h5")
+
+
+def test_camera_filter_leaves_other_cameras_out_without_quarantine(write_night, tmp_path, mini):
+    night = write_night(n_dark=2, n_guide=0, camera="GS1")
+    write_night(n_dark=1, n_guide=0, camera="GS2", seed=7)
+    res = extract([night], tmp_path / "n.h5", mini, progress=False, cameras=["GS2"])
+    assert (res.n_frames, res.n_quarantined) == (1, 0)
+    with Shard(tmp_path / "n.h5") as s:
+        assert set(s.table["camera"]) == {"GS2"}
+
+
+def test_a_night_of_only_bad_files_still_gives_an_empty_shard_and_predictions(tmp_path, mini):
+    from deepdark.predictions import Predictions, write_predictions
+
+    night = tmp_path / "20240105"
+    night.mkdir()
+    (night / "junk.fits").write_text("not a frame")
+    res = extract([night], tmp_path / "n.h5", mini, progress=False)
+    assert (res.n_frames, res.n_quarantined) == (0, 1)
+    write_predictions(tmp_path / "n.h5", tmp_path / "p.h5", lambda s, r: None, {"method": "none"}, progress=False)
+    with Predictions(tmp_path / "p.h5") as p:
+        assert len(p) == 0
