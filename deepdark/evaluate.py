@@ -115,7 +115,7 @@ def evaluate(test_shards: Sequence[str | Path], masters_path: str | Path | None,
             bar.close()
     if not per_image:
         raise ValueError("no DARK frames in the test shards: nothing to evaluate")
-    table = _ordered(pooled.table())
+    table = ordered_table(pooled.table())
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "table1.json", table)
     _write_csv(out_dir / "table1.csv", table_frame(table))
@@ -130,7 +130,7 @@ def evaluate(test_shards: Sequence[str | Path], masters_path: str | Path | None,
     return table
 
 
-def _ordered(table: dict) -> dict:
+def ordered_table(table: dict) -> dict:
     """``total`` first, then temperatures from warm to cold; methods in a fixed order."""
     def key(g):
         return (0, 0.0) if g == "total" else (1, -float(g))

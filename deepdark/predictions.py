@@ -15,13 +15,11 @@ from pathlib import Path
 import h5py
 import hdf5plugin
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
 from . import __version__
 from .atomic import atomic_path
-from .geometry import Geometry, parse_geometry
-from .shards import TABLE_COLUMNS, Shard
+from .shards import TABLE_COLUMNS, Shard, open_versioned
 
 SCHEMA_VERSION = 1
 _COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
@@ -69,19 +67,9 @@ class Predictions:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self.f = h5py.File(self.path, "r")
-            version = int(self.f.attrs["schema_version"])
-        except (OSError, KeyError) as exc:
-            raise ValueError(f"{self.path}: not a deepdark predictions file ({exc})") from None
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"{self.path}: predictions schema {version}, this deepdark reads {SCHEMA_VERSION}")
-        self.geometry: Geometry = parse_geometry(self.f.attrs["geometry"], origin=f"{self.path}:geometry")
+        self.f, self.geometry, self.table = open_versioned(self.path, "predictions", SCHEMA_VERSION)
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items()
                       if k != "geometry"}
-        grp = self.f["table"]
-        self.table = pd.DataFrame({c: [v.decode() if isinstance(v, bytes) else v for v in grp[c][()]]
-                                   if grp[c].dtype == object else grp[c][()] for c in TABLE_COLUMNS})
 
     def __len__(self) -> int:
         return len(self.table)

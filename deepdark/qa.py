@@ -39,7 +39,7 @@ from . import report
 from .atomic import atomic_path
 from .baselines import Masters, frame_setpoints, temp_label
 from .correct import PredictedDarks, active_areas, corrected_actives, read_manifest
-from .evaluate import METHOD_ORDER, evaluate, table_frame
+from .evaluate import evaluate, ordered_table, table_frame
 from .frames import FrameError, Keywords, read_frame
 from .metrics import PooledRMSE
 from .shards import Shard, quarantine_path, read_quarantine
@@ -248,19 +248,7 @@ def pooled_table(qa: pd.DataFrame) -> dict:
             v = getattr(rec, f"rmse_{m}")
             if n and np.isfinite(v):
                 pooled.add_squared(m, groups, float(v) ** 2 * n, n)
-    return _ordered(pooled.table())
-
-
-def _ordered(table: dict) -> dict:
-    def key(g):
-        return (0, 0.0) if g == "total" else (1, -float(g))
-
-    out = {}
-    for g in sorted(table, key=key):
-        row = table[g]
-        methods = [m for m in METHOD_ORDER if m in row] + sorted(m for m in row if m not in METHOD_ORDER and m != "n_images")
-        out[g] = {m: row[m] for m in methods} | {"n_images": int(row["n_images"])}
-    return out
+    return ordered_table(pooled.table())
 
 
 # -- figures ---------------------------------------------------------------------------------------

@@ -207,21 +207,28 @@ class _ShardWriter:
             self.f.close()
 
 
+def open_versioned(path: Path, kind: str, version: int) -> tuple[h5py.File, Geometry, pd.DataFrame]:
+    """Open a deepdark HDF5 file of ``kind`` (shard, predictions) and schema ``version``: the
+    file, its geometry and its frame table; a clear error when it is something else."""
+    try:
+        f = h5py.File(path, "r")
+        found = int(f.attrs["schema_version"])
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"{path}: not a deepdark {kind} file ({exc})") from None
+    if found != version:
+        f.close()
+        raise ValueError(f"{path}: {kind} schema {found}, this deepdark reads {version}")
+    geometry = parse_geometry(f.attrs["geometry"], origin=f"{path}:geometry")
+    grp = f["table"]
+    return f, geometry, pd.DataFrame({c: _decode(grp[c][()]) for c in TABLE_COLUMNS})
+
+
 class Shard:
     """Read access to a shard: the table in memory, pixel data on demand in batches."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self.f = h5py.File(self.path, "r")
-            version = int(self.f.attrs["schema_version"])
-        except (OSError, KeyError) as exc:
-            raise ValueError(f"{self.path}: not a deepdark shard ({exc})") from None
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"{self.path}: shard schema {version}, this deepdark reads {SCHEMA_VERSION}")
-        self.geometry: Geometry = parse_geometry(self.f.attrs["geometry"], origin=f"{self.path}:geometry")
-        grp = self.f["table"]
-        self.table = pd.DataFrame({c: _decode(grp[c][()]) for c in TABLE_COLUMNS})
+        self.f, self.geometry, self.table = open_versioned(self.path, "shard", SCHEMA_VERSION)
 
     def __len__(self) -> int:
         return len(self.table)

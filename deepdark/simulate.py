@@ -179,7 +179,7 @@ class CameraModel:
     def build(cls, camera: str, seed: int = 0, geometry: str | Geometry = "lamost-kaf4320") -> CameraModel:
         g = _geometry(geometry)
         rng = np.random.default_rng(np.random.SeedSequence([_MODEL_TAG, seed, camera_code(camera)]))
-        n, (R, C) = len(g.channels), g.channel_shape
+        n, R = len(g.channels), g.channel_shape[0]
         reg, act = g.regions, g.active
         scale = act.shape[1] / FULL_ACTIVE  # lengths shrink with the active area in test geometries
         H, W = g.mosaic_shape
@@ -352,7 +352,7 @@ def simulate_frame(model: CameraModel, rng: np.random.Generator, imagetyp: str =
     m, g = model, model.geometry
     imagetyp = imagetyp.upper()
     exptime = 0.0 if imagetyp == "BIAS" else float(exptime)
-    n, (R, C) = len(g.channels), g.channel_shape
+    n, R = len(g.channels), g.channel_shape[0]
     temp = setpoint + float(np.clip(rng.normal(0, TEMP_JITTER_SD), -TEMP_JITTER_MAX, TEMP_JITTER_MAX))
     ccdtemp = round(temp + rng.normal(0, TEMP_SENSOR_SD), 1)
     drift = rng.normal(0, BIAS_DRIFT_ADU, n)
