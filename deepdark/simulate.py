@@ -179,7 +179,7 @@ class CameraModel:
     def build(cls, camera: str, seed: int = 0, geometry: str | Geometry = "lamost-kaf4320") -> CameraModel:
         g = _geometry(geometry)
         rng = np.random.default_rng(np.random.SeedSequence([_MODEL_TAG, seed, camera_code(camera)]))
-        n, R = len(g.channels), g.channel_shape[0]
+        n, (R, C) = len(g.channels), g.channel_shape
         reg, act = g.regions, g.active
         scale = act.shape[1] / FULL_ACTIVE  # lengths shrink with the active area in test geometries
         H, W = g.mosaic_shape
