@@ -177,6 +177,7 @@ def simulate_args(wildcards):
         "--cameras " + " ".join(shlex.quote(c) for c in top["cameras"]),
         "--temperatures " + " ".join(f"{t:g}" for t in sim["temperatures"]),
         f"--darks-per-temp {sim['darks_per_temp']} --guide-per-night {sim['guide_per_night']}",
+        "--dark-exptimes " + " ".join(f"{t:g}" for t in sim.get("dark_exptimes", [30])),
     ])
 
 
