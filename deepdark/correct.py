@@ -20,6 +20,7 @@ night's ``manifest.csv`` with its reason and never stops the others.
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -247,6 +248,10 @@ def correct_frame(raw_path: str | Path, predictions: DarkSource, rows: Sequence[
 
 # -- one night -----------------------------------------------------------------------------------
 
+# Write failures that are the output's fault (disk full, quota, read-only, I/O error), not a frame's.
+_FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
 @dataclass
 class NightResult:
     out_dir: Path
@@ -290,6 +295,10 @@ def correct_night(source: str | Path, out_dir: str | Path, method: str = "model"
                               include_dark=include_dark, keywords=keywords)
                 rec["output"] = name
             except (CorrectionError, FrameError, OSError, ValueError) as exc:
+                if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNOS:
+                    # The disk, not the frame: every further frame would fail too, and a night
+                    # that looks finished with frames missing is worse than a failed job.
+                    raise OSError(exc.errno, f"cannot write {out_dir / name}: {exc.strerror}") from exc
                 log.error("not corrected: %s", exc)
                 rec.update(status="failed", reason=str(exc))
             records.append(rec)

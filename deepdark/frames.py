@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -94,7 +95,7 @@ def read_frame(path: str | Path, geometry: Geometry, keywords: Keywords = Keywor
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
             raise FrameError(path, f"corrupt gzip: {exc}") from None
     if not raw.startswith(b"SIMPLE  ="):
         raise FrameError(path, "not a FITS file (no SIMPLE card)")

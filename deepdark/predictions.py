@@ -9,7 +9,6 @@ the software, the geometry and the source shard. Written under a temporary name.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -41,8 +40,7 @@ def write_predictions(shard_path: str | Path, out: str | Path, predict: ActivePr
     with Shard(shard_path) as shard, atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         g = shard.geometry
         f.attrs.update(schema_version=SCHEMA_VERSION, geometry=g.source, shard=str(shard_path),
-                       software=f"deepdark {__version__}",
-                       created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance)
+                       software=f"deepdark {__version__}", **provenance)  # no date: reruns are byte-identical
         n = len(shard)
         # A night whose every file was quarantined has no rows, and HDF5 cannot chunk nothing.
         layout = dict(chunks=(1, *g.active.shape), **_COMPRESSION) if n else {}

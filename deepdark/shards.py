@@ -9,7 +9,8 @@ Layout of a shard (``SCHEMA_VERSION``):
   in ``TARGET_TYPES`` (darks and biases: the targets of training and evaluation); the table's
   ``active_index`` points into it, -1 elsewhere. Guide frames keep their pixels in the raw file,
   which the correction step reads anyway for its header;
-* attributes: schema version, geometry YAML, software version, creation time.
+* attributes: schema version, geometry YAML, software version (no creation time: the same
+  inputs give a byte-identical file).
 
 Chunks are compressed with Blosc (LZ4 + byte shuffle, via ``hdf5plugin``): it compresses ADU
 noise about 2x at memory speed, where gzip would cost more than reading the FITS.
@@ -26,7 +27,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -72,7 +72,10 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            out.extend(sorted(p for p in item.iterdir() if p.is_file() and is_fits_name(p)))
+            # Every entry with a FITS name, readable or not (a dangling link, a folder named
+            # x.fits, a file without read permission): those end in the quarantine with the
+            # reason, instead of silently missing from the night.
+            out.extend(sorted(p for p in item.iterdir() if is_fits_name(p)))
         else:
             out.append(item)
     return out
@@ -104,27 +107,29 @@ def extract(inputs: Iterable[str | Path], out: str | Path, geometry: Geometry,
     quarantine: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
     n_frames = 0
-    with atomic_path(out) as tmp, _ShardWriter(tmp, geometry) as writer:
-        frames = _prefetched(files, lambda p: read_frame(p, geometry, keywords))
-        for path, frame in tqdm(frames, total=len(files), desc=f"extract {out.name}", unit="frame",
-                                disable=not progress):
-            try:
-                frame = frame.result()
-            except FrameError as exc:
-                log.warning("quarantined %s", exc)
-                quarantine.append((exc.path, exc.reason))
-                continue
-            if cameras is not None and frame.info.camera not in cameras:
-                continue
-            if frame.hash in seen:
-                reason = f"duplicate of {seen[frame.hash]} (same content)"
-                log.warning("quarantined %s: %s", path, reason)
-                quarantine.append((str(path), reason))
-                continue
-            seen[frame.hash] = str(path)
-            writer.add(frame, night_of(path))
-            n_frames += 1
-    write_quarantine(quarantine_path(out), quarantine)
+    with atomic_path(out) as tmp:
+        with _ShardWriter(tmp, geometry) as writer:
+            frames = _prefetched(files, lambda p: read_frame(p, geometry, keywords))
+            for path, frame in tqdm(frames, total=len(files), desc=f"extract {out.name}", unit="frame",
+                                    disable=not progress):
+                try:
+                    frame = frame.result()
+                except FrameError as exc:
+                    log.warning("quarantined %s", exc)
+                    quarantine.append((exc.path, exc.reason))
+                    continue
+                if cameras is not None and frame.info.camera not in cameras:
+                    continue
+                if frame.hash in seen:
+                    reason = f"duplicate of {seen[frame.hash]} (same content)"
+                    log.warning("quarantined %s: %s", path, reason)
+                    quarantine.append((str(path), reason))
+                    continue
+                seen[frame.hash] = str(path)
+                writer.add(frame, night_of(path))
+                n_frames += 1
+        # The shard is renamed last: a shard under its final name always has its quarantine table.
+        write_quarantine(quarantine_path(out), quarantine)
     return ExtractResult(out, n_frames, len(quarantine))
 
 
@@ -161,9 +166,9 @@ class _ShardWriter:
     def __init__(self, path: Path, geometry: Geometry):
         self.g = geometry
         self.f = h5py.File(path, "w")
+        # No creation time: the same inputs give a byte-identical shard (reruns are checkable).
         self.f.attrs.update(schema_version=SCHEMA_VERSION, geometry=geometry.source,
-                            software=f"deepdark {__version__}",
-                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                            software=f"deepdark {__version__}")
         shapes = strip_shapes(geometry)
         self.ds = {name: self.f.create_dataset(name, shape=(0, *shapes[name]), maxshape=(None, *shapes[name]),
                                                dtype=np.uint16, chunks=(1, *shapes[name]), **_COMPRESSION)
