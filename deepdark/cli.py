@@ -58,6 +58,12 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         from .predict import model_predictor
 
         predictors["model"] = model_predictor(a.model, device=a.device, batch_size=a.batch_size)
+        phys = predictors["model"].runner.model.physics
+        if phys is not None and not getattr(a, "physics", None):
+            # a physics-mode model: show the physics model it was trained with beside it
+            from .physics import physics_predictor
+
+            predictors["physics"] = physics_predictor(phys["path"])
     if getattr(a, "physics", None):
         from .physics import physics_predictor
 
@@ -80,7 +86,13 @@ def _val_nights(values):
 def cmd_train(a: argparse.Namespace) -> None:
     from .train import train
 
-    res = train(a.shards, a.out, preset=a.preset, loss=a.loss, l1_weight=a.l1_weight, epochs=a.epochs,
+    from .nets import PHYSICS_PRESETS
+
+    preset = a.preset or "physics"
+    if a.physics is not None and preset not in PHYSICS_PRESETS:
+        raise UserError(f"--physics conditions the physics preset; --preset {preset} takes strips only")
+    res = train(a.shards, a.out, preset=preset, physics=a.physics, residual_range_adu=a.residual_range,
+                physics_memory_mb=a.physics_memory_mb, loss=a.loss, l1_weight=a.l1_weight, epochs=a.epochs,
                 batch_size=a.batch_size, lr=a.lr, betas=tuple(a.betas), crop=a.crop,
                 val_nights=_val_nights(a.val_nights), device=a.device, seed=a.seed,
                 max_steps_per_epoch=a.max_steps, progress=not a.quiet, resume=not a.no_resume, bn=a.bn,
@@ -213,8 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # -- model parsers (train, predict, ablation) --
 
-    def training_options(s, epochs: int) -> None:
-        s.add_argument("--preset", default="compact", help="generator preset (see `deepdark presets`)")
+    def training_options(s, epochs: int, preset: str | None = "compact") -> None:
+        s.add_argument("--preset", default=preset,
+                       help="generator preset (see `deepdark presets`)" + (
+                           "; default: physics (the compact generator on the strips plus the physics "
+                           "prediction, predicting a residual on it); paper/compact: strips only (the paper)"
+                           if preset is None else ""))
         s.add_argument("--epochs", type=int, default=epochs)
         s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         s.add_argument("--l1-weight", type=float, default=100.0, help="weight of the L1 term (pix2pix: 100)")
@@ -231,9 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train Deep-Dark-Net on the darks of a library (split by night)")
     s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
     s.add_argument("--out", required=True, type=Path, help="model directory (model.safetensors, model.json)")
-    training_options(s, epochs=40)
-    s.add_argument("--loss", default="deepdark", choices=["deepdark", "pix2pix", "lsgan", "mixed"],
-                   help="loss configuration (paper 2.5, Table 2)")
+    training_options(s, epochs=40, preset=None)
+    s.add_argument("--loss", default="deepdark", choices=["deepdark", "pix2pix", "lsgan", "mixed", "l1"],
+                   help="loss configuration (paper 2.5, Table 2; l1: no adversarial term)")
+    s.add_argument("--physics", type=Path,
+                   help="physics model (`deepdark physics-fit`) the physics preset conditions on; copied into "
+                        "the model directory. Default: fitted from the same shards into OUT/physics.h5")
+    s.add_argument("--residual-range", type=float, default=64.0,
+                   help="physics preset: the learned residual is bounded by +- this many ADU")
+    s.add_argument("--physics-memory-mb", type=float, default=512,
+                   help="memory budget of the physics fit when --physics is not given")
     s.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas")
     s.add_argument("--val-nights", nargs="+", metavar="N|NIGHT",
                    help="validation nights: a count (the last N nights) or YYYYMMDD names (default: the last night(s))")

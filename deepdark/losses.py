@@ -32,6 +32,7 @@ name           generator                            discrim.
 ``lsgan``      MSE(G) + L1         (config 2)       MSE(D)
 ``mixed``      MSE(G) + L1         (config 3)       BCE(D)
 ``deepdark``   BCE(G) + MSE(G) + L1 (Deep-Dark-Net) MSE(D)
+``l1``         L1 only (ablation, issue 6)          none
 =============  ==================================  =========
 """
 
@@ -48,8 +49,11 @@ _TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "pix2pix": ("bce", ("bce",)),
     "lsgan": ("mse", ("mse",)),
     "mixed": ("bce", ("mse",)),
+    # ablation (issue 6): no adversarial term at all, the discriminator is not trained
+    "l1": ("none", ()),
 }
-LOSSES = frozenset(_TABLE)
+LOSSES = frozenset(n for n in _TABLE if n != "l1")   # the paper's Table 2
+ALL_LOSSES = frozenset(_TABLE)                       # + the L1-only ablation
 
 
 def _check_name(name: str) -> str:
@@ -93,6 +97,8 @@ def discriminator_loss(cfg: LossConfig | str, d_real: torch.Tensor,
     """D's loss: 0.5 * (loss(D(x, y), real) + loss(D(x, G(x)), fake)). ``d_fake`` should come
     from a detached G(x)."""
     form = _cfg(cfg).d_form
+    if form == "none":
+        return d_real.sum() * 0.0
     return 0.5 * (_adv(form, d_real, 1.0) + _adv(form, d_fake, 0.0))
 
 

@@ -44,7 +44,7 @@ CARD_FILE = "model.json"
 CARD_FORMAT = "deepdark-model"
 CARD_SCHEMA = 1
 # Input channels this version knows how to build (``deepdark.nets.model_input``), in order.
-KNOWN_INPUTS = ("a1", "a2", "a3")
+KNOWN_INPUTS = ("a1", "a2", "a3", "physics")  # "physics": deepdark.conditioning
 DEFAULT_INPUTS = ("a1", "a2", "a3")
 
 
@@ -81,6 +81,15 @@ class LoadedModel:
     @property
     def multiple(self) -> int:
         return self.generator.multiple
+
+    @property
+    def physics(self) -> dict | None:
+        """Physics-mode models: the card's physics section, ``path`` resolved; else None."""
+        if "physics" not in self.inputs:
+            return None
+        from .conditioning import physics_info
+
+        return physics_info(self.card, self.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +301,14 @@ def load_model(model_dir: str | Path, geometry: Geometry | None = None, device: 
     if check_hash and want and want != digest:
         raise ModelError(f"{weights}: SHA-256 {digest[:12]}... differs from the card's {want[:12]}... "
                          "(weights replaced or card from another model)")
+    if "physics" in card["inputs"]:
+        from .conditioning import physics_info
+
+        info = physics_info(card, model_dir)
+        if not info["path"].is_file():
+            raise ModelError(f"{model_dir}: physics-mode model without its physics file {info['path'].name}")
+        if check_hash and info.get("sha256") and file_sha256(info["path"]) != info["sha256"]:
+            raise ModelError(f"{info['path']}: SHA-256 differs from the card's (physics model replaced)")
     state = read_safetensors(weights)
     generator = Generator(cfg)
     check_state(generator.state_dict(), state, f"{weights}")

@@ -18,6 +18,11 @@ The generator runs in eval mode (batch-norm running statistics, see ``deepdark.n
 (``batch_size`` channels per forward pass), on CUDA under float16 autocast with a float32 output
 layer when a GPU is used, on the CPU in float32 otherwise. The model's geometry and window must
 be the shard's: another camera layout is refused with a message saying what differs.
+
+Physics-mode models (card inputs ``a1, a2, a3, physics``; ``deepdark.conditioning``) are handled
+transparently: the runner opens the physics model stored in the model directory, computes the
+physics prediction of the same rows (window or whole active area), feeds its normalised plane as
+the fourth channel and returns physics + R tanh(h).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import conditioning as C
 from .model_io import LoadedModel, check_geometry, load_model
 from .nets import model_input
 from .shards import Shard
@@ -46,6 +52,34 @@ class ModelRunner:
         self.generator = fp32_head(self.model.generator).to(self.device).eval()
         self.batch_size = int(batch_size)
         self._checked: set[str] = set()
+        info = self.model.physics
+        self.physics = None
+        self.residual_range_adu = None
+        if info is not None:
+            from .physics import PhysicsModel
+
+            self.physics = PhysicsModel.load(info["path"])
+            self.residual_range_adu = float(info.get("residual_range_adu", C.RESIDUAL_RANGE_ADU))
+            self.physics_scale_adu = float(info.get("physics_scale_adu", C.PHYSICS_SCALE_ADU))
+
+    def inputs(self, shard: Shard, rows: np.ndarray, window: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Model inputs of table ``rows`` of ``shard`` over the window or the whole active area,
+        and (physics-mode models) the physics prediction of the same pixels in ADU (else None)."""
+        rows = np.asarray(rows)
+        s = shard.strips(rows, window=window)
+        if window:
+            size = shard.geometry.window_size
+        else:
+            ar, ac = shard.geometry.active.shape
+            if ar != ac:
+                raise ValueError(f"{shard.path}: active area {ar} x {ac} is not square; the model's input step "
+                                 "(deepdark.nets.model_input) resizes strips to squares only")
+            size = ar
+        phys = extra = None
+        if self.physics is not None:
+            phys = self.physics.predict_rows(shard, rows, window=window)
+            extra = C.physics_plane(phys, s["a1"], self.physics_scale_adu)
+        return model_input(s["a1"], s["a2"], s["a3"], size, extra=extra), phys
 
     def check(self, shard: Shard) -> None:
         key = f"{shard.path}"
@@ -54,12 +88,16 @@ class ModelRunner:
             self._checked.add(key)
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor) -> np.ndarray:
+    def run(self, x: torch.Tensor, base_adu: np.ndarray | None = None) -> np.ndarray:
         """Model inputs (B, C, H, W) in [0, 1] -> predictions (B, H, W), float32 ADU.
 
         Inputs whose sides are not multiples of the network's are padded by reflection (split
-        evenly between both sides) and the output cropped back.
+        evenly between both sides) and the output cropped back. Physics-mode models need
+        ``base_adu`` (B, H, W), the physics prediction: the result is base + R tanh(h).
         """
+        if (base_adu is None) != (self.physics is None):
+            raise ValueError("a physics-mode model needs the physics prediction (base_adu), "
+                             "a strips-only model takes none")
         m = self.generator.multiple
         h, w = x.shape[-2:]
         ph, pw = (-h) % m, (-w) % m
@@ -72,7 +110,11 @@ class ModelRunner:
             with autocast(self.device):
                 y = self.generator(xb)
             y = y[:, 0, top:top + h, left:left + w].float()
-            out[start:start + len(xb)] = unit_to_adu(y.double()).cpu().numpy().astype(np.float32)
+            if base_adu is None:
+                out[start:start + len(xb)] = unit_to_adu(y.double()).cpu().numpy().astype(np.float32)
+            else:
+                b = torch.from_numpy(np.asarray(base_adu[start:start + len(xb)], dtype=np.float64))
+                out[start:start + len(xb)] = C.compose_adu(y.cpu(), b, self.residual_range_adu).numpy()
         return out
 
 
@@ -86,9 +128,8 @@ def model_predictor(model_dir: str | Path | LoadedModel, device: str | torch.dev
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
         runner.check(shard)
-        s = shard.strips(np.asarray(rows), window=True)
-        x = model_input(s["a1"], s["a2"], s["a3"], shard.geometry.window_size)
-        return runner.run(x)
+        x, phys = runner.inputs(shard, rows, window=True)
+        return runner.run(x, phys)
 
     predict.runner = runner
     return predict
@@ -100,13 +141,8 @@ def active_predictor(model_dir: str | Path | LoadedModel, device: str | torch.de
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
         runner.check(shard)
-        ar, ac = shard.geometry.active.shape
-        if ar != ac:
-            raise ValueError(f"{shard.path}: active area {ar} x {ac} is not square; the model's input step "
-                             "(deepdark.nets.model_input) resizes strips to squares only")
-        s = shard.strips(np.asarray(rows))
-        x = model_input(s["a1"], s["a2"], s["a3"], ar)
-        return runner.run(x)
+        x, phys = runner.inputs(shard, rows, window=False)
+        return runner.run(x, phys)
 
     predict.runner = runner
     return predict
@@ -123,4 +159,6 @@ def predict_shard(model_dir: str | Path, shard: str | Path, out: str | Path, bat
     predict = active_predictor(model, device=device, batch_size=batch_size)
     provenance = {"method": "model", "model_name": model.name, "model_hash": model.hash,
                   "model_path": str(Path(model_dir).resolve())}
+    if model.physics is not None:
+        provenance["physics_hash"] = model.physics.get("sha256")
     return write_predictions(shard, out, predict, provenance, batch_size=batch_size, progress=progress)

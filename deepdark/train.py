@@ -113,7 +113,8 @@ from .geometry import Geometry
 from .losses import LossConfig, discriminator_loss, generator_loss
 from .model_io import (DEFAULT_INPUTS, check_state, file_sha256, read_safetensors, save_model,
                        state_tensors)
-from .nets import PRESETS, Discriminator, Generator, model_input
+from . import conditioning as C
+from .nets import PHYSICS_PRESETS, PRESETS, Discriminator, Generator, model_input
 from .shards import Shard
 from .units import adu_to_unit, unit_to_adu
 
@@ -270,16 +271,44 @@ def open_library(shards: Sequence[str | Path], setpoints: Sequence[float] | None
 
 
 class SampleSource:
-    """Window strips and targets of library samples, read on demand and cached up to a budget."""
+    """Window strips and targets of library samples, read on demand and cached up to a budget.
 
-    def __init__(self, lib: Library, cache_mb: float = 1024):
+    With ``physics`` (a ``deepdark.physics.PhysicsModel``) every item also carries the physics
+    prediction of its window (float32 ADU), computed for all channels of a frame at once (the
+    frame's effective temperature uses the optical-black pixels of all its channels)."""
+
+    def __init__(self, lib: Library, cache_mb: float = 1024, physics=None):
         self.lib = lib
         self.budget = int(cache_mb * 2**20)
         self.used = 0
         self.cache: dict[int, tuple] = {}
+        self.physics = physics
+        self._phys: dict[int, np.ndarray] = {}
 
-    def get(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(a1, a2, a3, target) of sample ``i`` (library table row), window-sized, uint16."""
+    def _physics_of(self, i: int) -> np.ndarray:
+        hit = self._phys.pop(i, None)
+        if hit is not None:
+            return hit
+        tab = self.lib.table
+        rec = tab.iloc[i]
+        same = np.flatnonzero(((tab["shard_no"] == rec["shard_no"]) & (tab["file_hash"] == rec["file_hash"])).to_numpy())
+        shard_rows = tab["row"].to_numpy()[same]
+        order = np.argsort(shard_rows)
+        same, shard_rows = same[order], shard_rows[order]
+        pred = self.physics.predict_rows(self.lib.shards[int(rec["shard_no"])], shard_rows, window=True)
+        out = None
+        for k, j in enumerate(same):
+            p = np.ascontiguousarray(pred[k], dtype=np.float32)
+            if int(j) == i:
+                out = p
+            elif int(j) not in self.cache and self.used + p.nbytes <= self.budget:
+                self._phys[int(j)] = p   # consumed (moved into the item cache) when j is read
+                self.used += p.nbytes
+        return out
+
+    def get(self, i: int) -> tuple[np.ndarray, ...]:
+        """(a1, a2, a3, target) of sample ``i`` (library table row), window-sized, uint16;
+        plus the physics prediction of the window (float32 ADU) with ``physics``."""
         hit = self.cache.get(i)
         if hit is not None:
             return hit
@@ -289,6 +318,12 @@ class SampleSource:
         s = shard.strips(rows, window=True)
         item = (np.ascontiguousarray(s["a1"][0]), np.ascontiguousarray(s["a2"][0]),
                 np.ascontiguousarray(s["a3"][0]), np.ascontiguousarray(shard.target(rows)[0]))
+        if self.physics is not None:
+            had = i in self._phys
+            phys = self._physics_of(i)
+            if had:
+                self.used -= phys.nbytes
+            item = (*item, phys)
         size = sum(a.nbytes for a in item)
         if self.used + size <= self.budget:
             self.cache[i] = item
@@ -297,28 +332,47 @@ class SampleSource:
 
 
 def build_batch(items: Sequence[tuple], size: int, crop: int | None, corners: Sequence[tuple[int, int]] | None,
-                crop_mode: str = "window", device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                crop_mode: str = "window", device: torch.device | str = "cpu", return_base: bool = False):
     """Model input (B, 3, c, c) and target (B, 1, c, c) in [0, 1] for window samples ``items``.
 
-    ``corners``: the (row, col) of each crop in the window (ignored without ``crop``).
+    ``corners``: the (row, col) of each crop in the window (ignored without ``crop``). Items with a
+    fifth element (the physics prediction of the window, ``SampleSource(physics=...)``) add the
+    physics plane (``deepdark.conditioning.physics_plane``) as a fourth input channel; with
+    ``return_base`` the physics prediction of the same pixels ([0, 1] units, (B, 1, c, c)) is
+    returned third: ``(x, target, base)``.
     """
     a1 = np.stack([it[0] for it in items])
     a2 = np.stack([it[1] for it in items])
     a3 = np.stack([it[2] for it in items])
     y = np.stack([it[3] for it in items])
-    if not crop or crop == size:
-        x = model_input(a1, a2, a3, size, device=device)
+    phys = np.stack([it[4] for it in items]) if len(items[0]) > 4 else None
+    extra = None if phys is None else C.physics_plane(phys, a1)
+    cropped = bool(crop) and crop != size
+
+    def cut(arr):
+        return np.stack([arr[k, ..., r:r + crop, c:c + crop] for k, (r, c) in enumerate(corners)])
+
+    if not cropped:
+        x = model_input(a1, a2, a3, size, extra=extra, device=device)
     elif crop_mode == "window":
-        full = model_input(a1, a2, a3, size, device=device)
+        full = model_input(a1, a2, a3, size, extra=extra, device=device)
         x = torch.stack([full[k, :, r:r + crop, c:c + crop] for k, (r, c) in enumerate(corners)])
-        y = np.stack([y[k, r:r + crop, c:c + crop] for k, (r, c) in enumerate(corners)])
     elif crop_mode == "strips":
         x = torch.cat([model_input(a1[k:k + 1, r:r + crop], a2[k:k + 1, r:r + crop], a3[k:k + 1, :, c:c + crop],
-                                   crop, device=device) for k, (r, c) in enumerate(corners)])
-        y = np.stack([y[k, r:r + crop, c:c + crop] for k, (r, c) in enumerate(corners)])
+                                   crop, device=device,
+                                   extra=None if extra is None else extra[k:k + 1, :, r:r + crop, c:c + crop])
+                       for k, (r, c) in enumerate(corners)])
     else:
         raise ValueError(f"unknown crop_mode {crop_mode!r}; valid: {', '.join(CROP_MODES)}")
+    if cropped:
+        y = cut(y)
+        if phys is not None:
+            phys = cut(phys)
     target = adu_to_unit(torch.from_numpy(y.astype(np.float32))).unsqueeze(1).to(device)
+    if return_base:
+        if phys is None:
+            raise ValueError("return_base needs items with a physics prediction")
+        return x.contiguous(), target, C.base_unit(phys).to(device)
     return x.contiguous(), target
 
 
@@ -526,7 +580,7 @@ def lr_factor(schedule: str, epoch: int, step: int, n_steps: int, epochs: int) -
 
 @torch.no_grad()
 def validate(G: Generator, source: SampleSource, indices: Sequence[int], size: int, crop: int | None,
-             batch_size: int, device: torch.device) -> float:
+             batch_size: int, device: torch.device, residual_range_adu: float | None = None) -> float:
     """Pooled RMSE (ADU) of the generator (eval mode) on whole windows or their centre crop."""
     if not len(indices):
         return float("nan")
@@ -538,9 +592,15 @@ def validate(G: Generator, source: SampleSource, indices: Sequence[int], size: i
     try:
         for start in range(0, len(indices), batch_size):
             items = [source.get(i) for i in indices[start:start + batch_size]]
-            x, y = build_batch(items, size, c, [corner] * len(items) if c else None, "window", device)
-            with autocast(device):
-                pred = G(x)
+            corners = [corner] * len(items) if c else None
+            if residual_range_adu is None:
+                x, y = build_batch(items, size, c, corners, "window", device)
+                with autocast(device):
+                    pred = G(x)
+            else:
+                x, y, base = build_batch(items, size, c, corners, "window", device, return_base=True)
+                with autocast(device):
+                    pred = C.compose(G(x), base, residual_range_adu)
             d = unit_to_adu(pred.float().double()) - unit_to_adu(y.double())
             se += float((d * d).sum())
             n += d.numel()
@@ -590,7 +650,8 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
           crop_mode: str = "window", setpoints: Sequence[float] | None = None,
           nights: Sequence[str] | None = None, cache_mb: float = 1024,
           max_val_samples: int | None = None, init_level: bool = True,
-          lr_schedule: str = "constant") -> TrainResult:
+          lr_schedule: str = "constant", physics: str | Path | None = None,
+          residual_range_adu: float = C.RESIDUAL_RANGE_ADU, physics_memory_mb: float = 512) -> TrainResult:
     """Train a generator (and its discriminator) on the DARK frames of ``shards``; write the model
     to ``out_dir`` (``model.safetensors`` + ``model.json``), with checkpoints and the log beside it.
 
@@ -598,6 +659,12 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
     ``max_steps_per_epoch``: cap on optimisation steps per epoch (a budget for large libraries).
     ``max_val_samples``: validate on the first k held-out samples only. See the module docstring
     for ``bn``, ``crop``/``crop_mode``, checkpoints and devices.
+
+    Physics-mode presets (``deepdark.nets.PHYSICS_PRESETS``, the ``physics`` preset): the model
+    predicts a residual of at most ``residual_range_adu`` on the physics prediction
+    (``deepdark.conditioning``). ``physics``: the physics model file to condition on (copied into
+    ``out_dir/physics.h5``); without it the physics model is fitted from ``shards`` themselves
+    (``deepdark.physics.fit_physics``, ``physics_memory_mb``) into ``out_dir/physics.h5``.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -613,9 +680,29 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
         raise ValueError(f"unknown crop_mode {crop_mode!r}; valid: {', '.join(CROP_MODES)}")
     loss_cfg = LossConfig(loss, float(l1_weight))
     dev = resolve_device(device)
-    inputs = list(DEFAULT_INPUTS)
+    physics_mode = preset in PHYSICS_PRESETS
+    inputs = list(DEFAULT_INPUTS) + ([C.PHYSICS_INPUT] if physics_mode else [])
+    if physics is not None and not physics_mode:
+        raise ValueError(f"preset {preset!r} takes strips only; a physics model is used by the "
+                         f"{', '.join(sorted(PHYSICS_PRESETS))} preset")
     cfg = _generator_config(preset, norm, len(inputs))
-    lib = open_library(shards, setpoints=setpoints, nights=nights)
+    phys_model = None
+    phys_card = None
+    if physics_mode:
+        phys_path, phys_source = _physics_file(shards, out_dir, physics, physics_memory_mb, progress)
+        from .physics import PhysicsModel
+
+        phys_model = PhysicsModel.load(phys_path)
+        phys_card = {"file": C.PHYSICS_FILE, "sha256": file_sha256(phys_path), "source": phys_source,
+                     "residual_range_adu": float(residual_range_adu), "physics_scale_adu": C.PHYSICS_SCALE_ADU,
+                     "normalisation": C.NORMALISATION}
+        init_level = False   # the zero-initialised head starts at the physics prediction instead
+    try:
+        lib = open_library(shards, setpoints=setpoints, nights=nights)
+    except BaseException:
+        if phys_model is not None:
+            phys_model.close()
+        raise
     try:
         g = lib.geometry
         size = g.window_size
@@ -648,8 +735,11 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
             "setpoints": None if setpoints is None else sorted(float(s) for s in setpoints),
             "geometry": g.name, "window": [g.window_size, g.window_offset],
             "data": _data_digest(tab), "n_train": len(train_idx), "n_val": len(val_idx),
+            "physics": None if phys_card is None else {k: phys_card[k] for k in ("sha256", "residual_range_adu",
+                                                                               "physics_scale_adu")},
         })
-        source = SampleSource(lib, cache_mb)
+        source = SampleSource(lib, cache_mb, physics=phys_model)
+        rr = float(residual_range_adu) if physics_mode else None
 
         G = fp32_head(Generator(cfg, seed=seed)).to(dev)
         D = Discriminator(in_channels=cfg.in_channels + 1, seed=seed + 1).to(dev)
@@ -685,7 +775,9 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
                 old.unlink()
             (out_dir / CHECKPOINT_JSON).unlink(missing_ok=True)
             xc, yc = _calibration_batch(source, train_idx, size, crop, crop_mode, seed, dev, multiple)
-            if init_level:
+            if physics_mode:
+                C.zero_head(G)
+            elif init_level:
                 init_output_level(G, float(yc.mean()))
             if bn == "running":
                 calibrate_batchnorm(G, xc)
@@ -714,15 +806,20 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
                 if crop:
                     corners = [tuple(int(v) for v in rng.integers(0, size - crop + 1, 2)) for _ in sel]
                 items = [source.get(int(i)) for i in sel]
-                x, y = build_batch(items, size, crop, corners, crop_mode, dev)
+                base = None
+                if physics_mode:
+                    x, y, base = build_batch(items, size, crop, corners, crop_mode, dev, return_base=True)
+                else:
+                    x, y = build_batch(items, size, crop, corners, crop_mode, dev)
                 with track_running_stats(G, bn_momentum) if bn == "running" else contextlib.nullcontext():
-                    parts = _train_step(G, D, opt_g, opt_d, scaler, loss_cfg, x, y, dev)
+                    parts = _train_step(G, D, opt_g, opt_d, scaler, loss_cfg, x, y, dev, base=base,
+                                        residual_range_adu=rr)
                 steps += 1
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items() if k in ("d_loss", "g_loss", "g_l1")})
             bar.close()
-            val = validate(G, source, val_idx, size, crop, max(1, batch_size), dev)
+            val = validate(G, source, val_idx, size, crop, max(1, batch_size), dev, residual_range_adu=rr)
             row = {"epoch": epoch, "steps": steps,
                    **{k: sums.get(k, float("nan")) / max(steps, 1) if k in sums else None
                       for k in ("d_loss", "g_loss", "g_bce", "g_mse", "g_l1")},
@@ -765,12 +862,40 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
                    validation={"rmse_adu": final_val, "region": val_region,
                                "n_samples": len(val_idx), "nights": val_list,
                                "history": [None if math.isnan(r["val_rmse_adu"]) else r["val_rmse_adu"]
-                                           for r in history]})
+                                           for r in history]},
+                   inputs=inputs, extra=None if phys_card is None else {"physics": phys_card})
         return TrainResult(out_dir, len(history), float("nan") if final_val is None else final_val, history,
                            train_nights, val_list,
                            time.perf_counter() - t_start)
     finally:
         lib.close()
+        if phys_model is not None:
+            phys_model.close()
+
+
+def _physics_file(shards, out_dir: Path, physics, memory_mb: float, progress: bool) -> tuple[Path, str]:
+    """``out_dir/physics.h5``: a copy of ``physics``, or (None) fitted from ``shards``; (path, source)."""
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / C.PHYSICS_FILE
+    if physics is not None:
+        src = Path(physics)
+        if not src.is_file():
+            raise FileNotFoundError(f"physics model {src} not found")
+        if not (dest.exists() and dest.resolve() == src.resolve()):
+            if not (dest.is_file() and file_sha256(dest) == file_sha256(src)):
+                with atomic_path(dest) as tmp:
+                    shutil.copyfile(src, tmp)
+        return dest, str(src.resolve())
+    if dest.is_file():   # fitted by an earlier (interrupted) run of the same command: reuse it
+        log.info("reusing the physics model %s", dest)
+        return dest, "fitted from the training shards"
+    from .physics import fit_physics
+
+    log.info("fitting the physics model of %d shard(s) into %s", len(shards), dest)
+    fit_physics(list(shards), dest, memory_mb=memory_mb, progress=progress)
+    return dest, "fitted from the training shards"
 
 
 def _jsonify(obj):
@@ -790,10 +915,26 @@ def _calibration_batch(source: SampleSource, train_idx: np.ndarray, size: int, c
                        crop_mode if crop else "window", dev)
 
 
-def _train_step(G, D, opt_g, opt_d, scaler, loss_cfg: LossConfig, x, y, dev) -> dict[str, float]:
-    """One pix2pix step: D on (real, detached fake), then G on the adversarial terms + L1."""
+def _train_step(G, D, opt_g, opt_d, scaler, loss_cfg: LossConfig, x, y, dev, base=None,
+                residual_range_adu: float | None = None) -> dict[str, float]:
+    """One pix2pix step: D on (real, detached fake), then G on the adversarial terms + L1.
+
+    ``base`` (physics-mode models): the physics prediction ([0, 1] units); the fake is then
+    base + R tanh(h) (``deepdark.conditioning.compose``). A loss without adversarial terms
+    (``l1``) skips the discriminator."""
     with autocast(dev):
         fake = G(x)
+    if base is not None:
+        fake = C.compose(fake, base, residual_range_adu or C.RESIDUAL_RANGE_ADU)
+    if not loss_cfg.g_forms:
+        opt_g.zero_grad(set_to_none=True)
+        loss_g, comps = generator_loss(loss_cfg, None, fake.float(), y)
+        scaler.scale(loss_g).backward()
+        scaler.step(opt_g)
+        scaler.update()
+        out = {"d_loss": float("nan"), "g_loss": float(loss_g.detach())}
+        out.update({k: float(v) for k, v in comps.items()})
+        return out
     # discriminator
     for p in D.parameters():
         p.requires_grad_(True)

@@ -94,7 +94,7 @@ def test_model_input_extra_channels_and_errors():
 def test_generator_shapes_mini_window(name):
     torch.manual_seed(0)
     g = Generator(PRESETS[name])
-    x = torch.rand(2, 3, MINI, MINI)
+    x = torch.rand(2, PRESETS[name].in_channels, MINI, MINI)
     y = g(x)
     assert y.shape == (2, 1, MINI, MINI)
     assert y.min() >= 0 and y.max() <= 1

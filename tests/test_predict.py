@@ -114,7 +114,8 @@ def test_train_cli(setup, tmp_path):
     _, shards, _, _ = setup
     out = tmp_path / "cli_model"
     assert main(["-q", "train", *map(str, shards), "--out", str(out), "--epochs", "1", "--max-steps", "2",
-                 "--crop", "32", "--val-nights", "20240103", "--device", "cpu", "--seed", "3"]) == 0
+                 "--crop", "32", "--val-nights", "20240103", "--device", "cpu", "--seed", "3",
+                 "--preset", "compact"]) == 0   # without --preset: the physics model (tests/test_physics_model.py)
     card = model_io.read_card(out)
     assert card["training"]["val_nights"] == ["20240103"] and card["training"]["seed"] == 3
     assert card["training"]["steps"] == 2 and card["architecture"]["preset"] == "compact"
