@@ -89,10 +89,11 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .nets import PHYSICS_PRESETS
 
     preset = a.preset or "physics"
+    loss = a.loss or ("l1" if preset in PHYSICS_PRESETS else "deepdark")
     if a.physics is not None and preset not in PHYSICS_PRESETS:
         raise UserError(f"--physics conditions the physics preset; --preset {preset} takes strips only")
     res = train(a.shards, a.out, preset=preset, physics=a.physics, residual_range_adu=a.residual_range,
-                physics_memory_mb=a.physics_memory_mb, loss=a.loss, l1_weight=a.l1_weight, epochs=a.epochs,
+                physics_memory_mb=a.physics_memory_mb, loss=loss, l1_weight=a.l1_weight, epochs=a.epochs,
                 batch_size=a.batch_size, lr=a.lr, betas=tuple(a.betas), crop=a.crop,
                 val_nights=_val_nights(a.val_nights), device=a.device, seed=a.seed,
                 max_steps_per_epoch=a.max_steps, progress=not a.quiet, resume=not a.no_resume, bn=a.bn,
@@ -248,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
     s.add_argument("--out", required=True, type=Path, help="model directory (model.safetensors, model.json)")
     training_options(s, epochs=40, preset=None)
-    s.add_argument("--loss", default="deepdark", choices=["deepdark", "pix2pix", "lsgan", "mixed", "l1"],
-                   help="loss configuration (paper 2.5, Table 2; l1: no adversarial term)")
+    s.add_argument("--loss", choices=["deepdark", "pix2pix", "lsgan", "mixed", "l1"],
+                   help="loss configuration (paper 2.5, Table 2; l1: no adversarial term). Default: deepdark "
+                        "for the paper's presets; l1 for physics, whose residual the adversarial terms only "
+                        "roughen (measured: 16.98 vs 16.90 ADU at a floor of 16.61)")
     s.add_argument("--physics", type=Path,
                    help="physics model (`deepdark physics-fit`) the physics preset conditions on; copied into "
                         "the model directory. Default: fitted from the same shards into OUT/physics.h5")
