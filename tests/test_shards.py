@@ -125,3 +125,36 @@ def test_a_night_of_only_bad_files_still_gives_an_empty_shard_and_predictions(tm
     write_predictions(tmp_path / "n.h5", tmp_path / "p.h5", lambda s, r: None, {"method": "none"}, progress=False)
     with Predictions(tmp_path / "p.h5") as p:
         assert len(p) == 0
+
+
+def test_full_size_round_trip_at_spec_coordinates(tmp_path):
+    """One simulated full-size frame: every strip equals the FITS pixels at the contract's
+    coordinates, computed here by explicit index arithmetic (channel 1047 x 1100)."""
+    from astropy.io import fits
+
+    from deepdark.geometry import load_geometry
+    from deepdark.simulate import simulate_archive
+
+    g = load_geometry("lamost-kaf4320")
+    simulate_archive(tmp_path / "a", geometry=g, nights=1, temperatures=(-15,), darks_per_temp=1,
+                     guide_per_night=0, progress=False)
+    night = next((tmp_path / "a").iterdir())
+    extract([night], tmp_path / "n.h5", g, progress=False)
+    frame = fits.getdata(next(night.glob("*.fits")))
+    corners = {"1": (0, 0, False, False), "2": (0, 1100, False, True),
+               "3": (1047, 0, True, False), "4": (1047, 1100, True, True)}
+
+    def pixels(ch, rows, cols):
+        row0, col0, fr, fc = corners[ch]
+        r, c = np.arange(*rows), np.arange(*cols)
+        return frame[np.ix_(row0 + (1046 - r if fr else r), col0 + (1099 - c if fc else c))]
+
+    with Shard(tmp_path / "n.h5") as s:
+        for row, rec in s.table.iterrows():
+            ch = rec["channel"]
+            w = s.strips([row], window=True)
+            np.testing.assert_array_equal(w["a1"][0], pixels(ch, (13, 1037), (1054, 1100)))
+            np.testing.assert_array_equal(w["a2"][0], pixels(ch, (13, 1037), (8, 12)))
+            np.testing.assert_array_equal(w["a3"][0], pixels(ch, (0, 4), (21, 1045)))
+            np.testing.assert_array_equal(s.target([row])[0], pixels(ch, (13, 1037), (21, 1045)))
+            np.testing.assert_array_equal(s.active([row])[0], pixels(ch, (4, 1046), (12, 1054)))
