@@ -1,0 +1,435 @@
+"""The library fit: a dark/bias library's per-pixel physics maps into an HDF5 file (``deepdark.physics``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .. import __version__
+from ..atomic import atomic_path
+from ..baselines import frame_setpoints
+from ..geometry import Geometry
+from ..shards import Shard
+from .frame_state import MAD_SIGMA, OVERSCAN_SKIP, frame_state
+from .law import fit_law
+from .pixelfit import IRREGULAR_P, _hot_fits, _pairs, _PixelFit, _robust_fit, smooth_prior
+
+log = logging.getLogger(__name__)
+
+PHYSICS_SCHEMA = 1
+SATURATED = 65535
+LIBRARY_TYPES = ("DARK", "BIAS")
+PIXEL_CLIP = 5.0             # frame-pixels beyond this many of the pixel's residual scales are cut
+BLOCKS = 32                  # block means per side for the law fit (blocks at least MIN_BLOCK px wide)
+MIN_BLOCK = 8
+HOT_FACTOR = 3.0             # hot pixel: dark at the reference above this many times its block's
+SMOOTH_PX = 3                # radius of the smoothing box (3 passes: a ~Gaussian of sd ~sqrt(r(r+1)) px)
+MAX_EXTRAPOLATION = 2.0      # a separable library predicts up to this many times its longest exposure
+
+
+# -- the library fit ----------------------------------------------------------------------------
+
+def _block_means(signal: np.ndarray, bs: int, clip: float = PIXEL_CLIP) -> np.ndarray:
+    """Clipped means of bs x bs blocks of ``signal`` (k, R, C) -> (k, R//bs, C//bs)."""
+    k, R, C = signal.shape
+    nr, nc = R // bs, C // bs
+    v = signal[:, :nr * bs, :nc * bs].reshape(k, nr, bs, nc, bs).transpose(0, 1, 3, 2, 4).reshape(k, nr, nc, bs * bs)
+    med = np.median(v, axis=-1, keepdims=True)
+    sig = np.maximum(MAD_SIGMA * np.median(np.abs(v - med), axis=-1, keepdims=True), 0.5)
+    keep = np.abs(v - med) <= clip * sig
+    return (np.where(keep, v, 0).sum(-1) / np.maximum(keep.sum(-1), 1)).astype(np.float64)
+
+
+@dataclass
+class _Members:
+    """The library's frame-channels and what stage 1 measured on them."""
+
+    table: pd.DataFrame      # one row per frame-channel (shard_no, row, active_index, file, camera, ...)
+    bias: np.ndarray         # (n, R) float32
+    level: np.ndarray        # (n,)
+    read_var: np.ndarray
+    row_var: np.ndarray
+    blocks: np.ndarray       # (n, nb_r, nb_c)
+    ob_cols: np.ndarray      # (n, R, 4) float32
+    ob_rows: np.ndarray      # (n, 4, C) float32
+    ob_cols_raw: np.ndarray  # uint16, for the saturation mask
+    ob_rows_raw: np.ndarray
+
+
+def _library(shards: Sequence[Shard]) -> pd.DataFrame:
+    parts = []
+    for k, s in enumerate(shards):
+        t = s.table
+        sel = t[t["imagetyp"].isin(LIBRARY_TYPES) & (t["active_index"] >= 0)].copy()
+        sel["shard_no"], sel["row"] = k, sel.index.to_numpy()
+        parts.append(sel)
+    lib = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if lib.empty:
+        raise ValueError("no DARK or BIAS frames in the library shards")
+    lib.loc[lib["imagetyp"] == "BIAS", "exptime"] = 0.0
+    return lib
+
+
+def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progress: bool) -> _Members:
+    n = len(lib)
+    R, C = g.active.shape
+    out = dict(bias=np.empty((n, R), np.float32), level=np.empty(n), read_var=np.empty(n), row_var=np.empty(n),
+               blocks=np.empty((n, R // bs, C // bs)), ob_cols=None, ob_rows=None)
+    ob_c, ob_r, ob_c_raw, ob_r_raw = [], [], [], []
+    pos_all = []
+    bar = tqdm(total=n, desc="physics: frame state", unit="channel", disable=not progress)
+    for k, s in enumerate(shards):
+        sub = lib[lib["shard_no"] == k].sort_values("row")
+        for start in range(0, len(sub), 16):
+            part = sub.iloc[start:start + 16]
+            rows, pos = part["row"].to_numpy(), part.index.to_numpy()
+            strips = s.strips(rows)
+            st = frame_state(strips, params["overscan_skip"], params["shrink"], params["smooth_rows"])
+            act = s.active(rows).astype(np.float32) - st.bias[:, :, None].astype(np.float32)
+            out["bias"][pos], out["level"][pos] = st.bias, st.level
+            out["read_var"][pos], out["row_var"][pos] = st.read_var, st.row_var
+            out["blocks"][pos] = _block_means(act, bs)
+            ob_c.append(st.ob_cols), ob_r.append(st.ob_rows)
+            ob_c_raw.append(strips["a2"]), ob_r_raw.append(strips["a3"])
+            pos_all.append(pos)
+            bar.update(len(rows))
+    bar.close()
+    order = np.argsort(np.concatenate(pos_all))
+    return _Members(lib, out["bias"], out["level"], out["read_var"], out["row_var"], out["blocks"],
+                    np.concatenate(ob_c)[order], np.concatenate(ob_r)[order],
+                    np.concatenate(ob_c_raw)[order], np.concatenate(ob_r_raw)[order])
+
+
+BYTES_PER_FRAME_PIXEL = 48      # working set of the per-pixel fit: ~10 float32/bool (frames x pixels) arrays
+
+
+def _chunk_rows(N: int, cols: int, memory_mb: float) -> int:
+    """Active rows per block so that the fit's working set stays within ``memory_mb``."""
+    return max(1, int(memory_mb * 2 ** 20 // (N * cols * BYTES_PER_FRAME_PIXEL)))
+
+
+def _read_rows(shards, sel: pd.DataFrame, r0: int, r1: int) -> np.ndarray:
+    """Active rows r0:r1 of the frame-channels of ``sel`` (row ``pos`` of the result): (N, r1-r0, C)."""
+    out = None
+    for k, grp in sel.groupby("shard_no", sort=False):
+        order = np.argsort(grp["active_index"].to_numpy())
+        idx = grp["active_index"].to_numpy()[order]
+        block = shards[k].f["active"][idx.tolist(), r0:r1, :]
+        if out is None:
+            out = np.empty((len(sel), *block.shape[1:]), np.uint16)
+        out[grp["pos"].to_numpy()[order]] = block
+    return out
+
+
+@dataclass
+class _Noise:
+    """Noise variance of a library frame-pixel: read noise + offset + shot noise of its signal."""
+
+    frame_var: np.ndarray    # (N,) residual variance of each frame (pass A)
+    read_var: np.ndarray     # (N,) overscan variance of each frame
+    offset: float = 0.0
+    inv_gain: float | None = None
+
+    def __call__(self, S: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Variance of frame-pixels with expected signal ``S`` (N, ...) (written into ``out``)."""
+        S = np.asarray(S, np.float32)
+        shape = (-1,) + (1,) * (S.ndim - 1)
+        fv = self.frame_var.reshape(shape).astype(np.float32)
+        out = np.empty(S.shape, np.float32) if out is None else out
+        if self.inv_gain is None:
+            out[...] = fv
+            return out
+        rv = self.read_var.reshape(shape).astype(np.float32)
+        np.maximum(S, 0, out=out)
+        out *= np.float32(self.inv_gain)
+        out += rv + np.float32(self.offset)
+        np.maximum(out, 0.25 * rv, out=out)
+        return out
+
+    @classmethod
+    def from_pass_a(cls, frame_var, read_var, mean_signal) -> _Noise:
+        """The library's photon transfer curve: frame variance - read variance = offset + S / gain."""
+        x, y = np.asarray(mean_signal, float), np.asarray(frame_var, float) - np.asarray(read_var, float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        if ok.sum() >= 3 and np.ptp(x[ok]) > 0:
+            slope, offset = np.polyfit(x[ok], y[ok], 1)
+            if 0 < slope < 10:
+                return cls(frame_var, read_var, float(offset), float(slope))
+            log.warning("photon transfer of the library gives 1/gain = %.3g: weights from frame variances", slope)
+        return cls(frame_var, read_var)
+
+
+HIST_STEP = 0.02             # ADU: resolution of the residual histograms of pass A
+
+
+def _pass_a(chunks, get_chunk, X, clip, bar, hist_max: float = 500.0):
+    """Unweighted clipped fit over all chunks: each frame's robust residual variance.
+
+    Per frame, |residual| histograms (fixed bins, so the result does not depend on the chunks)
+    give the median absolute residual; hot and RTS pixels, a few among thousands, cannot pull a
+    median. The leverage of each frame in the per-pixel fit (h_f) corrects for the fitted share."""
+    N, K = X.shape
+    edges = np.arange(0.0, hist_max + HIST_STEP, HIST_STEP)
+    hist = np.zeros((N, len(edges) + 1), np.int32)
+    X32 = X.astype(np.float32)
+    for chunk in chunks:
+        Y, valid = get_chunk(chunk)
+        fit = _robust_fit(Y, valid, X, None, clip)
+        beta32 = fit.beta.astype(np.float32)
+        del fit
+        for f in range(N):                            # a frame at a time: no (N, P) temporaries
+            bins = np.minimum((np.abs(Y[f] - X32[f] @ beta32) / HIST_STEP).astype(np.int64), len(edges))
+            bins[~valid[f]] = len(edges)              # invalid pixels: the overflow bin, not counted
+            hist[f] += np.bincount(bins, minlength=len(edges) + 1)
+        bar.update(1)
+    counts = hist[:, :-1]
+    cum = np.cumsum(counts, axis=1)
+    half = cum[:, -1] / 2.0
+    i = np.array([np.searchsorted(c, h) for c, h in zip(cum, half)])
+    mad = (i + 0.5) * HIST_STEP
+    lev = np.einsum("fk,kl,fl->f", X, np.linalg.pinv(X.T @ X), X)
+    return (MAD_SIGMA * mad) ** 2 / np.maximum(1.0 - lev, 0.05)
+
+
+def _weighted_fit(Y, valid, X, noise: _Noise, clip, extra_var=None) -> _PixelFit:
+    """Frame-variance weighted start, then per-pixel variances from the fitted signal."""
+    var = np.empty(Y.shape, np.float32)
+    var[...] = noise.frame_var[:, None]
+    if extra_var is not None:
+        var += extra_var
+    beta0 = _robust_fit(Y, valid, X, var, clip, rounds=1).beta
+    np.matmul(X.astype(np.float32), beta0.astype(np.float32), out=var)
+    noise(var, out=var)
+    if extra_var is not None:
+        var += extra_var
+    return _robust_fit(Y, valid, X, var, clip)
+
+
+@dataclass
+class _Library:
+    """One camera's library: frames (one temperature each) and their channels."""
+
+    camera: str
+    channels: list[str]
+    files: list[str]
+    t: np.ndarray            # (F,) exposure, 0 for biases
+    header_T: np.ndarray     # (F,)
+    members: pd.DataFrame    # frame-channels, with ``fp`` (frame position)
+
+
+def _camera_library(mem: _Members, camera: str, g: Geometry) -> _Library:
+    lib = mem.table
+    cam = lib[lib["camera"] == camera]
+    channels = [c for c in g.channel_names() if c in set(cam["channel"])]
+    counts = cam.groupby("file")["channel"].nunique()
+    complete = set(counts.index[counts == len(channels)])
+    if len(complete) < len(counts):
+        log.warning("camera %s: %d library frames lack channels and are left out", camera, len(counts) - len(complete))
+    first = cam[cam["file"].isin(complete)].drop_duplicates("file").sort_values(["date_obs", "file"])
+    files = first["file"].tolist()
+    fpos = {fl: i for i, fl in enumerate(files)}
+    members = cam[cam["file"].isin(complete)].copy()
+    members["fp"] = members["file"].map(fpos)
+    t = first["exptime"].to_numpy(float)
+    header_T = first["ccdtemp"].to_numpy(float)
+    header_T = np.where(np.isfinite(header_T), header_T, first["settemp"].to_numpy(float))
+    dark = t > 0
+    if not dark.any():
+        raise ValueError(f"camera {camera}: no dark frames (exposure > 0) in the library")
+    if not np.isfinite(header_T[dark]).all():
+        raise ValueError(f"camera {camera}: library darks without CCDTEMP or SETTEMP")
+    header_T = np.where(np.isfinite(header_T), header_T, np.median(header_T[dark]))
+    return _Library(camera, channels, files, t, header_T, members)
+
+
+def fit_physics(shards: Sequence[str | Path], out: str | Path, memory_mb: float = 512,
+                overscan_skip: int = OVERSCAN_SKIP, shrink: bool = True, smooth_rows: int = 1,
+                smooth_px: int = SMOOTH_PX, clip: float = PIXEL_CLIP, irregular_p: float = IRREGULAR_P,
+                max_extrapolation: float = MAX_EXTRAPOLATION, progress: bool = True) -> Path:
+    """Fit the per-pixel dark model of the DARK (and BIAS) frames of library ``shards``; write ``out``.
+
+    ``memory_mb`` bounds the stack of library pixels held at once (blocks of active rows); the
+    result does not depend on it. The frame-state options are stored and reused by predictions.
+    """
+    opened = [Shard(p) for p in shards]
+    try:
+        names = {s.geometry.name for s in opened}
+        if len(names) != 1:
+            raise ValueError(f"library shards mix geometries: {sorted(names)}")
+        g = opened[0].geometry
+        params = dict(overscan_skip=int(overscan_skip), shrink=bool(shrink), smooth_rows=int(smooth_rows),
+                      smooth_px=int(smooth_px), clip=float(clip), irregular_p=float(irregular_p),
+                      max_extrapolation=float(max_extrapolation))
+        lib = _library(opened)
+        bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
+        mem = _stage1(opened, lib, g, params, bs, progress)
+        out = Path(out)
+        with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+            f.attrs.update(schema_version=PHYSICS_SCHEMA, geometry=g.source, software=f"deepdark {__version__}",
+                           created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           params=json.dumps(params), nights=",".join(sorted(set(lib["night"]))))
+            cams = f.create_group("cameras")
+            for ci, camera in enumerate(sorted(set(lib["camera"]))):
+                cl = _camera_library(mem, camera, g)
+                _fit_camera(cams.create_group(str(ci)), cl, opened, mem, g, params, bs, memory_mb, progress)
+        return out
+    finally:
+        for s in opened:
+            s.close()
+
+
+def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, bs, memory_mb, progress):
+    t, header_T, dark = cl.t, cl.header_T, cl.t > 0
+    per_frame = cl.members.drop_duplicates("file").sort_values("fp").reset_index(drop=True)
+    setpoints = frame_setpoints(per_frame[dark])
+    n_setpoints = len(set(np.round(setpoints, 1)))
+    dark_exptimes = sorted(set(np.round(t[dark], 6).tolist()))
+    has_bias = bool((~dark).any())
+    separable = len(dark_exptimes) >= 2 or has_bias
+    if not separable:
+        log.warning("camera %s: library has only %g s darks and no bias frames: glow cannot be told from dark"
+                    " current; only %g s can be predicted", cl.camera, dark_exptimes[0], dark_exptimes[0])
+    # stage 2: the law, from the block means of all channels (one temperature per frame)
+    R, C = g.active.shape
+    nbr, nbc = R // bs, C // bs
+    Y = np.concatenate([mem.blocks[cl.members[cl.members["channel"] == ch].sort_values("fp").index]
+                        .reshape(len(cl.files), -1) for ch in cl.channels], axis=1)
+    law, T, block_beta = fit_law(Y, t, header_T, frame_setpoints(per_frame))
+    T[~dark] = header_T[~dark]
+    log.info("camera %s: T0 %.2f C, tau1 %.2f C, tau2 %.2f C, %d frames", cl.camera, law.T0, law.tau1, law.tau2,
+             len(cl.files))
+    hdr = header_T[dark] - T[dark]
+    header_sigma = float(np.sqrt(np.mean(hdr ** 2))) if dark.sum() > 2 else float("nan")
+    grp.attrs.update(camera=cl.camera, T0=law.T0, tau1=law.tau1, tau2=law.tau2, components=law.components,
+                     header_sigma=header_sigma, dark_exptimes=np.asarray(dark_exptimes, float), has_bias=has_bias,
+                     separable=separable, n_frames=len(cl.files), n_setpoints=n_setpoints,
+                     channels=json.dumps(cl.channels))
+    X = law.design(T, t)
+    K = law.K
+    t_ref = max(dark_exptimes)
+    x_ref = law.design([law.T0], [t_ref])[0]
+    rows_tab = []
+    for j, ch in enumerate(cl.channels):
+        sel = cl.members[cl.members["channel"] == ch].sort_values("fp").copy()
+        sel["pos"] = np.arange(len(sel))
+        N, mi = len(sel), sel.index.to_numpy()
+        bias, read_var, row_var = mem.bias[mi], mem.read_var[mi], mem.row_var[mi]
+        # the dark at (T0, longest exposure) of the blocks: the reference of the hot-pixel test
+        bb = block_beta[:, j * nbr * nbc:(j + 1) * nbr * nbc].reshape(K, nbr, nbc)
+        typ_b = np.einsum("k,kij->ij", x_ref[:-1], bb[:-1])
+        typ = typ_b[np.minimum(np.arange(R) // bs, nbr - 1)][:, np.minimum(np.arange(C) // bs, nbc - 1)].ravel()
+        step = _chunk_rows(N, C, memory_mb)
+        chunks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
+        cache: dict = {}
+
+        def get_chunk(chunk, sel=sel, bias=bias, cache=cache, single=len(chunks) == 1, N=N):
+            if chunk in cache:
+                return cache[chunk]
+            r0, r1 = chunk
+            raw = _read_rows(shards, sel, r0, r1)
+            Yc = (raw.astype(np.float32) - bias[:, r0:r1, None]).reshape(N, -1)
+            res = (Yc, ((raw < SATURATED) & (raw > 0)).reshape(N, -1))
+            if single:
+                cache[chunk] = res
+            return res
+
+        bar = tqdm(total=2 * len(chunks), desc=f"physics: {cl.camera} channel {ch}", unit="block",
+                   disable=not progress)
+        frame_var = _pass_a(chunks, get_chunk, X, params["clip"], bar)
+        mean_sig = np.median(mem.blocks[mi].reshape(N, -1), axis=1)   # the typical pixel's signal
+        noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
+        A = np.zeros((len(_pairs(K)), R * C))
+        b0 = np.zeros(R * C)                      # only d1's right side is needed later
+        beta = np.zeros((K, R * C), np.float32)
+        chi2 = np.zeros(R * C, np.float32)
+        hot = np.zeros(R * C, bool)
+        hot_idx, hot_tau, hot_coef = [], [], []
+        for chunk in chunks:
+            Yc, valid = get_chunk(chunk)
+            fit = _weighted_fit(Yc, valid, X, noise, params["clip"])
+            sl = slice(chunk[0] * C, chunk[1] * C)
+            A[:, sl], b0[sl], beta[:, sl], chi2[sl] = fit.A, fit.b[0], fit.beta, fit.chi2
+            S_ref = x_ref[:-1] @ fit.beta[:-1]
+            h = np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + 10 * math.sqrt(float(np.mean(read_var))))
+            if h.size:
+                hot[sl.start + h] = True
+                tau, coef = _hot_fits(Yc, valid, fit, h, T, t, law, lambda S: noise(S), params["clip"])
+                hot_idx.append(sl.start + h), hot_tau.append(tau), hot_coef.append(coef)
+            bar.update(1)
+        bar.close()
+        cache.clear()
+        if params["smooth_px"] > 0:
+            maps, irregular = smooth_prior(A, b0, beta, chi2, hot, (R, C), K, params["smooth_px"],
+                                           params["irregular_p"])
+        else:
+            maps, irregular = beta, np.ones(R * C, bool)
+        del A, b0
+        cg = grp.create_group(f"channel_{j}")
+        cg.attrs.update(channel=ch, inv_gain=np.nan if noise.inv_gain is None else noise.inv_gain,
+                        noise_offset=noise.offset, irregular_fraction=float(irregular.mean()),
+                        hot_pixels=int(hot.sum()))
+        _write_maps(cg, maps, K, (R, C))
+        flags = (hot.astype(np.uint8) | (irregular.astype(np.uint8) << 1)).reshape(R, C)
+        cg.create_dataset("flags", data=flags, compression="gzip", shuffle=True)
+        cg.create_dataset("chi2", data=chi2.reshape(R, C).astype(np.float16), compression="gzip", shuffle=True)
+        hi = np.concatenate(hot_idx) if hot_idx else np.zeros(0, np.int64)
+        ht = np.concatenate(hot_tau) if hot_tau else np.zeros(0)
+        hc = np.concatenate(hot_coef) if hot_coef else np.zeros((0, K))
+        good = np.isfinite(ht)
+        cg.create_dataset("hot_index", data=hi[good].astype(np.int64))
+        cg.create_dataset("hot_tau", data=ht[good].astype(np.float32))
+        cg.create_dataset("hot_coef", data=hc[good].astype(np.float32))
+        _fit_ob(cg.create_group("ob"), mem, mi, X, noise, row_var, x_ref, read_var, params, K, (R, C))
+        for i, (_, r) in enumerate(sel.iterrows()):
+            rows_tab.append(dict(file=r["file"], channel=ch, night=r["night"], imagetyp=r["imagetyp"],
+                                 exptime=float(t[r["fp"]]), ccdtemp=float(r["ccdtemp"]), settemp=float(r["settemp"]),
+                                 teff=float(T[r["fp"]]), noise_var=float(frame_var[i]), read_var=float(read_var[i]),
+                                 row_var=float(row_var[i]), bias_level=float(mem.level[mi[i]])))
+    tab = pd.DataFrame(rows_tab)
+    tg = grp.create_group("frames")
+    for col in tab:
+        v = tab[col].to_numpy()
+        tg.create_dataset(col, data=v.astype(h5py.string_dtype()) if v.dtype == object else v)
+
+
+def _fit_ob(og, mem: _Members, mi, X, noise: _Noise, row_var, x_ref, read_var, params, K, shape):
+    """Per-pixel maps of the optical-black columns and rows (no smoothing: they serve T_eff)."""
+    R, C = shape
+    N = len(mi)
+    obc, obr = mem.ob_cols[mi], mem.ob_rows[mi]
+    ncol, nrow = obc.shape[2], obr.shape[1]
+    Y = np.concatenate([obc.reshape(N, -1), obr.reshape(N, -1)], axis=1)
+    raw = np.concatenate([mem.ob_cols_raw[mi].reshape(N, -1), mem.ob_rows_raw[mi].reshape(N, -1)], axis=1)
+    valid = (raw < SATURATED) & (raw > 0)
+    # OB rows carry their frame's unknown row offsets: extra noise of variance row_var
+    extra = np.zeros(Y.shape, np.float32)
+    extra[:, R * ncol:] = row_var[:, None]
+    fit = _weighted_fit(Y, valid, X, noise, params["clip"], extra_var=extra)
+    S_ref = x_ref[:-1] @ fit.beta[:-1]
+    med = float(np.median(S_ref))
+    use = ((S_ref < HOT_FACTOR * max(med, 0) + 10 * math.sqrt(float(np.mean(read_var)))) & (fit.chi2 < 4)
+           & (fit.n >= K + 2))
+    parts = {"cols": (0, R * ncol, (R, ncol)), "rows": (R * ncol, R * ncol + nrow * C, (nrow, C))}
+    for name, (a, z, sh) in parts.items():
+        sg = og.create_group(name)
+        _write_maps(sg, fit.beta[:, a:z], K, sh)
+        sg.create_dataset("use", data=use[a:z].reshape(sh))
+
+
+def _write_maps(grp, maps: np.ndarray, K: int, shape):
+    for name, m in zip(_map_names(K), maps):
+        grp.create_dataset(name, data=np.asarray(m, np.float32).reshape(shape))
+
+
+def _map_names(K: int) -> list[str]:
+    return ["d1", "d2", "g"] if K == 3 else ["d1", "g"]

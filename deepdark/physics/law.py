@@ -1,0 +1,235 @@
+"""The temperature law: a camera's dark vs temperature fitted on block means (see ``deepdark.physics``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .frame_state import MAD_SIGMA
+
+log = logging.getLogger(__name__)
+
+LN2 = math.log(2.0)
+DEFAULT_TAU = 6.4            # C: the paper's halving temperature, used when one setpoint cannot tell
+
+
+# -- the temperature law ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Law:
+    """A camera's dark-vs-temperature law: components 2^((T-T0)/tau) (tau2 NaN: one component)."""
+
+    T0: float
+    tau1: float
+    tau2: float = float("nan")
+
+    @property
+    def components(self) -> int:
+        return 1 if math.isnan(self.tau2) else 2
+
+    @property
+    def K(self) -> int:  # columns of the design: components + the per-readout term
+        return self.components + 1
+
+    def factors(self, T) -> list[np.ndarray]:
+        T = np.asarray(T, dtype=np.float64)
+        f = [np.exp2((T - self.T0) / self.tau1)]
+        if self.components == 2:
+            f.append(np.exp2((T - self.T0) / self.tau2))
+        return f
+
+    def design(self, T, t) -> np.ndarray:
+        """(n, K): t * factor per component, then 1 (glow, per readout)."""
+        t = np.asarray(t, dtype=np.float64)
+        return np.stack([t * f for f in self.factors(T)] + [np.ones_like(t)], axis=1)
+
+    def design_dT(self, T, t) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        taus = [self.tau1] + ([self.tau2] if self.components == 2 else [])
+        return np.stack([t * f * LN2 / tau for f, tau in zip(self.factors(T), taus)]
+                        + [np.zeros_like(t)], axis=1)
+
+
+def _grid_ssr(Y: np.ndarray, T, t, T0, pairs, w=None) -> np.ndarray:
+    """Weighted residual sum of squares of the block fit for each (tau1, tau2) pair."""
+    sw = np.ones(len(t)) if w is None else np.sqrt(np.asarray(w, float))
+    Yw = Y * sw[:, None]
+    yy = float(np.einsum("fb,fb->", Yw, Yw))
+    out = np.empty(len(pairs))
+    for i, (t1, t2) in enumerate(pairs):
+        q, _ = np.linalg.qr(Law(T0, t1, t2).design(T, t) * sw[:, None])
+        proj = q.T @ Yw
+        out[i] = yy - float(np.einsum("kb,kb->", proj, proj))
+    return out
+
+
+def _best_taus(Y, T, t, T0, components: int, w=None, ratio: float | None = None) -> Law:
+    """Grid search (coarse, then fine) of the doubling temperatures, tau1 > tau2 + 1 C, or
+    tau2 = tau1 / ``ratio``."""
+    if components == 2 and ratio:
+        grid = [(a, a / ratio) for a in np.arange(3.0, 20.01, 0.25)]
+        best = grid[int(np.argmin(_grid_ssr(Y, T, t, T0, grid, w)))][0]
+        fine = [(a, a / ratio) for a in np.arange(best - 0.25, best + 0.2501, 0.01)]
+        a = fine[int(np.argmin(_grid_ssr(Y, T, t, T0, fine, w)))][0]
+        return Law(T0, float(a), float(a / ratio))
+    if components == 1:
+        grid = [(a, float("nan")) for a in np.arange(2.0, 20.01, 0.25)]
+        best = grid[int(np.argmin(_grid_ssr(Y, T, t, T0, grid, w)))][0]
+        fine = [(a, float("nan")) for a in np.arange(best - 0.25, best + 0.2501, 0.01)]
+        return Law(T0, float(fine[int(np.argmin(_grid_ssr(Y, T, t, T0, fine, w)))][0]))
+    coarse = [(a, b) for a in np.arange(4.0, 20.01, 0.5) for b in np.arange(1.5, 10.01, 0.25) if b <= a - 1.0]
+    a, b = coarse[int(np.argmin(_grid_ssr(Y, T, t, T0, coarse, w)))]
+    fine = [(x, y) for x in np.arange(a - 0.5, a + 0.501, 0.05) for y in np.arange(b - 0.25, b + 0.2501, 0.025)
+            if y <= x - 0.5 and y > 0.5]
+    a, b = fine[int(np.argmin(_grid_ssr(Y, T, t, T0, fine, w)))]
+    return Law(T0, float(a), float(b))
+
+
+def _newton_T(Y: np.ndarray, t: np.ndarray, T: np.ndarray, beta: np.ndarray, law: Law, steps: int = 12,
+              w: np.ndarray | None = None) -> np.ndarray:
+    """Per-frame temperature that best fits its blocks (rows of Y) given the block maps ``beta``,
+    blocks weighted by ``w`` (blocks,)."""
+    T = T.astype(np.float64).copy()
+    w = np.ones(Y.shape[1]) if w is None else w
+    for _ in range(steps):
+        X, dX = law.design(T, t), law.design_dT(T, t)        # (F, K)
+        r = Y - X @ beta
+        jac = dX @ beta
+        num, den = np.einsum("fb,fb,b->f", jac, r, w), np.einsum("fb,fb,b->f", jac, jac, w)
+        step = np.clip(num / np.maximum(den, 1e-300), -2.0, 2.0)
+        T += step
+        if np.all(np.abs(step) < 1e-5):
+            break
+    return T
+
+
+def _levenberg_marquardt(fun, p0: np.ndarray, lo: np.ndarray, hi: np.ndarray, iterations: int = 60) -> np.ndarray:
+    """Minimise |fun(p)|^2 within [lo, hi] (finite-difference Jacobian; a handful of parameters)."""
+    p = np.clip(np.asarray(p0, float), lo, hi)
+    r = fun(p)
+    cost, lam = float(r @ r), 1e-3
+    for _ in range(iterations):
+        J = np.empty((r.size, p.size))
+        for i in range(p.size):
+            h = 1e-4 * max(1.0, abs(p[i]))
+            q = p.copy()
+            q[i] += h
+            J[:, i] = (fun(q) - r) / h
+        A, g = J.T @ J, J.T @ r
+        while True:
+            step = np.linalg.solve(A + lam * np.diag(np.diag(A) + 1e-12), -g)
+            q = np.clip(p + step, lo, hi)
+            rq = fun(q)
+            cq = float(rq @ rq)
+            if cq < cost:
+                converged = cost - cq < 1e-10 * cost or np.max(np.abs(q - p)) < 1e-6
+                p, r, cost, lam = q, rq, cq, max(lam / 3, 1e-9)
+                break
+            lam *= 4
+            if lam > 1e10:
+                return p
+        if converged:
+            break
+    return p
+
+
+def fit_law(Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.ndarray,
+            tau_ratio: float | None = None) -> tuple[Law, np.ndarray, np.ndarray]:
+    """The camera's law and every library frame's temperature, from block means.
+
+    ``Y`` (frames, blocks): clipped block means of the bias-subtracted active areas of all
+    channels; ``t`` exposure (0 for biases); ``header_T`` CCDTEMP (else SETTEMP); ``setpoints``.
+
+    What a library can tell: each frame's temperature *relative* to the others of its (setpoint,
+    exposure) group, from its own blocks (10^3 of them: hundredths of a degree); not the group's
+    absolute temperature, which only the headers give (a frame's CCDTEMP is off by ~0.5 C, a group
+    mean by 0.5/sqrt(n)). Where group temperatures are wrong, a per-readout term proportional to
+    the dark map can absorb the error (warm groups' level errors of ~1 % leak into the glow and
+    ruin cold, short frames), and with free per-frame temperatures the law is nearly degenerate
+    (a warp of the temperature scale trades against tau1, tau2). So: group means are fitted
+    jointly for the doubling temperatures and the group temperatures, the latter held to their
+    headers' mean by a prior of the headers' own scatter (measured here: CCDTEMP about the
+    frames' fitted temperatures), the block maps projected out (Levenberg-Marquardt; started from
+    a grid of doubling temperatures). Then every frame's temperature is the one that best fits its
+    own blocks given the law (blocks weighted by 1 / their misfit^2, so a sharp glow peak counts
+    less). Returns (law, T (frames,), block maps (K, blocks) of the group means).
+    """
+    dark = t > 0
+    if not dark.any():
+        raise ValueError("no dark frames (exposure > 0) in the library")
+    sp = np.where(dark, np.round(np.asarray(setpoints, float), 1), np.nan)
+    keys = [(s, round(float(x), 6)) if d else ("bias", 0.0) for s, x, d in zip(sp, t, dark)]
+    groups = sorted(set(keys), key=str)
+    member = np.array([groups.index(k) for k in keys])
+    ng = np.bincount(member, minlength=len(groups)).astype(float)
+    Yg = np.stack([Y[member == i].mean(axis=0) for i in range(len(groups))])
+    tg = np.array([k[1] for k in groups])
+    gd = tg > 0                                        # dark groups (biases have no temperature)
+    T0 = float(np.round(np.median(header_T[dark]), 1))
+    Ag = np.array([header_T[member == i].mean() if gd[i] else T0 for i in range(len(groups))])
+    n_setpoints = len(set(sp[dark]))
+    # two components need >= 3 setpoints and, per block, a residual degree of freedom beyond its
+    # K = 3 maps (the doubling temperatures are shared by all blocks)
+    components = 2 if n_setpoints >= 3 and len(groups) >= 4 else 1
+    sw = np.sqrt(ng)[:, None]
+
+    def maps(law, Tg):
+        return np.linalg.lstsq(law.design(Tg, tg) * sw, Yg * sw, rcond=None)[0]
+
+    if n_setpoints < 2:
+        log.warning("library darks at a single setpoint: the dark current is assumed to double every %.1f C"
+                    " (the paper's); other temperatures are extrapolations", DEFAULT_TAU)
+        law = Law(T0, DEFAULT_TAU)
+    else:
+        law = _best_taus(Yg, Ag, tg, T0, components, ng, tau_ratio)
+    # frames about the anchored law: block misfit weights, block noise, the headers' scatter
+    beta = maps(law, Ag)
+    T = header_T.astype(np.float64).copy()
+    T[dark] = _newton_T(Y[dark], t[dark], T[dark], beta, law)
+    r = Y[dark] - law.design(T[dark], t[dark]) @ beta
+    misfit = MAD_SIGMA * np.median(np.abs(r), axis=0)
+    wb = 1.0 / np.maximum(misfit, 1e-3 * max(float(np.median(misfit)), 1e-12)) ** 2
+    wb /= wb.mean()
+    noise2 = float(np.median(wb[None, :] * r * r)) / 0.4549          # median of chi2(1) = 0.4549
+    within = (header_T - T)[dark] - np.array([np.mean((header_T - T)[member == m]) for m in member[dark]])
+    n_per = ng[member[dark]]
+    sigma_h = max(float(np.sqrt(np.sum(within ** 2) / max(np.sum(1 - 1 / n_per), 1))), 0.05)
+    if n_setpoints >= 2:
+        sa = sigma_h / np.sqrt(ng[gd])
+        sqw = np.sqrt(wb)[None, :] * sw / math.sqrt(noise2)
+        n_tau = 1 if components == 1 or tau_ratio else 2
+
+        def unpack(p):
+            Tg = Ag.copy()
+            Tg[gd] = p[:gd.sum()]
+            taus = p[gd.sum():]
+            if n_tau == 1:
+                return Tg, Law(T0, taus[0], taus[0] / tau_ratio if tau_ratio and components == 2 else float("nan"))
+            return Tg, Law(T0, taus[0] + taus[1], taus[1])       # tau1 = tau2 + gap
+
+        def residuals(p):
+            Tg, lw = unpack(p)
+            X = lw.design(Tg, tg)
+            b = np.linalg.lstsq(X * sw, Yg * sw, rcond=None)[0]
+            return np.concatenate([((Yg - X @ b) * sqw).ravel(), (Tg[gd] - Ag[gd]) / sa])
+
+        taus0 = [law.tau1] if n_tau == 1 else [law.tau1 - law.tau2, law.tau2]
+        lo = np.concatenate([Ag[gd] - 5, [1.0] if n_tau == 1 else [0.5, 0.5]])
+        hi = np.concatenate([Ag[gd] + 5, [40.0] if n_tau == 1 else [30.0, 20.0]])
+        best = None
+        starts = [taus0] + ([[g1 - g2, g2] for g1 in (6.0, 8.0, 11.0) for g2 in (2.5, 3.5, 5.0)] if n_tau == 2 else
+                            [[x] for x in (4.0, 6.0, 9.0, 14.0)])
+        for start in starts:
+            p = _levenberg_marquardt(residuals, np.concatenate([Ag[gd], start]), lo, hi)
+            c = float(np.sum(residuals(p) ** 2))
+            if best is None or c < best[0]:
+                best = (c, p)
+        Tg, law = unpack(best[1])
+        beta = maps(law, Tg)
+        log.debug("law: group temperatures moved %s C from their headers", np.round(Tg[gd] - Ag[gd], 3))
+    T = header_T.astype(np.float64).copy()
+    T[dark] = _newton_T(Y[dark], t[dark], T[dark], beta, law, w=wb)
+    return law, T, beta

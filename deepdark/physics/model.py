@@ -1,0 +1,350 @@
+"""The fitted physics model: effective temperature and prediction (see ``deepdark.physics``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from ..geometry import Geometry, parse_geometry
+from ..shards import Shard
+from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, SATURATED, _map_names
+from .frame_state import FrameState, frame_state
+from .law import LN2, Law
+
+log = logging.getLogger(__name__)
+
+TEFF_MAX_SIGMA = 2.0         # C: an OB temperature less certain than this is not used at all
+TEFF_MAX_OFFSET = 5.0        # C: an OB temperature this far from CCDTEMP is not trusted
+GLOW_SYS = 0.01              # relative uncertainty of the OB pixels' per-readout level (systematic)
+
+
+class PhysicsError(ValueError):
+    """A request the physics model cannot serve (exposure, camera, geometry); one line."""
+
+
+# -- the fitted model: effective temperature and prediction -------------------------------------
+
+@dataclass
+class ChannelModel:
+    """One camera-channel's maps (float32, readout coordinates) and hot pixels."""
+
+    maps: np.ndarray            # (K, active rows, active cols): d1, [d2,] g
+    hot_index: np.ndarray       # flat indices into the active area
+    hot_tau: np.ndarray         # their own doubling temperatures, C
+    hot_coef: np.ndarray        # (n, K): h, [d2,] g
+    ob_cols: np.ndarray         # (K, active rows, n) maps of the OB columns
+    ob_cols_use: np.ndarray     # bool: OB pixels used for the temperature
+    ob_rows: np.ndarray         # (K, n, active cols)
+    ob_rows_use: np.ndarray
+    inv_gain: float             # 1/gain (ADU of variance per ADU of signal), NaN if unknown
+    noise_offset: float
+
+
+@dataclass
+class CameraInfo:
+    camera: str
+    law: Law
+    dark_exptimes: tuple[float, ...]
+    has_bias: bool
+    separable: bool
+    channels: tuple[str, ...]
+    group: str
+    header_sigma: float        # C: spread of the headers' temperature about the library's fitted ones
+
+
+@dataclass
+class Temperatures:
+    """Effective temperature of each frame-channel row: value, 1-sigma (C) and its source."""
+
+    teff: np.ndarray
+    sigma: np.ndarray
+    source: np.ndarray          # "ob", "ccdtemp", "settemp" or "exposure 0" per row
+
+
+class PhysicsModel:
+    """A fitted physics model (``fit_physics``): effective temperatures and predicted darks."""
+
+    def __init__(self, path: str | Path, cache_channels: int = 16):
+        self.path = Path(path)
+        try:
+            self.f = h5py.File(self.path, "r")
+            version = int(self.f.attrs["schema_version"])
+            self.f["cameras"]
+        except (OSError, KeyError) as exc:
+            raise ValueError(f"{self.path}: not a deepdark physics model ({exc})") from None
+        if version != PHYSICS_SCHEMA:
+            raise ValueError(f"{self.path}: physics schema {version}, this deepdark reads {PHYSICS_SCHEMA}")
+        self.geometry: Geometry = parse_geometry(self.f.attrs["geometry"], origin=f"{self.path}:geometry")
+        self.params = json.loads(self.f.attrs["params"])
+        self.cameras: dict[str, CameraInfo] = {}
+        for key, grp in self.f["cameras"].items():
+            a = grp.attrs
+            law = Law(float(a["T0"]), float(a["tau1"]), float(a["tau2"]))
+            self.cameras[str(a["camera"])] = CameraInfo(
+                str(a["camera"]), law, tuple(float(x) for x in a["dark_exptimes"]), bool(a["has_bias"]),
+                bool(a["separable"]), tuple(json.loads(a["channels"])), f"cameras/{key}", float(a["header_sigma"]))
+        self._channels: OrderedDict = OrderedDict()
+        self._cache_size = cache_channels
+        self._tcache: OrderedDict = OrderedDict()
+
+    @classmethod
+    def load(cls, path: str | Path) -> PhysicsModel:
+        return cls(path)
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+    # -- lookups --------------------------------------------------------------------------------
+    def camera(self, camera: str) -> CameraInfo:
+        if camera not in self.cameras:
+            raise PhysicsError(f"{self.path.name}: no physics model for camera {camera!r}"
+                               f" (library cameras: {', '.join(sorted(self.cameras))})")
+        return self.cameras[camera]
+
+    def channel(self, camera: str, channel: str) -> ChannelModel:
+        key = (camera, channel)
+        if key not in self._channels:
+            info = self.camera(camera)
+            if channel not in info.channels:
+                raise PhysicsError(f"{self.path.name}: camera {camera} has no channel {channel!r}")
+            cg = self.f[f"{info.group}/channel_{info.channels.index(channel)}"]
+            names = _map_names(info.law.K)
+            self._channels[key] = ChannelModel(
+                maps=np.stack([cg[n][()] for n in names]), hot_index=cg["hot_index"][()],
+                hot_tau=cg["hot_tau"][()].astype(np.float64), hot_coef=cg["hot_coef"][()].astype(np.float64),
+                ob_cols=np.stack([cg[f"ob/cols/{n}"][()] for n in names]), ob_cols_use=cg["ob/cols/use"][()],
+                ob_rows=np.stack([cg[f"ob/rows/{n}"][()] for n in names]), ob_rows_use=cg["ob/rows/use"][()],
+                inv_gain=float(cg.attrs["inv_gain"]), noise_offset=float(cg.attrs["noise_offset"]))
+            while len(self._channels) > self._cache_size:
+                self._channels.popitem(last=False)
+        self._channels.move_to_end(key)
+        return self._channels[key]
+
+    def library_frames(self, camera: str) -> pd.DataFrame:
+        """The library's frame-channels with their fitted temperature and noise (diagnostics)."""
+        grp = self.f[f"{self.camera(camera).group}/frames"]
+        return pd.DataFrame({c: [v.decode() if isinstance(v, bytes) else v for v in grp[c][()]]
+                             if grp[c].dtype == object else grp[c][()] for c in grp})
+
+    def check_exposure(self, camera: str, exptime: float) -> None:
+        """Raise :class:`PhysicsError` unless the library can predict ``exptime`` for ``camera``."""
+        info = self.camera(camera)
+        longest = max(info.dark_exptimes)
+        if not np.isfinite(exptime) or exptime < 0:
+            raise PhysicsError(f"exposure time {exptime} s: not a valid exposure")
+        if not info.separable:
+            only = info.dark_exptimes[0]
+            if not math.isclose(exptime, only, rel_tol=1e-3, abs_tol=1e-3):
+                raise PhysicsError(
+                    f"camera {camera}: library has only {only:g} s darks: cannot predict {exptime:g} s without"
+                    f" bias frames or a second exposure time (what scales with exposure cannot be told from"
+                    f" what comes with each readout)")
+            return
+        limit = self.params["max_extrapolation"] * longest
+        if exptime > limit + 1e-9:
+            raise PhysicsError(
+                f"camera {camera}: {exptime:g} s is beyond {self.params['max_extrapolation']:g}x the longest library"
+                f" exposure ({longest:g} s): the library cannot support it")
+
+    def _check_geometry(self, g: Geometry) -> None:
+        if g.name != self.geometry.name or g.active.shape != self.geometry.active.shape:
+            raise PhysicsError(f"{self.path.name}: fitted on geometry {self.geometry.name}, data is {g.name}")
+
+    # -- frame state and temperature ----------------------------------------------------------------
+    def state(self, strips: dict[str, np.ndarray]) -> FrameState:
+        """:func:`frame_state` with the options the model was fitted with."""
+        p = self.params
+        return frame_state(strips, p["overscan_skip"], p["shrink"], p["smooth_rows"])
+
+    def temperatures(self, state: FrameState, table: pd.DataFrame, max_sigma: float = TEFF_MAX_SIGMA,
+                     max_offset: float = TEFF_MAX_OFFSET) -> Temperatures:
+        """Effective temperature of every row of ``table`` (one per frame: all rows of a file share
+        it, estimated from the OB pixels of all of its rows present), with the header fallback."""
+        table = table.reset_index(drop=True)
+        n = len(table)
+        teff, sigma, source = np.full(n, np.nan), np.full(n, np.inf), np.empty(n, dtype=object)
+        for _, rows in table.groupby("file", sort=False).indices.items():
+            r0 = table.iloc[rows[0]]
+            header, hsrc = _header_temperature(r0)
+            exptime = float(r0["exptime"]) if r0["imagetyp"] != "BIAS" else 0.0
+            if exptime <= 0:
+                teff[rows], sigma[rows], source[rows] = (header if np.isfinite(header) else 0.0), 0.0, "exposure 0"
+                continue
+            info = self.camera(r0["camera"])
+            T, s = self._ob_temperature(state, table, rows, info, exptime,
+                                        header if np.isfinite(header) else info.law.T0)
+            if np.isfinite(T) and s <= max_sigma and not (np.isfinite(header) and abs(T - header) > max_offset):
+                hs = info.header_sigma
+                if np.isfinite(header) and np.isfinite(hs) and hs > 0:
+                    w_ob, w_h = 1.0 / s ** 2, 1.0 / hs ** 2
+                    T, s = (w_ob * T + w_h * header) / (w_ob + w_h), 1.0 / math.sqrt(w_ob + w_h)
+                    src = "ob" if w_h < 0.1 * w_ob else "ob+" + hsrc
+                else:
+                    src = "ob"
+                teff[rows], sigma[rows], source[rows] = T, s, src
+                continue
+            if np.isfinite(T) and np.isfinite(header) and abs(T - header) > max_offset:
+                log.warning("%s: OB temperature %.2f C is %.1f C from the header's %.2f C: using the header",
+                            r0["file"], T, T - header, header)
+            if np.isfinite(header):
+                teff[rows], sigma[rows], source[rows] = header, info.header_sigma, hsrc
+            elif np.isfinite(T):
+                teff[rows], sigma[rows], source[rows] = T, s, "ob"
+            else:
+                raise PhysicsError(f"{r0['file']}: no temperature (OB signal too weak, no CCDTEMP or SETTEMP)")
+        return Temperatures(teff, sigma, source)
+
+    def _ob_temperature(self, state: FrameState, table, rows, info: CameraInfo, t: float, T_start: float,
+                        clip: float = PIXEL_CLIP) -> tuple[float, float]:
+        """Generalised least squares for T on the OB pixels of ``rows`` (one frame's channels).
+
+        OB pixels of one row share the error of that row's bias (OB columns: the overscan estimate's
+        error; OB rows: the whole unknown row offset): each row is a group with a shared variance,
+        inverted with Sherman-Morrison."""
+        law = info.law
+        groups = []   # (y (G, n), maps (K, G, n), use (G, n), pixel var scalar, group var (G,), inv_gain)
+        for i in rows:
+            ch = self.channel(info.camera, table.iloc[i]["channel"])
+            rv = float(state.read_var[i]) + (ch.noise_offset if np.isfinite(ch.noise_offset) else 0.0)
+            ig = ch.inv_gain if np.isfinite(ch.inv_gain) else 0.0
+            groups.append((state.ob_cols[i].astype(np.float64), ch.ob_cols, ch.ob_cols_use, rv,
+                           state.bias_var[i], ig))
+            level_var = float(np.mean(state.bias_var[i])) / state.bias.shape[1]
+            groups.append((state.ob_rows[i].astype(np.float64), ch.ob_rows, ch.ob_rows_use, rv,
+                           np.full(state.ob_rows.shape[1], float(state.row_var[i]) + level_var), ig))
+        T = float(T_start)
+        keep = [u.copy() for (_, _, u, _, _, _) in groups]
+        den = 0.0
+        for it in range(12):
+            num = den = 0.0
+            glow = dark = slope = 0.0
+            f = law.factors(T)
+            taus = [law.tau1] + ([law.tau2] if law.components == 2 else [])
+            for gi, (y, maps, _, rv, gvar, ig) in enumerate(groups):
+                model = maps[-1] + sum(t * fi * maps[k] for k, fi in enumerate(f))
+                jac = sum(t * fi * maps[k] * (LN2 / taus[k]) for k, fi in enumerate(f))
+                v = rv + ig * np.maximum(model, 0)
+                r = y - model
+                if it == 4:  # cut cosmic rays once the estimate has settled
+                    keep[gi] &= np.abs(r) <= clip * np.sqrt(v + gvar[:, None])
+                w = np.where(keep[gi], 1.0 / v, 0.0)
+                sw, swj, swr = w.sum(1), (w * jac).sum(1), (w * r).sum(1)
+                shrink = gvar / (1.0 + gvar * sw)
+                num += float((w * jac * r).sum() - np.sum(shrink * swj * swr))
+                den += float((w * jac * jac).sum() - np.sum(shrink * swj * swj))
+                glow += float((w * maps[-1]).sum())
+                dark += float((w * (model - maps[-1])).sum())
+                slope += float((w * jac).sum())
+            if not den > 0:
+                return float("nan"), float("inf")
+            step = float(np.clip(num / den, -3.0, 3.0))
+            T += step
+            if abs(step) < 1e-4 and it >= 5:
+                break
+        # systematic: the per-readout (glow) level of the OB pixels is known to GLOW_SYS of itself
+        sys = GLOW_SYS * abs(glow) / max(abs(slope), 1e-300)
+        return T, math.sqrt(1.0 / den + sys ** 2)
+
+    # -- prediction ---------------------------------------------------------------------------------
+    def signal(self, camera: str, channel: str, T: float, exptime: float) -> np.ndarray:
+        """The model's dark signal (ADU above the bias) of the active area at (T, exptime)."""
+        info = self.camera(camera)
+        self.check_exposure(camera, exptime)
+        ch = self.channel(camera, channel)
+        law = info.law
+        f = law.factors(T)
+        S = ch.maps[-1].copy()
+        for k, fk in enumerate(f):
+            S += np.float32(exptime * fk) * ch.maps[k]
+        if ch.hot_index.size:
+            c = ch.hot_coef
+            hot = exptime * c[:, 0] * np.exp2((T - law.T0) / ch.hot_tau) + c[:, -1]
+            if law.components == 2:
+                hot += exptime * c[:, 1] * f[1]
+            S.reshape(-1)[ch.hot_index] = hot
+        return S
+
+    def predict(self, strips: dict[str, np.ndarray], table: pd.DataFrame, window: bool = False,
+                temps: Temperatures | None = None, state: FrameState | None = None) -> np.ndarray:
+        """Predicted darks (ADU, float32) of k frame-channels from their whole strips and table rows:
+        (k, active rows, active cols), or the model window when ``window``.
+
+        The effective temperature of a frame uses the OB pixels of all of its rows given here; pass
+        ``temps`` to reuse temperatures estimated from more channels (:meth:`predict_rows` does)."""
+        table = table.reset_index(drop=True)
+        for _, r in table.iterrows():
+            self.check_exposure(r["camera"], 0.0 if r["imagetyp"] == "BIAS" else float(r["exptime"]))
+        state = self.state(strips) if state is None else state
+        temps = self.temperatures(state, table) if temps is None else temps
+        rows, cols = self.geometry.window_in_active if window else (slice(None), slice(None))
+        out = []
+        for i, r in table.iterrows():
+            t = 0.0 if r["imagetyp"] == "BIAS" else float(r["exptime"])
+            S = self.signal(r["camera"], r["channel"], float(temps.teff[i]), t)
+            pred = S[rows, cols] + state.bias[i][rows, None].astype(np.float32)
+            out.append(np.minimum(pred, np.float32(SATURATED)))
+        return np.stack(out) if out else np.zeros((0, *self.geometry.active.shape), np.float32)
+
+    def predict_rows(self, shard: Shard, rows, window: bool = False) -> np.ndarray:
+        """Predicted darks of table rows ``rows`` of ``shard`` (whole active area, or the window).
+
+        Every frame's temperature comes from the OB pixels of all of its channels in the shard."""
+        self._check_geometry(shard.geometry)
+        rows = np.asarray(rows)
+        tab = shard.table
+        for _, r in tab.iloc[rows].iterrows():
+            self.check_exposure(r["camera"], 0.0 if r["imagetyp"] == "BIAS" else float(r["exptime"]))
+        files = pd.unique(tab["file"].to_numpy()[rows])
+        all_rows = np.flatnonzero(tab["file"].isin(files).to_numpy())
+        strips = shard.strips(all_rows)
+        sub = tab.iloc[all_rows]
+        state = self.state(strips)
+        temps = self.temperatures(state, sub)
+        where = np.searchsorted(all_rows, rows)
+        pick = FrameState(*(getattr(state, k)[where] for k in FrameState.__dataclass_fields__))
+        picked = Temperatures(temps.teff[where], temps.sigma[where], temps.source[where])
+        return self.predict({s: strips[s][where] for s in strips}, sub.iloc[where], window, picked, pick)
+
+
+def _header_temperature(row) -> tuple[float, str]:
+    for key in ("ccdtemp", "settemp"):
+        v = row.get(key, np.nan)
+        if v is not None and np.isfinite(v):
+            return float(v), key
+    return float("nan"), "none"
+
+
+def physics_predictor(path: str | Path):
+    """Predictor for ``deepdark.evaluate``: (shard, rows) -> predicted model windows (k, S, S), ADU."""
+    model = PhysicsModel.load(path)
+
+    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
+        return model.predict_rows(shard, rows, window=True)
+
+    predict.model = model
+    return predict
+
+
+def physics_active_predictor(path: str | Path):
+    """Predictor for ``deepdark.predictions.write_predictions``: whole active areas (k, R, C), ADU."""
+    model = PhysicsModel.load(path)
+
+    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
+        return model.predict_rows(shard, rows, window=False)
+
+    predict.model = model
+    return predict
