@@ -27,6 +27,8 @@ the fourth channel and returns physics + R tanh(h).
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +63,25 @@ class ModelRunner:
             self.physics = PhysicsModel.load(info["path"])
             self.residual_range_adu = float(info.get("residual_range_adu", C.RESIDUAL_RANGE_ADU))
             self.physics_scale_adu = float(info.get("physics_scale_adu", C.PHYSICS_SCALE_ADU))
+            exptimes = self.model.card.get("training", {}).get("exptimes") or [0.0, math.inf]
+            self.exposure_range = (min(exptimes), max(exptimes))
+
+    def predict_rows(self, shard: Shard, rows: np.ndarray, window: bool) -> np.ndarray:
+        """Predicted darks (ADU) of table ``rows`` over the window or the whole active area.
+
+        A physics-mode model learned its residual on the library's exposure times only: for a
+        frame exposed outside their range the network has never seen its input, so the physics
+        prediction (which knows how dark current scales with exposure) answers alone.
+        """
+        self.check(shard)
+        x, phys = self.inputs(shard, rows, window=window)
+        out = self.run(x, phys)
+        if phys is not None:
+            lo, hi = self.exposure_range
+            exptime = shard.table["exptime"].to_numpy(float)[np.asarray(rows)]
+            outside = (exptime < lo) | (exptime > hi)
+            out[outside] = phys[outside]
+        return out
 
     def inputs(self, shard: Shard, rows: np.ndarray, window: bool) -> tuple[torch.Tensor, np.ndarray | None]:
         """Model inputs of table ``rows`` of ``shard`` over the window or the whole active area,
@@ -127,9 +148,7 @@ def model_predictor(model_dir: str | Path | LoadedModel, device: str | torch.dev
     runner = _runner(model_dir, device, batch_size)
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
-        runner.check(shard)
-        x, phys = runner.inputs(shard, rows, window=True)
-        return runner.run(x, phys)
+        return runner.predict_rows(shard, rows, window=True)
 
     predict.runner = runner
     return predict
@@ -140,9 +159,7 @@ def active_predictor(model_dir: str | Path | LoadedModel, device: str | torch.de
     runner = _runner(model_dir, device, batch_size)
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
-        runner.check(shard)
-        x, phys = runner.inputs(shard, rows, window=False)
-        return runner.run(x, phys)
+        return runner.predict_rows(shard, rows, window=False)
 
     predict.runner = runner
     return predict

@@ -3,6 +3,7 @@ predicts a bounded residual on it. Mini geometry, CPU, a few steps."""
 
 from __future__ import annotations
 
+import math
 import json
 
 import numpy as np
@@ -162,3 +163,17 @@ def test_cli_train_without_preset_is_physics_mode_and_evaluate_adds_physics(sim,
     # strips-only presets refuse a physics file
     assert main(["-q", "train", *lib, "--out", str(tmp_path / "x"), "--preset", "compact",
                  "--physics", str(sim["phys"])]) == 2
+
+
+def test_exposures_outside_the_training_range_get_physics_alone(sim):
+    """The residual is learned on the library's exposure times; beyond them physics answers."""
+    phys = P.PhysicsModel.load(sim["phys"])
+    predict = model_predictor(sim["model"], device="cpu")
+    with Shard(sim["test"][0]) as s:
+        rows = np.arange(len(s))
+        exptime = s.table["exptime"].to_numpy(float)
+        predict.runner.exposure_range = (exptime.max() + 1, exptime.max() + 2)  # every frame outside
+        np.testing.assert_array_equal(predict(s, rows), phys.predict_rows(s, rows, window=True))
+        predict.runner.exposure_range = (0.0, math.inf)  # every frame inside: the learned residual
+        inside = predict(s, rows)
+        assert inside.shape == (len(rows), MINI.window_size, MINI.window_size)
