@@ -3,8 +3,8 @@ predicts a bounded residual on it. Mini geometry, CPU, a few steps."""
 
 from __future__ import annotations
 
-import math
 import json
+import math
 
 import numpy as np
 import pytest
