@@ -817,7 +817,9 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
                 steps += 1
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
-                bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items() if k in ("d_loss", "g_loss", "g_l1")})
+                # The l1 loss trains no discriminator: its d_loss is NaN, not worth showing.
+                bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()
+                                 if k in ("d_loss", "g_loss", "g_l1") and math.isfinite(v)})
             bar.close()
             val = validate(G, source, val_idx, size, crop, max(1, batch_size), dev, residual_range_adu=rr)
             row = {"epoch": epoch, "steps": steps,
@@ -827,7 +829,8 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
             history.append(row)
             save_checkpoint(out_dir, epoch, G, D, opt_g, opt_d, scaler, signature, history)
             _write_log(out_dir, history)
-            msg = (f"epoch {epoch}/{epochs}: d {row['d_loss']:.4g} g {row['g_loss']:.4g} "
+            d_part = f"d {row['d_loss']:.4g} " if math.isfinite(row["d_loss"]) else ""
+            msg = (f"epoch {epoch}/{epochs}: {d_part}g {row['g_loss']:.4g} "
                    f"(l1 {row['g_l1']:.4g}), val RMSE {val:.2f} ADU ({val_region}), {row['seconds']:.1f} s")
             log.info(msg)
             if progress:
