@@ -10,6 +10,18 @@ from deepdark.frames import write_raw_frame
 from deepdark.geometry import load_geometry
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP threads that
+    spin-wait on busy cores make every step many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def mini():
     return load_geometry("mini")

@@ -28,12 +28,7 @@ MINI = load_geometry("mini")
 QUICK = dict(epochs=1, crop=32, max_steps_per_epoch=3, progress=False, max_val_samples=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _archive(root, name, **kw):

@@ -24,14 +24,7 @@ TEST_NIGHT = "20240110"
 QUICK = dict(preset="compact", epochs=1, crop=32, max_steps_per_epoch=3, progress=False, max_val_samples=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine OpenMP threads that
-    spin-wait on busy cores make every step many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_library(root):
