@@ -172,11 +172,15 @@ def save_model(model_dir: str | Path, generator: Generator, *, preset: str | Non
     if extra:
         card["extra"] = extra
     with atomic_path(card_path) as tmp:
-        tmp.write_text(json.dumps(card, indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(card, indent=2, default=json_default) + "\n")
     return model_dir
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps(default=...)`` for what model cards and checkpoints hold: tensors, numpy
+    scalars, tuples and sets, paths."""
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
     if hasattr(o, "item"):
         return o.item()
     if isinstance(o, (set, tuple)):

@@ -111,8 +111,8 @@ from .atomic import atomic_path
 from .baselines import frame_setpoints
 from .geometry import Geometry
 from .losses import LossConfig, discriminator_loss, generator_loss
-from .model_io import (DEFAULT_INPUTS, check_state, file_sha256, read_safetensors, save_model,
-                       state_tensors)
+from .model_io import (DEFAULT_INPUTS, check_state, file_sha256, json_default, read_safetensors,
+                       save_model, state_tensors)
 from . import conditioning as C
 from .nets import PHYSICS_PRESETS, PRESETS, Discriminator, Generator, model_input
 from .shards import Shard
@@ -432,7 +432,7 @@ def save_checkpoint(out_dir: Path, epoch: int, G: nn.Module, D: nn.Module, opt_g
         "extra": extra or {},
     }
     with atomic_path(out_dir / CHECKPOINT_JSON) as tmp:
-        tmp.write_text(json.dumps(state, indent=1, default=_jsonable) + "\n")
+        tmp.write_text(json.dumps(state, indent=1, default=json_default) + "\n")
     for old in out_dir.glob("checkpoint-e*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -454,18 +454,6 @@ def read_checkpoint(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]] | Non
     if not tpath.is_file() or file_sha256(tpath) != state["sha256"]:
         raise ValueError(f"{path}: its tensors file {state['tensors']} is missing or does not match its hash")
     return state, read_safetensors(tpath)
-
-
-def _jsonable(o):
-    if isinstance(o, torch.Tensor):
-        return o.item() if o.numel() == 1 else o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _write_log(out_dir: Path, history: list[dict]) -> None:
@@ -902,7 +890,7 @@ def _physics_file(shards, out_dir: Path, physics, memory_mb: float, progress: bo
 
 
 def _jsonify(obj):
-    return json.loads(json.dumps(obj, default=_jsonable))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def _calibration_batch(source: SampleSource, train_idx: np.ndarray, size: int, crop: int | None, crop_mode: str,
