@@ -5,9 +5,9 @@ learned variant with and without the adversarial terms (``deepdark`` loss vs ``l
         [--exp EXP_SHARDS...] [--masters MASTERS.h5] [--physics PHYS.h5] --out DIR \\
         [--epochs 1] [--max-steps 200] [--crop 256] [--lr 2e-4] [--reuse]
 
-Every learned configuration trains with the same budget and seed (``deepdark.train.train``) on
+Every learned configuration trains with the same budget and seed (``deepdark.training.loop.train``) on
 the library shards (validation: the library's last night); all are scored with
-``deepdark.evaluate.evaluate`` on the same held-out test darks (and, with ``--exp``, a second
+``deepdark.evaluation.evaluate.evaluate`` on the same held-out test darks (and, with ``--exp``, a second
 set, e.g. exposures outside the library), beside the physics model, the median masters (when
 ``--masters``) and the noise floor. Configurations:
 
@@ -35,10 +35,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from deepdark.evaluate import evaluate, format_table
+from deepdark.evaluation.evaluate import evaluate, format_table
 from deepdark.physics import fit_physics, physics_predictor
-from deepdark.predict import model_predictor
-from deepdark.train import train
+from deepdark.model.runner import model_predictor
+from deepdark.training.loop import train
 
 CONFIGS = {  # column -> (preset, loss)
     "strips+adv": ("compact", "deepdark"),

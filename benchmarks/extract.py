@@ -4,7 +4,7 @@
 
 Simulates full-size frames (darks and guide frames) unless --dir names a night folder, warms
 the page cache, then alternates: a bare ``astropy.io.fits`` read of every file (pixels
-materialised as uint16) and ``deepdark.shards.extract`` of the same files. Prints the median
+materialised as uint16) and ``deepdark.pipeline.extract.extract`` of the same files. Prints the median
 time per frame of each and their ratio, for dark frames (whose active area the shard keeps) and
 guide frames (strips only) separately. The issue's target is a ratio of at most 1.5.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from deepdark.geometry import load_geometry
-from deepdark.shards import extract
-from deepdark.simulate import simulate_archive
+from deepdark.io.geometry import load_geometry
+from deepdark.pipeline.extract import extract
+from deepdark.sim.simulate import simulate_archive
 
 
 def bare_read(files: list[Path]) -> None:

@@ -4,7 +4,7 @@ machine's dense-arithmetic peak that this represents. Not a test.
 A full frame = every channel (4 on the LAMOST camera) of the whole active area (1042 x 1042),
 padded by reflection to the network's multiple (1044 x 1044), exactly what ``deepdark predict``
 runs. Work per frame = the generator's multiply-accumulates on that input
-(``deepdark.nets.count_macs``: convolutions only) x channels; achieved FLOP/s = 2 x MACs x frames/s.
+(``deepdark.model.nets.count_macs``: convolutions only) x channels; achieved FLOP/s = 2 x MACs x frames/s.
 
 The peak is measured in the same run: the best of a few ``torch.mm`` of two 4096 x 4096 matrices
 (2 x 4096^3 FLOP each), in float32 on the CPU; on CUDA in float32 and in float16, compared with
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepdark.geometry import load_geometry  # noqa: E402
-from deepdark.nets import PRESETS, Generator, count_macs  # noqa: E402
-from deepdark.train import autocast, fp32_head  # noqa: E402
+from deepdark.io.geometry import load_geometry  # noqa: E402
+from deepdark.model.nets import PRESETS, Generator, count_macs  # noqa: E402
+from deepdark.model.runtime import autocast, fp32_head  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:

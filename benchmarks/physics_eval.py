@@ -78,7 +78,7 @@ def camera(out: Path, cam: str, nights: int, reuse: bool) -> dict:
 def cost(root: Path, frames: int = 8) -> dict:
     """Median seconds per full frame: physics (whole active areas) and the compact generator (windows)."""
     from deepdark.physics import PhysicsModel
-    from deepdark.shards import Shard
+    from deepdark.io.shards import Shard
 
     model = PhysicsModel.load(root / "phys.h5")
     shard_path = sorted((root / "shards").glob("exp_*.h5"))[0]
@@ -96,7 +96,7 @@ def cost(root: Path, frames: int = 8) -> dict:
         try:
             import torch
 
-            from deepdark.nets import PRESETS, Generator, model_input
+            from deepdark.model.nets import PRESETS, Generator, model_input
 
             torch.set_num_threads(2)
             net = Generator(PRESETS["compact"], seed=0).eval()

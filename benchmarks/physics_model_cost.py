@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepdark.model_io import save_model  # noqa: E402
-from deepdark.nets import PRESETS, Generator  # noqa: E402
-from deepdark.predict import active_predictor  # noqa: E402
-from deepdark.shards import Shard  # noqa: E402
+from deepdark.model.files import save_model  # noqa: E402
+from deepdark.model.nets import PRESETS, Generator  # noqa: E402
+from deepdark.model.runner import active_predictor  # noqa: E402
+from deepdark.io.shards import Shard  # noqa: E402
 
 
 def frame_times(predict, shard: Shard, frames: int) -> list[float]:

@@ -23,7 +23,7 @@ class UserError(Exception):
 # -- subcommands -----------------------------------------------------------------------------------
 
 def cmd_simulate(a: argparse.Namespace) -> None:
-    from .simulate import simulate_archive
+    from deepdark.sim.simulate import simulate_archive
 
     paths = simulate_archive(a.out, geometry=a.geometry, nights=a.nights, seed=a.seed, cameras=a.cameras,
                              temperatures=a.temperatures, darks_per_temp=a.darks_per_temp,
@@ -34,8 +34,8 @@ def cmd_simulate(a: argparse.Namespace) -> None:
 
 
 def cmd_extract(a: argparse.Namespace) -> None:
-    from .geometry import load_geometry
-    from .shards import extract
+    from deepdark.io.geometry import load_geometry
+    from deepdark.pipeline.extract import extract
 
     res = extract(a.inputs, a.out, load_geometry(a.geometry), keywords=_keywords(a), progress=not a.quiet,
                   cameras=a.cameras)
@@ -44,28 +44,28 @@ def cmd_extract(a: argparse.Namespace) -> None:
 
 
 def cmd_baseline(a: argparse.Namespace) -> None:
-    from .baselines import build_masters
+    from deepdark.pipeline.baseline import build_masters
 
     out = build_masters(a.shards, a.out, memory_mb=a.memory_mb, progress=not a.quiet)
     log.info("master darks written to %s", out)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from .evaluate import evaluate, format_table
+    from deepdark.evaluation.evaluate import evaluate, format_table
 
     predictors = {}
     if a.model:
-        from .predict import model_predictor
+        from deepdark.model.runner import model_predictor
 
         predictors["model"] = model_predictor(a.model, device=a.device, batch_size=a.batch_size)
         phys = predictors["model"].runner.model.physics
         if phys is not None and not getattr(a, "physics", None):
             # a physics-mode model: show the physics model it was trained with beside it
-            from .physics import physics_predictor
+            from deepdark.physics import physics_predictor
 
             predictors["physics"] = physics_predictor(phys["path"])
     if getattr(a, "physics", None):
-        from .physics import physics_predictor
+        from deepdark.physics import physics_predictor
 
         predictors["physics"] = physics_predictor(a.physics)
     table = evaluate(a.test, a.baseline, a.out, predictors=predictors, progress=not a.quiet)
@@ -84,9 +84,9 @@ def _val_nights(values):
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .train import train
+    from deepdark.training.loop import train
 
-    from .nets import PHYSICS_PRESETS
+    from deepdark.model.nets import PHYSICS_PRESETS
 
     preset = a.preset or "physics"
     loss = a.loss or ("l1" if preset in PHYSICS_PRESETS else "deepdark")
@@ -104,14 +104,14 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from .predict import predict_shard
+    from deepdark.pipeline.predict import predict_shard
 
     out = predict_shard(a.model, a.shard, a.out, batch_size=a.batch_size, device=a.device, progress=not a.quiet)
     log.info("predicted darks written to %s", out)
 
 
 def cmd_ablation(a: argparse.Namespace) -> None:
-    from .ablation import ablation, format_table2
+    from deepdark.evaluation.ablation import ablation, format_table2
 
     table = ablation(a.shards, a.out, setpoint=a.setpoint, losses=a.losses, preset=a.preset, epochs=a.epochs,
                      batch_size=a.batch_size, lr=a.lr, l1_weight=a.l1_weight, crop=a.crop,
@@ -123,7 +123,7 @@ def cmd_ablation(a: argparse.Namespace) -> None:
 
 
 def cmd_physics_fit(a: argparse.Namespace) -> None:
-    from .physics import fit_physics
+    from deepdark.physics import fit_physics
 
     out = fit_physics(a.shards, a.out, memory_mb=a.memory_mb, overscan_skip=a.overscan_skip,
                       smooth_px=a.smooth_px, progress=not a.quiet)
@@ -133,7 +133,7 @@ def cmd_physics_fit(a: argparse.Namespace) -> None:
 # -- workflow subcommands (correct, qa, summary) --
 
 def cmd_correct(a: argparse.Namespace) -> None:
-    from .correct import correct_night
+    from deepdark.pipeline.correct import correct_night
 
     res = correct_night(a.source, a.out, method=a.method, masters=a.masters, include_dark=a.include_dark,
                         cameras=a.cameras, keywords=_keywords(a), progress=not a.quiet)
@@ -144,7 +144,7 @@ def cmd_correct(a: argparse.Namespace) -> None:
 
 
 def cmd_qa(a: argparse.Namespace) -> None:
-    from .qa import night_qa
+    from deepdark.pipeline.qa import night_qa
 
     qa = night_qa(a.shard, a.predictions, a.masters, a.out, keywords=_keywords(a), cameras=a.cameras,
                   progress=not a.quiet)
@@ -152,8 +152,8 @@ def cmd_qa(a: argparse.Namespace) -> None:
 
 
 def cmd_summary(a: argparse.Namespace) -> None:
-    from .evaluate import format_table
-    from .qa import summarize
+    from deepdark.evaluation.evaluate import format_table
+    from deepdark.pipeline.summary import summarize
 
     nights = [n for n in a.nights.split(",") if n] if a.nights else None
     table, table1 = summarize(a.qa_dir, a.csv, a.html, a.table, nights=nights, corrected_dir=a.corrected_dir)
@@ -163,10 +163,10 @@ def cmd_summary(a: argparse.Namespace) -> None:
 
 
 def cmd_presets(a: argparse.Namespace) -> None:
-    from .geometry import presets
+    from deepdark.io.geometry import presets
 
     print("geometries:", ", ".join(presets()))
-    from .nets import describe_presets, format_presets
+    from deepdark.model.nets import describe_presets, format_presets
 
     print(format_presets(describe_presets(size=a.size), size=a.size))
 
@@ -174,7 +174,7 @@ def cmd_presets(a: argparse.Namespace) -> None:
 # -- argument parsing -----------------------------------------------------------------------------
 
 def _keywords(a: argparse.Namespace):
-    from .frames import Keywords
+    from deepdark.io.frames import Keywords
 
     return Keywords(**json.loads(a.keywords)) if a.keywords else Keywords()
 
@@ -345,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from .frames import FrameError
-    from .geometry import GeometryError
+    from deepdark.io.frames import FrameError
+    from deepdark.io.geometry import GeometryError
 
     try:
         args.func(args)

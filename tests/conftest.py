@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepdark.frames import write_raw_frame
-from deepdark.geometry import load_geometry
+from deepdark.io.frames import write_raw_frame
+from deepdark.io.geometry import load_geometry
 
 
 @pytest.fixture(scope="module")

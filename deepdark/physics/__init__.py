@@ -72,8 +72,8 @@ to grow a few degrees beyond it.
 Storage: one HDF5 file (float32 maps per camera and channel, the per-camera law as attributes,
 the library's frame table), written atomically. Read back with :meth:`PhysicsModel.load`.
 
-Predictors: :func:`physics_predictor` (model window, for ``deepdark.evaluate``),
-:func:`physics_active_predictor` (whole active area, for ``deepdark.predictions``), and
+Predictors: :func:`physics_predictor` (model window, for ``deepdark.evaluation.evaluate``),
+:func:`physics_active_predictor` (whole active area, for ``deepdark.io.predictions``), and
 :meth:`PhysicsModel.predict` / :meth:`PhysicsModel.predict_rows` (strips and table rows in, the
 prediction out: the conditioning input of a learned generator).
 """

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .. import __version__
-from ..atomic import atomic_path
-from ..baselines import frame_setpoints
-from ..geometry import Geometry
-from ..shards import Shard
+from deepdark import __version__
+from deepdark.io.atomic import atomic_path
+from deepdark.io.tables import frame_setpoints
+from deepdark.io.geometry import Geometry
+from deepdark.io.shards import Shard
 from .frame_state import MAD_SIGMA, OVERSCAN_SKIP, frame_state
 from .law import fit_law
 from .pixelfit import IRREGULAR_P, _hot_fits, _pairs, _PixelFit, _robust_fit, smooth_prior

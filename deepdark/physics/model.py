@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from ..geometry import Geometry, parse_geometry
-from ..shards import Shard
+from deepdark.io.geometry import Geometry, parse_geometry
+from deepdark.io.shards import Shard
 from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, SATURATED, _map_names
 from .frame_state import FrameState, frame_state
 from .law import LN2, Law
@@ -329,7 +329,7 @@ def _header_temperature(row) -> tuple[float, str]:
 
 
 def physics_predictor(path: str | Path):
-    """Predictor for ``deepdark.evaluate``: (shard, rows) -> predicted model windows (k, S, S), ADU."""
+    """Predictor for ``deepdark.evaluation.evaluate``: (shard, rows) -> predicted model windows (k, S, S), ADU."""
     model = PhysicsModel.load(path)
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
@@ -340,7 +340,7 @@ def physics_predictor(path: str | Path):
 
 
 def physics_active_predictor(path: str | Path):
-    """Predictor for ``deepdark.predictions.write_predictions``: whole active areas (k, R, C), ADU."""
+    """Predictor for ``deepdark.io.predictions.write_predictions``: whole active areas (k, R, C), ADU."""
     model = PhysicsModel.load(path)
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:

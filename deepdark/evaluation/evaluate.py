@@ -1,0 +1,164 @@
+"""The paper's evaluation (3.2): RMSE of each dark predictor against real darks, with the floor.
+
+Every method is scored on the same pixels: the model window of every channel of every DARK
+frame of the test shards. Predictors are plain callables, so the median baselines, the network
+and the physics model are compared by one loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from deepdark.io.atomic import atomic_path
+from deepdark.io.masters import Masters
+from deepdark.io.tables import frame_setpoints, temp_label
+from deepdark.evaluation.metrics import PooledRMSE
+from deepdark.io.shards import Shard
+from deepdark.io.strips import window_of
+
+log = logging.getLogger(__name__)
+
+# A predictor maps (shard, sorted table rows) to predicted windows in ADU, shape (k, S, S).
+Predictor = Callable[[Shard, np.ndarray], np.ndarray]
+HIST_EDGES = np.arange(-100.5, 101.5, 1.0)  # 1-ADU bins for the difference histograms
+METHOD_ORDER = ("median_all", "median_temp", "physics", "model", "floor")
+
+
+def median_predictor(masters: Masters, kind: str) -> Predictor:
+    """The traditional method: the master dark (``all`` or per-``temp``) of each frame-channel."""
+
+    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
+        t = shard.table.iloc[rows]
+        setpoints = frame_setpoints(t, masters.setpoints)
+        out = []
+        for (_, r), sp in zip(t.iterrows(), setpoints):
+            m = masters.lookup(kind, r["camera"], r["channel"], r["exptime"], sp)
+            if m is None:
+                raise ValueError(f"no {kind} master dark for camera {r['camera']} channel {r['channel']}"
+                                 f" at {sp:g} C in {masters.path}")
+            out.append(window_of(m, shard.geometry))
+        return np.stack(out)
+
+    return predict
+
+
+class DifferenceHistograms:
+    """Histograms of (prediction - truth) in ADU per method and temperature (paper figs. 7-8)."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, str], np.ndarray] = {}
+        self.sums: dict[tuple[str, str], list[float]] = {}
+
+    def add(self, method: str, groups: Sequence[str], diff: np.ndarray) -> None:
+        h = np.histogram(np.clip(diff, HIST_EDGES[0], HIST_EDGES[-1]), bins=HIST_EDGES)[0]
+        for g in groups:
+            self.counts[method, g] = self.counts.get((method, g), 0) + h
+            s = self.sums.setdefault((method, g), [0.0, 0, 0])
+            s[0] += float(diff.sum())
+            s[1] += diff.size
+            s[2] += int(np.count_nonzero(np.abs(diff) <= 10))
+
+    def summary(self) -> pd.DataFrame:
+        rows = [dict(method=m, group=g, mean_diff=s[0] / s[1], within_10_adu=s[2] / s[1])
+                for (m, g), s in self.sums.items()]
+        return pd.DataFrame(rows)
+
+
+def evaluate(test_shards: Sequence[str | Path], masters_path: str | Path | None, out_dir: str | Path,
+             predictors: dict[str, Predictor] | None = None, batch_size: int = 4,
+             progress: bool = True, figures: bool = True) -> dict:
+    """Score the median baselines (when ``masters_path``) and ``predictors`` on the test darks.
+
+    Writes ``table1.json``, ``table1.csv``, ``per_image.csv``, ``histograms.csv`` and (when
+    ``figures``) the paper's figures 6-8 as PNG into ``out_dir``; returns the table.
+    """
+    out_dir = Path(out_dir)
+    methods: dict[str, Predictor] = {}
+    masters = Masters(masters_path) if masters_path else None
+    if masters:
+        methods["median_all"] = median_predictor(masters, "all")
+        methods["median_temp"] = median_predictor(masters, "temp")
+    methods.update(predictors or {})
+    pooled, hists, per_image = PooledRMSE(), DifferenceHistograms(), []
+    example = None
+    for path in test_shards:
+        with Shard(path) as shard:
+            darks = np.flatnonzero((shard.table["imagetyp"] == "DARK").to_numpy())
+            setpoints = frame_setpoints(shard.table, masters.setpoints if masters else None)
+            bar = tqdm(total=len(darks), desc=f"evaluate {Path(path).name}", unit="image", disable=not progress)
+            for start in range(0, len(darks), batch_size):
+                rows = darks[start:start + batch_size]
+                truth = shard.target(rows).astype(np.float32)
+                preds = {name: fn(shard, rows) for name, fn in methods.items()}
+                for k, row in enumerate(rows):
+                    rec = shard.table.iloc[row]
+                    groups = ("total", temp_label(setpoints[row]))
+                    entry = dict(file=rec["file"], night=rec["night"], camera=rec["camera"], channel=rec["channel"],
+                                 setpoint=setpoints[row], exptime=rec["exptime"])
+                    for name, p in preds.items():
+                        entry[name] = pooled.add(name, groups, p[k], truth[k])
+                        hists.add(name, groups, p[k] - truth[k])
+                    if np.isfinite(rec["floor"]):
+                        n = truth[k].size
+                        pooled.add_squared("floor", groups, float(rec["floor"]) ** 2 * n, n)
+                        entry["floor"] = float(rec["floor"])
+                    per_image.append(entry)
+                    if example is None:
+                        example = dict(entry, truth=truth[k], preds={n: p[k] for n, p in preds.items()})
+                bar.update(len(rows))
+            bar.close()
+    if not per_image:
+        raise ValueError("no DARK frames in the test shards: nothing to evaluate")
+    table = ordered_table(pooled.table())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "table1.json", table)
+    _write_csv(out_dir / "table1.csv", table_frame(table))
+    _write_csv(out_dir / "per_image.csv", pd.DataFrame(per_image))
+    _write_csv(out_dir / "histograms.csv", hists.summary())
+    if figures:
+        from deepdark.evaluation.plots import difference_histograms, error_heatmap
+
+        error_heatmap(example, out_dir / "fig6_heatmap.png")
+        difference_histograms(hists, out_dir / "fig7_histogram.png", by_group=False)
+        difference_histograms(hists, out_dir / "fig8_histogram_by_temp.png", by_group=True)
+    return table
+
+
+def ordered_table(table: dict) -> dict:
+    """``total`` first, then temperatures from warm to cold; methods in a fixed order."""
+    def key(g):
+        return (0, 0.0) if g == "total" else (1, -float(g))
+
+    out = {}
+    for g in sorted(table, key=key):
+        row = table[g]
+        known = [m for m in METHOD_ORDER if m in row]
+        extra = sorted(m for m in row if m not in METHOD_ORDER and m != "n_images")
+        out[g] = {m: row[m] for m in [*known, *extra]} | {"n_images": int(row["n_images"])}
+    return out
+
+
+def table_frame(table: dict) -> pd.DataFrame:
+    """Table 1 as rows = temperature group, columns = methods (for CSV and printing)."""
+    return pd.DataFrame.from_dict(table, orient="index").rename_axis("temperature").reset_index()
+
+
+def format_table(table: dict) -> str:
+    return table_frame(table).to_string(index=False, float_format=lambda x: f"{x:.2f}")
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)

@@ -1,0 +1,31 @@
+"""Frame tables: the rules that turn a shard's frame table into setpoints and library selections."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+# Without SETTEMP, a frame's setpoint is its CCDTEMP rounded to this grid (the paper's setpoints
+# -5, -10, -15, -25 C lie on it; control precision is +-1 C).
+SETPOINT_GRID = 5.0
+
+
+def frame_setpoints(table: pd.DataFrame, library_setpoints: Sequence[float] | None = None) -> np.ndarray:
+    """Setpoint of each row: SETTEMP when present, else CCDTEMP rounded to the nearest library
+    setpoint (or to the 5 C grid when no library is given)."""
+    settemp = table["settemp"].to_numpy(dtype=float)
+    ccdtemp = table["ccdtemp"].to_numpy(dtype=float)
+    if library_setpoints is not None and len(library_setpoints):
+        grid = np.asarray(sorted(library_setpoints), dtype=float)
+        nearest = grid[np.abs(ccdtemp[:, None] - grid[None, :]).argmin(axis=1)]
+    else:
+        nearest = np.round(ccdtemp / SETPOINT_GRID) * SETPOINT_GRID
+    return np.where(np.isfinite(settemp), settemp, nearest)
+
+
+def temp_label(setpoint: float) -> str:
+    """How a setpoint is named in tables: "-15", "-2.5"."""
+    return f"{setpoint:g}"

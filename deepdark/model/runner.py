@@ -1,0 +1,167 @@
+"""Inference: a trained model turns the strips of frames into predicted darks, in ADU.
+
+Two predictors, both plain callables ``(shard, sorted table rows) -> (k, rows, cols) float32 ADU``:
+
+* :func:`model_predictor` predicts the model window (what the model was trained on and what
+  ``deepdark.evaluation.evaluate`` scores, the paper's B);
+* :func:`active_predictor` predicts the whole active area of every channel (1042 x 1042 on the
+  LAMOST camera), which a corrected frame needs: the strips along the whole active area
+  (``Shard.strips(rows)``) are resized to the active shape exactly as the window's strips are
+  resized to the window, the input is padded by reflection to the network's multiple (1042 ->
+  1044: one row and column on each side), run, and cropped back. The network is fully
+  convolutional, so the active area is one pass, without tiling seams.
+
+:func:`predict_shard` writes a night's predictions with ``deepdark.io.predictions.write_predictions``
+(temporary name, renamed when complete) with the model's name and hash as provenance.
+
+The generator runs in eval mode (batch-norm running statistics, see ``deepdark.model.nets``), batched
+(``batch_size`` channels per forward pass), on CUDA under float16 autocast with a float32 output
+layer when a GPU is used, on the CPU in float32 otherwise. The model's geometry and window must
+be the shard's: another camera layout is refused with a message saying what differs.
+
+Physics-mode models (card inputs ``a1, a2, a3, physics``; ``deepdark.model.conditioning``) are handled
+transparently: the runner opens the physics model stored in the model directory, computes the
+physics prediction of the same rows (window or whole active area), feeds its normalised plane as
+the fourth channel and returns physics + R tanh(h).
+"""
+
+from __future__ import annotations
+
+import math
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deepdark.model import conditioning as C
+from deepdark.model.files import LoadedModel, check_geometry, load_model
+from deepdark.model.nets import model_input
+from deepdark.io.shards import Shard
+from deepdark.model.runtime import autocast, fp32_head, resolve_device
+from deepdark.io.units import unit_to_adu
+
+
+class ModelRunner:
+    """A loaded generator on a device: ``run(x)`` maps model inputs to ADU, ``batch_size`` at a time."""
+
+    def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", batch_size: int = 4):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
+        self.generator = fp32_head(self.model.generator).to(self.device).eval()
+        self.batch_size = int(batch_size)
+        self._checked: set[str] = set()
+        info = self.model.physics
+        self.physics = None
+        self.residual_range_adu = None
+        if info is not None:
+            from deepdark.physics import PhysicsModel
+
+            self.physics = PhysicsModel.load(info["path"])
+            self.residual_range_adu = float(info.get("residual_range_adu", C.RESIDUAL_RANGE_ADU))
+            self.physics_scale_adu = float(info.get("physics_scale_adu", C.PHYSICS_SCALE_ADU))
+            exptimes = self.model.card.get("training", {}).get("exptimes") or [0.0, math.inf]
+            self.exposure_range = (min(exptimes), max(exptimes))
+
+    def predict_rows(self, shard: Shard, rows: np.ndarray, window: bool) -> np.ndarray:
+        """Predicted darks (ADU) of table ``rows`` over the window or the whole active area.
+
+        A physics-mode model learned its residual on the library's exposure times only: for a
+        frame exposed outside their range the network has never seen its input, so the physics
+        prediction (which knows how dark current scales with exposure) answers alone.
+        """
+        self.check(shard)
+        x, phys = self.inputs(shard, rows, window=window)
+        out = self.run(x, phys)
+        if phys is not None:
+            lo, hi = self.exposure_range
+            exptime = shard.table["exptime"].to_numpy(float)[np.asarray(rows)]
+            outside = (exptime < lo) | (exptime > hi)
+            out[outside] = phys[outside]
+        return out
+
+    def inputs(self, shard: Shard, rows: np.ndarray, window: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Model inputs of table ``rows`` of ``shard`` over the window or the whole active area,
+        and (physics-mode models) the physics prediction of the same pixels in ADU (else None)."""
+        rows = np.asarray(rows)
+        s = shard.strips(rows, window=window)
+        if window:
+            size = shard.geometry.window_size
+        else:
+            ar, ac = shard.geometry.active.shape
+            if ar != ac:
+                raise ValueError(f"{shard.path}: active area {ar} x {ac} is not square; the model's input step "
+                                 "(deepdark.model.nets.model_input) resizes strips to squares only")
+            size = ar
+        phys = extra = None
+        if self.physics is not None:
+            phys = self.physics.predict_rows(shard, rows, window=window)
+            extra = C.physics_plane(phys, s["a1"], self.physics_scale_adu)
+        return model_input(s["a1"], s["a2"], s["a3"], size, extra=extra), phys
+
+    def check(self, shard: Shard) -> None:
+        key = f"{shard.path}"
+        if key not in self._checked:
+            check_geometry(self.model.card, shard.geometry, where=f"shard {shard.path}")
+            self._checked.add(key)
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, base_adu: np.ndarray | None = None) -> np.ndarray:
+        """Model inputs (B, C, H, W) in [0, 1] -> predictions (B, H, W), float32 ADU.
+
+        Inputs whose sides are not multiples of the network's are padded by reflection (split
+        evenly between both sides) and the output cropped back. Physics-mode models need
+        ``base_adu`` (B, H, W), the physics prediction: the result is base + R tanh(h).
+        """
+        if (base_adu is None) != (self.physics is None):
+            raise ValueError("a physics-mode model needs the physics prediction (base_adu), "
+                             "a strips-only model takes none")
+        m = self.generator.multiple
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % m, (-w) % m
+        top, left = ph // 2, pw // 2
+        out = np.empty((x.shape[0], h, w), dtype=np.float32)
+        for start in range(0, x.shape[0], self.batch_size):
+            xb = x[start:start + self.batch_size].to(self.device)
+            if ph or pw:
+                xb = F.pad(xb, (left, pw - left, top, ph - top), mode="reflect")
+            with autocast(self.device):
+                y = self.generator(xb)
+            y = y[:, 0, top:top + h, left:left + w].float()
+            if base_adu is None:
+                out[start:start + len(xb)] = unit_to_adu(y.double()).cpu().numpy().astype(np.float32)
+            else:
+                b = torch.from_numpy(np.asarray(base_adu[start:start + len(xb)], dtype=np.float64))
+                out[start:start + len(xb)] = C.compose_adu(y.cpu(), b, self.residual_range_adu).numpy()
+        return out
+
+
+def _runner(model, device, batch_size) -> ModelRunner:
+    return model if isinstance(model, ModelRunner) else ModelRunner(model, device, batch_size)
+
+
+def model_predictor(model_dir: str | Path | LoadedModel, device: str | torch.device = "auto", batch_size: int = 4):
+    """Window predictor for ``deepdark.evaluation.evaluate``: (shard, rows) -> (k, S, S) ADU."""
+    runner = _runner(model_dir, device, batch_size)
+
+    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
+        return runner.predict_rows(shard, rows, window=True)
+
+    predict.runner = runner
+    return predict
+
+
+def active_predictor(model_dir: str | Path | LoadedModel, device: str | torch.device = "auto", batch_size: int = 4):
+    """Whole-active-area predictor for ``write_predictions``: (shard, rows) -> (k, AR, AC) ADU."""
+    runner = _runner(model_dir, device, batch_size)
+
+    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
+        return runner.predict_rows(shard, rows, window=False)
+
+    predict.runner = runner
+    return predict
+
+

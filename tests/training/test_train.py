@@ -1,0 +1,319 @@
+"""Training, the model file and checkpoints, on a small simulated library (mini geometry, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from deepdark.model import files as model_io
+from deepdark.training import loop as T
+from deepdark.io.geometry import load_geometry
+from deepdark.model.losses import LossConfig
+from deepdark.model.nets import PRESETS, Discriminator, Generator
+from deepdark.pipeline.extract import extract
+from deepdark.sim.simulate import simulate_archive
+
+MINI = load_geometry("mini")
+NIGHTS = ["20240101", "20240102", "20240103"]
+TEST_NIGHT = "20240110"
+# A few steps on 32 x 32 crops: enough to exercise every path in well under a second a run.
+QUICK = dict(preset="compact", epochs=1, crop=32, max_steps_per_epoch=3, progress=False, max_val_samples=4)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_library(root):
+    """Three library nights and one test night of simulated mini darks (-15 and -25 C, one dark
+    per setpoint and night, plus a guide frame), one shard per night."""
+    lib = root / "lib_archive"
+    simulate_archive(lib, geometry="mini", nights=3, seed=0, temperatures=(-15, -25), darks_per_temp=1,
+                     guide_per_night=1, progress=False)
+    test = root / "test_archive"
+    simulate_archive(test, geometry="mini", nights=1, seed=0, temperatures=(-15, -25), darks_per_temp=1,
+                     guide_per_night=1, first_night=TEST_NIGHT, progress=False)
+    shards = [extract([lib / n], root / f"{n}.h5", MINI, progress=False).shard for n in NIGHTS]
+    test_shard = extract([test / TEST_NIGHT], root / f"{TEST_NIGHT}.h5", MINI, progress=False).shard
+    return shards, test_shard
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    return make_library(tmp_path_factory.mktemp("library"))
+
+
+@pytest.fixture(scope="module")
+def trained(library, tmp_path_factory):
+    """A model trained for two quick epochs (shared by the read-only tests)."""
+    shards, _ = library
+    out = tmp_path_factory.mktemp("model") / "m"
+    res = T.train(shards, out, **{**QUICK, "epochs": 2})
+    return out, res
+
+
+def _weights(model_dir):
+    return model_io.read_safetensors(model_dir / model_io.MODEL_FILE)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the night split ----------------------------------------------------------------------------
+
+def test_split_nights_rules():
+    n5 = [f"2024010{i}" for i in range(1, 6)]
+    assert T.split_nights(n5) == (n5[:4], n5[4:])
+    assert T.split_nights(n5[:2]) == (n5[:1], n5[1:2])
+    assert T.split_nights(n5[:1]) == (n5[:1], [])
+    assert T.split_nights(n5, 2) == (n5[:3], n5[3:])
+    assert T.split_nights(n5, 0) == (n5, [])
+    assert T.split_nights(n5 + n5, ["20240102"]) == ([n for n in n5 if n != "20240102"], ["20240102"])
+    with pytest.raises(ValueError, match="no training night"):
+        T.split_nights(n5, 5)
+    with pytest.raises(ValueError, match="not in the shards"):
+        T.split_nights(n5, ["20231231"])
+
+
+def test_training_never_puts_a_night_in_both_sets(trained, library):
+    out, res = trained
+    card = model_io.read_card(out)
+    train_n, val_n = card["training"]["nights"], card["training"]["val_nights"]
+    assert train_n == NIGHTS[:2] and val_n == NIGHTS[2:] == res.val_nights
+    assert not set(train_n) & set(val_n)
+    # every sample of a night lies on one side: the library's samples of the validation night
+    with T.open_library(library[0]) as lib:
+        nights = set(lib.table["night"])
+        assert nights == set(NIGHTS)
+        # 2 darks x 4 channels per night: all 8 of the two training nights train
+        assert card["training"]["n_samples"] == 16 and card["training"]["n_frames"] == 4
+
+
+# --- training ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bn", ["running", "batch"])
+def test_few_steps_lower_the_training_loss_on_a_fixed_batch(library, bn):
+    with T.open_library(library[0]) as lib:
+        src = T.SampleSource(lib)
+        items = [src.get(i) for i in range(4)]
+        x, y = T.build_batch(items, 64, 32, [(16, 16)] * 4)
+    G = Generator(PRESETS["compact"], seed=0)
+    D = Discriminator(in_channels=4, seed=1)
+    T.init_output_level(G, float(y.mean()))
+    if bn == "running":
+        T.calibrate_batchnorm(G, x)
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    cfg = LossConfig("deepdark", 100.0)
+    l1 = []
+    for _ in range(30):
+        T.set_training_mode(G, bn)
+        with T.track_running_stats(G, 0.1) if bn == "running" else torch.enable_grad():
+            parts = T._train_step(G, D, opt_g, opt_d, scaler, cfg, x, y, torch.device("cpu"))
+        l1.append(parts["g_l1"])
+    assert np.mean(l1[-5:]) < 0.5 * np.mean(l1[:3])
+
+
+def test_running_batchnorm_keeps_the_level_train_batch_mode_erases_it():
+    """Why bn="running" is the default: with batch statistics (batch 1) a uniform offset of the
+    input cannot reach the output; with running statistics - as at inference - it does."""
+    G = Generator(PRESETS["compact"], seed=0)
+    x = torch.rand(1, 3, 32, 32) * 0.01 + 0.02
+    T.calibrate_batchnorm(G, torch.cat([x, x + 0.01]))
+    with torch.no_grad():
+        G.train()
+        a, b = G(x), G(x + 0.005)
+        assert torch.allclose(a, b, atol=1e-6)            # per-image normalisation: level erased
+        T.set_training_mode(G, "running")
+        a, b = G(x), G(x + 0.005)
+        assert (a - b).abs().max() > 1e-4                 # the level reaches the output
+        torch.testing.assert_close(a, G.predict(x))      # training computes what inference does
+
+
+def test_track_running_stats_updates_after_the_forward():
+    G = Generator(PRESETS["compact"], seed=0)
+    bn = [m for m in G.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    T.set_training_mode(G, "running")
+    x = torch.rand(2, 3, 16, 16)
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        ref = G(x)
+    with T.track_running_stats(G, 0.5):
+        out = G(x)
+    torch.testing.assert_close(out, ref)                  # normalised with the old statistics
+    assert not torch.equal(bn.running_mean, before)        # then updated
+    after = bn.running_mean.clone()
+    G(x)                                                   # outside the context: no update
+    assert torch.equal(bn.running_mean, after)
+
+
+def test_training_writes_model_card_log_and_checkpoint(trained):
+    out, res = trained
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "model.json", "checkpoint.json", "checkpoint-e0002.safetensors",
+            "training_log.csv"} <= files
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".pkl", ".partial"))]
+    card = model_io.read_card(out)
+    assert card["architecture"]["preset"] == "compact"
+    assert card["architecture"]["generator"] == dataclasses.asdict(PRESETS["compact"])
+    assert card["inputs"] == ["a1", "a2", "a3"]
+    assert card["loss"] == {"name": "deepdark", "l1_weight": 100.0}
+    assert card["geometry"]["name"] == "mini" and card["geometry"]["window_size"] == 64
+    assert card["geometry"]["window_offset"] == 2 and "regions:" in card["geometry"]["source"]
+    assert card["training"]["setpoints"] == [-25.0, -15.0] and card["training"]["cameras"] == ["GS1"]
+    assert card["epochs"] == 2 and card["code_version"]
+    assert np.isfinite(card["validation"]["rmse_adu"]) and "centre 32x32" in card["validation"]["region"]
+    assert card["weights"]["sha256"] == model_io.model_hash(out)
+    import pandas as pd
+
+    log = pd.read_csv(out / "training_log.csv")
+    assert log["epoch"].tolist() == [1, 2] and (log["steps"] == 3).all()
+    assert np.isfinite(log[["d_loss", "g_loss", "g_l1", "val_rmse_adu", "seconds"]].to_numpy()).all()
+
+
+def test_training_is_reproducible_with_a_seed(library, trained, tmp_path):
+    shards, _ = library
+    T.train(shards, tmp_path / "a", **{**QUICK, "epochs": 2})
+    assert _same(_weights(tmp_path / "a"), _weights(trained[0]))
+    T.train(shards, tmp_path / "b", **{**QUICK, "seed": 1})
+    assert not _same(_weights(tmp_path / "b"), _weights(tmp_path / "a"))
+
+
+def test_resume_continues_from_the_saved_epoch(library, trained, tmp_path, monkeypatch):
+    shards, _ = library
+    out = tmp_path / "r"
+    T.train(shards, out, **QUICK)                              # "killed" after epoch 1
+    (out / "model.json").unlink()
+    first = json.loads((out / "checkpoint.json").read_text())
+    assert first["epoch"] == 1
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    res = T.train(shards, out, **{**QUICK, "epochs": 2})
+    assert [r["epoch"] for r in res.history] == [1, 2]
+    assert res.history[0] == first["history"][0]              # epoch 1 was not redone
+    import pandas as pd
+
+    assert pd.read_csv(out / "training_log.csv")["epoch"].tolist() == [1, 2]
+    assert _same(_weights(out), _weights(trained[0]))          # = an uninterrupted 2-epoch run
+    assert [p.name for p in out.glob("checkpoint-e*.safetensors")] == ["checkpoint-e0002.safetensors"]
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        T.train(shards, out, **{**QUICK, "epochs": 3, "lr": 1e-3})
+
+
+def test_resume_refuses_a_corrupt_checkpoint(library, tmp_path):
+    shards, _ = library
+    out = tmp_path / "c"
+    T.train(shards, out, **QUICK)
+    (out / "checkpoint-e0001.safetensors").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ValueError, match="does not match its hash"):
+        T.train(shards, out, **{**QUICK, "epochs": 2})
+    T.train(shards, out, **{**QUICK, "epochs": 1, "resume": False})   # starting over is allowed
+
+
+def test_bad_training_arguments(library, tmp_path):
+    shards, _ = library
+    with pytest.raises(ValueError, match="multiple of 4"):
+        T.train(shards, tmp_path / "x", **{**QUICK, "crop": 30})
+    with pytest.raises(ValueError, match="unknown preset"):
+        T.train(shards, tmp_path / "x", **{**QUICK, "preset": "huge"})
+    with pytest.raises(ValueError, match="no DARK frames"):
+        T.train(shards, tmp_path / "x", **{**QUICK, "setpoints": [-40]})
+    with pytest.raises(ValueError, match="no training night"):
+        T.train(shards, tmp_path / "x", **{**QUICK, "val_nights": 3})
+
+
+# --- the model file -----------------------------------------------------------------------------
+
+def test_save_load_round_trip_gives_identical_outputs(trained):
+    out, _ = trained
+    m = model_io.load_model(out, geometry=MINI)
+    assert not m.generator.training and m.hash == model_io.model_hash(out)
+    ref = Generator(PRESETS["compact"])
+    ref.load_state_dict(_weights(out))
+    x = torch.rand(2, 3, 64, 64) * 0.05
+    torch.testing.assert_close(m.generator(x), ref.predict(x), rtol=0, atol=0)
+    # saving the loaded generator again gives the same weights file content
+    model_io.save_model(out.parent / "copy", m.generator, preset="compact", loss=m.card["loss"], geometry=MINI)
+    assert _same(_weights(out.parent / "copy"), _weights(out))
+
+
+def test_load_refuses_other_architecture(trained, tmp_path):
+    out, _ = trained
+    other = tmp_path / "other"
+    G = Generator(dataclasses.replace(PRESETS["compact"], width=8, n_blocks=2), seed=0)
+    model_io.save_model(other, G, preset=None, loss={"name": "deepdark", "l1_weight": 100}, geometry=MINI)
+    # weights of the small network under the compact card
+    card = json.loads((out / "model.json").read_text())
+    card["weights"]["sha256"] = model_io.model_hash(other)
+    (other / "model.json").write_text(json.dumps(card))
+    with pytest.raises(model_io.ModelError) as err:
+        model_io.load_model(other)
+    msg = str(err.value)
+    assert "does not match the architecture" in msg and "missing keys: blocks.2" in msg
+    assert "shape mismatches: blocks.0.body.1.weight: file (32, 32, 3, 3), model (64, 64, 3, 3)" in msg
+
+
+def test_load_refuses_wrong_geometry(trained):
+    out, _ = trained
+    with pytest.raises(model_io.ModelError, match=r"window size 60 \(model: 64\)"):
+        model_io.load_model(out, geometry=dataclasses.replace(MINI, window_size=60))
+    with pytest.raises(model_io.ModelError, match=r"window offset 3 \(model: 2\)"):
+        model_io.load_model(out, geometry=dataclasses.replace(MINI, window_offset=3))
+    with pytest.raises(model_io.ModelError, match="geometry name 'lamost-kaf4320'"):
+        model_io.load_model(out, geometry=load_geometry("lamost-kaf4320"))
+
+
+def test_load_never_unpickles(trained, tmp_path, monkeypatch):
+    out, _ = trained
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_text((out / "model.json").read_text())
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    # garbage under the safetensors name
+    (bad / "model.safetensors").write_bytes(b"this is not a tensor file at all" * 10)
+    with pytest.raises(model_io.ModelError, match="not a readable safetensors file"):
+        model_io.load_model(bad, check_hash=False)
+    # a torch.save pickle renamed (zip format and the legacy raw pickle)
+    monkeypatch.undo()
+    torch.save(Generator(PRESETS["compact"]).state_dict(), bad / "model.safetensors")
+    with open(bad / "legacy.pkl", "wb") as fh:
+        pickle.dump({"x": 1}, fh)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    with pytest.raises(model_io.ModelError, match="pickle file"):
+        model_io.load_model(bad, check_hash=False)
+    (bad / "model.safetensors").write_bytes((bad / "legacy.pkl").read_bytes())
+    with pytest.raises(model_io.ModelError, match="pickle file"):
+        model_io.load_model(bad, check_hash=False)
+    # weights that are not the card's
+    with pytest.raises(model_io.ModelError, match="differs from the card"):
+        model_io.load_model(bad)
+
+
+def test_incomplete_model_directory(trained, tmp_path):
+    out, _ = trained
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    with pytest.raises(model_io.ModelError, match="incomplete"):
+        model_io.load_model(half)
+    with pytest.raises(model_io.ModelError, match="not a model directory"):
+        model_io.load_model(tmp_path / "nowhere")
