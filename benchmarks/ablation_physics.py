@@ -36,8 +36,8 @@ import pandas as pd
 import torch
 
 from deepdark.evaluation.evaluate import evaluate, format_table
-from deepdark.physics import fit_physics, physics_predictor
 from deepdark.model.runner import model_predictor
+from deepdark.physics import fit_physics, physics_predictor
 from deepdark.training.loop import train
 
 CONFIGS = {  # column -> (preset, loss)
@@ -81,28 +81,53 @@ def main(argv=None) -> int:
     for name in a.configs:
         preset, loss = CONFIGS[name]
         t = time.perf_counter()
-        res = train(a.lib, a.out / f"model-{name}", preset=preset, loss=loss, epochs=a.epochs, crop=a.crop,
-                    max_steps_per_epoch=a.max_steps, lr=a.lr, seed=a.seed, device=a.device, progress=False,
-                    max_val_samples=a.max_val_samples, physics=phys if preset == "physics" else None)
+        res = train(
+            a.lib,
+            a.out / f"model-{name}",
+            preset=preset,
+            loss=loss,
+            epochs=a.epochs,
+            crop=a.crop,
+            max_steps_per_epoch=a.max_steps,
+            lr=a.lr,
+            seed=a.seed,
+            device=a.device,
+            progress=False,
+            max_val_samples=a.max_val_samples,
+            physics=phys if preset == "physics" else None,
+        )
         seconds[name] = round(time.perf_counter() - t, 1)
-        print(f"{name}: trained {sum(r['steps'] for r in res.history)} steps in {seconds[name]} s, "
-              f"val RMSE {res.val_rmse_adu:.2f} ADU", flush=True)
+        print(
+            f"{name}: trained {sum(r['steps'] for r in res.history)} steps in {seconds[name]} s, "
+            f"val RMSE {res.val_rmse_adu:.2f} ADU",
+            flush=True,
+        )
         predictors[name] = model_predictor(res.model_dir, device=a.device)
     rows, tables = [], {}
     for label, shards in (("test", a.test), ("exp", a.exp)):
         if not shards:
             continue
-        table = evaluate(shards, a.masters, a.out / f"eval_{label}", predictors=predictors, progress=False,
-                         figures=False)
+        table = evaluate(
+            shards, a.masters, a.out / f"eval_{label}", predictors=predictors, progress=False, figures=False
+        )
         tables[label] = table
         print(f"\n{label}: RMSE (ADU) inside the window")
         print(format_table(table))
         for group, row in table.items():
             rows.append({"set": label, "temperature": group, **row})
     budget = dict(epochs=a.epochs, max_steps=a.max_steps, crop=a.crop, lr=a.lr, seed=a.seed)
-    (a.out / "ablation.json").write_text(json.dumps({"budget": budget, "train_seconds": seconds,
-                                                     "configs": {k: CONFIGS[k] for k in a.configs},
-                                                     "tables": tables}, indent=2) + "\n")
+    (a.out / "ablation.json").write_text(
+        json.dumps(
+            {
+                "budget": budget,
+                "train_seconds": seconds,
+                "configs": {k: CONFIGS[k] for k in a.configs},
+                "tables": tables,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     pd.DataFrame(rows).to_csv(a.out / "ablation.csv", index=False)
     return 0
 

@@ -49,8 +49,15 @@ def main() -> None:
         if a.dir:
             night = a.dir
         else:
-            simulate_archive(tmp / "archive", geometry=g, nights=1, temperatures=(-15,), darks_per_temp=a.frames,
-                             guide_per_night=a.frames, progress=False)
+            simulate_archive(
+                tmp / "archive",
+                geometry=g,
+                nights=1,
+                temperatures=(-15,),
+                darks_per_temp=a.frames,
+                guide_per_night=a.frames,
+                progress=False,
+            )
             night = next((tmp / "archive").iterdir())
         files = sorted(night.glob("*.fits"))
         kinds = {"dark": [f for f in files if "_dark_" in f.name], "guide": [f for f in files if "_guide_" in f.name]}
@@ -61,10 +68,14 @@ def main() -> None:
             bare, ext = [], []
             for _ in range(a.repeats):
                 bare.append(timed(bare_read, sel) / len(sel))
-                ext.append(timed(lambda: extract(sel, tmp / f"{kind}.h5", g, progress=False)) / len(sel))
+                ext.append(
+                    timed(lambda sel=sel, kind=kind: extract(sel, tmp / f"{kind}.h5", g, progress=False)) / len(sel)
+                )
             b, e = statistics.median(bare), statistics.median(ext)
-            print(f"{kind:5s} {len(sel):3d} frames: bare read {1e3 * b:6.1f} ms/frame, "
-                  f"extract {1e3 * e:6.1f} ms/frame, ratio {e / b:.2f}")
+            print(
+                f"{kind:5s} {len(sel):3d} frames: bare read {1e3 * b:6.1f} ms/frame, "
+                f"extract {1e3 * e:6.1f} ms/frame, ratio {e / b:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -50,12 +50,11 @@ def peak_flops(dev: torch.device, dtype=torch.float32, n: int = 4096, repeats: i
         torch.mm(a, b)
         _sync(dev)
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 @torch.no_grad()
-def time_generator(G: Generator, x: torch.Tensor, dev: torch.device, repeats: int, warmup: int,
-                   mixed: bool) -> float:
+def time_generator(G: Generator, x: torch.Tensor, dev: torch.device, repeats: int, warmup: int, mixed: bool) -> float:
     """Best seconds of one forward pass (eval mode) on ``x``."""
     ctx = autocast(dev) if mixed else torch.autocast(dev.type, enabled=False)
     for _ in range(warmup):
@@ -75,8 +74,9 @@ def time_generator(G: Generator, x: torch.Tensor, dev: torch.device, repeats: in
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    p.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
-                   help="default: cpu, and cuda when available")
+    p.add_argument(
+        "--devices", nargs="+", default=None, choices=["cpu", "cuda"], help="default: cpu, and cuda when available"
+    )
     p.add_argument("--geometry", default="lamost-kaf4320")
     p.add_argument("--repeats", type=int, default=1, help="timed passes (best is kept)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first")
@@ -86,8 +86,10 @@ def main(argv=None) -> int:
     g = load_geometry(a.geometry)
     n_ch = len(g.channels)
     devices = a.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    print(f"host: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"host: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"frame: {n_ch} channels x {g.active.shape[0]} x {g.active.shape[1]} active pixels ({a.geometry})")
     for name in devices:
         dev = torch.device(name)
@@ -100,10 +102,14 @@ def main(argv=None) -> int:
         if dev.type == "cuda":
             peaks["fp16-autocast"] = peak_flops(dev, torch.float16)
         for mode, _ in modes:
-            print(f"{label}: measured {mode.split('-')[0]} matmul peak {peaks[mode] / 1e12:.2f} TFLOP/s (torch.mm 4096^2)")
+            print(
+                f"{label}: measured {mode.split('-')[0]} matmul peak {peaks[mode] / 1e12:.2f} TFLOP/s (torch.mm 4096^2)"
+            )
         batch = a.batch or (1 if dev.type == "cpu" else n_ch)
-        print(f"{'device':<8} {'preset':<8} {'mode':<14} {'GMAC/frame':>11} {'s/pass':>8} {'frames/s':>9} "
-              f"{'TFLOP/s':>8} {'of peak':>8}")
+        print(
+            f"{'device':<8} {'preset':<8} {'mode':<14} {'GMAC/frame':>11} {'s/pass':>8} {'frames/s':>9} "
+            f"{'TFLOP/s':>8} {'of peak':>8}"
+        )
         for preset in a.presets:
             G = fp32_head(Generator(PRESETS[preset], seed=0)).to(dev).eval()
             m = G.multiple
@@ -116,8 +122,10 @@ def main(argv=None) -> int:
                 t = time_generator(G, x, dev, a.repeats, a.warmup, mixed)
                 fps = batch / t / n_ch
                 achieved = 2.0 * macs_frame * fps
-                print(f"{name:<8} {preset:<8} {mode:<14} {macs_frame / 1e9:>11.0f} {t:>8.3f} {fps:>9.4g} "
-                      f"{achieved / 1e12:>8.3f} {achieved / peaks[mode]:>8.1%}")
+                print(
+                    f"{name:<8} {preset:<8} {mode:<14} {macs_frame / 1e9:>11.0f} {t:>8.3f} {fps:>9.4g} "
+                    f"{achieved / 1e12:>8.3f} {achieved / peaks[mode]:>8.1%}"
+                )
             del G, x
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

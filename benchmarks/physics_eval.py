@@ -47,12 +47,44 @@ def run(cmd: list[str], timed: bool = False) -> dict:
 def camera(out: Path, cam: str, nights: int, reuse: bool) -> dict:
     root = out / cam
     sims = {
-        "lib": ["--nights", nights, "--first-night", "20240101", "--darks-per-temp", 2, "--dark-exptimes", 10, 30,
-                "--guide-per-night", 0],
-        "test": ["--nights", 2, "--first-night", "20240201", "--darks-per-temp", 2, "--dark-exptimes", 30,
-                 "--guide-per-night", 0],
-        "exp": ["--nights", 1, "--first-night", "20240301", "--darks-per-temp", 2, "--dark-exptimes", 5, 60,
-                "--guide-per-night", 2],
+        "lib": [
+            "--nights",
+            nights,
+            "--first-night",
+            "20240101",
+            "--darks-per-temp",
+            2,
+            "--dark-exptimes",
+            10,
+            30,
+            "--guide-per-night",
+            0,
+        ],
+        "test": [
+            "--nights",
+            2,
+            "--first-night",
+            "20240201",
+            "--darks-per-temp",
+            2,
+            "--dark-exptimes",
+            30,
+            "--guide-per-night",
+            0,
+        ],
+        "exp": [
+            "--nights",
+            1,
+            "--first-night",
+            "20240301",
+            "--darks-per-temp",
+            2,
+            "--dark-exptimes",
+            5,
+            60,
+            "--guide-per-night",
+            2,
+        ],
     }
     for name, args in sims.items():
         if not (reuse and (root / name).exists()):
@@ -69,16 +101,28 @@ def camera(out: Path, cam: str, nights: int, reuse: bool) -> dict:
         fit = run(DD + ["physics-fit", *lib, "--out", root / "phys.h5"], timed=True)
     tables = {}
     for name in ("test", "exp"):
-        run(DD + ["evaluate", "--test", *sorted((root / "shards").glob(f"{name}_*.h5")), "--baseline",
-                  root / "masters.h5", "--physics", root / "phys.h5", "--out", root / f"eval_{name}"])
+        run(
+            DD
+            + [
+                "evaluate",
+                "--test",
+                *sorted((root / "shards").glob(f"{name}_*.h5")),
+                "--baseline",
+                root / "masters.h5",
+                "--physics",
+                root / "phys.h5",
+                "--out",
+                root / f"eval_{name}",
+            ]
+        )
         tables[name] = json.loads((root / f"eval_{name}" / "table1.json").read_text())
     return dict(fit=fit, tables=tables, cost=cost(root))
 
 
 def cost(root: Path, frames: int = 8) -> dict:
     """Median seconds per full frame: physics (whole active areas) and the compact generator (windows)."""
-    from deepdark.physics import PhysicsModel
     from deepdark.io.shards import Shard
+    from deepdark.physics import PhysicsModel
 
     model = PhysicsModel.load(root / "phys.h5")
     shard_path = sorted((root / "shards").glob("exp_*.h5"))[0]
@@ -86,12 +130,12 @@ def cost(root: Path, frames: int = 8) -> dict:
     with Shard(shard_path) as s:
         files = list(dict.fromkeys(s.table["file"]))[:frames]
         times = []
-        for k, f in enumerate(files):
+        for _k, f in enumerate(files):
             rows = np.flatnonzero((s.table["file"] == f).to_numpy())
             t = time.perf_counter()
             model.predict_rows(s, rows)
             times.append(time.perf_counter() - t)
-        out["physics_first_s"] = times[0]          # includes loading the maps
+        out["physics_first_s"] = times[0]  # includes loading the maps
         out["physics_s"] = statistics.median(times[1:])
         try:
             import torch
@@ -116,15 +160,21 @@ def cost(root: Path, frames: int = 8) -> dict:
 
 def show(cam: str, res: dict) -> None:
     fit, c = res["fit"], res["cost"]
-    print(f"\n== {cam}: fit {fit.get('wall_s', float('nan')):.0f} s, peak {fit.get('peak_mb', float('nan')):.0f} MB;"
-          f" prediction {1000 * c['physics_s']:.0f} ms per full frame (first {1000 * c['physics_first_s']:.0f} ms)"
-          + (f", compact generator {1000 * c['compact_s']:.0f} ms" if "compact_s" in c else ""))
+    print(
+        f"\n== {cam}: fit {fit.get('wall_s', float('nan')):.0f} s, peak {fit.get('peak_mb', float('nan')):.0f} MB;"
+        f" prediction {1000 * c['physics_s']:.0f} ms per full frame (first {1000 * c['physics_first_s']:.0f} ms)"
+        + (f", compact generator {1000 * c['compact_s']:.0f} ms" if "compact_s" in c else "")
+    )
     for name, title in (("test", "held-out nights, 30 s darks"), ("exp", "held-out night, 5 s and 60 s darks")):
         print(f"-- {title}")
-        print(f"{'':>6} {'median_all':>10} {'median_temp':>11} {'physics':>8} {'floor':>7} {'physics/floor':>13} {'n':>4}")
+        print(
+            f"{'':>6} {'median_all':>10} {'median_temp':>11} {'physics':>8} {'floor':>7} {'physics/floor':>13} {'n':>4}"
+        )
         for group, row in res["tables"][name].items():
-            print(f"{group:>6} {row['median_all']:10.2f} {row['median_temp']:11.2f} {row['physics']:8.2f}"
-                  f" {row['floor']:7.2f} {row['physics'] / row['floor']:13.3f} {row['n_images']:4d}")
+            print(
+                f"{group:>6} {row['median_all']:10.2f} {row['median_temp']:11.2f} {row['physics']:8.2f}"
+                f" {row['floor']:7.2f} {row['physics'] / row['floor']:13.3f} {row['n_images']:4d}"
+            )
 
 
 def main() -> None:

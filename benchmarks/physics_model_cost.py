@@ -23,20 +23,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deepdark.io.shards import Shard  # noqa: E402
 from deepdark.model.files import save_model  # noqa: E402
 from deepdark.model.nets import PRESETS, Generator  # noqa: E402
 from deepdark.model.runner import active_predictor  # noqa: E402
-from deepdark.io.shards import Shard  # noqa: E402
 
 
 def frame_times(predict, shard: Shard, frames: int) -> list[float]:
-    files = list(dict.fromkeys(shard.table["file"]))[:frames + 1]
+    files = list(dict.fromkeys(shard.table["file"]))[: frames + 1]
     out = []
     for k, f in enumerate(files):
         rows = np.flatnonzero((shard.table["file"] == f).to_numpy())
         t = time.perf_counter()
         predict(shard, rows)
-        if k:                      # the first frame warms up caches and allocators
+        if k:  # the first frame warms up caches and allocators
             out.append(time.perf_counter() - t)
     return out
 
@@ -51,15 +51,20 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     with Shard(a.shard) as shard, tempfile.TemporaryDirectory() as tmp:
         compact = Path(tmp) / "compact"
-        save_model(compact, Generator(PRESETS["compact"], seed=0).eval(), preset="compact",
-                   loss={"name": "deepdark", "l1_weight": 100.0}, geometry=shard.geometry)
+        save_model(
+            compact,
+            Generator(PRESETS["compact"], seed=0).eval(),
+            preset="compact",
+            loss={"name": "deepdark", "l1_weight": 100.0},
+            geometry=shard.geometry,
+        )
         res = {}
         for name, model in (("compact", compact), ("physics-mode", a.model)):
             pred = active_predictor(model, device="cpu", batch_size=4)
             res[name] = statistics.median(frame_times(pred, shard, a.frames))
         # the physics prediction alone, for the split
         runner = active_predictor(a.model, device="cpu").runner
-        files = list(dict.fromkeys(shard.table["file"]))[:a.frames]
+        files = list(dict.fromkeys(shard.table["file"]))[: a.frames]
         ts = []
         for f in files:
             rows = np.flatnonzero((shard.table["file"] == f).to_numpy())
@@ -68,8 +73,10 @@ def main() -> int:
             ts.append(time.perf_counter() - t)
         res["physics part"] = statistics.median(ts)
     chans = len(shard.geometry.channels)
-    print(f"one full frame ({chans} channels x {shard.geometry.active.shape[0]}x{shard.geometry.active.shape[1]}),"
-          f" {a.threads} CPU thread(s), median of {a.frames}:")
+    print(
+        f"one full frame ({chans} channels x {shard.geometry.active.shape[0]}x{shard.geometry.active.shape[1]}),"
+        f" {a.threads} CPU thread(s), median of {a.frames}:"
+    )
     for k, v in res.items():
         print(f"  {k:<14} {v:7.2f} s")
     print(f"  ratio physics-mode / compact: {res['physics-mode'] / res['compact']:.2f}x")

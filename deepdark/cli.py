@@ -22,14 +22,25 @@ class UserError(Exception):
 
 # -- subcommands -----------------------------------------------------------------------------------
 
+
 def cmd_simulate(a: argparse.Namespace) -> None:
     from deepdark.sim.simulate import simulate_archive
 
-    paths = simulate_archive(a.out, geometry=a.geometry, nights=a.nights, seed=a.seed, cameras=a.cameras,
-                             temperatures=a.temperatures, darks_per_temp=a.darks_per_temp,
-                             dark_exptimes=a.dark_exptimes, bias_per_night=a.bias_per_night,
-                             guide_per_night=a.guide_per_night, first_night=a.first_night,
-                             compress=a.compress, progress=not a.quiet)
+    paths = simulate_archive(
+        a.out,
+        geometry=a.geometry,
+        nights=a.nights,
+        seed=a.seed,
+        cameras=a.cameras,
+        temperatures=a.temperatures,
+        darks_per_temp=a.darks_per_temp,
+        dark_exptimes=a.dark_exptimes,
+        bias_per_night=a.bias_per_night,
+        guide_per_night=a.guide_per_night,
+        first_night=a.first_night,
+        compress=a.compress,
+        progress=not a.quiet,
+    )
     log.info("wrote %d frames under %s", len(paths), a.out)
 
 
@@ -37,10 +48,16 @@ def cmd_extract(a: argparse.Namespace) -> None:
     from deepdark.io.geometry import load_geometry
     from deepdark.pipeline.extract import extract
 
-    res = extract(a.inputs, a.out, load_geometry(a.geometry), keywords=_keywords(a), progress=not a.quiet,
-                  cameras=a.cameras)
-    log.info("%s: %d frames, %d quarantined (%s)", res.shard, res.n_frames, res.n_quarantined,
-             res.shard.name.removesuffix(".h5") + ".quarantine.csv")
+    res = extract(
+        a.inputs, a.out, load_geometry(a.geometry), keywords=_keywords(a), progress=not a.quiet, cameras=a.cameras
+    )
+    log.info(
+        "%s: %d frames, %d quarantined (%s)",
+        res.shard,
+        res.n_frames,
+        res.n_quarantined,
+        res.shard.name.removesuffix(".h5") + ".quarantine.csv",
+    )
 
 
 def cmd_baseline(a: argparse.Namespace) -> None:
@@ -74,6 +91,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 # -- model subcommands (train, predict, ablation) --
 
+
 def _val_nights(values):
     """``--val-nights 2`` (the last two nights) or ``--val-nights 20240103 20240104`` (those)."""
     if not values:
@@ -84,23 +102,46 @@ def _val_nights(values):
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from deepdark.training.loop import train
-
     from deepdark.model.nets import PHYSICS_PRESETS
+    from deepdark.training.loop import train
 
     preset = a.preset or "physics"
     loss = a.loss or ("l1" if preset in PHYSICS_PRESETS else "deepdark")
     if a.physics is not None and preset not in PHYSICS_PRESETS:
         raise UserError(f"--physics conditions the physics preset; --preset {preset} takes strips only")
-    res = train(a.shards, a.out, preset=preset, physics=a.physics, residual_range_adu=a.residual_range,
-                physics_memory_mb=a.physics_memory_mb, loss=loss, l1_weight=a.l1_weight, epochs=a.epochs,
-                batch_size=a.batch_size, lr=a.lr, betas=tuple(a.betas), crop=a.crop,
-                val_nights=_val_nights(a.val_nights), device=a.device, seed=a.seed,
-                max_steps_per_epoch=a.max_steps, progress=not a.quiet, resume=not a.no_resume, bn=a.bn,
-                bn_momentum=a.bn_momentum, norm=a.norm, lr_schedule=a.lr_schedule, crop_mode=a.crop_mode, setpoints=a.setpoints, max_val_samples=a.max_val_samples)
-    print(f"{res.model_dir}: {res.epochs} epochs in {res.seconds:.0f} s, trained on nights "
-          f"{','.join(res.train_nights)}; validation RMSE {res.val_rmse_adu:.2f} ADU on "
-          f"{','.join(res.val_nights) or 'no night'}")
+    res = train(
+        a.shards,
+        a.out,
+        preset=preset,
+        physics=a.physics,
+        residual_range_adu=a.residual_range,
+        physics_memory_mb=a.physics_memory_mb,
+        loss=loss,
+        l1_weight=a.l1_weight,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        betas=tuple(a.betas),
+        crop=a.crop,
+        val_nights=_val_nights(a.val_nights),
+        device=a.device,
+        seed=a.seed,
+        max_steps_per_epoch=a.max_steps,
+        progress=not a.quiet,
+        resume=not a.no_resume,
+        bn=a.bn,
+        bn_momentum=a.bn_momentum,
+        norm=a.norm,
+        lr_schedule=a.lr_schedule,
+        crop_mode=a.crop_mode,
+        setpoints=a.setpoints,
+        max_val_samples=a.max_val_samples,
+    )
+    print(
+        f"{res.model_dir}: {res.epochs} epochs in {res.seconds:.0f} s, trained on nights "
+        f"{','.join(res.train_nights)}; validation RMSE {res.val_rmse_adu:.2f} ADU on "
+        f"{','.join(res.val_nights) or 'no night'}"
+    )
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
@@ -113,32 +154,66 @@ def cmd_predict(a: argparse.Namespace) -> None:
 def cmd_ablation(a: argparse.Namespace) -> None:
     from deepdark.evaluation.ablation import ablation, format_table2
 
-    table = ablation(a.shards, a.out, setpoint=a.setpoint, losses=a.losses, preset=a.preset, epochs=a.epochs,
-                     batch_size=a.batch_size, lr=a.lr, l1_weight=a.l1_weight, crop=a.crop,
-                     test_nights=_val_nights(a.test_nights), device=a.device, seed=a.seed,
-                     max_steps_per_epoch=a.max_steps, progress=not a.quiet, resume=not a.no_resume,
-                     lr_schedule=a.lr_schedule)
+    table = ablation(
+        a.shards,
+        a.out,
+        setpoint=a.setpoint,
+        losses=a.losses,
+        preset=a.preset,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        l1_weight=a.l1_weight,
+        crop=a.crop,
+        test_nights=_val_nights(a.test_nights),
+        device=a.device,
+        seed=a.seed,
+        max_steps_per_epoch=a.max_steps,
+        progress=not a.quiet,
+        resume=not a.no_resume,
+        lr_schedule=a.lr_schedule,
+    )
     print(format_table2(table))
-
 
 
 def cmd_physics_fit(a: argparse.Namespace) -> None:
     from deepdark.physics import fit_physics
 
-    out = fit_physics(a.shards, a.out, memory_mb=a.memory_mb, overscan_skip=a.overscan_skip,
-                      smooth_px=a.smooth_px, progress=not a.quiet)
+    out = fit_physics(
+        a.shards,
+        a.out,
+        memory_mb=a.memory_mb,
+        overscan_skip=a.overscan_skip,
+        smooth_px=a.smooth_px,
+        progress=not a.quiet,
+    )
     log.info("physics model written to %s", out)
 
 
 # -- workflow subcommands (correct, qa, summary) --
 
+
 def cmd_correct(a: argparse.Namespace) -> None:
     from deepdark.pipeline.correct import correct_night
 
-    res = correct_night(a.source, a.out, method=a.method, masters=a.masters, include_dark=a.include_dark,
-                        cameras=a.cameras, keywords=_keywords(a), progress=not a.quiet)
-    log.info("%s: %d frames corrected, %d failed, %d skipped (%s)", a.out, res.n_ok, res.n_failed,
-             res.n_skipped, res.manifest)
+    res = correct_night(
+        a.source,
+        a.out,
+        method=a.method,
+        masters=a.masters,
+        include_dark=a.include_dark,
+        cameras=a.cameras,
+        keywords=_keywords(a),
+        progress=not a.quiet,
+    )
+    log.info(
+        "%s: %d frames corrected, %d failed, %d skipped (%s)",
+        a.out,
+        res.n_ok,
+        res.n_failed,
+        res.n_skipped,
+        res.manifest,
+    )
     if res.n_failed and (a.strict or res.n_ok == 0):
         raise UserError(f"{res.n_failed} frame(s) could not be corrected, see {res.manifest}")
 
@@ -146,8 +221,9 @@ def cmd_correct(a: argparse.Namespace) -> None:
 def cmd_qa(a: argparse.Namespace) -> None:
     from deepdark.pipeline.qa import night_qa
 
-    qa = night_qa(a.shard, a.predictions, a.masters, a.out, keywords=_keywords(a), cameras=a.cameras,
-                  progress=not a.quiet)
+    qa = night_qa(
+        a.shard, a.predictions, a.masters, a.out, keywords=_keywords(a), cameras=a.cameras, progress=not a.quiet
+    )
     log.info("QA of %s: %d frame-channels, %s", a.shard, len(qa), a.out / "qa.html")
 
 
@@ -172,6 +248,7 @@ def cmd_presets(a: argparse.Namespace) -> None:
 
 
 # -- argument parsing -----------------------------------------------------------------------------
+
 
 def _keywords(a: argparse.Namespace):
     from deepdark.io.frames import Keywords
@@ -227,19 +304,29 @@ def build_parser() -> argparse.ArgumentParser:
     # -- model parsers (train, predict, ablation) --
 
     def training_options(s, epochs: int, preset: str | None = "compact") -> None:
-        s.add_argument("--preset", default=preset,
-                       help="generator preset (see `deepdark presets`)" + (
-                           "; default: physics (the compact generator on the strips plus the physics "
-                           "prediction, predicting a residual on it); paper/compact: strips only (the paper)"
-                           if preset is None else ""))
+        s.add_argument(
+            "--preset",
+            default=preset,
+            help="generator preset (see `deepdark presets`)"
+            + (
+                "; default: physics (the compact generator on the strips plus the physics "
+                "prediction, predicting a residual on it); paper/compact: strips only (the paper)"
+                if preset is None
+                else ""
+            ),
+        )
         s.add_argument("--epochs", type=int, default=epochs)
         s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         s.add_argument("--l1-weight", type=float, default=100.0, help="weight of the L1 term (pix2pix: 100)")
         s.add_argument("--batch-size", type=int, default=1, help="paper: 1")
         s.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate (paper: 2e-5)")
-        s.add_argument("--lr-schedule", default="constant", choices=["constant", "linear", "pix2pix"],
-                       help="constant (paper), linear decay to zero over the run, or pix2pix's (constant, "
-                            "then linear to zero over the second half of the epochs)")
+        s.add_argument(
+            "--lr-schedule",
+            default="constant",
+            choices=["constant", "linear", "pix2pix"],
+            help="constant (paper), linear decay to zero over the run, or pix2pix's (constant, "
+            "then linear to zero over the second half of the epochs)",
+        )
         s.add_argument("--crop", type=int, help="train on random CROP x CROP crops of the window (CPU)")
         s.add_argument("--max-steps", type=int, help="at most this many optimisation steps per epoch")
         s.add_argument("--seed", type=int, default=0)
@@ -249,27 +336,53 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
     s.add_argument("--out", required=True, type=Path, help="model directory (model.safetensors, model.json)")
     training_options(s, epochs=40, preset=None)
-    s.add_argument("--loss", choices=["deepdark", "pix2pix", "lsgan", "mixed", "l1"],
-                   help="loss configuration (paper 2.5, Table 2; l1: no adversarial term). Default: deepdark "
-                        "for the paper's presets; l1 for physics, whose residual the adversarial terms only "
-                        "roughen (measured: 16.98 vs 16.90 ADU at a floor of 16.61)")
-    s.add_argument("--physics", type=Path,
-                   help="physics model (`deepdark physics-fit`) the physics preset conditions on; copied into "
-                        "the model directory. Default: fitted from the same shards into OUT/physics.h5")
-    s.add_argument("--residual-range", type=float, default=64.0,
-                   help="physics preset: the learned residual is bounded by +- this many ADU")
-    s.add_argument("--physics-memory-mb", type=float, default=512,
-                   help="memory budget of the physics fit when --physics is not given")
+    s.add_argument(
+        "--loss",
+        choices=["deepdark", "pix2pix", "lsgan", "mixed", "l1"],
+        help="loss configuration (paper 2.5, Table 2; l1: no adversarial term). Default: deepdark "
+        "for the paper's presets; l1 for physics, whose residual the adversarial terms only "
+        "roughen (measured: 16.98 vs 16.90 ADU at a floor of 16.61)",
+    )
+    s.add_argument(
+        "--physics",
+        type=Path,
+        help="physics model (`deepdark physics-fit`) the physics preset conditions on; copied into "
+        "the model directory. Default: fitted from the same shards into OUT/physics.h5",
+    )
+    s.add_argument(
+        "--residual-range",
+        type=float,
+        default=64.0,
+        help="physics preset: the learned residual is bounded by +- this many ADU",
+    )
+    s.add_argument(
+        "--physics-memory-mb",
+        type=float,
+        default=512,
+        help="memory budget of the physics fit when --physics is not given",
+    )
     s.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas")
-    s.add_argument("--val-nights", nargs="+", metavar="N|NIGHT",
-                   help="validation nights: a count (the last N nights) or YYYYMMDD names (default: the last night(s))")
-    s.add_argument("--bn", default="running", choices=["running", "batch"],
-                   help="generator batch norm while training: running statistics as at inference (default) "
-                        "or batch statistics (the reference; erases the level with small batches)")
+    s.add_argument(
+        "--val-nights",
+        nargs="+",
+        metavar="N|NIGHT",
+        help="validation nights: a count (the last N nights) or YYYYMMDD names (default: the last night(s))",
+    )
+    s.add_argument(
+        "--bn",
+        default="running",
+        choices=["running", "batch"],
+        help="generator batch norm while training: running statistics as at inference (default) "
+        "or batch statistics (the reference; erases the level with small batches)",
+    )
     s.add_argument("--bn-momentum", type=float, default=0.01, help="update rate of the running statistics")
     s.add_argument("--norm", choices=["batch", "instance", "none"], help="override the preset's normalisation")
-    s.add_argument("--crop-mode", default="window", choices=["window", "strips"],
-                   help="crop the whole-window input (default) or crop the strips and resize them to the crop")
+    s.add_argument(
+        "--crop-mode",
+        default="window",
+        choices=["window", "strips"],
+        help="crop the whole-window input (default) or crop the strips and resize them to the crop",
+    )
     s.add_argument("--setpoints", type=float, nargs="+", help="train on darks at these setpoints only (C)")
     s.add_argument("--max-val-samples", type=int, help="validate on at most this many held-out channels")
     s.set_defaults(func=cmd_train)
@@ -287,20 +400,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="folder for table2.csv/json and the models")
     training_options(s, epochs=5)
     s.add_argument("--setpoint", type=float, default=-15.0, help="the darks' setpoint (paper: -15 C)")
-    s.add_argument("--losses", nargs="+", default=["pix2pix", "lsgan", "mixed", "deepdark"],
-                   choices=["deepdark", "pix2pix", "lsgan", "mixed"])
-    s.add_argument("--test-nights", nargs="+", metavar="N|NIGHT",
-                   help="held-out nights: a count (the last N) or YYYYMMDD names (default: the last night(s))")
+    s.add_argument(
+        "--losses",
+        nargs="+",
+        default=["pix2pix", "lsgan", "mixed", "deepdark"],
+        choices=["deepdark", "pix2pix", "lsgan", "mixed"],
+    )
+    s.add_argument(
+        "--test-nights",
+        nargs="+",
+        metavar="N|NIGHT",
+        help="held-out nights: a count (the last N) or YYYYMMDD names (default: the last night(s))",
+    )
     s.set_defaults(func=cmd_ablation)
-
 
     s = sub.add_parser("physics-fit", help="per-pixel physical dark model of a dark library (the `physics` predictor)")
     s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library (DARK and BIAS frames)")
     s.add_argument("--out", required=True, type=Path, help="physics model to write (.h5)")
     s.add_argument("--memory-mb", type=float, default=512, help="memory budget of the streamed per-pixel fit")
     s.add_argument("--overscan-skip", type=int, default=4, help="first overscan columns left out of the row bias")
-    s.add_argument("--smooth-px", type=int, default=3,
-                   help="radius of the smooth prior on glow and the fast component (0: per-pixel only)")
+    s.add_argument(
+        "--smooth-px",
+        type=int,
+        default=3,
+        help="radius of the smooth prior on glow and the fast component (0: per-pixel only)",
+    )
     s.set_defaults(func=cmd_physics_fit)
 
     # -- workflow parsers (correct, qa, summary) --
@@ -308,8 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("correct", help="dark-corrected FITS of every frame of a night (active mosaic, float32)")
     s.add_argument("source", type=Path, help="predictions file (method model) or the night's shard (median methods)")
     s.add_argument("--out", required=True, type=Path, help="folder for <frame>.fits and manifest.csv")
-    s.add_argument("--method", default="model", choices=["model", "median_temp", "median_all"],
-                   help="dark to remove: the predictions, or a median master (needs --masters)")
+    s.add_argument(
+        "--method",
+        default="model",
+        choices=["model", "median_temp", "median_all"],
+        help="dark to remove: the predictions, or a median master (needs --masters)",
+    )
     s.add_argument("--masters", type=Path, help="master-dark file from `deepdark baseline`")
     s.add_argument("--include-dark", action="store_true", help="append the removed dark as extension DARK")
     s.add_argument("--cameras", nargs="+", help="correct only these cameras (default: all)")

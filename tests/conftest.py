@@ -27,10 +27,17 @@ def mini():
     return load_geometry("mini")
 
 
-def header(imagetyp="DARK", exptime=30.0, ccdtemp=-15.2, settemp=-15.0, camera="GS1",
-           date="2024-01-01T13:00:00", **extra):
-    h = {"IMAGETYP": imagetyp, "EXPTIME": exptime, "CCDTEMP": ccdtemp, "SETTEMP": settemp,
-         "DATE-OBS": date, "CAMERA": camera}
+def header(
+    imagetyp="DARK", exptime=30.0, ccdtemp=-15.2, settemp=-15.0, camera="GS1", date="2024-01-01T13:00:00", **extra
+):
+    h = {
+        "IMAGETYP": imagetyp,
+        "EXPTIME": exptime,
+        "CCDTEMP": ccdtemp,
+        "SETTEMP": settemp,
+        "DATE-OBS": date,
+        "CAMERA": camera,
+    }
     h.update(extra)
     return {k: v for k, v in h.items() if v is not None}
 
@@ -48,9 +55,11 @@ def write_night(tmp_path, mini):
         folder = tmp_path / "archive" / night
         for i in range(n_dark + n_guide):
             kind = "DARK" if i < n_dark else "OBJECT"
-            write_raw_frame(folder / f"{camera}_{kind.lower()}_{i:04d}.fits",
-                            random_frame(mini, seed * 1000 + i, level),
-                            header(kind, settemp=settemp, ccdtemp=settemp + 0.3, camera=camera))
+            write_raw_frame(
+                folder / f"{camera}_{kind.lower()}_{i:04d}.fits",
+                random_frame(mini, seed * 1000 + i, level),
+                header(kind, settemp=settemp, ccdtemp=settemp + 0.3, camera=camera),
+            )
         return folder
 
     return make

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from deepdark.evaluation.metrics import PooledRMSE
 from deepdark.io.atomic import atomic_path
 from deepdark.io.masters import Masters
-from deepdark.io.tables import frame_setpoints, temp_label
-from deepdark.evaluation.metrics import PooledRMSE
 from deepdark.io.shards import Shard
 from deepdark.io.strips import window_of
+from deepdark.io.tables import frame_setpoints, temp_label
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,10 @@ def median_predictor(masters: Masters, kind: str) -> Predictor:
         for (_, r), sp in zip(t.iterrows(), setpoints):
             m = masters.lookup(kind, r["camera"], r["channel"], r["exptime"], sp)
             if m is None:
-                raise ValueError(f"no {kind} master dark for camera {r['camera']} channel {r['channel']}"
-                                 f" at {sp:g} C in {masters.path}")
+                raise ValueError(
+                    f"no {kind} master dark for camera {r['camera']} channel {r['channel']}"
+                    f" at {sp:g} C in {masters.path}"
+                )
             out.append(window_of(m, shard.geometry))
         return np.stack(out)
 
@@ -66,14 +68,21 @@ class DifferenceHistograms:
             s[2] += int(np.count_nonzero(np.abs(diff) <= 10))
 
     def summary(self) -> pd.DataFrame:
-        rows = [dict(method=m, group=g, mean_diff=s[0] / s[1], within_10_adu=s[2] / s[1])
-                for (m, g), s in self.sums.items()]
+        rows = [
+            dict(method=m, group=g, mean_diff=s[0] / s[1], within_10_adu=s[2] / s[1]) for (m, g), s in self.sums.items()
+        ]
         return pd.DataFrame(rows)
 
 
-def evaluate(test_shards: Sequence[str | Path], masters_path: str | Path | None, out_dir: str | Path,
-             predictors: dict[str, Predictor] | None = None, batch_size: int = 4,
-             progress: bool = True, figures: bool = True) -> dict:
+def evaluate(
+    test_shards: Sequence[str | Path],
+    masters_path: str | Path | None,
+    out_dir: str | Path,
+    predictors: dict[str, Predictor] | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    figures: bool = True,
+) -> dict:
     """Score the median baselines (when ``masters_path``) and ``predictors`` on the test darks.
 
     Writes ``table1.json``, ``table1.csv``, ``per_image.csv``, ``histograms.csv`` and (when
@@ -94,14 +103,20 @@ def evaluate(test_shards: Sequence[str | Path], masters_path: str | Path | None,
             setpoints = frame_setpoints(shard.table, masters.setpoints if masters else None)
             bar = tqdm(total=len(darks), desc=f"evaluate {Path(path).name}", unit="image", disable=not progress)
             for start in range(0, len(darks), batch_size):
-                rows = darks[start:start + batch_size]
+                rows = darks[start : start + batch_size]
                 truth = shard.target(rows).astype(np.float32)
                 preds = {name: fn(shard, rows) for name, fn in methods.items()}
                 for k, row in enumerate(rows):
                     rec = shard.table.iloc[row]
                     groups = ("total", temp_label(setpoints[row]))
-                    entry = dict(file=rec["file"], night=rec["night"], camera=rec["camera"], channel=rec["channel"],
-                                 setpoint=setpoints[row], exptime=rec["exptime"])
+                    entry = dict(
+                        file=rec["file"],
+                        night=rec["night"],
+                        camera=rec["camera"],
+                        channel=rec["channel"],
+                        setpoint=setpoints[row],
+                        exptime=rec["exptime"],
+                    )
                     for name, p in preds.items():
                         entry[name] = pooled.add(name, groups, p[k], truth[k])
                         hists.add(name, groups, p[k] - truth[k])
@@ -133,6 +148,7 @@ def evaluate(test_shards: Sequence[str | Path], masters_path: str | Path | None,
 
 def ordered_table(table: dict) -> dict:
     """``total`` first, then temperatures from warm to cold; methods in a fixed order."""
+
     def key(g):
         return (0, 0.0) if g == "total" else (1, -float(g))
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.dates as mdates  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -65,9 +65,13 @@ def difference_histograms(hists, path: Path, by_group: bool) -> None:
             s = hists.sums[m, g]
             # The outermost bins collect everything beyond +-100 ADU: said in the label, not drawn.
             outside = 100 * (c[0] + c[-1]) / c.sum()
-            ax.step(HIST_CENTERS[1:-1], c[1:-1] / c.sum(), where="mid",
-                    label=f"{m}: mean {s[0] / s[1]:+.1f}, {100 * s[2] / s[1]:.0f}% within ±10"
-                          + (f", {outside:.0f}% beyond ±100" if outside >= 0.5 else ""))
+            ax.step(
+                HIST_CENTERS[1:-1],
+                c[1:-1] / c.sum(),
+                where="mid",
+                label=f"{m}: mean {s[0] / s[1]:+.1f}, {100 * s[2] / s[1]:.0f}% within ±10"
+                + (f", {outside:.0f}% beyond ±100" if outside >= 0.5 else ""),
+            )
         ax.set_title("all test darks" if g == "total" else f"{g} C")
         ax.set_xlabel("prediction - real (ADU)")
         ax.axvspan(-10, 10, color="0.9", zorder=0)
@@ -110,8 +114,10 @@ def guide_background(qa: pd.DataFrame, path: Path, night: str, methods: Sequence
     labels = [f"{Path(f).name.split('.')[0]}:{c}" for f, c in zip(d["file"], d["channel"])]
     x = np.arange(len(d))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.45 * len(d) + 4), 3.8))
-    for ax, stat, title in ((axes[0], "bg", "star-free background: median (ADU)"),
-                            (axes[1], "madstd", "star-free noise: MAD std (ADU)")):
+    for ax, stat, title in (
+        (axes[0], "bg", "star-free background: median (ADU)"),
+        (axes[1], "madstd", "star-free noise: MAD std (ADU)"),
+    ):
         for k, m in enumerate(methods):
             col = f"{stat}_{m}"
             if col in d and d[col].notna().any():
@@ -134,8 +140,14 @@ def nights_summary(nights: pd.DataFrame, path: Path, methods: Sequence[str]) -> 
             a1.plot(d["date"], d[col], "o-", ms=3, lw=0.8, color=_COLORS[m], label=m)
     flagged = d[d["flag"] != ""]
     if len(flagged) and flagged["rmse_model"].notna().any():
-        a1.scatter(flagged["date"], flagged["rmse_model"], s=60, facecolors="none", edgecolors="r",
-                   label="model worse than median")
+        a1.scatter(
+            flagged["date"],
+            flagged["rmse_model"],
+            s=60,
+            facecolors="none",
+            edgecolors="r",
+            label="model worse than median",
+        )
     a1.set_ylabel("pooled RMSE of the night's darks (ADU)")
     if a1.get_legend_handles_labels()[0]:
         a1.legend(fontsize=8)

@@ -42,9 +42,14 @@ def _fmt(v, digits: int = 2) -> str:
     return _esc(v)
 
 
-def table_html(frame: pd.DataFrame, text_columns: tuple[str, ...] = (), flag_column: str | None = None,
-               links: dict[str, dict[str, str]] | None = None, digits: int = 2,
-               wide_columns: tuple[str, ...] = ()) -> str:
+def table_html(
+    frame: pd.DataFrame,
+    text_columns: tuple[str, ...] = (),
+    flag_column: str | None = None,
+    links: dict[str, dict[str, str]] | None = None,
+    digits: int = 2,
+    wide_columns: tuple[str, ...] = (),
+) -> str:
     """A DataFrame as an HTML table; ``links[column][value]`` turns cells into links."""
     if frame.empty:
         return '<p class="muted">none</p>'
@@ -71,10 +76,16 @@ def table1_html(table1: dict) -> str:
         return '<p class="muted">no DARK frames: no RMSE table</p>'
     groups = list(table1)
     methods = [m for m in dict.fromkeys(m for g in groups for m in table1[g]) if m != "n_images"]
-    rows = [{"method": m, **{("total" if g == "total" else f"{g} C"): table1[g].get(m, np.nan) for g in groups}}
-            for m in methods]
-    rows.append({"method": "frame-channels", **{("total" if g == "total" else f"{g} C"): str(table1[g]["n_images"])
-                                                for g in groups}})
+    rows = [
+        {"method": m, **{("total" if g == "total" else f"{g} C"): table1[g].get(m, np.nan) for g in groups}}
+        for m in methods
+    ]
+    rows.append(
+        {
+            "method": "frame-channels",
+            **{("total" if g == "total" else f"{g} C"): str(table1[g]["n_images"]) for g in groups},
+        }
+    )
     return table_html(pd.DataFrame(rows), text_columns=("method",))
 
 
@@ -84,18 +95,30 @@ def image_html(path: Path, alt: str = "") -> str:
 
 
 def _page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f"<style>{_STYLE}</style></head><body>\n<h1>{_esc(title)}</h1>\n{body}\n"
-            f'<p class="muted">deepdark {_esc(__version__)}</p></body></html>\n')
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+        f"<style>{_STYLE}</style></head><body>\n<h1>{_esc(title)}</h1>\n{body}\n"
+        f'<p class="muted">deepdark {_esc(__version__)}</p></body></html>\n'
+    )
 
 
-def night_page(night: str, qa: pd.DataFrame, table1: dict, quarantine: pd.DataFrame, figures: dict[str, Path],
-               provenance: dict, notes: list[str]) -> str:
+def night_page(
+    night: str,
+    qa: pd.DataFrame,
+    table1: dict,
+    quarantine: pd.DataFrame,
+    figures: dict[str, Path],
+    provenance: dict,
+    notes: list[str],
+) -> str:
     """The QA page of one night."""
     files = qa.drop_duplicates("file")
     counts = files["imagetyp"].value_counts().to_dict()
-    prov = ", ".join(f"{k}: {provenance[k]}" for k in ("method", "model_name", "model_hash", "software", "created")
-                     if provenance.get(k))
+    prov = ", ".join(
+        f"{k}: {provenance[k]}"
+        for k in ("method", "model_name", "model_hash", "software", "created")
+        if provenance.get(k)
+    )
     parts = [
         f"<p>{len(files)} frames ({', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'none'}), "
         f"{len(quarantine)} quarantined.</p>",
@@ -108,27 +131,52 @@ def night_page(night: str, qa: pd.DataFrame, table1: dict, quarantine: pd.DataFr
     ]
     darks = qa[qa["imagetyp"] == "DARK"]
     if len(darks):
-        cols = ["file", "camera", "channel", "ccdtemp", "setpoint", "exptime",
-                *[c for c in ("rmse_model", "rmse_median_temp", "rmse_median_all", "rmse_floor") if darks[c].notna().any()]]
+        cols = [
+            "file",
+            "camera",
+            "channel",
+            "ccdtemp",
+            "setpoint",
+            "exptime",
+            *[c for c in ("rmse_model", "rmse_median_temp", "rmse_median_all", "rmse_floor") if darks[c].notna().any()],
+        ]
         d = darks[cols].copy()
         d["file"] = [Path(f).name for f in d["file"]]
-        for name, alt in (("rmse_vs_temperature.png", "RMSE against temperature and over the night"),
-                          ("fig6_heatmap.png", "|prediction - real| of one dark (paper fig. 6)"),
-                          ("fig7_histogram.png", "pixel differences, all darks (paper fig. 7)"),
-                          ("fig8_histogram_by_temp.png", "pixel differences per temperature (paper fig. 8)")):
+        for name, alt in (
+            ("rmse_vs_temperature.png", "RMSE against temperature and over the night"),
+            ("fig6_heatmap.png", "|prediction - real| of one dark (paper fig. 6)"),
+            ("fig7_histogram.png", "pixel differences, all darks (paper fig. 7)"),
+            ("fig8_histogram_by_temp.png", "pixel differences per temperature (paper fig. 8)"),
+        ):
             if name in figures:
                 parts.append(image_html(figures[name], alt))
         parts += ["<h3>Per frame and channel</h3>", table_html(d, text_columns=("file", "camera", "channel"))]
     guides = qa[qa["noise_model"].notna()] if "noise_model" in qa else qa.iloc[:0]
     parts.append("<h2>Guide frames: star-free background after correction</h2>")
     if len(guides):
-        parts.append("<p>Background = median, noise = standard deviation and MAD standard deviation of the "
-                     "pixels that 3-sigma clipping keeps in both corrections (grown by 2 pixels around rejected "
-                     "ones), in ADU. A better dark leaves a background nearer zero and less noise.</p>")
+        parts.append(
+            "<p>Background = median, noise = standard deviation and MAD standard deviation of the "
+            "pixels that 3-sigma clipping keeps in both corrections (grown by 2 pixels around rejected "
+            "ones), in ADU. A better dark leaves a background nearer zero and less noise.</p>"
+        )
         if "guide_background.png" in figures:
             parts.append(image_html(figures["guide_background.png"], "guide frame background and noise"))
-        cols = ["file", "camera", "channel", "exptime", "ccdtemp", "bg_raw", "bg_model", "bg_median",
-                "noise_model", "noise_median", "madstd_model", "madstd_median", "median_kind", "star_free_fraction"]
+        cols = [
+            "file",
+            "camera",
+            "channel",
+            "exptime",
+            "ccdtemp",
+            "bg_raw",
+            "bg_model",
+            "bg_median",
+            "noise_model",
+            "noise_median",
+            "madstd_model",
+            "madstd_median",
+            "median_kind",
+            "star_free_fraction",
+        ]
         g = guides[[c for c in cols if c in guides]].copy()
         g["file"] = [Path(f).name for f in g["file"]]
         parts.append(table_html(g, text_columns=("file", "camera", "channel", "median_kind")))
@@ -152,7 +200,12 @@ def summary_page(nights: pd.DataFrame, table1: dict, figures: dict[str, Path], q
         "<h2>Nights</h2>",
         "<p>Flagged (red): the model's dark was worse than a median dark on the night's darks, or left noisier "
         "guide frames, or frames failed correction.</p>",
-        table_html(nights.drop(columns=[c for c in ("guide_bg_model", "guide_bg_median") if c in nights]),
-                   text_columns=("night",), wide_columns=("flag",), flag_column="flag", links={"night": qa_links}),
+        table_html(
+            nights.drop(columns=[c for c in ("guide_bg_model", "guide_bg_median") if c in nights]),
+            text_columns=("night",),
+            wide_columns=("flag",),
+            flag_column="flag",
+            links={"night": qa_links},
+        ),
     ]
     return _page("deepdark: archive summary", "\n".join(parts))

@@ -113,7 +113,7 @@ def _primary_header(raw: bytes) -> tuple[fits.Header, int]:
     """The primary header and the offset of its data (FITS headers are 2880-byte blocks)."""
     for block in range(0, len(raw), _BLOCK):
         for card in range(block, block + _BLOCK, 80):
-            if raw[card:card + 8] == b"END     ":
+            if raw[card : card + 8] == b"END     ":
                 end = block + _BLOCK
                 return fits.Header.fromstring(raw[:end].decode("ascii")), end
     raise ValueError("no END card")

@@ -99,7 +99,7 @@ class Geometry:
     def readout(self, frame: np.ndarray, channel: Channel) -> np.ndarray:
         """The channel's block of ``frame`` (…, rows, cols) flipped into readout coordinates (a view)."""
         rows, cols = self.channel_shape
-        block = frame[..., channel.row0:channel.row0 + rows, channel.col0:channel.col0 + cols]
+        block = frame[..., channel.row0 : channel.row0 + rows, channel.col0 : channel.col0 + cols]
         return _flip(block, channel)
 
     def to_frame_orientation(self, readout: np.ndarray, channel: Channel) -> np.ndarray:
@@ -136,6 +136,7 @@ def _flip(a: np.ndarray, channel: Channel) -> np.ndarray:
 
 
 # -- loading ---------------------------------------------------------------------------------
+
 
 def presets() -> list[str]:
     """Names of the geometries shipped with the package."""
@@ -213,7 +214,7 @@ def _validate(g: Geometry, origin: str) -> None:
             fail(f"regions.{name}", f"outside the {g.channel_shape[0]} x {g.channel_shape[1]} channel")
     names = list(g.regions)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             if {a, b} & {"middle"} and {a, b} & _MAY_CROSS_MIDDLE:
                 continue
             if g.regions[a].overlaps(g.regions[b]):

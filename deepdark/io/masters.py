@@ -10,7 +10,6 @@ import pandas as pd
 
 from deepdark.io.geometry import parse_geometry
 
-
 MASTER_SCHEMA = 1
 
 
@@ -36,7 +35,9 @@ class Masters:
     def __exit__(self, *_):
         self.f.close()
 
-    def lookup(self, kind: str, camera: str, channel: str, exptime: float, setpoint: float = np.nan) -> np.ndarray | None:
+    def lookup(
+        self, kind: str, camera: str, channel: str, exptime: float, setpoint: float = np.nan
+    ) -> np.ndarray | None:
         """The master (ADU, active area) for a frame-channel, or None when the library has none.
 
         An exposure time missing from the library is served by the nearest one, its dark part

@@ -27,8 +27,14 @@ _COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.
 ActivePredictor = Callable[[Shard, np.ndarray], np.ndarray]
 
 
-def write_predictions(shard_path: str | Path, out: str | Path, predict: ActivePredictor,
-                      provenance: dict[str, str], batch_size: int = 8, progress: bool = True) -> Path:
+def write_predictions(
+    shard_path: str | Path,
+    out: str | Path,
+    predict: ActivePredictor,
+    provenance: dict[str, str],
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Path:
     """Run ``predict`` over every frame-channel of the shard, ``batch_size`` at a time.
 
     ``provenance`` must name at least ``method``; ``model_name`` and ``model_hash`` when a model
@@ -39,8 +45,13 @@ def write_predictions(shard_path: str | Path, out: str | Path, predict: ActivePr
     out = Path(out)
     with Shard(shard_path) as shard, atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         g = shard.geometry
-        f.attrs.update(schema_version=SCHEMA_VERSION, geometry=g.source, shard=str(shard_path),
-                       software=f"deepdark {__version__}", **provenance)  # no date: reruns are byte-identical
+        f.attrs.update(
+            schema_version=SCHEMA_VERSION,
+            geometry=g.source,
+            shard=str(shard_path),
+            software=f"deepdark {__version__}",
+            **provenance,
+        )  # no date: reruns are byte-identical
         n = len(shard)
         # A night whose every file was quarantined has no rows, and HDF5 cannot chunk nothing.
         layout = dict(chunks=(1, *g.active.shape), **_COMPRESSION) if n else {}
@@ -51,7 +62,7 @@ def write_predictions(shard_path: str | Path, out: str | Path, predict: ActivePr
             dark = np.asarray(predict(shard, rows), dtype=np.float32)
             if dark.shape != (len(rows), *g.active.shape):
                 raise ValueError(f"predictor returned {dark.shape}, expected {(len(rows), *g.active.shape)}")
-            ds[start:start + len(rows)] = dark
+            ds[start : start + len(rows)] = dark
             bar.update(len(rows))
         bar.close()
         grp = f.create_group("table")
@@ -66,8 +77,9 @@ class Predictions:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.f, self.geometry, self.table = open_versioned(self.path, "predictions", SCHEMA_VERSION)
-        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items()
-                      if k != "geometry"}
+        self.attrs = {
+            k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items() if k != "geometry"
+        }
 
     def __len__(self) -> int:
         return len(self.table)

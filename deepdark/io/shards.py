@@ -24,8 +24,8 @@ import csv
 import logging
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -64,14 +64,6 @@ def quarantine_path(shard: str | Path) -> Path:
     return shard.with_name(shard.name.removesuffix(".h5") + ".quarantine.csv")
 
 
-
-
-
-
-
-
-
-
 def prefetched(items: list, load, depth: int = 2) -> Iterator[tuple]:
     """Yield (item, future of load(item)), loading up to ``depth`` items ahead in a thread.
 
@@ -106,12 +98,19 @@ class ShardWriter:
         self.g = geometry
         self.f = h5py.File(path, "w")
         # No creation time: the same inputs give a byte-identical shard (reruns are checkable).
-        self.f.attrs.update(schema_version=SCHEMA_VERSION, geometry=geometry.source,
-                            software=f"deepdark {__version__}")
+        self.f.attrs.update(schema_version=SCHEMA_VERSION, geometry=geometry.source, software=f"deepdark {__version__}")
         shapes = strip_shapes(geometry)
-        self.ds = {name: self.f.create_dataset(name, shape=(0, *shapes[name]), maxshape=(None, *shapes[name]),
-                                               dtype=np.uint16, chunks=(1, *shapes[name]), **_COMPRESSION)
-                   for name in (*STRIP_NAMES, "active")}
+        self.ds = {
+            name: self.f.create_dataset(
+                name,
+                shape=(0, *shapes[name]),
+                maxshape=(None, *shapes[name]),
+                dtype=np.uint16,
+                chunks=(1, *shapes[name]),
+                **_COMPRESSION,
+            )
+            for name in (*STRIP_NAMES, "active")
+        }
         self.rows: list[dict] = []
 
     def add(self, frame, night: str) -> None:
@@ -125,10 +124,22 @@ class ShardWriter:
             first = self._append("active", np.stack([strips[c]["active"] for c in names]))
             active_index = list(range(first, first + len(names)))
         for name, index in zip(names, active_index):
-            self.rows.append(dict(
-                file=str(frame.path), night=night, camera=info.camera, imagetyp=info.imagetyp,
-                exptime=info.exptime, ccdtemp=info.ccdtemp, settemp=info.settemp, date_obs=info.date_obs,
-                channel=name, file_hash=frame.hash, floor=info.floor.get(name, np.nan), active_index=index))
+            self.rows.append(
+                dict(
+                    file=str(frame.path),
+                    night=night,
+                    camera=info.camera,
+                    imagetyp=info.imagetyp,
+                    exptime=info.exptime,
+                    ccdtemp=info.ccdtemp,
+                    settemp=info.settemp,
+                    date_obs=info.date_obs,
+                    channel=name,
+                    file_hash=frame.hash,
+                    floor=info.floor.get(name, np.nan),
+                    active_index=index,
+                )
+            )
 
     def _append(self, name: str, block: np.ndarray) -> int:
         """Append ``block`` (k, ...) to dataset ``name``; return the index of its first row."""
@@ -204,12 +215,13 @@ class Shard:
         """Target B (the model window) of dark rows ``rows``."""
         return window_of(self.active(rows), self.geometry)
 
-    def batches(self, rows: np.ndarray | None = None, batch_size: int = 8,
-                with_active: bool = False, window: bool = False) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def batches(
+        self, rows: np.ndarray | None = None, batch_size: int = 8, with_active: bool = False, window: bool = False
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Yield (row indices, arrays) over ``rows`` (default: all), ``batch_size`` at a time."""
         rows = np.arange(len(self)) if rows is None else np.sort(np.asarray(rows))
         for start in range(0, len(rows), batch_size):
-            sel = rows[start:start + batch_size]
+            sel = rows[start : start + batch_size]
             arrays = self.strips(sel, window=window)
             if with_active:
                 arrays["active"] = self.active(sel)

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-
 # Without SETTEMP, a frame's setpoint is its CCDTEMP rounded to this grid (the paper's setpoints
 # -5, -10, -15, -25 C lie on it; control precision is +-1 C).
 SETPOINT_GRID = 5.0
@@ -29,3 +28,33 @@ def frame_setpoints(table: pd.DataFrame, library_setpoints: Sequence[float] | No
 def temp_label(setpoint: float) -> str:
     """How a setpoint is named in tables: "-15", "-2.5"."""
     return f"{setpoint:g}"
+
+
+def library_table(shards: Sequence, types: Sequence[str] = ("DARK",)) -> pd.DataFrame:
+    """The frame-channels of the given image ``types`` in open ``shards``, one table.
+
+    Adds ``shard_no`` (position in ``shards``), ``row`` (row of that shard's table) and
+    ``setpoint`` (:func:`frame_setpoints`); BIAS frames get an exposure time of 0 s whatever
+    their header says, since a bias is a zero-second readout by definition.
+    """
+    parts = []
+    for k, s in enumerate(shards):
+        t = s.table
+        sel = t[t["imagetyp"].isin(types)].copy()
+        sel["shard_no"], sel["row"] = k, sel.index.to_numpy()
+        parts.append(sel)
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if table.empty:
+        return table
+    table.loc[table["imagetyp"] == "BIAS", "exptime"] = 0.0
+    table["night"] = table["night"].astype(str)
+    table["setpoint"] = frame_setpoints(table)
+    return table
+
+
+def common_geometry(shards: Sequence):
+    """The one geometry that all open ``shards`` share; ValueError when they mix geometries."""
+    names = {s.geometry.name for s in shards}
+    if len(names) != 1:
+        raise ValueError(f"shards mix geometries: {sorted(names)}")
+    return shards[0].geometry

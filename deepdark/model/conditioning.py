@@ -37,10 +37,12 @@ from deepdark.io.units import adu_to_unit
 
 PHYSICS_INPUT = "physics"
 PHYSICS_FILE = "physics.h5"
-RESIDUAL_RANGE_ADU = 64.0     # the residual is bounded by +-R ADU around the physics prediction
-PHYSICS_SCALE_ADU = 256.0     # physics plane = (physics - bias level) / this
-NORMALISATION = ("(physics_adu - median(A1 overscan strip of the sample)) / physics_scale_adu; "
-                 "output = physics_adu + residual_range_adu * tanh(h), tanh(h) = 2 G(x) - 1")
+RESIDUAL_RANGE_ADU = 64.0  # the residual is bounded by +-R ADU around the physics prediction
+PHYSICS_SCALE_ADU = 256.0  # physics plane = (physics - bias level) / this
+NORMALISATION = (
+    "(physics_adu - median(A1 overscan strip of the sample)) / physics_scale_adu; "
+    "output = physics_adu + residual_range_adu * tanh(h), tanh(h) = 2 G(x) - 1"
+)
 
 
 def strip_level(a1: np.ndarray) -> np.ndarray:
@@ -56,16 +58,18 @@ def physics_plane(physics_adu: np.ndarray, a1: np.ndarray, scale: float = PHYSIC
     return ((p - level[:, None, None]) / np.float32(scale))[:, None]
 
 
-def compose(g_out: torch.Tensor, base_unit: torch.Tensor, residual_range_adu: float = RESIDUAL_RANGE_ADU
-            ) -> torch.Tensor:
+def compose(
+    g_out: torch.Tensor, base_unit: torch.Tensor, residual_range_adu: float = RESIDUAL_RANGE_ADU
+) -> torch.Tensor:
     """Prediction in [0, 1] units: physics (``base_unit``, [0, 1] units) + R tanh(h), from the
     generator's output ``g_out`` = (tanh(h) + 1) / 2."""
     r = float(residual_range_adu) / 65535.0
     return base_unit + r * (2.0 * g_out.float() - 1.0)
 
 
-def compose_adu(g_out: torch.Tensor, base_adu: torch.Tensor, residual_range_adu: float = RESIDUAL_RANGE_ADU
-                ) -> torch.Tensor:
+def compose_adu(
+    g_out: torch.Tensor, base_adu: torch.Tensor, residual_range_adu: float = RESIDUAL_RANGE_ADU
+) -> torch.Tensor:
     """Prediction in ADU: ``base_adu + R * (2 g_out - 1)`` (float64 for the addition)."""
     return base_adu.double() + float(residual_range_adu) * (2.0 * g_out.double() - 1.0)
 

@@ -96,6 +96,7 @@ class LoadedModel:
 # hashing
 # ---------------------------------------------------------------------------------------------
 
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -117,20 +118,35 @@ def model_hash(model_dir: str | Path) -> str:
 # saving
 # ---------------------------------------------------------------------------------------------
 
+
 def state_tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """A state dict as plain, contiguous, unshared CPU tensors (what safetensors requires)."""
     return {prefix + k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
 def geometry_card(g: Geometry) -> dict:
-    return {"name": g.name, "window_size": int(g.window_size), "window_offset": int(g.window_offset),
-            "active_shape": list(g.active.shape), "source": g.source}
+    return {
+        "name": g.name,
+        "window_size": int(g.window_size),
+        "window_offset": int(g.window_offset),
+        "active_shape": list(g.active.shape),
+        "source": g.source,
+    }
 
 
-def save_model(model_dir: str | Path, generator: Generator, *, preset: str | None, loss: dict,
-               geometry: Geometry, training: dict | None = None, epochs: int | None = None,
-               validation: dict | None = None, inputs: Sequence[str] = DEFAULT_INPUTS,
-               extra: dict | None = None) -> Path:
+def save_model(
+    model_dir: str | Path,
+    generator: Generator,
+    *,
+    preset: str | None,
+    loss: dict,
+    geometry: Geometry,
+    training: dict | None = None,
+    epochs: int | None = None,
+    validation: dict | None = None,
+    inputs: Sequence[str] = DEFAULT_INPUTS,
+    extra: dict | None = None,
+) -> Path:
     """Write ``model.safetensors`` then ``model.json`` into ``model_dir``; return the directory.
 
     ``loss``: ``{"name", "l1_weight"}``; ``training``: a summary of the training data and run
@@ -148,17 +164,19 @@ def save_model(model_dir: str | Path, generator: Generator, *, preset: str | Non
     card_path.unlink(missing_ok=True)  # the card appears last: no card = incomplete directory
     tensors = state_tensors(generator)
     with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": CARD_FORMAT, "content": "generator",
-                                                "preset": str(preset)})
+        save_file(tensors, str(tmp), metadata={"format": CARD_FORMAT, "content": "generator", "preset": str(preset)})
     card = {
         "format": CARD_FORMAT,
         "schema": CARD_SCHEMA,
         "name": model_dir.resolve().name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": __version__,
-        "architecture": {"preset": preset, "generator": dataclasses.asdict(generator.cfg),
-                         "multiple": generator.multiple,
-                         "n_params": int(sum(t.numel() for t in generator.parameters()))},
+        "architecture": {
+            "preset": preset,
+            "generator": dataclasses.asdict(generator.cfg),
+            "multiple": generator.multiple,
+            "n_params": int(sum(t.numel() for t in generator.parameters())),
+        },
         "inputs": inputs,
         "input_scale": "ADU / 65535 (deepdark.io.units), strips resized bilinearly to the window",
         "output_scale": "[0, 1] -> ADU x 65535",
@@ -193,6 +211,7 @@ def json_default(o):
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
+
 
 def read_card(model_dir: str | Path) -> dict:
     """The card of a model directory, checked for format and schema."""
@@ -240,8 +259,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     with open(path, "rb") as fh:
         head = fh.read(8)
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise ModelError(f"{path}: looks like a torch.save / pickle file, not safetensors; "
-                         "deepdark never unpickles model files")
+        raise ModelError(
+            f"{path}: looks like a torch.save / pickle file, not safetensors; deepdark never unpickles model files"
+        )
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError, or OSError/ValueError
@@ -252,9 +272,13 @@ def check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
     """Raise naming missing, unexpected and shape-mismatched keys when ``got`` does not fit."""
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    shapes = sorted(f"{k}: file {tuple(got[k].shape)}, model {tuple(expected[k].shape)}"
-                    for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape))
+    shapes = sorted(
+        f"{k}: file {tuple(got[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(got)
+        if tuple(got[k].shape) != tuple(expected[k].shape)
+    )
     if missing or unexpected or shapes:
+
         def show(xs):
             return ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
 
@@ -282,8 +306,9 @@ def check_geometry(card: dict, geometry: Geometry, where: str = "") -> None:
         raise ModelError(f"{where or 'data'} does not fit the model: " + "; ".join(diffs))
 
 
-def load_model(model_dir: str | Path, geometry: Geometry | None = None, device: str | torch.device = "cpu",
-               check_hash: bool = True) -> LoadedModel:
+def load_model(
+    model_dir: str | Path, geometry: Geometry | None = None, device: str | torch.device = "cpu", check_hash: bool = True
+) -> LoadedModel:
     """Load a model directory for inference (generator in eval mode on ``device``).
 
     ``geometry``: when given, it must be the card's (name, window size and offset), else
@@ -303,8 +328,10 @@ def load_model(model_dir: str | Path, geometry: Geometry | None = None, device: 
     digest = model_hash(model_dir)
     want = card["weights"].get("sha256")
     if check_hash and want and want != digest:
-        raise ModelError(f"{weights}: SHA-256 {digest[:12]}... differs from the card's {want[:12]}... "
-                         "(weights replaced or card from another model)")
+        raise ModelError(
+            f"{weights}: SHA-256 {digest[:12]}... differs from the card's {want[:12]}... "
+            "(weights replaced or card from another model)"
+        )
     if "physics" in card["inputs"]:
         from deepdark.model.conditioning import physics_info
 

@@ -52,8 +52,8 @@ _TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     # ablation (issue 6): no adversarial term at all, the discriminator is not trained
     "l1": ("none", ()),
 }
-LOSSES = frozenset(n for n in _TABLE if n != "l1")   # the paper's Table 2
-ALL_LOSSES = frozenset(_TABLE)                       # + the L1-only ablation
+LOSSES = frozenset(n for n in _TABLE if n != "l1")  # the paper's Table 2
+ALL_LOSSES = frozenset(_TABLE)  # + the L1-only ablation
 
 
 def _check_name(name: str) -> str:
@@ -92,8 +92,7 @@ def _adv(form: str, logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.mse_loss(logits, t)
 
 
-def discriminator_loss(cfg: LossConfig | str, d_real: torch.Tensor,
-                       d_fake: torch.Tensor) -> torch.Tensor:
+def discriminator_loss(cfg: LossConfig | str, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     """D's loss: 0.5 * (loss(D(x, y), real) + loss(D(x, G(x)), fake)). ``d_fake`` should come
     from a detached G(x)."""
     form = _cfg(cfg).d_form
@@ -102,8 +101,9 @@ def discriminator_loss(cfg: LossConfig | str, d_real: torch.Tensor,
     return 0.5 * (_adv(form, d_real, 1.0) + _adv(form, d_fake, 0.0))
 
 
-def generator_loss(cfg: LossConfig | str, d_fake: torch.Tensor, fake: torch.Tensor,
-                   real: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def generator_loss(
+    cfg: LossConfig | str, d_fake: torch.Tensor, fake: torch.Tensor, real: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """G's loss: the configuration's adversarial terms on D(x, G(x)) + l1_weight * mean|G(x)-y|.
 
     Returns ``(total, components)``; components (detached, summing to ``total``) are named

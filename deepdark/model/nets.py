@@ -81,6 +81,7 @@ UPSAMPLES = ("transpose", "resize")
 # The model's input step
 # ---------------------------------------------------------------------------------------------
 
+
 def _as_float_tensor(x, name: str, device=None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x.to(dtype=torch.float32)
@@ -113,7 +114,7 @@ def model_input(a1, a2, a3, size: int, extra=None, *, device=None) -> torch.Tens
     for name, s in zip(("a1", "a2", "a3"), strips):
         if s.shape[0] != batch:
             raise ValueError(f"strip {name} has batch {s.shape[0]}, a1 has {batch}")
-        s = adu_to_unit(s.to(dev)).unsqueeze(1)                      # (B, 1, rows, cols)
+        s = adu_to_unit(s.to(dev)).unsqueeze(1)  # (B, 1, rows, cols)
         planes.append(F.interpolate(s, size=(size, size), mode="bilinear", align_corners=False))
     if extra is not None:
         e = extra if isinstance(extra, torch.Tensor) else torch.from_numpy(np.asarray(extra))
@@ -127,6 +128,7 @@ def model_input(a1, a2, a3, size: int, extra=None, *, device=None) -> torch.Tens
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
+
 
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
@@ -151,9 +153,13 @@ class ResnetBlock(nn.Module):
         super().__init__()
         b = _bias(norm)
         self.body = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=b), _norm(norm, channels),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=b),
+            _norm(norm, channels),
             nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3, bias=b), _norm(norm, channels),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=b),
+            _norm(norm, channels),
         )
 
     def forward(self, x):
@@ -165,8 +171,7 @@ def _up(cin: int, cout: int, norm: str, upsample: str) -> nn.Sequential:
     if upsample == "transpose":
         conv = [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=b)]
     elif upsample == "resize":
-        conv = [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1),
-                nn.Conv2d(cin, cout, 3, bias=b)]
+        conv = [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3, bias=b)]
     else:
         raise ValueError(f"unknown upsample {upsample!r}; valid: {', '.join(UPSAMPLES)}")
     return nn.Sequential(*conv, _norm(norm, cout), nn.ReLU(True))
@@ -198,13 +203,14 @@ def _seeded_init(module: nn.Module, seed: int | None):
 # Generator
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     in_channels: int = 3
     width: int = 64
     n_blocks: int = 9
-    norm: str = "batch"            # "batch" | "instance" | "none"
-    upsample: str = "transpose"    # "transpose" | "resize"
+    norm: str = "batch"  # "batch" | "instance" | "none"
+    upsample: str = "transpose"  # "transpose" | "resize"
     n_down: int = 2
 
     def __post_init__(self):
@@ -246,39 +252,38 @@ class Generator(nn.Module):
         self.cfg = cfg
         w, norm, b = cfg.width, cfg.norm, _bias(cfg.norm)
         self.stem = nn.Sequential(
-            nn.ReflectionPad2d(3), nn.Conv2d(cfg.in_channels, w, 7, bias=b), _norm(norm, w),
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(cfg.in_channels, w, 7, bias=b),
+            _norm(norm, w),
             nn.ReLU(True),
         )
-        ch = [w * 2 ** l for l in range(cfg.n_down + 1)]          # channels at each scale
+        ch = [w * 2**l for l in range(cfg.n_down + 1)]  # channels at each scale
         self.down = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(ch[l - 1], ch[l], 3, stride=2, padding=1, padding_mode="reflect", bias=b),
-                _norm(norm, ch[l]), nn.ReLU(True),
+                _norm(norm, ch[l]),
+                nn.ReLU(True),
             )
             for l in range(1, cfg.n_down + 1)
         )
         self.blocks = nn.Sequential(*(ResnetBlock(ch[-1], norm) for _ in range(cfg.n_blocks)))
         # up[i] brings scale l = n_down - i to l - 1; its input is cat(x, skip_l): 2 * ch[l].
-        self.up = nn.ModuleList(
-            _up(2 * ch[l], ch[l - 1], norm, cfg.upsample) for l in range(cfg.n_down, 0, -1)
-        )
+        self.up = nn.ModuleList(_up(2 * ch[l], ch[l - 1], norm, cfg.upsample) for l in range(cfg.n_down, 0, -1))
         self.head = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(2 * w, 1, 3, bias=True))
         _seeded_init(self, seed)
 
     @property
     def multiple(self) -> int:
         """Input height and width must be multiples of this (2 ** n_down)."""
-        return 2 ** self.cfg.n_down
+        return 2**self.cfg.n_down
 
     def check_input(self, x: torch.Tensor):
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(
-                f"expected input (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"expected input (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         m = self.multiple
         if h % m or w % m:
-            raise ValueError(
-                f"input size {h}x{w} is not a multiple of {m} (2 ** n_down)")
+            raise ValueError(f"input size {h}x{w} is not a multiple of {m} (2 ** n_down)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -309,28 +314,41 @@ class Generator(nn.Module):
 # Discriminator
 # ---------------------------------------------------------------------------------------------
 
+
 class Discriminator(nn.Module):
     """Conditional PatchGAN on cat(A, B); raw logits (B, 1, h, w). Layer list: module docstring."""
 
-    def __init__(self, in_channels: int = 3 + 1, width: int = 64, n_layers: int = 3,
-                 norm: str = "batch", *, seed: int | None = None):
+    def __init__(
+        self,
+        in_channels: int = 3 + 1,
+        width: int = 64,
+        n_layers: int = 3,
+        norm: str = "batch",
+        *,
+        seed: int | None = None,
+    ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
         if n_layers < 1:
             raise ValueError("n_layers must be >= 1")
         b = _bias(norm)
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1),
-                                   nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
-        for n in range(1, n_layers):                                  # stride-2 layers
-            prev, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv2d(width * prev, width * mult, 4, stride=2, padding=1, bias=b),
-                       _norm(norm, width * mult), nn.LeakyReLU(0.2, True)]
-        prev, mult = mult, min(2 ** n_layers, 8)                      # stride-1 layers
-        layers += [nn.Conv2d(width * prev, width * mult, 4, stride=1, padding=1, bias=b),
-                   _norm(norm, width * mult), nn.LeakyReLU(0.2, True),
-                   nn.Conv2d(width * mult, 1, 4, stride=1, padding=1)]
+        for n in range(1, n_layers):  # stride-2 layers
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv2d(width * prev, width * mult, 4, stride=2, padding=1, bias=b),
+                _norm(norm, width * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        prev, mult = mult, min(2**n_layers, 8)  # stride-1 layers
+        layers += [
+            nn.Conv2d(width * prev, width * mult, 4, stride=1, padding=1, bias=b),
+            _norm(norm, width * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(width * mult, 1, 4, stride=1, padding=1),
+        ]
         self.model = nn.Sequential(*layers)
         self.in_channels = in_channels
         _seeded_init(self, seed)
@@ -355,6 +373,7 @@ def patch_score(logits: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Size accounting
 # ---------------------------------------------------------------------------------------------
+
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
@@ -388,8 +407,9 @@ def count_macs(module: nn.Module, input_shape) -> int:
         nonlocal total
         total += _layer_macs(mod, inputs[0], output)
 
-    handles = [s.register_forward_hook(hook) for s in m.modules()
-               if isinstance(s, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    handles = [
+        s.register_forward_hook(hook) for s in m.modules() if isinstance(s, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+    ]
     try:
         with torch.no_grad():
             m(*(torch.empty(tuple(s), device="meta") for s in shapes))
@@ -405,11 +425,17 @@ def describe_presets(size: int = 1024) -> list[dict]:
     rows = []
     for name, cfg in PRESETS.items():
         g = Generator(cfg)
-        rows.append({"preset": name, "params": count_params(g),
-                     "gmacs": count_macs(g, (1, cfg.in_channels, size, size)) / 1e9})
+        rows.append(
+            {"preset": name, "params": count_params(g), "gmacs": count_macs(g, (1, cfg.in_channels, size, size)) / 1e9}
+        )
     d = Discriminator()
-    rows.append({"preset": "discriminator", "params": count_params(d),
-                 "gmacs": count_macs(d, (1, d.in_channels, size, size)) / 1e9})
+    rows.append(
+        {
+            "preset": "discriminator",
+            "params": count_params(d),
+            "gmacs": count_macs(d, (1, d.in_channels, size, size)) / 1e9,
+        }
+    )
     return rows
 
 

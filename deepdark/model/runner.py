@@ -28,19 +28,18 @@ the fourth channel and returns physics + R tanh(h).
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepdark.io.shards import Shard
+from deepdark.io.units import unit_to_adu
 from deepdark.model import conditioning as C
 from deepdark.model.files import LoadedModel, check_geometry, load_model
 from deepdark.model.nets import model_input
-from deepdark.io.shards import Shard
 from deepdark.model.runtime import autocast, fp32_head, resolve_device
-from deepdark.io.units import unit_to_adu
 
 
 class ModelRunner:
@@ -93,8 +92,10 @@ class ModelRunner:
         else:
             ar, ac = shard.geometry.active.shape
             if ar != ac:
-                raise ValueError(f"{shard.path}: active area {ar} x {ac} is not square; the model's input step "
-                                 "(deepdark.model.nets.model_input) resizes strips to squares only")
+                raise ValueError(
+                    f"{shard.path}: active area {ar} x {ac} is not square; the model's input step "
+                    "(deepdark.model.nets.model_input) resizes strips to squares only"
+                )
             size = ar
         phys = extra = None
         if self.physics is not None:
@@ -117,25 +118,26 @@ class ModelRunner:
         ``base_adu`` (B, H, W), the physics prediction: the result is base + R tanh(h).
         """
         if (base_adu is None) != (self.physics is None):
-            raise ValueError("a physics-mode model needs the physics prediction (base_adu), "
-                             "a strips-only model takes none")
+            raise ValueError(
+                "a physics-mode model needs the physics prediction (base_adu), a strips-only model takes none"
+            )
         m = self.generator.multiple
         h, w = x.shape[-2:]
         ph, pw = (-h) % m, (-w) % m
         top, left = ph // 2, pw // 2
         out = np.empty((x.shape[0], h, w), dtype=np.float32)
         for start in range(0, x.shape[0], self.batch_size):
-            xb = x[start:start + self.batch_size].to(self.device)
+            xb = x[start : start + self.batch_size].to(self.device)
             if ph or pw:
                 xb = F.pad(xb, (left, pw - left, top, ph - top), mode="reflect")
             with autocast(self.device):
                 y = self.generator(xb)
-            y = y[:, 0, top:top + h, left:left + w].float()
+            y = y[:, 0, top : top + h, left : left + w].float()
             if base_adu is None:
-                out[start:start + len(xb)] = unit_to_adu(y.double()).cpu().numpy().astype(np.float32)
+                out[start : start + len(xb)] = unit_to_adu(y.double()).cpu().numpy().astype(np.float32)
             else:
-                b = torch.from_numpy(np.asarray(base_adu[start:start + len(xb)], dtype=np.float64))
-                out[start:start + len(xb)] = C.compose_adu(y.cpu(), b, self.residual_range_adu).numpy()
+                b = torch.from_numpy(np.asarray(base_adu[start : start + len(xb)], dtype=np.float64))
+                out[start : start + len(xb)] = C.compose_adu(y.cpu(), b, self.residual_range_adu).numpy()
         return out
 
 
@@ -163,5 +165,3 @@ def active_predictor(model_dir: str | Path | LoadedModel, device: str | torch.de
 
     predict.runner = runner
     return predict
-
-

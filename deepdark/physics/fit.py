@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
-from deepdark.io.tables import frame_setpoints
 from deepdark.io.geometry import Geometry
 from deepdark.io.shards import Shard
+from deepdark.io.tables import common_geometry, frame_setpoints, library_table
+
 from .frame_state import MAD_SIGMA, OVERSCAN_SKIP, frame_state
 from .law import fit_law
 from .pixelfit import IRREGULAR_P, _hot_fits, _pairs, _PixelFit, _robust_fit, smooth_prior
@@ -29,21 +30,22 @@ log = logging.getLogger(__name__)
 PHYSICS_SCHEMA = 1
 SATURATED = 65535
 LIBRARY_TYPES = ("DARK", "BIAS")
-PIXEL_CLIP = 5.0             # frame-pixels beyond this many of the pixel's residual scales are cut
-BLOCKS = 32                  # block means per side for the law fit (blocks at least MIN_BLOCK px wide)
+PIXEL_CLIP = 5.0  # frame-pixels beyond this many of the pixel's residual scales are cut
+BLOCKS = 32  # block means per side for the law fit (blocks at least MIN_BLOCK px wide)
 MIN_BLOCK = 8
-HOT_FACTOR = 3.0             # hot pixel: dark at the reference above this many times its block's
-SMOOTH_PX = 3                # radius of the smoothing box (3 passes: a ~Gaussian of sd ~sqrt(r(r+1)) px)
-MAX_EXTRAPOLATION = 2.0      # a separable library predicts up to this many times its longest exposure
+HOT_FACTOR = 3.0  # hot pixel: dark at the reference above this many times its block's
+SMOOTH_PX = 3  # radius of the smoothing box (3 passes: a ~Gaussian of sd ~sqrt(r(r+1)) px)
+MAX_EXTRAPOLATION = 2.0  # a separable library predicts up to this many times its longest exposure
 
 
 # -- the library fit ----------------------------------------------------------------------------
+
 
 def _block_means(signal: np.ndarray, bs: int, clip: float = PIXEL_CLIP) -> np.ndarray:
     """Clipped means of bs x bs blocks of ``signal`` (k, R, C) -> (k, R//bs, C//bs)."""
     k, R, C = signal.shape
     nr, nc = R // bs, C // bs
-    v = signal[:, :nr * bs, :nc * bs].reshape(k, nr, bs, nc, bs).transpose(0, 1, 3, 2, 4).reshape(k, nr, nc, bs * bs)
+    v = signal[:, : nr * bs, : nc * bs].reshape(k, nr, bs, nc, bs).transpose(0, 1, 3, 2, 4).reshape(k, nr, nc, bs * bs)
     med = np.median(v, axis=-1, keepdims=True)
     sig = np.maximum(MAD_SIGMA * np.median(np.abs(v - med), axis=-1, keepdims=True), 0.5)
     keep = np.abs(v - med) <= clip * sig
@@ -54,44 +56,46 @@ def _block_means(signal: np.ndarray, bs: int, clip: float = PIXEL_CLIP) -> np.nd
 class _Members:
     """The library's frame-channels and what stage 1 measured on them."""
 
-    table: pd.DataFrame      # one row per frame-channel (shard_no, row, active_index, file, camera, ...)
-    bias: np.ndarray         # (n, R) float32
-    level: np.ndarray        # (n,)
+    table: pd.DataFrame  # one row per frame-channel (shard_no, row, active_index, file, camera, ...)
+    bias: np.ndarray  # (n, R) float32
+    level: np.ndarray  # (n,)
     read_var: np.ndarray
     row_var: np.ndarray
-    blocks: np.ndarray       # (n, nb_r, nb_c)
-    ob_cols: np.ndarray      # (n, R, 4) float32
-    ob_rows: np.ndarray      # (n, 4, C) float32
+    blocks: np.ndarray  # (n, nb_r, nb_c)
+    ob_cols: np.ndarray  # (n, R, 4) float32
+    ob_rows: np.ndarray  # (n, 4, C) float32
     ob_cols_raw: np.ndarray  # uint16, for the saturation mask
     ob_rows_raw: np.ndarray
 
 
 def _library(shards: Sequence[Shard]) -> pd.DataFrame:
-    parts = []
-    for k, s in enumerate(shards):
-        t = s.table
-        sel = t[t["imagetyp"].isin(LIBRARY_TYPES) & (t["active_index"] >= 0)].copy()
-        sel["shard_no"], sel["row"] = k, sel.index.to_numpy()
-        parts.append(sel)
-    lib = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    lib = library_table(shards, LIBRARY_TYPES)
+    if not lib.empty:
+        lib = lib[lib["active_index"] >= 0].reset_index(drop=True)
     if lib.empty:
         raise ValueError("no DARK or BIAS frames in the library shards")
-    lib.loc[lib["imagetyp"] == "BIAS", "exptime"] = 0.0
     return lib
 
 
 def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progress: bool) -> _Members:
     n = len(lib)
     R, C = g.active.shape
-    out = dict(bias=np.empty((n, R), np.float32), level=np.empty(n), read_var=np.empty(n), row_var=np.empty(n),
-               blocks=np.empty((n, R // bs, C // bs)), ob_cols=None, ob_rows=None)
+    out = dict(
+        bias=np.empty((n, R), np.float32),
+        level=np.empty(n),
+        read_var=np.empty(n),
+        row_var=np.empty(n),
+        blocks=np.empty((n, R // bs, C // bs)),
+        ob_cols=None,
+        ob_rows=None,
+    )
     ob_c, ob_r, ob_c_raw, ob_r_raw = [], [], [], []
     pos_all = []
     bar = tqdm(total=n, desc="physics: frame state", unit="channel", disable=not progress)
     for k, s in enumerate(shards):
         sub = lib[lib["shard_no"] == k].sort_values("row")
         for start in range(0, len(sub), 16):
-            part = sub.iloc[start:start + 16]
+            part = sub.iloc[start : start + 16]
             rows, pos = part["row"].to_numpy(), part.index.to_numpy()
             strips = s.strips(rows)
             st = frame_state(strips, params["overscan_skip"], params["shrink"], params["smooth_rows"])
@@ -105,17 +109,26 @@ def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progr
             bar.update(len(rows))
     bar.close()
     order = np.argsort(np.concatenate(pos_all))
-    return _Members(lib, out["bias"], out["level"], out["read_var"], out["row_var"], out["blocks"],
-                    np.concatenate(ob_c)[order], np.concatenate(ob_r)[order],
-                    np.concatenate(ob_c_raw)[order], np.concatenate(ob_r_raw)[order])
+    return _Members(
+        lib,
+        out["bias"],
+        out["level"],
+        out["read_var"],
+        out["row_var"],
+        out["blocks"],
+        np.concatenate(ob_c)[order],
+        np.concatenate(ob_r)[order],
+        np.concatenate(ob_c_raw)[order],
+        np.concatenate(ob_r_raw)[order],
+    )
 
 
-BYTES_PER_FRAME_PIXEL = 48      # working set of the per-pixel fit: ~10 float32/bool (frames x pixels) arrays
+BYTES_PER_FRAME_PIXEL = 48  # working set of the per-pixel fit: ~10 float32/bool (frames x pixels) arrays
 
 
 def _chunk_rows(N: int, cols: int, memory_mb: float) -> int:
     """Active rows per block so that the fit's working set stays within ``memory_mb``."""
-    return max(1, int(memory_mb * 2 ** 20 // (N * cols * BYTES_PER_FRAME_PIXEL)))
+    return max(1, int(memory_mb * 2**20 // (N * cols * BYTES_PER_FRAME_PIXEL)))
 
 
 def _read_rows(shards, sel: pd.DataFrame, r0: int, r1: int) -> np.ndarray:
@@ -135,8 +148,8 @@ def _read_rows(shards, sel: pd.DataFrame, r0: int, r1: int) -> np.ndarray:
 class _Noise:
     """Noise variance of a library frame-pixel: read noise + offset + shot noise of its signal."""
 
-    frame_var: np.ndarray    # (N,) residual variance of each frame (pass A)
-    read_var: np.ndarray     # (N,) overscan variance of each frame
+    frame_var: np.ndarray  # (N,) residual variance of each frame (pass A)
+    read_var: np.ndarray  # (N,) overscan variance of each frame
     offset: float = 0.0
     inv_gain: float | None = None
 
@@ -169,7 +182,7 @@ class _Noise:
         return cls(frame_var, read_var)
 
 
-HIST_STEP = 0.02             # ADU: resolution of the residual histograms of pass A
+HIST_STEP = 0.02  # ADU: resolution of the residual histograms of pass A
 
 
 def _pass_a(chunks, get_chunk, X, clip, bar, hist_max: float = 500.0):
@@ -187,9 +200,9 @@ def _pass_a(chunks, get_chunk, X, clip, bar, hist_max: float = 500.0):
         fit = _robust_fit(Y, valid, X, None, clip)
         beta32 = fit.beta.astype(np.float32)
         del fit
-        for f in range(N):                            # a frame at a time: no (N, P) temporaries
+        for f in range(N):  # a frame at a time: no (N, P) temporaries
             bins = np.minimum((np.abs(Y[f] - X32[f] @ beta32) / HIST_STEP).astype(np.int64), len(edges))
-            bins[~valid[f]] = len(edges)              # invalid pixels: the overflow bin, not counted
+            bins[~valid[f]] = len(edges)  # invalid pixels: the overflow bin, not counted
             hist[f] += np.bincount(bins, minlength=len(edges) + 1)
         bar.update(1)
     counts = hist[:, :-1]
@@ -222,9 +235,9 @@ class _Library:
     camera: str
     channels: list[str]
     files: list[str]
-    t: np.ndarray            # (F,) exposure, 0 for biases
-    header_T: np.ndarray     # (F,)
-    members: pd.DataFrame    # frame-channels, with ``fp`` (frame position)
+    t: np.ndarray  # (F,) exposure, 0 for biases
+    header_T: np.ndarray  # (F,)
+    members: pd.DataFrame  # frame-channels, with ``fp`` (frame position)
 
 
 def _camera_library(mem: _Members, camera: str, g: Geometry) -> _Library:
@@ -252,10 +265,19 @@ def _camera_library(mem: _Members, camera: str, g: Geometry) -> _Library:
     return _Library(camera, channels, files, t, header_T, members)
 
 
-def fit_physics(shards: Sequence[str | Path], out: str | Path, memory_mb: float = 512,
-                overscan_skip: int = OVERSCAN_SKIP, shrink: bool = True, smooth_rows: int = 1,
-                smooth_px: int = SMOOTH_PX, clip: float = PIXEL_CLIP, irregular_p: float = IRREGULAR_P,
-                max_extrapolation: float = MAX_EXTRAPOLATION, progress: bool = True) -> Path:
+def fit_physics(
+    shards: Sequence[str | Path],
+    out: str | Path,
+    memory_mb: float = 512,
+    overscan_skip: int = OVERSCAN_SKIP,
+    shrink: bool = True,
+    smooth_rows: int = 1,
+    smooth_px: int = SMOOTH_PX,
+    clip: float = PIXEL_CLIP,
+    irregular_p: float = IRREGULAR_P,
+    max_extrapolation: float = MAX_EXTRAPOLATION,
+    progress: bool = True,
+) -> Path:
     """Fit the per-pixel dark model of the DARK (and BIAS) frames of library ``shards``; write ``out``.
 
     ``memory_mb`` bounds the stack of library pixels held at once (blocks of active rows); the
@@ -263,21 +285,29 @@ def fit_physics(shards: Sequence[str | Path], out: str | Path, memory_mb: float 
     """
     opened = [Shard(p) for p in shards]
     try:
-        names = {s.geometry.name for s in opened}
-        if len(names) != 1:
-            raise ValueError(f"library shards mix geometries: {sorted(names)}")
-        g = opened[0].geometry
-        params = dict(overscan_skip=int(overscan_skip), shrink=bool(shrink), smooth_rows=int(smooth_rows),
-                      smooth_px=int(smooth_px), clip=float(clip), irregular_p=float(irregular_p),
-                      max_extrapolation=float(max_extrapolation))
+        g = common_geometry(opened)
+        params = dict(
+            overscan_skip=int(overscan_skip),
+            shrink=bool(shrink),
+            smooth_rows=int(smooth_rows),
+            smooth_px=int(smooth_px),
+            clip=float(clip),
+            irregular_p=float(irregular_p),
+            max_extrapolation=float(max_extrapolation),
+        )
         lib = _library(opened)
         bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
         mem = _stage1(opened, lib, g, params, bs, progress)
         out = Path(out)
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(schema_version=PHYSICS_SCHEMA, geometry=g.source, software=f"deepdark {__version__}",
-                           created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           params=json.dumps(params), nights=",".join(sorted(set(lib["night"]))))
+            f.attrs.update(
+                schema_version=PHYSICS_SCHEMA,
+                geometry=g.source,
+                software=f"deepdark {__version__}",
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                params=json.dumps(params),
+                nights=",".join(sorted(set(lib["night"]))),
+            )
             cams = f.create_group("cameras")
             for ci, camera in enumerate(sorted(set(lib["camera"]))):
                 cl = _camera_library(mem, camera, g)
@@ -297,23 +327,49 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
     has_bias = bool((~dark).any())
     separable = len(dark_exptimes) >= 2 or has_bias
     if not separable:
-        log.warning("camera %s: library has only %g s darks and no bias frames: glow cannot be told from dark"
-                    " current; only %g s can be predicted", cl.camera, dark_exptimes[0], dark_exptimes[0])
+        log.warning(
+            "camera %s: library has only %g s darks and no bias frames: glow cannot be told from dark"
+            " current; only %g s can be predicted",
+            cl.camera,
+            dark_exptimes[0],
+            dark_exptimes[0],
+        )
     # stage 2: the law, from the block means of all channels (one temperature per frame)
     R, C = g.active.shape
     nbr, nbc = R // bs, C // bs
-    Y = np.concatenate([mem.blocks[cl.members[cl.members["channel"] == ch].sort_values("fp").index]
-                        .reshape(len(cl.files), -1) for ch in cl.channels], axis=1)
+    Y = np.concatenate(
+        [
+            mem.blocks[cl.members[cl.members["channel"] == ch].sort_values("fp").index].reshape(len(cl.files), -1)
+            for ch in cl.channels
+        ],
+        axis=1,
+    )
     law, T, block_beta = fit_law(Y, t, header_T, frame_setpoints(per_frame))
     T[~dark] = header_T[~dark]
-    log.info("camera %s: T0 %.2f C, tau1 %.2f C, tau2 %.2f C, %d frames", cl.camera, law.T0, law.tau1, law.tau2,
-             len(cl.files))
+    log.info(
+        "camera %s: T0 %.2f C, tau1 %.2f C, tau2 %.2f C, %d frames",
+        cl.camera,
+        law.T0,
+        law.tau1,
+        law.tau2,
+        len(cl.files),
+    )
     hdr = header_T[dark] - T[dark]
-    header_sigma = float(np.sqrt(np.mean(hdr ** 2))) if dark.sum() > 2 else float("nan")
-    grp.attrs.update(camera=cl.camera, T0=law.T0, tau1=law.tau1, tau2=law.tau2, components=law.components,
-                     header_sigma=header_sigma, dark_exptimes=np.asarray(dark_exptimes, float), has_bias=has_bias,
-                     separable=separable, n_frames=len(cl.files), n_setpoints=n_setpoints,
-                     channels=json.dumps(cl.channels))
+    header_sigma = float(np.sqrt(np.mean(hdr**2))) if dark.sum() > 2 else float("nan")
+    grp.attrs.update(
+        camera=cl.camera,
+        T0=law.T0,
+        tau1=law.tau1,
+        tau2=law.tau2,
+        components=law.components,
+        header_sigma=header_sigma,
+        dark_exptimes=np.asarray(dark_exptimes, float),
+        has_bias=has_bias,
+        separable=separable,
+        n_frames=len(cl.files),
+        n_setpoints=n_setpoints,
+        channels=json.dumps(cl.channels),
+    )
     X = law.design(T, t)
     K = law.K
     t_ref = max(dark_exptimes)
@@ -325,14 +381,16 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
         N, mi = len(sel), sel.index.to_numpy()
         bias, read_var, row_var = mem.bias[mi], mem.read_var[mi], mem.row_var[mi]
         # the dark at (T0, longest exposure) of the blocks: the reference of the hot-pixel test
-        bb = block_beta[:, j * nbr * nbc:(j + 1) * nbr * nbc].reshape(K, nbr, nbc)
+        bb = block_beta[:, j * nbr * nbc : (j + 1) * nbr * nbc].reshape(K, nbr, nbc)
         typ_b = np.einsum("k,kij->ij", x_ref[:-1], bb[:-1])
         typ = typ_b[np.minimum(np.arange(R) // bs, nbr - 1)][:, np.minimum(np.arange(C) // bs, nbc - 1)].ravel()
         step = _chunk_rows(N, C, memory_mb)
         chunks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
         cache: dict = {}
 
-        def get_chunk(chunk, sel=sel, bias=bias, cache=cache, single=len(chunks) == 1, N=N):
+        single_chunk = len(chunks) == 1
+
+        def get_chunk(chunk, sel=sel, bias=bias, cache=cache, single=single_chunk, N=N):
             if chunk in cache:
                 return cache[chunk]
             r0, r1 = chunk
@@ -343,13 +401,12 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
                 cache[chunk] = res
             return res
 
-        bar = tqdm(total=2 * len(chunks), desc=f"physics: {cl.camera} channel {ch}", unit="block",
-                   disable=not progress)
+        bar = tqdm(total=2 * len(chunks), desc=f"physics: {cl.camera} channel {ch}", unit="block", disable=not progress)
         frame_var = _pass_a(chunks, get_chunk, X, params["clip"], bar)
-        mean_sig = np.median(mem.blocks[mi].reshape(N, -1), axis=1)   # the typical pixel's signal
+        mean_sig = np.median(mem.blocks[mi].reshape(N, -1), axis=1)  # the typical pixel's signal
         noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
         A = np.zeros((len(_pairs(K)), R * C))
-        b0 = np.zeros(R * C)                      # only d1's right side is needed later
+        b0 = np.zeros(R * C)  # only d1's right side is needed later
         beta = np.zeros((K, R * C), np.float32)
         chi2 = np.zeros(R * C, np.float32)
         hot = np.zeros(R * C, bool)
@@ -363,21 +420,26 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
             h = np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + 10 * math.sqrt(float(np.mean(read_var))))
             if h.size:
                 hot[sl.start + h] = True
-                tau, coef = _hot_fits(Yc, valid, fit, h, T, t, law, lambda S: noise(S), params["clip"])
+                tau, coef = _hot_fits(Yc, valid, fit, h, T, t, law, noise, params["clip"])
                 hot_idx.append(sl.start + h), hot_tau.append(tau), hot_coef.append(coef)
             bar.update(1)
         bar.close()
         cache.clear()
         if params["smooth_px"] > 0:
-            maps, irregular = smooth_prior(A, b0, beta, chi2, hot, (R, C), K, params["smooth_px"],
-                                           params["irregular_p"])
+            maps, irregular = smooth_prior(
+                A, b0, beta, chi2, hot, (R, C), K, params["smooth_px"], params["irregular_p"]
+            )
         else:
             maps, irregular = beta, np.ones(R * C, bool)
         del A, b0
         cg = grp.create_group(f"channel_{j}")
-        cg.attrs.update(channel=ch, inv_gain=np.nan if noise.inv_gain is None else noise.inv_gain,
-                        noise_offset=noise.offset, irregular_fraction=float(irregular.mean()),
-                        hot_pixels=int(hot.sum()))
+        cg.attrs.update(
+            channel=ch,
+            inv_gain=np.nan if noise.inv_gain is None else noise.inv_gain,
+            noise_offset=noise.offset,
+            irregular_fraction=float(irregular.mean()),
+            hot_pixels=int(hot.sum()),
+        )
         _write_maps(cg, maps, K, (R, C))
         flags = (hot.astype(np.uint8) | (irregular.astype(np.uint8) << 1)).reshape(R, C)
         cg.create_dataset("flags", data=flags, compression="gzip", shuffle=True)
@@ -391,10 +453,22 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
         cg.create_dataset("hot_coef", data=hc[good].astype(np.float32))
         _fit_ob(cg.create_group("ob"), mem, mi, X, noise, row_var, x_ref, read_var, params, K, (R, C))
         for i, (_, r) in enumerate(sel.iterrows()):
-            rows_tab.append(dict(file=r["file"], channel=ch, night=r["night"], imagetyp=r["imagetyp"],
-                                 exptime=float(t[r["fp"]]), ccdtemp=float(r["ccdtemp"]), settemp=float(r["settemp"]),
-                                 teff=float(T[r["fp"]]), noise_var=float(frame_var[i]), read_var=float(read_var[i]),
-                                 row_var=float(row_var[i]), bias_level=float(mem.level[mi[i]])))
+            rows_tab.append(
+                dict(
+                    file=r["file"],
+                    channel=ch,
+                    night=r["night"],
+                    imagetyp=r["imagetyp"],
+                    exptime=float(t[r["fp"]]),
+                    ccdtemp=float(r["ccdtemp"]),
+                    settemp=float(r["settemp"]),
+                    teff=float(T[r["fp"]]),
+                    noise_var=float(frame_var[i]),
+                    read_var=float(read_var[i]),
+                    row_var=float(row_var[i]),
+                    bias_level=float(mem.level[mi[i]]),
+                )
+            )
     tab = pd.DataFrame(rows_tab)
     tg = grp.create_group("frames")
     for col in tab:
@@ -413,12 +487,15 @@ def _fit_ob(og, mem: _Members, mi, X, noise: _Noise, row_var, x_ref, read_var, p
     valid = (raw < SATURATED) & (raw > 0)
     # OB rows carry their frame's unknown row offsets: extra noise of variance row_var
     extra = np.zeros(Y.shape, np.float32)
-    extra[:, R * ncol:] = row_var[:, None]
+    extra[:, R * ncol :] = row_var[:, None]
     fit = _weighted_fit(Y, valid, X, noise, params["clip"], extra_var=extra)
     S_ref = x_ref[:-1] @ fit.beta[:-1]
     med = float(np.median(S_ref))
-    use = ((S_ref < HOT_FACTOR * max(med, 0) + 10 * math.sqrt(float(np.mean(read_var)))) & (fit.chi2 < 4)
-           & (fit.n >= K + 2))
+    use = (
+        (S_ref < HOT_FACTOR * max(med, 0) + 10 * math.sqrt(float(np.mean(read_var))))
+        & (fit.chi2 < 4)
+        & (fit.n >= K + 2)
+    )
     parts = {"cols": (0, R * ncol, (R, ncol)), "rows": (R * ncol, R * ncol + nrow * C, (nrow, C))}
     for name, (a, z, sh) in parts.items():
         sg = og.create_group(name)

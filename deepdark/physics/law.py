@@ -13,10 +13,11 @@ from .frame_state import MAD_SIGMA
 log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
-DEFAULT_TAU = 6.4            # C: the paper's halving temperature, used when one setpoint cannot tell
+DEFAULT_TAU = 6.4  # C: the paper's halving temperature, used when one setpoint cannot tell
 
 
 # -- the temperature law ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Law:
@@ -49,8 +50,7 @@ class Law:
     def design_dT(self, T, t) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64)
         taus = [self.tau1] + ([self.tau2] if self.components == 2 else [])
-        return np.stack([t * f * LN2 / tau for f, tau in zip(self.factors(T), taus)]
-                        + [np.zeros_like(t)], axis=1)
+        return np.stack([t * f * LN2 / tau for f, tau in zip(self.factors(T), taus)] + [np.zeros_like(t)], axis=1)
 
 
 def _grid_ssr(Y: np.ndarray, T, t, T0, pairs, w=None) -> np.ndarray:
@@ -82,20 +82,31 @@ def _best_taus(Y, T, t, T0, components: int, w=None, ratio: float | None = None)
         return Law(T0, float(fine[int(np.argmin(_grid_ssr(Y, T, t, T0, fine, w)))][0]))
     coarse = [(a, b) for a in np.arange(4.0, 20.01, 0.5) for b in np.arange(1.5, 10.01, 0.25) if b <= a - 1.0]
     a, b = coarse[int(np.argmin(_grid_ssr(Y, T, t, T0, coarse, w)))]
-    fine = [(x, y) for x in np.arange(a - 0.5, a + 0.501, 0.05) for y in np.arange(b - 0.25, b + 0.2501, 0.025)
-            if y <= x - 0.5 and y > 0.5]
+    fine = [
+        (x, y)
+        for x in np.arange(a - 0.5, a + 0.501, 0.05)
+        for y in np.arange(b - 0.25, b + 0.2501, 0.025)
+        if y <= x - 0.5 and y > 0.5
+    ]
     a, b = fine[int(np.argmin(_grid_ssr(Y, T, t, T0, fine, w)))]
     return Law(T0, float(a), float(b))
 
 
-def _newton_T(Y: np.ndarray, t: np.ndarray, T: np.ndarray, beta: np.ndarray, law: Law, steps: int = 12,
-              w: np.ndarray | None = None) -> np.ndarray:
+def _newton_T(
+    Y: np.ndarray,
+    t: np.ndarray,
+    T: np.ndarray,
+    beta: np.ndarray,
+    law: Law,
+    steps: int = 12,
+    w: np.ndarray | None = None,
+) -> np.ndarray:
     """Per-frame temperature that best fits its blocks (rows of Y) given the block maps ``beta``,
     blocks weighted by ``w`` (blocks,)."""
     T = T.astype(np.float64).copy()
     w = np.ones(Y.shape[1]) if w is None else w
     for _ in range(steps):
-        X, dX = law.design(T, t), law.design_dT(T, t)        # (F, K)
+        X, dX = law.design(T, t), law.design_dT(T, t)  # (F, K)
         r = Y - X @ beta
         jac = dX @ beta
         num, den = np.einsum("fb,fb,b->f", jac, r, w), np.einsum("fb,fb,b->f", jac, jac, w)
@@ -136,8 +147,9 @@ def _levenberg_marquardt(fun, p0: np.ndarray, lo: np.ndarray, hi: np.ndarray, it
     return p
 
 
-def fit_law(Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.ndarray,
-            tau_ratio: float | None = None) -> tuple[Law, np.ndarray, np.ndarray]:
+def fit_law(
+    Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.ndarray, tau_ratio: float | None = None
+) -> tuple[Law, np.ndarray, np.ndarray]:
     """The camera's law and every library frame's temperature, from block means.
 
     ``Y`` (frames, blocks): clipped block means of the bias-subtracted active areas of all
@@ -167,7 +179,7 @@ def fit_law(Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.nd
     ng = np.bincount(member, minlength=len(groups)).astype(float)
     Yg = np.stack([Y[member == i].mean(axis=0) for i in range(len(groups))])
     tg = np.array([k[1] for k in groups])
-    gd = tg > 0                                        # dark groups (biases have no temperature)
+    gd = tg > 0  # dark groups (biases have no temperature)
     T0 = float(np.round(np.median(header_T[dark]), 1))
     Ag = np.array([header_T[member == i].mean() if gd[i] else T0 for i in range(len(groups))])
     n_setpoints = len(set(sp[dark]))
@@ -180,8 +192,11 @@ def fit_law(Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.nd
         return np.linalg.lstsq(law.design(Tg, tg) * sw, Yg * sw, rcond=None)[0]
 
     if n_setpoints < 2:
-        log.warning("library darks at a single setpoint: the dark current is assumed to double every %.1f C"
-                    " (the paper's); other temperatures are extrapolations", DEFAULT_TAU)
+        log.warning(
+            "library darks at a single setpoint: the dark current is assumed to double every %.1f C"
+            " (the paper's); other temperatures are extrapolations",
+            DEFAULT_TAU,
+        )
         law = Law(T0, DEFAULT_TAU)
     else:
         law = _best_taus(Yg, Ag, tg, T0, components, ng, tau_ratio)
@@ -193,10 +208,10 @@ def fit_law(Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.nd
     misfit = MAD_SIGMA * np.median(np.abs(r), axis=0)
     wb = 1.0 / np.maximum(misfit, 1e-3 * max(float(np.median(misfit)), 1e-12)) ** 2
     wb /= wb.mean()
-    noise2 = float(np.median(wb[None, :] * r * r)) / 0.4549          # median of chi2(1) = 0.4549
+    noise2 = float(np.median(wb[None, :] * r * r)) / 0.4549  # median of chi2(1) = 0.4549
     within = (header_T - T)[dark] - np.array([np.mean((header_T - T)[member == m]) for m in member[dark]])
     n_per = ng[member[dark]]
-    sigma_h = max(float(np.sqrt(np.sum(within ** 2) / max(np.sum(1 - 1 / n_per), 1))), 0.05)
+    sigma_h = max(float(np.sqrt(np.sum(within**2) / max(np.sum(1 - 1 / n_per), 1))), 0.05)
     if n_setpoints >= 2:
         sa = sigma_h / np.sqrt(ng[gd])
         sqw = np.sqrt(wb)[None, :] * sw / math.sqrt(noise2)
@@ -204,11 +219,11 @@ def fit_law(Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.nd
 
         def unpack(p):
             Tg = Ag.copy()
-            Tg[gd] = p[:gd.sum()]
-            taus = p[gd.sum():]
+            Tg[gd] = p[: gd.sum()]
+            taus = p[gd.sum() :]
             if n_tau == 1:
                 return Tg, Law(T0, taus[0], taus[0] / tau_ratio if tau_ratio and components == 2 else float("nan"))
-            return Tg, Law(T0, taus[0] + taus[1], taus[1])       # tau1 = tau2 + gap
+            return Tg, Law(T0, taus[0] + taus[1], taus[1])  # tau1 = tau2 + gap
 
         def residuals(p):
             Tg, lw = unpack(p)
@@ -220,8 +235,11 @@ def fit_law(Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.nd
         lo = np.concatenate([Ag[gd] - 5, [1.0] if n_tau == 1 else [0.5, 0.5]])
         hi = np.concatenate([Ag[gd] + 5, [40.0] if n_tau == 1 else [30.0, 20.0]])
         best = None
-        starts = [taus0] + ([[g1 - g2, g2] for g1 in (6.0, 8.0, 11.0) for g2 in (2.5, 3.5, 5.0)] if n_tau == 2 else
-                            [[x] for x in (4.0, 6.0, 9.0, 14.0)])
+        starts = [taus0] + (
+            [[g1 - g2, g2] for g1 in (6.0, 8.0, 11.0) for g2 in (2.5, 3.5, 5.0)]
+            if n_tau == 2
+            else [[x] for x in (4.0, 6.0, 9.0, 14.0)]
+        )
         for start in starts:
             p = _levenberg_marquardt(residuals, np.concatenate([Ag[gd], start]), lo, hi)
             c = float(np.sum(residuals(p) ** 2))

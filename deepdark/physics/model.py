@@ -15,15 +15,16 @@ import pandas as pd
 
 from deepdark.io.geometry import Geometry, parse_geometry
 from deepdark.io.shards import Shard
+
 from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, SATURATED, _map_names
 from .frame_state import FrameState, frame_state
 from .law import LN2, Law
 
 log = logging.getLogger(__name__)
 
-TEFF_MAX_SIGMA = 2.0         # C: an OB temperature less certain than this is not used at all
-TEFF_MAX_OFFSET = 5.0        # C: an OB temperature this far from CCDTEMP is not trusted
-GLOW_SYS = 0.01              # relative uncertainty of the OB pixels' per-readout level (systematic)
+TEFF_MAX_SIGMA = 2.0  # C: an OB temperature less certain than this is not used at all
+TEFF_MAX_OFFSET = 5.0  # C: an OB temperature this far from CCDTEMP is not trusted
+GLOW_SYS = 0.01  # relative uncertainty of the OB pixels' per-readout level (systematic)
 
 
 class PhysicsError(ValueError):
@@ -32,19 +33,20 @@ class PhysicsError(ValueError):
 
 # -- the fitted model: effective temperature and prediction -------------------------------------
 
+
 @dataclass
 class ChannelModel:
     """One camera-channel's maps (float32, readout coordinates) and hot pixels."""
 
-    maps: np.ndarray            # (K, active rows, active cols): d1, [d2,] g
-    hot_index: np.ndarray       # flat indices into the active area
-    hot_tau: np.ndarray         # their own doubling temperatures, C
-    hot_coef: np.ndarray        # (n, K): h, [d2,] g
-    ob_cols: np.ndarray         # (K, active rows, n) maps of the OB columns
-    ob_cols_use: np.ndarray     # bool: OB pixels used for the temperature
-    ob_rows: np.ndarray         # (K, n, active cols)
+    maps: np.ndarray  # (K, active rows, active cols): d1, [d2,] g
+    hot_index: np.ndarray  # flat indices into the active area
+    hot_tau: np.ndarray  # their own doubling temperatures, C
+    hot_coef: np.ndarray  # (n, K): h, [d2,] g
+    ob_cols: np.ndarray  # (K, active rows, n) maps of the OB columns
+    ob_cols_use: np.ndarray  # bool: OB pixels used for the temperature
+    ob_rows: np.ndarray  # (K, n, active cols)
     ob_rows_use: np.ndarray
-    inv_gain: float             # 1/gain (ADU of variance per ADU of signal), NaN if unknown
+    inv_gain: float  # 1/gain (ADU of variance per ADU of signal), NaN if unknown
     noise_offset: float
 
 
@@ -57,7 +59,7 @@ class CameraInfo:
     separable: bool
     channels: tuple[str, ...]
     group: str
-    header_sigma: float        # C: spread of the headers' temperature about the library's fitted ones
+    header_sigma: float  # C: spread of the headers' temperature about the library's fitted ones
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Temperatures:
 
     teff: np.ndarray
     sigma: np.ndarray
-    source: np.ndarray          # "ob", "ccdtemp", "settemp" or "exposure 0" per row
+    source: np.ndarray  # "ob", "ccdtemp", "settemp" or "exposure 0" per row
 
 
 class PhysicsModel:
@@ -89,8 +91,15 @@ class PhysicsModel:
             a = grp.attrs
             law = Law(float(a["T0"]), float(a["tau1"]), float(a["tau2"]))
             self.cameras[str(a["camera"])] = CameraInfo(
-                str(a["camera"]), law, tuple(float(x) for x in a["dark_exptimes"]), bool(a["has_bias"]),
-                bool(a["separable"]), tuple(json.loads(a["channels"])), f"cameras/{key}", float(a["header_sigma"]))
+                str(a["camera"]),
+                law,
+                tuple(float(x) for x in a["dark_exptimes"]),
+                bool(a["has_bias"]),
+                bool(a["separable"]),
+                tuple(json.loads(a["channels"])),
+                f"cameras/{key}",
+                float(a["header_sigma"]),
+            )
         self._channels: OrderedDict = OrderedDict()
         self._cache_size = cache_channels
         self._tcache: OrderedDict = OrderedDict()
@@ -111,8 +120,10 @@ class PhysicsModel:
     # -- lookups --------------------------------------------------------------------------------
     def camera(self, camera: str) -> CameraInfo:
         if camera not in self.cameras:
-            raise PhysicsError(f"{self.path.name}: no physics model for camera {camera!r}"
-                               f" (library cameras: {', '.join(sorted(self.cameras))})")
+            raise PhysicsError(
+                f"{self.path.name}: no physics model for camera {camera!r}"
+                f" (library cameras: {', '.join(sorted(self.cameras))})"
+            )
         return self.cameras[camera]
 
     def channel(self, camera: str, channel: str) -> ChannelModel:
@@ -124,11 +135,17 @@ class PhysicsModel:
             cg = self.f[f"{info.group}/channel_{info.channels.index(channel)}"]
             names = _map_names(info.law.K)
             self._channels[key] = ChannelModel(
-                maps=np.stack([cg[n][()] for n in names]), hot_index=cg["hot_index"][()],
-                hot_tau=cg["hot_tau"][()].astype(np.float64), hot_coef=cg["hot_coef"][()].astype(np.float64),
-                ob_cols=np.stack([cg[f"ob/cols/{n}"][()] for n in names]), ob_cols_use=cg["ob/cols/use"][()],
-                ob_rows=np.stack([cg[f"ob/rows/{n}"][()] for n in names]), ob_rows_use=cg["ob/rows/use"][()],
-                inv_gain=float(cg.attrs["inv_gain"]), noise_offset=float(cg.attrs["noise_offset"]))
+                maps=np.stack([cg[n][()] for n in names]),
+                hot_index=cg["hot_index"][()],
+                hot_tau=cg["hot_tau"][()].astype(np.float64),
+                hot_coef=cg["hot_coef"][()].astype(np.float64),
+                ob_cols=np.stack([cg[f"ob/cols/{n}"][()] for n in names]),
+                ob_cols_use=cg["ob/cols/use"][()],
+                ob_rows=np.stack([cg[f"ob/rows/{n}"][()] for n in names]),
+                ob_rows_use=cg["ob/rows/use"][()],
+                inv_gain=float(cg.attrs["inv_gain"]),
+                noise_offset=float(cg.attrs["noise_offset"]),
+            )
             while len(self._channels) > self._cache_size:
                 self._channels.popitem(last=False)
         self._channels.move_to_end(key)
@@ -137,8 +154,14 @@ class PhysicsModel:
     def library_frames(self, camera: str) -> pd.DataFrame:
         """The library's frame-channels with their fitted temperature and noise (diagnostics)."""
         grp = self.f[f"{self.camera(camera).group}/frames"]
-        return pd.DataFrame({c: [v.decode() if isinstance(v, bytes) else v for v in grp[c][()]]
-                             if grp[c].dtype == object else grp[c][()] for c in grp})
+        return pd.DataFrame(
+            {
+                c: [v.decode() if isinstance(v, bytes) else v for v in grp[c][()]]
+                if grp[c].dtype == object
+                else grp[c][()]
+                for c in grp
+            }
+        )
 
     def check_exposure(self, camera: str, exptime: float) -> None:
         """Raise :class:`PhysicsError` unless the library can predict ``exptime`` for ``camera``."""
@@ -152,13 +175,15 @@ class PhysicsModel:
                 raise PhysicsError(
                     f"camera {camera}: library has only {only:g} s darks: cannot predict {exptime:g} s without"
                     f" bias frames or a second exposure time (what scales with exposure cannot be told from"
-                    f" what comes with each readout)")
+                    f" what comes with each readout)"
+                )
             return
         limit = self.params["max_extrapolation"] * longest
         if exptime > limit + 1e-9:
             raise PhysicsError(
                 f"camera {camera}: {exptime:g} s is beyond {self.params['max_extrapolation']:g}x the longest library"
-                f" exposure ({longest:g} s): the library cannot support it")
+                f" exposure ({longest:g} s): the library cannot support it"
+            )
 
     def _check_geometry(self, g: Geometry) -> None:
         if g.name != self.geometry.name or g.active.shape != self.geometry.active.shape:
@@ -170,8 +195,13 @@ class PhysicsModel:
         p = self.params
         return frame_state(strips, p["overscan_skip"], p["shrink"], p["smooth_rows"])
 
-    def temperatures(self, state: FrameState, table: pd.DataFrame, max_sigma: float = TEFF_MAX_SIGMA,
-                     max_offset: float = TEFF_MAX_OFFSET) -> Temperatures:
+    def temperatures(
+        self,
+        state: FrameState,
+        table: pd.DataFrame,
+        max_sigma: float = TEFF_MAX_SIGMA,
+        max_offset: float = TEFF_MAX_OFFSET,
+    ) -> Temperatures:
         """Effective temperature of every row of ``table`` (one per frame: all rows of a file share
         it, estimated from the OB pixels of all of its rows present), with the header fallback."""
         table = table.reset_index(drop=True)
@@ -185,12 +215,13 @@ class PhysicsModel:
                 teff[rows], sigma[rows], source[rows] = (header if np.isfinite(header) else 0.0), 0.0, "exposure 0"
                 continue
             info = self.camera(r0["camera"])
-            T, s = self._ob_temperature(state, table, rows, info, exptime,
-                                        header if np.isfinite(header) else info.law.T0)
+            T, s = self._ob_temperature(
+                state, table, rows, info, exptime, header if np.isfinite(header) else info.law.T0
+            )
             if np.isfinite(T) and s <= max_sigma and not (np.isfinite(header) and abs(T - header) > max_offset):
                 hs = info.header_sigma
                 if np.isfinite(header) and np.isfinite(hs) and hs > 0:
-                    w_ob, w_h = 1.0 / s ** 2, 1.0 / hs ** 2
+                    w_ob, w_h = 1.0 / s**2, 1.0 / hs**2
                     T, s = (w_ob * T + w_h * header) / (w_ob + w_h), 1.0 / math.sqrt(w_ob + w_h)
                     src = "ob" if w_h < 0.1 * w_ob else "ob+" + hsrc
                 else:
@@ -198,8 +229,13 @@ class PhysicsModel:
                 teff[rows], sigma[rows], source[rows] = T, s, src
                 continue
             if np.isfinite(T) and np.isfinite(header) and abs(T - header) > max_offset:
-                log.warning("%s: OB temperature %.2f C is %.1f C from the header's %.2f C: using the header",
-                            r0["file"], T, T - header, header)
+                log.warning(
+                    "%s: OB temperature %.2f C is %.1f C from the header's %.2f C: using the header",
+                    r0["file"],
+                    T,
+                    T - header,
+                    header,
+                )
             if np.isfinite(header):
                 teff[rows], sigma[rows], source[rows] = header, info.header_sigma, hsrc
             elif np.isfinite(T):
@@ -208,24 +244,32 @@ class PhysicsModel:
                 raise PhysicsError(f"{r0['file']}: no temperature (OB signal too weak, no CCDTEMP or SETTEMP)")
         return Temperatures(teff, sigma, source)
 
-    def _ob_temperature(self, state: FrameState, table, rows, info: CameraInfo, t: float, T_start: float,
-                        clip: float = PIXEL_CLIP) -> tuple[float, float]:
+    def _ob_temperature(
+        self, state: FrameState, table, rows, info: CameraInfo, t: float, T_start: float, clip: float = PIXEL_CLIP
+    ) -> tuple[float, float]:
         """Generalised least squares for T on the OB pixels of ``rows`` (one frame's channels).
 
         OB pixels of one row share the error of that row's bias (OB columns: the overscan estimate's
         error; OB rows: the whole unknown row offset): each row is a group with a shared variance,
         inverted with Sherman-Morrison."""
         law = info.law
-        groups = []   # (y (G, n), maps (K, G, n), use (G, n), pixel var scalar, group var (G,), inv_gain)
+        groups = []  # (y (G, n), maps (K, G, n), use (G, n), pixel var scalar, group var (G,), inv_gain)
         for i in rows:
             ch = self.channel(info.camera, table.iloc[i]["channel"])
             rv = float(state.read_var[i]) + (ch.noise_offset if np.isfinite(ch.noise_offset) else 0.0)
             ig = ch.inv_gain if np.isfinite(ch.inv_gain) else 0.0
-            groups.append((state.ob_cols[i].astype(np.float64), ch.ob_cols, ch.ob_cols_use, rv,
-                           state.bias_var[i], ig))
+            groups.append((state.ob_cols[i].astype(np.float64), ch.ob_cols, ch.ob_cols_use, rv, state.bias_var[i], ig))
             level_var = float(np.mean(state.bias_var[i])) / state.bias.shape[1]
-            groups.append((state.ob_rows[i].astype(np.float64), ch.ob_rows, ch.ob_rows_use, rv,
-                           np.full(state.ob_rows.shape[1], float(state.row_var[i]) + level_var), ig))
+            groups.append(
+                (
+                    state.ob_rows[i].astype(np.float64),
+                    ch.ob_rows,
+                    ch.ob_rows_use,
+                    rv,
+                    np.full(state.ob_rows.shape[1], float(state.row_var[i]) + level_var),
+                    ig,
+                )
+            )
         T = float(T_start)
         keep = [u.copy() for (_, _, u, _, _, _) in groups]
         den = 0.0
@@ -257,7 +301,7 @@ class PhysicsModel:
                 break
         # systematic: the per-readout (glow) level of the OB pixels is known to GLOW_SYS of itself
         sys = GLOW_SYS * abs(glow) / max(abs(slope), 1e-300)
-        return T, math.sqrt(1.0 / den + sys ** 2)
+        return T, math.sqrt(1.0 / den + sys**2)
 
     # -- prediction ---------------------------------------------------------------------------------
     def signal(self, camera: str, channel: str, T: float, exptime: float) -> np.ndarray:
@@ -278,8 +322,14 @@ class PhysicsModel:
             S.reshape(-1)[ch.hot_index] = hot
         return S
 
-    def predict(self, strips: dict[str, np.ndarray], table: pd.DataFrame, window: bool = False,
-                temps: Temperatures | None = None, state: FrameState | None = None) -> np.ndarray:
+    def predict(
+        self,
+        strips: dict[str, np.ndarray],
+        table: pd.DataFrame,
+        window: bool = False,
+        temps: Temperatures | None = None,
+        state: FrameState | None = None,
+    ) -> np.ndarray:
         """Predicted darks (ADU, float32) of k frame-channels from their whole strips and table rows:
         (k, active rows, active cols), or the model window when ``window``.
 

@@ -12,10 +12,11 @@ from .frame_state import MAD_SIGMA
 from .law import Law
 
 HOT_TAUS = np.round(np.arange(2.0, 16.01, 0.1), 2)  # per-pixel doubling temperatures tried, C
-IRREGULAR_P = 1e-3           # false-alarm rate of the smooth-prior test per pixel
+IRREGULAR_P = 1e-3  # false-alarm rate of the smooth-prior test per pixel
 
 
 # -- per-pixel weighted least squares -----------------------------------------------------------
+
 
 def _pairs(K: int) -> list[tuple[int, int]]:
     return [(k, m) for k in range(K) for m in range(k, K)]
@@ -28,13 +29,13 @@ def _normal_equations(Y: np.ndarray, W: np.ndarray, X: np.ndarray, block: int = 
     N, P = Y.shape
     K = X.shape[1]
     pairs = _pairs(K)
-    XX = np.stack([X[:, k] * X[:, m] for k, m in pairs])        # (npairs, N)
+    XX = np.stack([X[:, k] * X[:, m] for k, m in pairs])  # (npairs, N)
     A = np.empty((len(pairs), P))
     b = np.empty((K, P))
     for p0 in range(0, P, block):
-        w = W[:, p0:p0 + block].astype(np.float64)
-        A[:, p0:p0 + block] = XX @ w
-        b[:, p0:p0 + block] = X.T @ (w * Y[:, p0:p0 + block])
+        w = W[:, p0 : p0 + block].astype(np.float64)
+        A[:, p0 : p0 + block] = XX @ w
+        b[:, p0 : p0 + block] = X.T @ (w * Y[:, p0 : p0 + block])
     return A, b
 
 
@@ -73,13 +74,13 @@ def _masked_median(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _PixelFit:
-    A: np.ndarray       # packed normal matrix (npairs, P) float64
-    b: np.ndarray       # (K, P) float64
-    beta: np.ndarray    # (K, P) float64
-    chi2: np.ndarray    # (P,) reduced chi-square of the kept frames (1 = as noisy as the model says)
-    n: np.ndarray       # (P,) frames kept
-    keep: np.ndarray    # (N, P) frames kept (for the hot-pixel fits)
-    var: np.ndarray     # (N, P) noise variance model
+    A: np.ndarray  # packed normal matrix (npairs, P) float64
+    b: np.ndarray  # (K, P) float64
+    beta: np.ndarray  # (K, P) float64
+    chi2: np.ndarray  # (P,) reduced chi-square of the kept frames (1 = as noisy as the model says)
+    n: np.ndarray  # (P,) frames kept
+    keep: np.ndarray  # (N, P) frames kept (for the hot-pixel fits)
+    var: np.ndarray  # (N, P) noise variance model
 
 
 def _robust_fit(Y, valid, X, var, clip: float, rounds: int = 2) -> _PixelFit:
@@ -104,7 +105,7 @@ def _robust_fit(Y, valid, X, var, clip: float, rounds: int = 2) -> _PixelFit:
         np.abs(Z, out=Z)
         scale = _masked_median(Z, valid) * MAD_SIGMA
         scale = np.where(np.isfinite(scale), np.maximum(scale, 1.0 if inv_sd is not None else 1e-3), np.inf)
-        keep = valid & (Z <= (clip * scale).astype(np.float32)[None, :])
+        keep = valid & ((clip * scale).astype(np.float32)[None, :] >= Z)
         np.multiply(keep, 1.0 if inv_sd is None else inv_sd, out=w)
         if inv_sd is not None:
             w *= inv_sd
@@ -129,9 +130,14 @@ def _hot_fits(Y, valid, fit: _PixelFit, idx: np.ndarray, T, t, law: Law, var_of,
     Returns (tau (n,), coef (n, K)); NaN where no fit was possible."""
     K = law.K
     taus = HOT_TAUS if law.components == 1 else HOT_TAUS[np.abs(HOT_TAUS - law.tau2) > 0.5]
-    rest = law.design(T, t)[:, 1:]                                    # [t u2,] 1
-    Xs = np.concatenate([(np.exp2((T[None, :] - law.T0) / taus[:, None]) * t[None, :])[..., None],
-                         np.broadcast_to(rest, (len(taus), *rest.shape))], axis=2)   # (ntau, N, K)
+    rest = law.design(T, t)[:, 1:]  # [t u2,] 1
+    Xs = np.concatenate(
+        [
+            (np.exp2((T[None, :] - law.T0) / taus[:, None]) * t[None, :])[..., None],
+            np.broadcast_to(rest, (len(taus), *rest.shape)),
+        ],
+        axis=2,
+    )  # (ntau, N, K)
     tau_out, coef_out = np.full(len(idx), np.nan), np.full((len(idx), K), np.nan)
     for j, p in enumerate(idx):
         y, ok = Y[:, p].astype(np.float64), valid[:, p]
@@ -143,7 +149,7 @@ def _hot_fits(Y, valid, fit: _PixelFit, idx: np.ndarray, T, t, law: Law, var_of,
             w = keep / var
             Xw = Xs * w[None, :, None]
             A = np.einsum("snk,snl->skl", Xw, Xs) + 1e-12 * np.eye(K)
-            c = np.linalg.solve(A, np.einsum("snk,n->sk", Xw, y)[..., None])[..., 0]   # (ntau, K)
+            c = np.linalg.solve(A, np.einsum("snk,n->sk", Xw, y)[..., None])[..., 0]  # (ntau, K)
             r = y[None, :] - np.einsum("snk,sk->sn", Xs, c)
             best = int(np.argmin(np.einsum("n,sn->s", w, r * r)))
             found = (taus[best], c[best])
@@ -158,6 +164,7 @@ def _hot_fits(Y, valid, fit: _PixelFit, idx: np.ndarray, T, t, law: Law, var_of,
 
 
 # -- smoothing ----------------------------------------------------------------------------------
+
 
 def _box(a: np.ndarray, r: int, axis: int) -> np.ndarray:
     """Edge-truncated running sum over 2r+1 samples along ``axis``."""
@@ -195,8 +202,17 @@ def _chi2_quantile(dof: int, p: float) -> float:
     return (lo + hi) / 2
 
 
-def smooth_prior(A: np.ndarray, b0: np.ndarray, beta: np.ndarray, chi2: np.ndarray, hot: np.ndarray,
-                 shape: tuple[int, int], K: int, r: int, p: float = IRREGULAR_P):
+def smooth_prior(
+    A: np.ndarray,
+    b0: np.ndarray,
+    beta: np.ndarray,
+    chi2: np.ndarray,
+    hot: np.ndarray,
+    shape: tuple[int, int],
+    K: int,
+    r: int,
+    p: float = IRREGULAR_P,
+):
     """Replace (d2, g) of regular pixels by their spatial smooth and re-fit d1 given them.
 
     ``A``: packed per-pixel normal matrices (K(K+1)/2, P); ``b0``: the d1 row of the right side;
@@ -216,7 +232,7 @@ def smooth_prior(A: np.ndarray, b0: np.ndarray, beta: np.ndarray, chi2: np.ndarr
     smooth = np.empty((K - 1, beta.shape[1]))
     for _ in range(3):
         for j in range(1, K):
-            w = np.where(irregular, 0.0, np.maximum(inv_cov[j, j], 0))   # 1 / conditional variance
+            w = np.where(irregular, 0.0, np.maximum(inv_cov[j, j], 0))  # 1 / conditional variance
             smooth[j - 1] = smooth_weighted(beta[j].reshape(shape), w.reshape(shape), r).ravel()
         dchi2 = np.zeros(beta.shape[1])
         for j, k in S:

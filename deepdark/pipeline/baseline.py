@@ -24,14 +24,9 @@ from deepdark.io.atomic import atomic_path
 from deepdark.io.geometry import Geometry
 from deepdark.io.masters import MASTER_SCHEMA
 from deepdark.io.shards import Shard
-from deepdark.io.tables import frame_setpoints
+from deepdark.io.tables import common_geometry, library_table
 
 log = logging.getLogger(__name__)
-
-
-
-
-
 
 
 @dataclass
@@ -40,13 +35,12 @@ class _Member:
     active_index: np.ndarray  # rows of the shard's ``active`` dataset
 
 
-def build_masters(shards: Sequence[str | Path], out: str | Path, memory_mb: int = 512,
-                  progress: bool = True) -> Path:
+def build_masters(shards: Sequence[str | Path], out: str | Path, memory_mb: int = 512, progress: bool = True) -> Path:
     """Median master darks of the DARK frames in ``shards``, written atomically to ``out``."""
     opened = [Shard(p) for p in shards]
     try:
-        geometry = _common_geometry(opened)
-        frames = _library_table(opened)
+        geometry = common_geometry(opened)
+        frames = _with_bias(opened, library_table(opened))
         if frames.empty:
             raise ValueError("no DARK frames in the library shards")
         setpoints = sorted(set(frames["setpoint"]))
@@ -54,11 +48,18 @@ def build_masters(shards: Sequence[str | Path], out: str | Path, memory_mb: int 
         n_masters = sum(1 + sel["setpoint"].nunique() for _, sel in families)
         out = Path(out)
         with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-            f.attrs.update(schema_version=MASTER_SCHEMA, geometry=geometry.source,
-                           setpoints=np.asarray(setpoints, dtype=float),
-                           nights=",".join(sorted(set(frames["night"]))))
-            ds = f.create_dataset("master", shape=(n_masters, *geometry.active.shape), dtype=np.float32,
-                                  chunks=(1, *geometry.active.shape))
+            f.attrs.update(
+                schema_version=MASTER_SCHEMA,
+                geometry=geometry.source,
+                setpoints=np.asarray(setpoints, dtype=float),
+                nights=",".join(sorted(set(frames["night"]))),
+            )
+            ds = f.create_dataset(
+                "master",
+                shape=(n_masters, *geometry.active.shape),
+                dtype=np.float32,
+                chunks=(1, *geometry.active.shape),
+            )
             rows = []
             bar = tqdm(total=n_masters, desc="median masters", unit="master", disable=not progress)
             for (camera, channel, exptime), sel in families:
@@ -69,9 +70,17 @@ def build_masters(shards: Sequence[str | Path], out: str | Path, memory_mb: int 
                 for sp, master in medians.items():
                     sub = sel if np.isnan(sp) else sel[sel["setpoint"] == sp]
                     ds[len(rows)] = master
-                    rows.append(dict(kind="all" if np.isnan(sp) else "temp", setpoint=sp, camera=camera,
-                                     channel=channel, exptime=exptime, n_frames=len(sub),
-                                     bias=float(np.median(sub["bias"]))))
+                    rows.append(
+                        dict(
+                            kind="all" if np.isnan(sp) else "temp",
+                            setpoint=sp,
+                            camera=camera,
+                            channel=channel,
+                            exptime=exptime,
+                            n_frames=len(sub),
+                            bias=float(np.median(sub["bias"])),
+                        )
+                    )
                     bar.update()
             bar.close()
             table = pd.DataFrame(rows)
@@ -85,25 +94,11 @@ def build_masters(shards: Sequence[str | Path], out: str | Path, memory_mb: int 
             s.close()
 
 
-def _common_geometry(shards: Sequence[Shard]) -> Geometry:
-    names = {s.geometry.name for s in shards}
-    if len(names) != 1:
-        raise ValueError(f"library shards mix geometries: {sorted(names)}")
-    return shards[0].geometry
-
-
-def _library_table(shards: Sequence[Shard]) -> pd.DataFrame:
-    """DARK rows of all shards, with the shard they come from and their bias level."""
-    parts = []
-    for k, s in enumerate(shards):
-        t = s.table[s.table["imagetyp"] == "DARK"].copy()
-        t["shard_no"] = k
-        # Median overscan level: what a master dark holds that does not scale with exposure.
-        t["bias"] = [float(np.median(s.f["a1"][i])) for i in t.index] if len(t) else []
-        parts.append(t)
-    frames = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+def _with_bias(shards: Sequence[Shard], frames: pd.DataFrame) -> pd.DataFrame:
+    """Add each frame-channel's median overscan level: what a master dark holds that does not
+    scale with exposure (used to scale a master to another exposure time)."""
     if not frames.empty:
-        frames["setpoint"] = frame_setpoints(frames)
+        frames["bias"] = [float(np.median(shards[k].f["a1"][r])) for k, r in zip(frames["shard_no"], frames["row"])]
     return frames
 
 
@@ -111,8 +106,9 @@ def _members(shards: Sequence[Shard], sel: pd.DataFrame) -> list[_Member]:
     return [_Member(shards[k], np.sort(g["active_index"].to_numpy())) for k, g in sel.groupby("shard_no")]
 
 
-def _streamed_medians(members: list[_Member], setpoints: np.ndarray, g: Geometry,
-                      memory_mb: int) -> dict[float, np.ndarray]:
+def _streamed_medians(
+    members: list[_Member], setpoints: np.ndarray, g: Geometry, memory_mb: int
+) -> dict[float, np.ndarray]:
     """Per-pixel medians over all member frames (key NaN) and over each setpoint's frames,
     a block of rows at a time; ``setpoints`` follows the members' frame order."""
     n = len(setpoints)
@@ -127,5 +123,3 @@ def _streamed_medians(members: list[_Member], setpoints: np.ndarray, g: Geometry
         for k in keys:
             out[k][r0:r1] = np.median(stack if np.isnan(k) else stack[setpoints == k], axis=0)
     return out
-
-

@@ -34,12 +34,12 @@ from tqdm import tqdm
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
-from deepdark.io.masters import Masters
-from deepdark.io.tables import frame_setpoints
 from deepdark.io.frames import FITS_SUFFIXES, FrameError, Keywords, RawFrame, read_frame
 from deepdark.io.geometry import Geometry
+from deepdark.io.masters import Masters
 from deepdark.io.predictions import Predictions
 from deepdark.io.shards import Shard
+from deepdark.io.tables import frame_setpoints
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,20 @@ MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("file", "output", "status", "reason", "camera", "imagetyp", "file_hash")
 # Cards of the raw HDU that describe its pixel array, not the observation: astropy writes the
 # right ones for the float32 mosaic, and checksums are recomputed.
-_STRUCTURAL = ("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "EXTEND", "BZERO", "BSCALE", "BLANK",
-               "PCOUNT", "GCOUNT", "CHECKSUM", "DATASUM")
+_STRUCTURAL = (
+    "SIMPLE",
+    "XTENSION",
+    "BITPIX",
+    "NAXIS",
+    "EXTEND",
+    "BZERO",
+    "BSCALE",
+    "BLANK",
+    "PCOUNT",
+    "GCOUNT",
+    "CHECKSUM",
+    "DATASUM",
+)
 
 
 class CorrectionError(Exception):
@@ -57,6 +69,7 @@ class CorrectionError(Exception):
 
 
 # -- where darks come from -----------------------------------------------------------------------
+
 
 class DarkSource:
     """A night's frame-channel table and the dark (ADU, active area, readout coordinates) of each row."""
@@ -109,8 +122,9 @@ class MedianDarks(DarkSource):
         self.path = Path(shard)
         self.masters = Masters(masters)
         self.setpoints = frame_setpoints(self.table, self.masters.setpoints)
-        self.attrs = dict(method=f"median_{kind}", masters=str(masters), shard=str(shard),
-                          software=f"deepdark {__version__}")
+        self.attrs = dict(
+            method=f"median_{kind}", masters=str(masters), shard=str(shard), software=f"deepdark {__version__}"
+        )
 
     def dark(self, rows) -> np.ndarray:
         out = []
@@ -118,8 +132,10 @@ class MedianDarks(DarkSource):
             rec = self.table.iloc[r]
             m = self.masters.lookup(self.kind, rec["camera"], rec["channel"], rec["exptime"], self.setpoints[r])
             if m is None:
-                raise CorrectionError(f"no {self.kind} master dark for camera {rec['camera']} channel "
-                                      f"{rec['channel']} at {self.setpoints[r]:g} C in {self.masters.path}")
+                raise CorrectionError(
+                    f"no {self.kind} master dark for camera {rec['camera']} channel "
+                    f"{rec['channel']} at {self.setpoints[r]:g} C in {self.masters.path}"
+                )
             out.append(m)
         return np.stack(out).astype(np.float32, copy=False)
 
@@ -140,12 +156,15 @@ def open_darks(source: str | Path, method: str = "model", masters: str | Path | 
 
 # -- one frame -----------------------------------------------------------------------------------
 
+
 def active_areas(data: np.ndarray, geometry: Geometry) -> dict[str, np.ndarray]:
     """Each channel's active area of a raw frame, in readout coordinates (views)."""
     return {ch.name: geometry.readout(data, ch)[geometry.active.slices] for ch in geometry.channels}
 
 
-def corrected_actives(raw: RawFrame, geometry: Geometry, channels: Sequence[str], darks: np.ndarray) -> dict[str, np.ndarray]:
+def corrected_actives(
+    raw: RawFrame, geometry: Geometry, channels: Sequence[str], darks: np.ndarray
+) -> dict[str, np.ndarray]:
     """``{channel: raw active - dark}`` (float32, readout coordinates) for the frame's channels."""
     if len(channels) != len(darks):
         raise CorrectionError(f"{len(channels)} channels but {len(darks)} darks")
@@ -183,9 +202,16 @@ def _fit_comment(value, comment: str) -> str:
     return comment[:room] if room > 0 else ""
 
 
-def correct_frame(raw_path: str | Path, predictions: DarkSource, rows: Sequence[int], out_path: str | Path,
-                  method: str | None = None, provenance: dict | None = None, include_dark: bool = False,
-                  keywords: Keywords = Keywords()) -> Path:
+def correct_frame(
+    raw_path: str | Path,
+    predictions: DarkSource,
+    rows: Sequence[int],
+    out_path: str | Path,
+    method: str | None = None,
+    provenance: dict | None = None,
+    include_dark: bool = False,
+    keywords: Keywords = Keywords(),
+) -> Path:
     """Write the dark-corrected active mosaic of one raw frame to ``out_path`` (float32 FITS).
 
     ``rows`` are the frame's rows in ``predictions.table`` (one per channel); ``method`` defaults
@@ -200,8 +226,10 @@ def correct_frame(raw_path: str | Path, predictions: DarkSource, rows: Sequence[
     raw = read_frame(raw_path, g, keywords)
     expected = set(t["file_hash"])
     if expected != {raw.hash}:
-        raise CorrectionError(f"{raw_path}: file changed since extraction (hash {raw.hash}, "
-                              f"shard recorded {', '.join(sorted(expected))}); extract the night again")
+        raise CorrectionError(
+            f"{raw_path}: file changed since extraction (hash {raw.hash}, "
+            f"shard recorded {', '.join(sorted(expected))}); extract the night again"
+        )
     channels = list(t["channel"])
     darks = predictions.dark(rows)
     corrected = g.mosaic(corrected_actives(raw, g, channels, darks))
@@ -228,15 +256,19 @@ def correct_frame(raw_path: str | Path, predictions: DarkSource, rows: Sequence[
         cards[key] = value if isinstance(value, tuple) else (value, cards.get(key, (None, ""))[1])
     for key, (value, comment) in cards.items():
         hdr[key] = (value, _fit_comment(value, comment))
-    hdr.add_history(f"deepdark {__version__} {now}: dark-corrected ({method}); active mosaic "
-                    f"{corrected.shape[0]} x {corrected.shape[1]} of channels {', '.join(channels)}, "
-                    f"frame orientation, minus the dark, in ADU")
+    hdr.add_history(
+        f"deepdark {__version__} {now}: dark-corrected ({method}); active mosaic "
+        f"{corrected.shape[0]} x {corrected.shape[1]} of channels {', '.join(channels)}, "
+        f"frame orientation, minus the dark, in ADU"
+    )
     hdr.add_history(f"source {raw_path} xxh3-128 {raw.hash}")
-    hdr.add_history(f"dark {predictions.path} method {method} model {attrs.get('model_name', 'none')} "
-                    f"hash {attrs.get('model_hash', 'none')}")
+    hdr.add_history(
+        f"dark {predictions.path} method {method} model {attrs.get('model_name', 'none')} "
+        f"hash {attrs.get('model_hash', 'none')}"
+    )
     hdus = [fits.PrimaryHDU(data=corrected.astype(np.float32, copy=False), header=hdr)]
     if include_dark:
-        dark_mosaic = g.mosaic({c: d for c, d in zip(channels, darks)}).astype(np.float32, copy=False)
+        dark_mosaic = g.mosaic(dict(zip(channels, darks))).astype(np.float32, copy=False)
         dh = fits.Header()
         dh["BUNIT"] = ("adu", "the dark removed from the primary HDU")
         dh["DDMETHOD"] = (method, "deepdark: how the dark was made")
@@ -262,9 +294,16 @@ class NightResult:
     manifest: Path
 
 
-def correct_night(source: str | Path, out_dir: str | Path, method: str = "model", masters: str | Path | None = None,
-                  include_dark: bool = False, cameras: Sequence[str] | None = None,
-                  keywords: Keywords = Keywords(), progress: bool = True) -> NightResult:
+def correct_night(
+    source: str | Path,
+    out_dir: str | Path,
+    method: str = "model",
+    masters: str | Path | None = None,
+    include_dark: bool = False,
+    cameras: Sequence[str] | None = None,
+    keywords: Keywords = Keywords(),
+    progress: bool = True,
+) -> NightResult:
     """Correct every frame of a night's predictions file (or shard, for the median methods).
 
     Writes ``out_dir/<stem>.fits`` per frame and ``out_dir/manifest.csv`` (file, output, status
@@ -281,8 +320,15 @@ def correct_night(source: str | Path, out_dir: str | Path, method: str = "model"
         for f in tqdm(files, desc=f"correct {out_dir.name}", unit="frame", disable=not progress):
             rows = darks.rows_of(f)
             first = table.iloc[rows[0]]
-            rec = dict(file=f, output="", status="ok", reason="", camera=first["camera"],
-                       imagetyp=first["imagetyp"], file_hash=first["file_hash"])
+            rec = dict(
+                file=f,
+                output="",
+                status="ok",
+                reason="",
+                camera=first["camera"],
+                imagetyp=first["imagetyp"],
+                file_hash=first["file_hash"],
+            )
             if cameras and first["camera"] not in cameras:
                 rec.update(status="skipped", reason=f"camera {first['camera']} not selected")
                 records.append(rec)
@@ -292,8 +338,15 @@ def correct_night(source: str | Path, out_dir: str | Path, method: str = "model"
                 name = Path(f).name + ".fits"
             names[name] = f
             try:
-                correct_frame(f, darks, rows, out_dir / name, method=darks.attrs.get("method", method),
-                              include_dark=include_dark, keywords=keywords)
+                correct_frame(
+                    f,
+                    darks,
+                    rows,
+                    out_dir / name,
+                    method=darks.attrs.get("method", method),
+                    include_dark=include_dark,
+                    keywords=keywords,
+                )
                 rec["output"] = name
             except (CorrectionError, FrameError, OSError, ValueError) as exc:
                 if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNOS:
@@ -309,8 +362,9 @@ def correct_night(source: str | Path, out_dir: str | Path, method: str = "model"
         w.writeheader()
         w.writerows(records)
     counts = pd.Series([r["status"] for r in records], dtype=object).value_counts()
-    return NightResult(out_dir, int(counts.get("ok", 0)), int(counts.get("failed", 0)),
-                       int(counts.get("skipped", 0)), manifest)
+    return NightResult(
+        out_dir, int(counts.get("ok", 0)), int(counts.get("failed", 0)), int(counts.get("skipped", 0)), manifest
+    )
 
 
 def read_manifest(out_dir: str | Path) -> pd.DataFrame:

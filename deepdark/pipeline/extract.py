@@ -12,7 +12,7 @@ from tqdm import tqdm
 from deepdark.io.atomic import atomic_path
 from deepdark.io.frames import FrameError, Keywords, is_fits_name, read_frame
 from deepdark.io.geometry import Geometry
-from deepdark.io.shards import prefetched, ShardWriter, quarantine_path, write_quarantine
+from deepdark.io.shards import ShardWriter, prefetched, quarantine_path, write_quarantine
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,14 @@ class ExtractResult:
     n_quarantined: int
 
 
-def extract(inputs: Iterable[str | Path], out: str | Path, geometry: Geometry,
-            keywords: Keywords = Keywords(), progress: bool = True,
-            cameras: Sequence[str] | None = None) -> ExtractResult:
+def extract(
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    geometry: Geometry,
+    keywords: Keywords = Keywords(),
+    progress: bool = True,
+    cameras: Sequence[str] | None = None,
+) -> ExtractResult:
     """Extract the strips of every readable frame in ``inputs`` into the shard ``out``.
 
     With ``cameras``, frames of other cameras are left out (not quarantined: they are fine).
@@ -60,8 +65,9 @@ def extract(inputs: Iterable[str | Path], out: str | Path, geometry: Geometry,
     with atomic_path(out) as tmp:
         with ShardWriter(tmp, geometry) as writer:
             frames = prefetched(files, lambda p: read_frame(p, geometry, keywords))
-            for path, frame in tqdm(frames, total=len(files), desc=f"extract {out.name}", unit="frame",
-                                    disable=not progress):
+            for path, frame in tqdm(
+                frames, total=len(files), desc=f"extract {out.name}", unit="frame", disable=not progress
+            ):
                 try:
                     frame = frame.result()
                 except FrameError as exc:

@@ -12,16 +12,26 @@ from deepdark.model.files import check_geometry, load_model
 from deepdark.model.runner import active_predictor
 
 
-def predict_shard(model_dir: str | Path, shard: str | Path, out: str | Path, batch_size: int = 4,
-                  device: str | torch.device = "auto", progress: bool = True) -> Path:
+def predict_shard(
+    model_dir: str | Path,
+    shard: str | Path,
+    out: str | Path,
+    batch_size: int = 4,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> Path:
     """Predicted darks of every frame-channel of ``shard`` over the whole active area -> ``out`` (HDF5)."""
 
     model = load_model(model_dir, device="cpu")
     with Shard(shard) as s:  # fail early, before any file is written, on a foreign geometry
         check_geometry(model.card, s.geometry, where=f"shard {shard}")
     predict = active_predictor(model, device=device, batch_size=batch_size)
-    provenance = {"method": "model", "model_name": model.name, "model_hash": model.hash,
-                  "model_path": str(Path(model_dir).resolve())}
+    provenance = {
+        "method": "model",
+        "model_name": model.name,
+        "model_hash": model.hash,
+        "model_path": str(Path(model_dir).resolve()),
+    }
     if model.physics is not None:
         provenance["physics_hash"] = model.physics.get("sha256")
     return write_predictions(shard, out, predict, provenance, batch_size=batch_size, progress=progress)

@@ -34,30 +34,47 @@ import pandas as pd
 from astropy.stats import mad_std, sigma_clip
 from tqdm import tqdm
 
-from deepdark.evaluation import plots
-from deepdark.evaluation import report
-from deepdark.io.atomic import atomic_path
-from deepdark.io.masters import Masters
-from deepdark.io.tables import frame_setpoints, temp_label
-from deepdark.pipeline.correct import PredictedDarks, active_areas, corrected_actives
+from deepdark.evaluation import plots, report
 from deepdark.evaluation.evaluate import evaluate, ordered_table
-from deepdark.io.frames import FrameError, Keywords, read_frame
 from deepdark.evaluation.metrics import PooledRMSE
+from deepdark.io.atomic import atomic_path
+from deepdark.io.frames import FrameError, Keywords, read_frame
+from deepdark.io.masters import Masters
 from deepdark.io.shards import Shard, quarantine_path, read_quarantine
 from deepdark.io.strips import window_of
+from deepdark.io.tables import frame_setpoints, temp_label
+from deepdark.pipeline.correct import PredictedDarks, active_areas, corrected_actives
 
 log = logging.getLogger(__name__)
 
 RMSE_METHODS = ("model", "median_temp", "median_all", "floor")
 GUIDE_METHODS = ("model", "median")
 QA_COLUMNS = (
-    "night", "file", "camera", "channel", "imagetyp", "exptime", "ccdtemp", "setpoint", "date_obs",
-    "n_pixels", *(f"rmse_{m}" for m in RMSE_METHODS),
-    "bg_raw", *(f"{s}_{m}" for m in GUIDE_METHODS for s in ("bg", "noise", "madstd")), "median_kind",
+    "night",
+    "file",
+    "camera",
+    "channel",
+    "imagetyp",
+    "exptime",
+    "ccdtemp",
+    "setpoint",
+    "date_obs",
+    "n_pixels",
+    *(f"rmse_{m}" for m in RMSE_METHODS),
+    "bg_raw",
+    *(f"{s}_{m}" for m in GUIDE_METHODS for s in ("bg", "noise", "madstd")),
+    "median_kind",
     "star_free_fraction",
 )
-EVALUATE_FILES = ("table1.json", "table1.csv", "per_image.csv", "histograms.csv",
-                  "fig6_heatmap.png", "fig7_histogram.png", "fig8_histogram_by_temp.png")
+EVALUATE_FILES = (
+    "table1.json",
+    "table1.csv",
+    "per_image.csv",
+    "histograms.csv",
+    "fig6_heatmap.png",
+    "fig7_histogram.png",
+    "fig8_histogram_by_temp.png",
+)
 QA_FIGURES = ("rmse_vs_temperature.png", "guide_background.png")
 CLIP_SIGMA = 3.0
 STAR_GROW_PX = 2  # star-free: sigma-clipped pixels grown by this many pixels
@@ -65,9 +82,16 @@ STAR_GROW_PX = 2  # star-free: sigma-clipped pixels grown by this many pixels
 
 # -- per night -------------------------------------------------------------------------------------
 
-def night_qa(shard_path: str | Path, predictions_path: str | Path, masters_path: str | Path | None,
-             out_dir: str | Path, keywords: Keywords = Keywords(), cameras: Sequence[str] | None = None,
-             progress: bool = True) -> pd.DataFrame:
+
+def night_qa(
+    shard_path: str | Path,
+    predictions_path: str | Path,
+    masters_path: str | Path | None,
+    out_dir: str | Path,
+    keywords: Keywords = Keywords(),
+    cameras: Sequence[str] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """The QA of one night; writes ``qa.csv``, ``qa.html``, ``quarantine.csv`` and figures into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,17 +109,20 @@ def night_qa(shard_path: str | Path, predictions_path: str | Path, masters_path:
         qa["setpoint"] = setpoints
         selected = np.ones(len(table), bool) if not cameras else table["camera"].isin(list(cameras)).to_numpy()
         if cameras and not selected.all():
-            notes.append(f"cameras selected: {', '.join(cameras)}; "
-                         f"{int((~selected).sum())} frame-channels of other cameras left out of the tables "
-                         "(the evaluate figures cover every camera of the night)")
+            notes.append(
+                f"cameras selected: {', '.join(cameras)}; "
+                f"{int((~selected).sum())} frame-channels of other cameras left out of the tables "
+                "(the evaluate figures cover every camera of the night)"
+            )
         darks = (table["imagetyp"] == "DARK").to_numpy()
         if darks.any():
             per_image = _evaluate_darks(shard_path, preds, masters_path, out_dir, notes, progress)
             qa = _merge_dark_rmse(qa, per_image, shard.geometry)
         guides = np.flatnonzero((table["imagetyp"] == "OBJECT").to_numpy() & selected)
         if guides.size:
-            qa = _merge_guide_stats(qa, _guide_stats(preds, masters, table, guides, setpoints, keywords,
-                                                     notes, progress))
+            qa = _merge_guide_stats(
+                qa, _guide_stats(preds, masters, table, guides, setpoints, keywords, notes, progress)
+            )
         attrs = preds.attrs
     qa = qa[selected].reindex(columns=list(QA_COLUMNS))
     quarantine = read_quarantine(shard_path)
@@ -112,8 +139,15 @@ def night_qa(shard_path: str | Path, predictions_path: str | Path, masters_path:
     for name in (*QA_FIGURES, "fig6_heatmap.png", "fig7_histogram.png", "fig8_histogram_by_temp.png"):
         if (out_dir / name).exists():
             figures[name] = out_dir / name
-    page = report.night_page(night=night, qa=qa, table1=pooled_table(qa), quarantine=quarantine,
-                             figures=figures, provenance=attrs, notes=notes)
+    page = report.night_page(
+        night=night,
+        qa=qa,
+        table1=pooled_table(qa),
+        quarantine=quarantine,
+        figures=figures,
+        provenance=attrs,
+        notes=notes,
+    )
     with atomic_path(out_dir / "qa.html") as tmp:
         tmp.write_text(page)
     return qa
@@ -126,14 +160,18 @@ def _night_name(shard_path, table: pd.DataFrame) -> str:
 
 def _check_same_rows(shard: Shard, preds: PredictedDarks) -> None:
     a, b = shard.table, preds.table
-    same = len(a) == len(b) and all((a[c].to_numpy() == b[c].to_numpy()).all() for c in ("file", "channel", "file_hash"))
+    same = len(a) == len(b) and all(
+        (a[c].to_numpy() == b[c].to_numpy()).all() for c in ("file", "channel", "file_hash")
+    )
     if not same:
         raise ValueError(f"{preds.path} was not predicted from {shard.path} (its rows differ): predict again")
 
 
-def _evaluate_darks(shard_path, preds: PredictedDarks, masters_path, out_dir: Path, notes: list[str],
-                    progress: bool) -> pd.DataFrame:
+def _evaluate_darks(
+    shard_path, preds: PredictedDarks, masters_path, out_dir: Path, notes: list[str], progress: bool
+) -> pd.DataFrame:
     """``evaluate`` on the night's darks, the predictions file as the ``model``; its per-image table."""
+
     def model(shard: Shard, rows: np.ndarray) -> np.ndarray:
         return window_of(preds.dark(rows), shard.geometry)
 
@@ -145,14 +183,18 @@ def _evaluate_darks(shard_path, preds: PredictedDarks, masters_path, out_dir: Pa
         notes.append(f"median baselines not scored: {exc}")
         log.warning("median baselines not scored: %s", exc)
         evaluate([shard_path], None, out_dir, predictors={"model": model}, progress=progress)
-    return pd.read_csv(out_dir / "per_image.csv", dtype={"file": str, "night": str, "camera": str, "channel": str},
-                       keep_default_na=False, na_values=[""])
+    return pd.read_csv(
+        out_dir / "per_image.csv",
+        dtype={"file": str, "night": str, "camera": str, "channel": str},
+        keep_default_na=False,
+        na_values=[""],
+    )
 
 
 def _merge_dark_rmse(qa: pd.DataFrame, per_image: pd.DataFrame, geometry) -> pd.DataFrame:
     cols = {m: f"rmse_{m}" for m in RMSE_METHODS if m in per_image}
     part = per_image[["file", "channel", *cols]].rename(columns=cols)
-    part["n_pixels"] = geometry.window_size ** 2
+    part["n_pixels"] = geometry.window_size**2
     return qa.merge(part, on=["file", "channel"], how="left")
 
 
@@ -182,8 +224,9 @@ def background_stats(images: dict[str, np.ndarray], grow: int = STAR_GROW_PX) ->
     image, grown by ``grow`` pixels. Returns ``({name: (bg, std, mad_std)}, star-free fraction)``."""
     rejected = np.zeros(next(iter(images.values())).shape, bool)
     for img in images.values():
-        rejected |= np.ma.getmaskarray(sigma_clip(img, sigma=CLIP_SIGMA, maxiters=5, stdfunc="mad_std",
-                                                  masked=True, copy=False))
+        rejected |= np.ma.getmaskarray(
+            sigma_clip(img, sigma=CLIP_SIGMA, maxiters=5, stdfunc="mad_std", masked=True, copy=False)
+        )
     free = ~_grow(rejected, grow)
     out = {}
     for name, img in images.items():
@@ -192,8 +235,16 @@ def background_stats(images: dict[str, np.ndarray], grow: int = STAR_GROW_PX) ->
     return out, float(free.mean())
 
 
-def _guide_stats(preds: PredictedDarks, masters: Masters | None, table: pd.DataFrame, rows: np.ndarray,
-                 setpoints: np.ndarray, keywords: Keywords, notes: list[str], progress: bool) -> pd.DataFrame:
+def _guide_stats(
+    preds: PredictedDarks,
+    masters: Masters | None,
+    table: pd.DataFrame,
+    rows: np.ndarray,
+    setpoints: np.ndarray,
+    keywords: Keywords,
+    notes: list[str],
+    progress: bool,
+) -> pd.DataFrame:
     g = preds.geometry
     out = []
     files = list(dict.fromkeys(table["file"].iloc[rows]))
@@ -221,17 +272,29 @@ def _guide_stats(preds: PredictedDarks, masters: Masters | None, table: pd.DataF
         for c in channels:
             images = {"model": model[c]} | ({"median": median[c]} if c in median else {})
             stats, free = background_stats(images)
-            rec = dict(file=f, channel=c, bg_raw=float(np.median(actives[c])), star_free_fraction=free,
-                       median_kind=kinds.get(c, ""))
+            rec = dict(
+                file=f,
+                channel=c,
+                bg_raw=float(np.median(actives[c])),
+                star_free_fraction=free,
+                median_kind=kinds.get(c, ""),
+            )
             for name, (bg, sd, mad) in stats.items():
                 rec.update({f"bg_{name}": bg, f"noise_{name}": sd, f"madstd_{name}": mad})
             out.append(rec)
-    cols = ["file", "channel", "bg_raw", "star_free_fraction", "median_kind",
-            *(f"{s}_{m}" for m in GUIDE_METHODS for s in ("bg", "noise", "madstd"))]
+    cols = [
+        "file",
+        "channel",
+        "bg_raw",
+        "star_free_fraction",
+        "median_kind",
+        *(f"{s}_{m}" for m in GUIDE_METHODS for s in ("bg", "noise", "madstd")),
+    ]
     return pd.DataFrame(out).reindex(columns=cols)
 
 
 # -- pooling ---------------------------------------------------------------------------------------
+
 
 def pooled_table(qa: pd.DataFrame) -> dict:
     """Table 1 of the DARK rows of ``qa`` (one night or many): RMSE pooled over every pixel,
@@ -251,19 +314,4 @@ def pooled_table(qa: pd.DataFrame) -> dict:
 # -- figures ---------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
 # -- the archive ----------------------------------------------------------------------------------
-
-
-
-
-
-
-
-

@@ -15,8 +15,14 @@ from deepdark.pipeline.correct import read_manifest
 from deepdark.pipeline.qa import QA_COLUMNS, RMSE_METHODS, pooled_table
 
 
-def summarize(qa_dir: str | Path, out_csv: str | Path, out_html: str | Path, out_table: str | Path | None = None,
-              nights: Sequence[str] | None = None, corrected_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
+def summarize(
+    qa_dir: str | Path,
+    out_csv: str | Path,
+    out_html: str | Path,
+    out_table: str | Path | None = None,
+    nights: Sequence[str] | None = None,
+    corrected_dir: str | Path | None = None,
+) -> tuple[pd.DataFrame, dict]:
     """All nights in one table and page; returns the per-night table (written to ``out_csv``) and
     the archive's Table 1 (written to ``out_table``).
 
@@ -29,29 +35,52 @@ def summarize(qa_dir: str | Path, out_csv: str | Path, out_html: str | Path, out
     rows, frames = [], []
     for night in nights:
         d = qa_dir / str(night)
-        qa = pd.read_csv(d / "qa.csv", dtype={"night": str, "file": str, "camera": str, "channel": str,
-                                              "median_kind": str}, keep_default_na=False, na_values=[""])
+        qa = pd.read_csv(
+            d / "qa.csv",
+            dtype={"night": str, "file": str, "camera": str, "channel": str, "median_kind": str},
+            keep_default_na=False,
+            na_values=[""],
+        )
         qa["night"] = str(night)
         frames.append(qa)
         quarantine = pd.read_csv(d / "quarantine.csv", dtype=str, keep_default_na=False)
         t = pooled_table(qa).get("total", {})
         guides = qa[qa["noise_model"].notna()]
-        row = dict(night=str(night), n_frames=qa["file"].nunique(),
-                   n_darks=qa.loc[qa["imagetyp"] == "DARK", "file"].nunique(),
-                   n_guide=qa.loc[qa["imagetyp"] == "OBJECT", "file"].nunique(),
-                   n_quarantined=len(quarantine), n_correct_failed=np.nan,
-                   **{f"rmse_{m}": t.get(m, np.nan) for m in RMSE_METHODS},
-                   guide_noise_model=_rms(guides["madstd_model"]), guide_noise_median=_rms(guides.get("madstd_median")),
-                   guide_bg_model=guides["bg_model"].median() if len(guides) else np.nan,
-                   guide_bg_median=guides["bg_median"].median() if len(guides) and "bg_median" in guides else np.nan)
+        row = dict(
+            night=str(night),
+            n_frames=qa["file"].nunique(),
+            n_darks=qa.loc[qa["imagetyp"] == "DARK", "file"].nunique(),
+            n_guide=qa.loc[qa["imagetyp"] == "OBJECT", "file"].nunique(),
+            n_quarantined=len(quarantine),
+            n_correct_failed=np.nan,
+            **{f"rmse_{m}": t.get(m, np.nan) for m in RMSE_METHODS},
+            guide_noise_model=_rms(guides["madstd_model"]),
+            guide_noise_median=_rms(guides.get("madstd_median")),
+            guide_bg_model=guides["bg_model"].median() if len(guides) else np.nan,
+            guide_bg_median=guides["bg_median"].median() if len(guides) and "bg_median" in guides else np.nan,
+        )
         if corrected_dir is not None and (Path(corrected_dir) / str(night) / "manifest.csv").exists():
             man = read_manifest(Path(corrected_dir) / str(night))
             row["n_correct_failed"] = int((man["status"] == "failed").sum())
         row["flag"] = _flag(row)
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["night", "n_frames", "n_darks", "n_guide", "n_quarantined", "n_correct_failed",
-                                        *(f"rmse_{m}" for m in RMSE_METHODS), "guide_bg_model", "guide_bg_median",
-                                        "guide_noise_model", "guide_noise_median", "flag"])
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "night",
+            "n_frames",
+            "n_darks",
+            "n_guide",
+            "n_quarantined",
+            "n_correct_failed",
+            *(f"rmse_{m}" for m in RMSE_METHODS),
+            "guide_bg_model",
+            "guide_bg_median",
+            "guide_noise_model",
+            "guide_noise_median",
+            "flag",
+        ],
+    )
     everything = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(QA_COLUMNS))
     table1 = pooled_table(everything)
     with atomic_path(out_csv) as tmp:
@@ -64,8 +93,12 @@ def summarize(qa_dir: str | Path, out_csv: str | Path, out_html: str | Path, out
         fig = out_html.with_name(out_html.stem + "_nights.png")
         plots.nights_summary(table, fig, RMSE_METHODS)
         figures[fig.name] = fig
-    page = report.summary_page(nights=table, table1=table1, figures=figures,
-                               qa_links={n: _relpath(qa_dir / n / "qa.html", out_html.parent) for n in table["night"]})
+    page = report.summary_page(
+        nights=table,
+        table1=table1,
+        figures=figures,
+        qa_links={n: _relpath(qa_dir / n / "qa.html", out_html.parent) for n in table["night"]},
+    )
     with atomic_path(out_html) as tmp:
         tmp.write_text(page)
     return table, table1

@@ -55,54 +55,54 @@ from deepdark.io.geometry import Geometry, load_geometry
 
 F32 = np.float32
 # -- dark current ----------------------------------------------------------------------------
-T_REF = -15.0              # C: daily operating temperature (paper 2.1, 3.1)
-DARK_RATE_REF = 8.0        # e-/s mean over active pixels at T_REF: 240 e- in 30 s (paper 2.1)
-TOTAL_DOUBLING_C = 6.4     # the total dark current halves every 6.4 C near T_REF (paper 2.1, fig. 1)
-DIFF_DOUBLING_C = 3.6      # diffusion ~ n_i^2 (E_g ~ 1.12 eV) doubles every ~3.6 C near -15 C
+T_REF = -15.0  # C: daily operating temperature (paper 2.1, 3.1)
+DARK_RATE_REF = 8.0  # e-/s mean over active pixels at T_REF: 240 e- in 30 s (paper 2.1)
+TOTAL_DOUBLING_C = 6.4  # the total dark current halves every 6.4 C near T_REF (paper 2.1, fig. 1)
+DIFF_DOUBLING_C = 3.6  # diffusion ~ n_i^2 (E_g ~ 1.12 eV) doubles every ~3.6 C near -15 C
 DIFF_SHARE = (0.10, 0.25)  # diffusion share of the total at T_REF: minor but shape-changing
-FULL_ACTIVE = 1042         # active columns of a full channel: lengths below are full-size pixels
+FULL_ACTIVE = 1042  # active columns of a full channel: lengths below are full-size pixels
 RING_PERIOD_PX = (100.0, 250.0)  # CMP ring spacing (paper fig. 2), scaled with the active size
-RING_AMPLITUDE = (0.10, 0.20)    # +-10-20 % modulation: clearly visible after ZScale (paper fig. 2)
-RING_CENTRE = (0.15, 0.85)       # centre as a fraction of the sensor: on the sensor (paper fig. 2)
-DEP_GRADIENT = 0.10        # +- share of a smooth linear gradient of the depletion map
-DIFF_GRADIENT = (0.3, 0.6) # diffusion map: stronger broad gradient, different direction
+RING_AMPLITUDE = (0.10, 0.20)  # +-10-20 % modulation: clearly visible after ZScale (paper fig. 2)
+RING_CENTRE = (0.15, 0.85)  # centre as a fraction of the sensor: on the sensor (paper fig. 2)
+DEP_GRADIENT = 0.10  # +- share of a smooth linear gradient of the depletion map
+DIFF_GRADIENT = (0.3, 0.6)  # diffusion map: stronger broad gradient, different direction
 DSNU_SIGMA = (0.05, 0.10)  # per-pixel lognormal dark-signal non-uniformity
-HOT_FRACTION = (1e-4, 3e-4)      # share of real pixels that are hot (typical for a KAF CCD)
-HOT_FACTOR = (10.0, 200.0)       # hot-pixel extra rate / mean rate, log-uniform
-HOT_DOUBLING_C = (5.0, 8.0)      # each hot pixel's own doubling temperature (field-enhanced)
-RTS_FRACTION = (5e-5, 1e-4)      # share of real pixels with random-telegraph dark current
-RTS_FACTOR = (1.0, 4.0)          # RTS high-state extra rate / mean rate, log-uniform
-RTS_P_HIGH = (0.2, 0.8)          # per-pixel probability of the high state in a frame
-GLOW_E = (100.0, 300.0)          # glow electrons per readout at the active corner nearest the amp
-GLOW_CHANNEL_SPREAD = 0.3        # each channel's amplifier glows +-30 % of the camera's level
-GLOW_LENGTH_PX = (60.0, 200.0)   # glow e-folding length, scaled with the active size ...
-GLOW_MIN_LENGTH_PX = 6.0         # ... but never below 6 px, so small test geometries show it
+HOT_FRACTION = (1e-4, 3e-4)  # share of real pixels that are hot (typical for a KAF CCD)
+HOT_FACTOR = (10.0, 200.0)  # hot-pixel extra rate / mean rate, log-uniform
+HOT_DOUBLING_C = (5.0, 8.0)  # each hot pixel's own doubling temperature (field-enhanced)
+RTS_FRACTION = (5e-5, 1e-4)  # share of real pixels with random-telegraph dark current
+RTS_FACTOR = (1.0, 4.0)  # RTS high-state extra rate / mean rate, log-uniform
+RTS_P_HIGH = (0.2, 0.8)  # per-pixel probability of the high state in a frame
+GLOW_E = (100.0, 300.0)  # glow electrons per readout at the active corner nearest the amp
+GLOW_CHANNEL_SPREAD = 0.3  # each channel's amplifier glows +-30 % of the camera's level
+GLOW_LENGTH_PX = (60.0, 200.0)  # glow e-folding length, scaled with the active size ...
+GLOW_MIN_LENGTH_PX = 6.0  # ... but never below 6 px, so small test geometries show it
 # -- readout chain ---------------------------------------------------------------------------
-GAIN = (1.3, 1.8)                # e-/ADU per channel
-BIAS_ADU = (800.0, 2000.0)       # bias level per channel
-READ_NOISE_E = (10.0, 15.0)      # camera read noise; channels differ by +-5 %
-ROW_NOISE_ADU = (1.0, 3.0)       # sd of the per-row offset (common to the row, overscan included)
-BIAS_DRIFT_ADU = 2.5             # sd of the per-channel bias change between frames
+GAIN = (1.3, 1.8)  # e-/ADU per channel
+BIAS_ADU = (800.0, 2000.0)  # bias level per channel
+READ_NOISE_E = (10.0, 15.0)  # camera read noise; channels differ by +-5 %
+ROW_NOISE_ADU = (1.0, 3.0)  # sd of the per-row offset (common to the row, overscan included)
+BIAS_DRIFT_ADU = 2.5  # sd of the per-channel bias change between frames
 PRESCAN_PULL_ADU = (15.0, 60.0)  # prescan pull-up transient at its first column (paper 2.2 A)
-PRESCAN_TAU_PX = 0.7             # ... decaying over about a pixel
-AMP_RESIDUE = (0.002, 0.005)     # amplifier columns: share of the previous row's mean signal (C)
+PRESCAN_TAU_PX = 0.7  # ... decaying over about a pixel
+AMP_RESIDUE = (0.002, 0.005)  # amplifier columns: share of the previous row's mean signal (C)
 SATURATED = 65535
 # -- frame conditions ------------------------------------------------------------------------
 TEMP_JITTER_SD, TEMP_JITTER_MAX = 0.5, 1.0  # actual - setpoint: control precision +-1 C (2.3)
-TEMP_SENSOR_SD = 0.5             # CCDTEMP measurement error, then rounded to 0.1 C
-READOUT_S = 2.0                  # readout time (1.15 Mpx per amplifier at ~1 MHz): CRs, schedule
-CR_RATE = 2.0 / 60.0             # cosmic rays per cm^2 per s (sea level muons + radioactivity)
-PIXEL_CM = 24e-4                 # KAF-4320 pixel pitch, 24 um
+TEMP_SENSOR_SD = 0.5  # CCDTEMP measurement error, then rounded to 0.1 C
+READOUT_S = 2.0  # readout time (1.15 Mpx per amplifier at ~1 MHz): CRs, schedule
+CR_RATE = 2.0 / 60.0  # cosmic rays per cm^2 per s (sea level muons + radioactivity)
+PIXEL_CM = 24e-4  # KAF-4320 pixel pitch, 24 um
 CR_CHARGE_E = (1000.0, 10000.0)  # electrons per event, log-uniform (~80 e-/um in 20-60 um silicon)
-CR_LENGTH_PX = (0.0, 6.0)        # projected track length, px
+CR_LENGTH_PX = (0.0, 6.0)  # projected track length, px
 # -- light (guide frames) --------------------------------------------------------------------
-SKY_RATE = (6.0, 14.0)           # e-/s per pixel: a few hundred e- in 30 s
-SKY_GRADIENT = 0.15              # +- share of a linear sky gradient across the sensor
-STARS_PER_SENSOR = 150           # mean stars on a full 2084 x 2084 sensor ...
-MIN_STARS = 3                    # ... but a guide frame always has a few (small geometries too)
-STAR_FLUX = (100.0, 2e5)         # e-/s: faintest, brightest
-STAR_SLOPE = 0.8                 # N(>F) ~ F^-0.8: power-law star counts
-FWHM_PX = (3.0, 5.0)             # seeing-limited PSF, Gaussian
+SKY_RATE = (6.0, 14.0)  # e-/s per pixel: a few hundred e- in 30 s
+SKY_GRADIENT = 0.15  # +- share of a linear sky gradient across the sensor
+STARS_PER_SENSOR = 150  # mean stars on a full 2084 x 2084 sensor ...
+MIN_STARS = 3  # ... but a guide frame always has a few (small geometries too)
+STAR_FLUX = (100.0, 2e5)  # e-/s: faintest, brightest
+STAR_SLOPE = 0.8  # N(>F) ~ F^-0.8: power-law star counts
+FWHM_PX = (3.0, 5.0)  # seeing-limited PSF, Gaussian
 GUIDE_EXPTIMES = (5.0, 10.0, 30.0, 60.0)
 # -- rng domains: distinct first words keep model and frame streams apart ----------------------
 _MODEL_TAG, _FRAME_TAG = 0x5EED_CA3E, 0x5EED_F4A3
@@ -149,9 +149,9 @@ class CameraModel:
     camera: str
     seed: int
     geometry: Geometry
-    gain: np.ndarray          # e-/ADU per channel
+    gain: np.ndarray  # e-/ADU per channel
     read_noise_e: np.ndarray  # e- per channel
-    bias: np.ndarray          # ADU per channel
+    bias: np.ndarray  # ADU per channel
     row_noise_adu: float
     diffusion_share: float
 
@@ -161,18 +161,19 @@ class CameraModel:
         d ln(rate)/dT is the share-weighted mean of the parts' slopes."""
         s = self.diffusion_share
         return (1 - s) / (1 / TOTAL_DOUBLING_C - s / DIFF_DOUBLING_C)
-    dep: np.ndarray           # depletion dark rate at T_REF, e-/s (0 on virtual pixels)
-    diff: np.ndarray          # diffusion dark rate at T_REF, e-/s (0 on virtual pixels)
-    glow: np.ndarray          # e- per readout (0 on virtual pixels)
-    real: np.ndarray          # bool: optical black + active
-    prescan: np.ndarray       # (n_channels, prescan cols) ADU transient
-    residue: np.ndarray       # per channel share of the previous row's signal in amplifier columns
-    hot_idx: np.ndarray       # flat indices into (n_channels, rows, cols)
-    hot_rate: np.ndarray      # extra e-/s at T_REF
+
+    dep: np.ndarray  # depletion dark rate at T_REF, e-/s (0 on virtual pixels)
+    diff: np.ndarray  # diffusion dark rate at T_REF, e-/s (0 on virtual pixels)
+    glow: np.ndarray  # e- per readout (0 on virtual pixels)
+    real: np.ndarray  # bool: optical black + active
+    prescan: np.ndarray  # (n_channels, prescan cols) ADU transient
+    residue: np.ndarray  # per channel share of the previous row's signal in amplifier columns
+    hot_idx: np.ndarray  # flat indices into (n_channels, rows, cols)
+    hot_rate: np.ndarray  # extra e-/s at T_REF
     hot_doubling: np.ndarray  # C
     rts_idx: np.ndarray
-    rts_rate: np.ndarray      # extra e-/s at T_REF in the high state
-    rts_p: np.ndarray         # probability of the high state
+    rts_rate: np.ndarray  # extra e-/s at T_REF in the high state
+    rts_p: np.ndarray  # probability of the high state
     params: dict = field(default_factory=dict)  # the drawn scalars, for reports
 
     @classmethod
@@ -184,18 +185,25 @@ class CameraModel:
         scale = act.shape[1] / FULL_ACTIVE  # lengths shrink with the active area in test geometries
         H, W = g.mosaic_shape
         p = dict(
-            gain=_u(rng, GAIN, n), read_noise_e=_u(rng, READ_NOISE_E) * _u(rng, (0.95, 1.05), n),
-            bias=_u(rng, BIAS_ADU, n), row_noise_adu=float(_u(rng, ROW_NOISE_ADU)),
+            gain=_u(rng, GAIN, n),
+            read_noise_e=_u(rng, READ_NOISE_E) * _u(rng, (0.95, 1.05), n),
+            bias=_u(rng, BIAS_ADU, n),
+            row_noise_adu=float(_u(rng, ROW_NOISE_ADU)),
             diffusion_share=float(_u(rng, DIFF_SHARE)),
             ring_centre=(float(_u(rng, RING_CENTRE) * H), float(_u(rng, RING_CENTRE) * W)),
-            ring_period=float(_u(rng, RING_PERIOD_PX) * scale), ring_amplitude=float(_u(rng, RING_AMPLITUDE)),
-            ring_phase=rng.uniform(0, 2 * np.pi, 2), dep_gradient=rng.uniform(-DEP_GRADIENT, DEP_GRADIENT, 2),
-            diff_gradient=float(_u(rng, DIFF_GRADIENT)), diff_angle=float(rng.uniform(0, 2 * np.pi)),
+            ring_period=float(_u(rng, RING_PERIOD_PX) * scale),
+            ring_amplitude=float(_u(rng, RING_AMPLITUDE)),
+            ring_phase=rng.uniform(0, 2 * np.pi, 2),
+            dep_gradient=rng.uniform(-DEP_GRADIENT, DEP_GRADIENT, 2),
+            diff_gradient=float(_u(rng, DIFF_GRADIENT)),
+            diff_angle=float(rng.uniform(0, 2 * np.pi)),
             dsnu_sigma=float(_u(rng, DSNU_SIGMA)),
             glow_e=_u(rng, GLOW_E) * _u(rng, (1 - GLOW_CHANNEL_SPREAD, 1 + GLOW_CHANNEL_SPREAD), n),
             glow_length=max(GLOW_MIN_LENGTH_PX, float(_u(rng, GLOW_LENGTH_PX) * scale)),
-            prescan_pull=_u(rng, PRESCAN_PULL_ADU, n), residue=_u(rng, AMP_RESIDUE, n),
-            hot_fraction=float(_u(rng, HOT_FRACTION)), rts_fraction=float(_u(rng, RTS_FRACTION)),
+            prescan_pull=_u(rng, PRESCAN_PULL_ADU, n),
+            residue=_u(rng, AMP_RESIDUE, n),
+            hot_fraction=float(_u(rng, HOT_FRACTION)),
+            rts_fraction=float(_u(rng, RTS_FRACTION)),
         )
         real = np.zeros((n, R, C), bool)
         for name in ("ob_cols", "ob_rows", "active"):
@@ -209,10 +217,10 @@ class CameraModel:
             yn, xn = 2 * y / H - 1, 2 * x / W - 1  # -1..1 across the sensor
             ring = 2 * np.pi * np.hypot(y - cy, x - cx) / p["ring_period"]
             a = p["ring_amplitude"]
-            dep[i] = (1 + a * (0.8 * np.sin(ring + p["ring_phase"][0]) + 0.2 * np.sin(2 * ring + p["ring_phase"][1])))
+            dep[i] = 1 + a * (0.8 * np.sin(ring + p["ring_phase"][0]) + 0.2 * np.sin(2 * ring + p["ring_phase"][1]))
             dep[i] *= 1 + p["dep_gradient"][0] * yn + p["dep_gradient"][1] * xn
             th = p["diff_angle"]
-            diff[i] = 1 + p["diff_gradient"] * (np.cos(th) * xn + np.sin(th) * yn) + 0.2 * (xn ** 2 + yn ** 2)
+            diff[i] = 1 + p["diff_gradient"] * (np.cos(th) * xn + np.sin(th) * yn) + 0.2 * (xn**2 + yn**2)
         s = p["dsnu_sigma"]
         dep *= np.exp(rng.standard_normal((n, R, C), dtype=F32) * F32(s) - F32(s * s / 2))
         actv = (slice(None),) + act.slices
@@ -228,15 +236,27 @@ class CameraModel:
         picked = real_flat[rng.choice(real_flat.size, n_hot + n_rts, replace=False)]
         prescan_cols = np.arange(reg["prescan"].shape[1])
         return cls(
-            camera=camera, seed=seed, geometry=g, gain=p["gain"], read_noise_e=p["read_noise_e"],
-            bias=p["bias"], row_noise_adu=p["row_noise_adu"], diffusion_share=p["diffusion_share"],
-            dep=dep, diff=diff, glow=glow, real=real,
+            camera=camera,
+            seed=seed,
+            geometry=g,
+            gain=p["gain"],
+            read_noise_e=p["read_noise_e"],
+            bias=p["bias"],
+            row_noise_adu=p["row_noise_adu"],
+            diffusion_share=p["diffusion_share"],
+            dep=dep,
+            diff=diff,
+            glow=glow,
+            real=real,
             prescan=(-p["prescan_pull"][:, None] * np.exp(-prescan_cols / PRESCAN_TAU_PX)).astype(F32),
             residue=p["residue"],
-            hot_idx=picked[:n_hot], hot_rate=_logu(rng, HOT_FACTOR, n_hot) * DARK_RATE_REF,
+            hot_idx=picked[:n_hot],
+            hot_rate=_logu(rng, HOT_FACTOR, n_hot) * DARK_RATE_REF,
             hot_doubling=_u(rng, HOT_DOUBLING_C, n_hot),
-            rts_idx=picked[n_hot:], rts_rate=_logu(rng, RTS_FACTOR, n_rts) * DARK_RATE_REF,
-            rts_p=_u(rng, RTS_P_HIGH, n_rts), params=p,
+            rts_idx=picked[n_hot:],
+            rts_rate=_logu(rng, RTS_FACTOR, n_rts) * DARK_RATE_REF,
+            rts_p=_u(rng, RTS_P_HIGH, n_rts),
+            params=p,
         )
 
     def dark_rate(self, temperature: float) -> np.ndarray:
@@ -250,8 +270,9 @@ class CameraModel:
         """Mean dark electrons of one readout: dark x exptime + glow + RTS (its mean, or the given states)."""
         e = self.dark_rate(temperature) * F32(exptime) + self.glow
         rts = self.rts_p if rts_high is None else rts_high.astype(float)
-        e.reshape(-1)[self.rts_idx] += (rts * self.rts_rate * 2 ** ((temperature - T_REF) / self.dep_doubling)
-                                        * exptime).astype(F32)
+        e.reshape(-1)[self.rts_idx] += (
+            rts * self.rts_rate * 2 ** ((temperature - T_REF) / self.dep_doubling) * exptime
+        ).astype(F32)
         return e
 
 
@@ -275,17 +296,22 @@ def _to_adu(m: CameraModel, e: np.ndarray, bias_offsets, row_offsets) -> np.ndar
     """Electrons (n, R, C) -> ADU (float32, in place): gain, bias, drift, row offsets, strip effects."""
     reg = m.geometry.regions
     act, amp, pre = m.geometry.active, reg["amplifier"], reg["prescan"]
-    row_signal = e[:, :, act.c0:act.c1].mean(axis=2) / m.gain[:, None]  # ADU, before the offsets
+    row_signal = e[:, :, act.c0 : act.c1].mean(axis=2) / m.gain[:, None]  # ADU, before the offsets
     e *= (1 / m.gain).astype(F32)[:, None, None]
     level = m.bias + (0 if bias_offsets is None else bias_offsets)
     e += (level[:, None] + (0 if row_offsets is None else row_offsets)).astype(F32)[:, :, None]
-    e[:, :, pre.c0:pre.c1] += m.prescan[:, None, :]
-    e[:, 1:, amp.c0:amp.c1] += (m.residue[:, None] * row_signal[:, :-1]).astype(F32)[:, :, None]
+    e[:, :, pre.c0 : pre.c1] += m.prescan[:, None, :]
+    e[:, 1:, amp.c0 : amp.c1] += (m.residue[:, None] * row_signal[:, :-1]).astype(F32)[:, :, None]
     return e
 
 
-def expected_dark(model: CameraModel, temperature: float, exptime: float,
-                  bias_offsets: np.ndarray | None = None, row_offsets: np.ndarray | None = None) -> np.ndarray:
+def expected_dark(
+    model: CameraModel,
+    temperature: float,
+    exptime: float,
+    bias_offsets: np.ndarray | None = None,
+    row_offsets: np.ndarray | None = None,
+) -> np.ndarray:
     """Noise-free expected dark frame, E[ADU] (float32, (n_channels, rows, cols), readout coordinates).
 
     ``temperature`` is the *actual* sensor temperature; ``bias_offsets`` (n,) and ``row_offsets``
@@ -301,7 +327,7 @@ def _add_cosmic_rays(m: CameraModel, rng: np.random.Generator, e: np.ndarray, se
     """Short straight tracks of thousands of e- on real pixels (virtual pixels collect nothing)."""
     n, R, C = e.shape
     r0, r1, c0, c1 = 0, m.geometry.active.r1, m.geometry.regions["ob_cols"].c0, m.geometry.active.c1
-    k = rng.poisson(CR_RATE * PIXEL_CM ** 2 * n * (r1 - r0) * (c1 - c0) * seconds)
+    k = rng.poisson(CR_RATE * PIXEL_CM**2 * n * (r1 - r0) * (c1 - c0) * seconds)
     for _ in range(k):
         ch, y, x = rng.integers(n), rng.uniform(r0, r1), rng.uniform(c0, c1)
         length, angle, q = _u(rng, CR_LENGTH_PX), rng.uniform(0, 2 * np.pi), _logu(rng, CR_CHARGE_E)
@@ -329,25 +355,31 @@ def render_light(m: CameraModel, rng: np.random.Generator, exptime: float) -> np
         r = np.arange(max(0, int(y) - rad), min(H, int(y) + rad + 1))
         c = np.arange(max(0, int(x) - rad), min(W, int(x) + rad + 1))
         gy, gx = np.exp(-0.5 * ((r + 0.5 - y) / sigma) ** 2), np.exp(-0.5 * ((c + 0.5 - x) / sigma) ** 2)
-        img[r[0]:r[-1] + 1, c[0]:c[-1] + 1] += (f / (2 * np.pi * sigma ** 2) * np.outer(gy, gx)).astype(F32)
+        img[r[0] : r[-1] + 1, c[0] : c[-1] + 1] += (f / (2 * np.pi * sigma**2) * np.outer(gy, gx)).astype(F32)
     return np.stack([g.to_frame_orientation(img[g.mosaic_slices(ch)], ch) for ch in g.channels])
 
 
 @dataclass
 class SimFrame:
-    data: np.ndarray           # uint16, geometry.frame_shape
+    data: np.ndarray  # uint16, geometry.frame_shape
     header: fits.Header
-    expected: np.ndarray       # expected dark, E[ADU] without light, (n_channels, rows, cols) readout coords
-    temperature: float         # actual sensor temperature, C
-    bias_offsets: np.ndarray   # ADU per channel
-    row_offsets: np.ndarray    # ADU, (n_channels, rows)
-    floor: dict                # channel -> RMS(observed - expected) in the window, ADU (dark/bias only)
+    expected: np.ndarray  # expected dark, E[ADU] without light, (n_channels, rows, cols) readout coords
+    temperature: float  # actual sensor temperature, C
+    bias_offsets: np.ndarray  # ADU per channel
+    row_offsets: np.ndarray  # ADU, (n_channels, rows)
+    floor: dict  # channel -> RMS(observed - expected) in the window, ADU (dark/bias only)
     n_cosmics: int
 
 
-def simulate_frame(model: CameraModel, rng: np.random.Generator, imagetyp: str = "DARK", setpoint: float = T_REF,
-                   exptime: float = 30.0, date_obs: str = "2024-01-01T11:00:00.000",
-                   keywords: Keywords = Keywords()) -> SimFrame:
+def simulate_frame(
+    model: CameraModel,
+    rng: np.random.Generator,
+    imagetyp: str = "DARK",
+    setpoint: float = T_REF,
+    exptime: float = 30.0,
+    date_obs: str = "2024-01-01T11:00:00.000",
+    keywords: Keywords = Keywords(),
+) -> SimFrame:
     """One raw frame of ``model``'s camera; ``imagetyp`` DARK, BIAS (exptime 0) or OBJECT (sky and stars)."""
     m, g = model, model.geometry
     imagetyp = imagetyp.upper()
@@ -395,8 +427,9 @@ def simulate_frame(model: CameraModel, rng: np.random.Generator, imagetyp: str =
 
 def frame_rng(seed: int, camera: str, night: str, kind: str, index: int) -> np.random.Generator:
     """The rng of one archive frame: a function of its identity only, not of the loop order."""
-    return np.random.default_rng(np.random.SeedSequence(
-        [_FRAME_TAG, seed, camera_code(camera), int(night), _KIND_CODE[kind], index]))
+    return np.random.default_rng(
+        np.random.SeedSequence([_FRAME_TAG, seed, camera_code(camera), int(night), _KIND_CODE[kind], index])
+    )
 
 
 def _night_plan(temperatures, darks_per_temp, dark_exptimes, bias_per_night, guide_per_night):
@@ -417,11 +450,23 @@ def _night_plan(temperatures, darks_per_temp, dark_exptimes, bias_per_night, gui
     return plan
 
 
-def simulate_archive(out: str | Path, geometry: str | Geometry = "lamost-kaf4320", nights: int = 2, seed: int = 0,
-                     cameras=("GS1",), temperatures=(-5, -10, -15, -25), darks_per_temp: int = 3,
-                     dark_exptimes=(30.0,), bias_per_night: int = 0, guide_per_night: int = 2,
-                     guide_exptimes=GUIDE_EXPTIMES, first_night: str = "20240101", night_step_days: int = 1,
-                     compress: bool = False, progress: bool = True) -> list[Path]:
+def simulate_archive(
+    out: str | Path,
+    geometry: str | Geometry = "lamost-kaf4320",
+    nights: int = 2,
+    seed: int = 0,
+    cameras=("GS1",),
+    temperatures=(-5, -10, -15, -25),
+    darks_per_temp: int = 3,
+    dark_exptimes=(30.0,),
+    bias_per_night: int = 0,
+    guide_per_night: int = 2,
+    guide_exptimes=GUIDE_EXPTIMES,
+    first_night: str = "20240101",
+    night_step_days: int = 1,
+    compress: bool = False,
+    progress: bool = True,
+) -> list[Path]:
     """Write ``out/YYYYMMDD/{camera}_{dark|bias|guide}_{NNNN}.fits[.gz]``; same arguments, same bytes."""
     out, g = Path(out), _geometry(geometry)
     day0 = datetime.strptime(first_night, "%Y%m%d").replace(tzinfo=timezone.utc)
@@ -440,8 +485,9 @@ def simulate_archive(out: str | Path, geometry: str | Geometry = "lamost-kaf4320
                     if exptime is None:
                         exptime = float(rng.choice(np.asarray(guide_exptimes, float)))
                     date_obs = (day + timedelta(hours=10, seconds=t)).replace(tzinfo=None)
-                    frame = simulate_frame(model, rng, _IMAGETYP[kind], setpoint, exptime,
-                                           date_obs.isoformat(timespec="milliseconds"))
+                    frame = simulate_frame(
+                        model, rng, _IMAGETYP[kind], setpoint, exptime, date_obs.isoformat(timespec="milliseconds")
+                    )
                     path = out / night / f"{camera}_{kind}_{counters[kind]:04d}{suffix}"
                     write_raw_frame(path, frame.data, frame.header)
                     paths.append(path)

@@ -67,7 +67,8 @@ scalars, the run's settings and the tensors file's SHA-256) - both atomically, t
 older tensor files removed after. Nothing is pickled. ``train`` called again on the same
 ``out_dir`` with the same settings resumes from the last complete epoch (a run killed
 mid-epoch loses only that epoch) and gives the weights of an uninterrupted run; ``epochs`` may be
-raised to continue (with ``lr_schedule="constant"``: a decaying schedule depends on the epoch count). ``training_log.csv`` (epoch, losses, val RMSE in ADU, seconds) is rewritten
+raised to continue (with ``lr_schedule="constant"``: a decaying schedule depends on the epoch
+count). ``training_log.csv`` (epoch, losses, val RMSE in ADU, seconds) is rewritten
 from the checkpoint's history each epoch. The model file (``deepdark.model.files``) is written when
 the last epoch is done.
 
@@ -108,15 +109,23 @@ from tqdm import tqdm
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
-from deepdark.io.tables import frame_setpoints
 from deepdark.io.geometry import Geometry
-from deepdark.model.losses import LossConfig, discriminator_loss, generator_loss
-from deepdark.model.files import DEFAULT_INPUTS, check_state, file_sha256, json_default, read_safetensors, save_model, state_tensors
-from deepdark.model import conditioning as C
-from deepdark.model.runtime import autocast, fp32_head, resolve_device
-from deepdark.model.nets import PHYSICS_PRESETS, PRESETS, Discriminator, Generator, model_input
 from deepdark.io.shards import Shard
+from deepdark.io.tables import common_geometry, library_table
 from deepdark.io.units import adu_to_unit, unit_to_adu
+from deepdark.model import conditioning as C
+from deepdark.model.files import (
+    DEFAULT_INPUTS,
+    check_state,
+    file_sha256,
+    json_default,
+    read_safetensors,
+    save_model,
+    state_tensors,
+)
+from deepdark.model.losses import LossConfig, discriminator_loss, generator_loss
+from deepdark.model.nets import PHYSICS_PRESETS, PRESETS, Discriminator, Generator, model_input
+from deepdark.model.runtime import autocast, fp32_head, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +136,8 @@ LOG_COLUMNS = ("epoch", "steps", "d_loss", "g_loss", "g_bce", "g_mse", "g_l1", "
 BN_MODES = ("running", "batch")
 CROP_MODES = ("window", "strips")
 LR_SCHEDULES = ("constant", "linear", "pix2pix")
-CALIBRATION_SAMPLES = 16   # crops in the one batch that sets the initial batch-norm statistics
-CALIBRATION_CROP = 256     # ... at most this size (statistics are per channel over space)
+CALIBRATION_SAMPLES = 16  # crops in the one batch that sets the initial batch-norm statistics
+CALIBRATION_CROP = 256  # ... at most this size (statistics are per channel over space)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,18 +145,10 @@ CALIBRATION_CROP = 256     # ... at most this size (statistics are per channel o
 # ---------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------
 # the library and the night split
 # ---------------------------------------------------------------------------------------------
+
 
 def split_nights(nights: Sequence[str], val_nights: int | Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     """(train nights, validation nights), disjoint, from the sorted distinct ``nights``.
@@ -160,11 +161,11 @@ def split_nights(nights: Sequence[str], val_nights: int | Sequence[str] | None =
         k = int(val_nights)
         if k < 0:
             raise ValueError(f"val_nights must be >= 0, got {k}")
-        val = nights[len(nights) - k:] if k else []
+        val = nights[len(nights) - k :] if k else []
     elif val_nights is None:
-        val = nights[-max(1, round(len(nights) / 5)):] if len(nights) >= 2 else []
+        val = nights[-max(1, round(len(nights) / 5)) :] if len(nights) >= 2 else []
     else:
-        val = sorted(set(str(v) for v in val_nights))
+        val = sorted({str(v) for v in val_nights})
         unknown = [v for v in val if v not in nights]
         if unknown:
             raise ValueError(f"validation night(s) {unknown} not in the shards' nights {nights}")
@@ -194,8 +195,9 @@ class Library:
         self.close()
 
 
-def open_library(shards: Sequence[str | Path], setpoints: Sequence[float] | None = None,
-                 nights: Sequence[str] | None = None) -> Library:
+def open_library(
+    shards: Sequence[str | Path], setpoints: Sequence[float] | None = None, nights: Sequence[str] | None = None
+) -> Library:
     """Open ``shards`` and list their DARK frame-channels (optionally only ``setpoints`` / ``nights``)."""
     paths = [Path(p) for p in shards]
     if not paths:
@@ -204,27 +206,22 @@ def open_library(shards: Sequence[str | Path], setpoints: Sequence[float] | None
     try:
         for p in paths:
             opened.append(Shard(p))
-        names = {s.geometry.name for s in opened}
-        if len(names) != 1:
-            raise ValueError(f"shards mix geometries: {sorted(names)}")
-        parts = []
-        for k, s in enumerate(opened):
-            t = s.table[s.table["imagetyp"] == "DARK"]
-            parts.append(pd.DataFrame({
-                "shard_no": k, "row": t.index.to_numpy(), "night": t["night"].astype(str).to_numpy(),
-                "camera": t["camera"].to_numpy(), "channel": t["channel"].to_numpy(),
-                "exptime": t["exptime"].to_numpy(float), "setpoint": frame_setpoints(t),
-                "floor": t["floor"].to_numpy(float), "file_hash": t["file_hash"].to_numpy()}))
-        table = pd.concat(parts, ignore_index=True)
+        common_geometry(opened)
+        columns = ["shard_no", "row", "night", "camera", "channel", "exptime", "setpoint", "floor", "file_hash"]
+        table = library_table(opened)
+        table = table[columns] if not table.empty else pd.DataFrame(columns=columns)
         if setpoints is not None:
-            table = table[np.isclose(table["setpoint"].to_numpy()[:, None],
-                                     np.asarray(setpoints, float)[None, :]).any(axis=1)]
+            table = table[
+                np.isclose(table["setpoint"].to_numpy()[:, None], np.asarray(setpoints, float)[None, :]).any(axis=1)
+            ]
         if nights is not None:
             table = table[table["night"].isin([str(n) for n in nights])]
         if table.empty:
-            raise ValueError(f"no DARK frames in {', '.join(map(str, paths))}"
-                             + (f" at setpoints {list(setpoints)}" if setpoints is not None else "")
-                             + (f" in nights {list(nights)}" if nights is not None else ""))
+            raise ValueError(
+                f"no DARK frames in {', '.join(map(str, paths))}"
+                + (f" at setpoints {list(setpoints)}" if setpoints is not None else "")
+                + (f" in nights {list(nights)}" if nights is not None else "")
+            )
         table = table.sort_values(["night", "shard_no", "row"], kind="stable").reset_index(drop=True)
         return Library(paths, opened, opened[0].geometry, table)
     except BaseException:
@@ -254,7 +251,9 @@ class SampleSource:
             return hit
         tab = self.lib.table
         rec = tab.iloc[i]
-        same = np.flatnonzero(((tab["shard_no"] == rec["shard_no"]) & (tab["file_hash"] == rec["file_hash"])).to_numpy())
+        same = np.flatnonzero(
+            ((tab["shard_no"] == rec["shard_no"]) & (tab["file_hash"] == rec["file_hash"])).to_numpy()
+        )
         shard_rows = tab["row"].to_numpy()[same]
         order = np.argsort(shard_rows)
         same, shard_rows = same[order], shard_rows[order]
@@ -265,7 +264,7 @@ class SampleSource:
             if int(j) == i:
                 out = p
             elif int(j) not in self.cache and self.used + p.nbytes <= self.budget:
-                self._phys[int(j)] = p   # consumed (moved into the item cache) when j is read
+                self._phys[int(j)] = p  # consumed (moved into the item cache) when j is read
                 self.used += p.nbytes
         return out
 
@@ -279,8 +278,12 @@ class SampleSource:
         shard = self.lib.shards[int(rec["shard_no"])]
         rows = np.array([int(rec["row"])])
         s = shard.strips(rows, window=True)
-        item = (np.ascontiguousarray(s["a1"][0]), np.ascontiguousarray(s["a2"][0]),
-                np.ascontiguousarray(s["a3"][0]), np.ascontiguousarray(shard.target(rows)[0]))
+        item = (
+            np.ascontiguousarray(s["a1"][0]),
+            np.ascontiguousarray(s["a2"][0]),
+            np.ascontiguousarray(s["a3"][0]),
+            np.ascontiguousarray(shard.target(rows)[0]),
+        )
         if self.physics is not None:
             had = i in self._phys
             phys = self._physics_of(i)
@@ -294,8 +297,15 @@ class SampleSource:
         return item
 
 
-def build_batch(items: Sequence[tuple], size: int, crop: int | None, corners: Sequence[tuple[int, int]] | None,
-                crop_mode: str = "window", device: torch.device | str = "cpu", return_base: bool = False):
+def build_batch(
+    items: Sequence[tuple],
+    size: int,
+    crop: int | None,
+    corners: Sequence[tuple[int, int]] | None,
+    crop_mode: str = "window",
+    device: torch.device | str = "cpu",
+    return_base: bool = False,
+):
     """Model input (B, 3, c, c) and target (B, 1, c, c) in [0, 1] for window samples ``items``.
 
     ``corners``: the (row, col) of each crop in the window (ignored without ``crop``). Items with a
@@ -313,18 +323,27 @@ def build_batch(items: Sequence[tuple], size: int, crop: int | None, corners: Se
     cropped = bool(crop) and crop != size
 
     def cut(arr):
-        return np.stack([arr[k, ..., r:r + crop, c:c + crop] for k, (r, c) in enumerate(corners)])
+        return np.stack([arr[k, ..., r : r + crop, c : c + crop] for k, (r, c) in enumerate(corners)])
 
     if not cropped:
         x = model_input(a1, a2, a3, size, extra=extra, device=device)
     elif crop_mode == "window":
         full = model_input(a1, a2, a3, size, extra=extra, device=device)
-        x = torch.stack([full[k, :, r:r + crop, c:c + crop] for k, (r, c) in enumerate(corners)])
+        x = torch.stack([full[k, :, r : r + crop, c : c + crop] for k, (r, c) in enumerate(corners)])
     elif crop_mode == "strips":
-        x = torch.cat([model_input(a1[k:k + 1, r:r + crop], a2[k:k + 1, r:r + crop], a3[k:k + 1, :, c:c + crop],
-                                   crop, device=device,
-                                   extra=None if extra is None else extra[k:k + 1, :, r:r + crop, c:c + crop])
-                       for k, (r, c) in enumerate(corners)])
+        x = torch.cat(
+            [
+                model_input(
+                    a1[k : k + 1, r : r + crop],
+                    a2[k : k + 1, r : r + crop],
+                    a3[k : k + 1, :, c : c + crop],
+                    crop,
+                    device=device,
+                    extra=None if extra is None else extra[k : k + 1, :, r : r + crop, c : c + crop],
+                )
+                for k, (r, c) in enumerate(corners)
+            ]
+        )
     else:
         raise ValueError(f"unknown crop_mode {crop_mode!r}; valid: {', '.join(CROP_MODES)}")
     if cropped:
@@ -342,6 +361,7 @@ def build_batch(items: Sequence[tuple], size: int, crop: int | None, corners: Se
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
+
 
 def _optimizer_split(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimiser's state dict as (tensors for safetensors, JSON-able scalars)."""
@@ -374,8 +394,18 @@ def _strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, to
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
 
-def save_checkpoint(out_dir: Path, epoch: int, G: nn.Module, D: nn.Module, opt_g, opt_d, scaler,
-                    signature: dict, history: list[dict], extra: dict | None = None) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    epoch: int,
+    G: nn.Module,
+    D: nn.Module,
+    opt_g,
+    opt_d,
+    scaler,
+    signature: dict,
+    history: list[dict],
+    extra: dict | None = None,
+) -> Path:
     """Tensors to ``checkpoint-eNNNN.safetensors``, then ``checkpoint.json``, both atomic."""
     from safetensors.torch import save_file
 
@@ -388,9 +418,15 @@ def save_checkpoint(out_dir: Path, epoch: int, G: nn.Module, D: nn.Module, opt_g
     with atomic_path(out_dir / name) as tmp:
         save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "epoch": str(epoch)})
     state = {
-        "format": CHECKPOINT_FORMAT, "epoch": epoch, "tensors": name, "sha256": file_sha256(out_dir / name),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code_version": __version__,
-        "signature": signature, "history": history, "optimizers": {"G": mg, "D": md},
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "tensors": name,
+        "sha256": file_sha256(out_dir / name),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": __version__,
+        "signature": signature,
+        "history": history,
+        "optimizers": {"G": mg, "D": md},
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "extra": extra or {},
     }
@@ -424,13 +460,18 @@ def _write_log(out_dir: Path, history: list[dict]) -> None:
         w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for row in history:
-            w.writerow({k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k]))
-                            else row[k]) for k in LOG_COLUMNS})
+            w.writerow(
+                {
+                    k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k])) else row[k])
+                    for k in LOG_COLUMNS
+                }
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # batch norm
 # ---------------------------------------------------------------------------------------------
+
 
 def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -529,9 +570,18 @@ def lr_factor(schedule: str, epoch: int, step: int, n_steps: int, epochs: int) -
 # validation
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def validate(G: Generator, source: SampleSource, indices: Sequence[int], size: int, crop: int | None,
-             batch_size: int, device: torch.device, residual_range_adu: float | None = None) -> float:
+def validate(
+    G: Generator,
+    source: SampleSource,
+    indices: Sequence[int],
+    size: int,
+    crop: int | None,
+    batch_size: int,
+    device: torch.device,
+    residual_range_adu: float | None = None,
+) -> float:
     """Pooled RMSE (ADU) of the generator (eval mode) on whole windows or their centre crop."""
     if not len(indices):
         return float("nan")
@@ -542,7 +592,7 @@ def validate(G: Generator, source: SampleSource, indices: Sequence[int], size: i
     corner = ((size - c) // 2,) * 2 if c else None
     try:
         for start in range(0, len(indices), batch_size):
-            items = [source.get(i) for i in indices[start:start + batch_size]]
+            items = [source.get(i) for i in indices[start : start + batch_size]]
             corners = [corner] * len(items) if c else None
             if residual_range_adu is None:
                 x, y = build_batch(items, size, c, corners, "window", device)
@@ -563,6 +613,7 @@ def validate(G: Generator, source: SampleSource, indices: Sequence[int], size: i
 # ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TrainResult:
@@ -592,17 +643,37 @@ def _data_digest(table: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "compact", loss: str = "deepdark",
-          l1_weight: float = 100.0, epochs: int = 40, batch_size: int = 1, lr: float = 2e-5,
-          betas: tuple[float, float] = (0.5, 0.999), crop: int | None = None, val_nights=None,
-          device: str | torch.device = "auto", seed: int = 0, max_steps_per_epoch: int | None = None,
-          progress: bool = True, resume: bool = True, bn: str = "running", bn_momentum: float = 0.01,
-          norm: str | None = None,
-          crop_mode: str = "window", setpoints: Sequence[float] | None = None,
-          nights: Sequence[str] | None = None, cache_mb: float = 1024,
-          max_val_samples: int | None = None, init_level: bool = True,
-          lr_schedule: str = "constant", physics: str | Path | None = None,
-          residual_range_adu: float = C.RESIDUAL_RANGE_ADU, physics_memory_mb: float = 512) -> TrainResult:
+def train(
+    shards: Sequence[str | Path],
+    out_dir: str | Path,
+    preset: str = "compact",
+    loss: str = "deepdark",
+    l1_weight: float = 100.0,
+    epochs: int = 40,
+    batch_size: int = 1,
+    lr: float = 2e-5,
+    betas: tuple[float, float] = (0.5, 0.999),
+    crop: int | None = None,
+    val_nights=None,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    max_steps_per_epoch: int | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    bn: str = "running",
+    bn_momentum: float = 0.01,
+    norm: str | None = None,
+    crop_mode: str = "window",
+    setpoints: Sequence[float] | None = None,
+    nights: Sequence[str] | None = None,
+    cache_mb: float = 1024,
+    max_val_samples: int | None = None,
+    init_level: bool = True,
+    lr_schedule: str = "constant",
+    physics: str | Path | None = None,
+    residual_range_adu: float = C.RESIDUAL_RANGE_ADU,
+    physics_memory_mb: float = 512,
+) -> TrainResult:
     """Train a generator (and its discriminator) on the DARK frames of ``shards``; write the model
     to ``out_dir`` (``model.safetensors`` + ``model.json``), with checkpoints and the log beside it.
 
@@ -634,8 +705,10 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
     physics_mode = preset in PHYSICS_PRESETS
     inputs = list(DEFAULT_INPUTS) + ([C.PHYSICS_INPUT] if physics_mode else [])
     if physics is not None and not physics_mode:
-        raise ValueError(f"preset {preset!r} takes strips only; a physics model is used by the "
-                         f"{', '.join(sorted(PHYSICS_PRESETS))} preset")
+        raise ValueError(
+            f"preset {preset!r} takes strips only; a physics model is used by the "
+            f"{', '.join(sorted(PHYSICS_PRESETS))} preset"
+        )
     cfg = _generator_config(preset, norm, len(inputs))
     phys_model = None
     phys_card = None
@@ -644,10 +717,15 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
         from deepdark.physics import PhysicsModel
 
         phys_model = PhysicsModel.load(phys_path)
-        phys_card = {"file": C.PHYSICS_FILE, "sha256": file_sha256(phys_path), "source": phys_source,
-                     "residual_range_adu": float(residual_range_adu), "physics_scale_adu": C.PHYSICS_SCALE_ADU,
-                     "normalisation": C.NORMALISATION}
-        init_level = False   # the zero-initialised head starts at the physics prediction instead
+        phys_card = {
+            "file": C.PHYSICS_FILE,
+            "sha256": file_sha256(phys_path),
+            "source": phys_source,
+            "residual_range_adu": float(residual_range_adu),
+            "physics_scale_adu": C.PHYSICS_SCALE_ADU,
+            "normalisation": C.NORMALISATION,
+        }
+        init_level = False  # the zero-initialised head starts at the physics prediction instead
     try:
         lib = open_library(shards, setpoints=setpoints, nights=nights)
     except BaseException:
@@ -657,7 +735,7 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
     try:
         g = lib.geometry
         size = g.window_size
-        multiple = 2 ** cfg.n_down
+        multiple = 2**cfg.n_down
         if size % multiple:
             raise ValueError(f"window size {size} is not a multiple of the generator's {multiple}")
         if crop is not None:
@@ -676,19 +754,38 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
         if not val_list:
             log.warning("one night only: no validation night, validation RMSE will be NaN")
         val_region = f"centre {crop}x{crop} crop of the window" if crop else f"whole {size}x{size} window"
-        signature = _jsonify({
-            "preset": preset, "generator": dataclasses.asdict(cfg), "inputs": inputs, "loss": loss_cfg.name,
-            "l1_weight": loss_cfg.l1_weight, "batch_size": batch_size, "lr": lr, "betas": list(betas),
-            "lr_schedule": lr_schedule, "schedule_epochs": epochs if lr_schedule != "constant" else None,
-            "crop": crop, "crop_mode": crop_mode if crop else None, "bn": bn,
-            "bn_momentum": bn_momentum if bn == "running" else None, "init_level": init_level, "seed": seed,
-            "max_steps_per_epoch": max_steps_per_epoch, "train_nights": train_nights, "val_nights": val_list,
-            "setpoints": None if setpoints is None else sorted(float(s) for s in setpoints),
-            "geometry": g.name, "window": [g.window_size, g.window_offset],
-            "data": _data_digest(tab), "n_train": len(train_idx), "n_val": len(val_idx),
-            "physics": None if phys_card is None else {k: phys_card[k] for k in ("sha256", "residual_range_adu",
-                                                                               "physics_scale_adu")},
-        })
+        signature = _jsonify(
+            {
+                "preset": preset,
+                "generator": dataclasses.asdict(cfg),
+                "inputs": inputs,
+                "loss": loss_cfg.name,
+                "l1_weight": loss_cfg.l1_weight,
+                "batch_size": batch_size,
+                "lr": lr,
+                "betas": list(betas),
+                "lr_schedule": lr_schedule,
+                "schedule_epochs": epochs if lr_schedule != "constant" else None,
+                "crop": crop,
+                "crop_mode": crop_mode if crop else None,
+                "bn": bn,
+                "bn_momentum": bn_momentum if bn == "running" else None,
+                "init_level": init_level,
+                "seed": seed,
+                "max_steps_per_epoch": max_steps_per_epoch,
+                "train_nights": train_nights,
+                "val_nights": val_list,
+                "setpoints": None if setpoints is None else sorted(float(s) for s in setpoints),
+                "geometry": g.name,
+                "window": [g.window_size, g.window_offset],
+                "data": _data_digest(tab),
+                "n_train": len(train_idx),
+                "n_val": len(val_idx),
+                "physics": None
+                if phys_card is None
+                else {k: phys_card[k] for k in ("sha256", "residual_range_adu", "physics_scale_adu")},
+            }
+        )
         source = SampleSource(lib, cache_mb, physics=phys_model)
         rr = float(residual_range_adu) if physics_mode else None
 
@@ -703,12 +800,13 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
         ckpt = read_checkpoint(out_dir) if resume else None
         if ckpt is not None:
             state, tensors = ckpt
-            diff = {k: (state["signature"].get(k), v) for k, v in signature.items()
-                    if state["signature"].get(k) != v}
+            diff = {k: (state["signature"].get(k), v) for k, v in signature.items() if state["signature"].get(k) != v}
             if diff:
                 detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                raise ValueError(f"{out_dir / CHECKPOINT_JSON} was made with other settings ({detail}); "
-                                 "use another output directory, or resume=False (--no-resume) to start over")
+                raise ValueError(
+                    f"{out_dir / CHECKPOINT_JSON} was made with other settings ({detail}); "
+                    "use another output directory, or resume=False (--no-resume) to start over"
+                )
             gs, ds = _strip_prefix(tensors, "G"), _strip_prefix(tensors, "D")
             check_state(G.state_dict(), gs, "checkpoint generator")
             check_state(D.state_dict(), ds, "checkpoint discriminator")
@@ -744,15 +842,14 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
             sums: dict[str, float] = {}
             set_training_mode(G, bn)
             D.train()
-            bar = tqdm(range(n_steps), desc=f"epoch {epoch}/{epochs}", unit="step", disable=not progress,
-                       leave=False)
+            bar = tqdm(range(n_steps), desc=f"epoch {epoch}/{epochs}", unit="step", disable=not progress, leave=False)
             steps = 0
             for step in bar:
                 rate = lr * lr_factor(lr_schedule, epoch, step, n_steps, epochs)
                 for opt in (opt_g, opt_d):
                     for group in opt.param_groups:
                         group["lr"] = rate
-                sel = order[step * batch_size:(step + 1) * batch_size]
+                sel = order[step * batch_size : (step + 1) * batch_size]
                 corners = None
                 if crop:
                     corners = [tuple(int(v) for v in rng.integers(0, size - crop + 1, 2)) for _ in sel]
@@ -763,64 +860,107 @@ def train(shards: Sequence[str | Path], out_dir: str | Path, preset: str = "comp
                 else:
                     x, y = build_batch(items, size, crop, corners, crop_mode, dev)
                 with track_running_stats(G, bn_momentum) if bn == "running" else contextlib.nullcontext():
-                    parts = _train_step(G, D, opt_g, opt_d, scaler, loss_cfg, x, y, dev, base=base,
-                                        residual_range_adu=rr)
+                    parts = _train_step(
+                        G, D, opt_g, opt_d, scaler, loss_cfg, x, y, dev, base=base, residual_range_adu=rr
+                    )
                 steps += 1
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
                 # The l1 loss trains no discriminator: its d_loss is NaN, not worth showing.
-                bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()
-                                 if k in ("d_loss", "g_loss", "g_l1") and math.isfinite(v)})
+                bar.set_postfix(
+                    {k: f"{v:.4g}" for k, v in parts.items() if k in ("d_loss", "g_loss", "g_l1") and math.isfinite(v)}
+                )
             bar.close()
             val = validate(G, source, val_idx, size, crop, max(1, batch_size), dev, residual_range_adu=rr)
-            row = {"epoch": epoch, "steps": steps,
-                   **{k: sums.get(k, float("nan")) / max(steps, 1) if k in sums else None
-                      for k in ("d_loss", "g_loss", "g_bce", "g_mse", "g_l1")},
-                   "val_rmse_adu": val, "seconds": round(time.perf_counter() - t0, 3)}
+            row = {
+                "epoch": epoch,
+                "steps": steps,
+                **{
+                    k: sums.get(k, float("nan")) / max(steps, 1) if k in sums else None
+                    for k in ("d_loss", "g_loss", "g_bce", "g_mse", "g_l1")
+                },
+                "val_rmse_adu": val,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
             history.append(row)
             save_checkpoint(out_dir, epoch, G, D, opt_g, opt_d, scaler, signature, history)
             _write_log(out_dir, history)
             d_part = f"d {row['d_loss']:.4g} " if math.isfinite(row["d_loss"]) else ""
-            msg = (f"epoch {epoch}/{epochs}: {d_part}g {row['g_loss']:.4g} "
-                   f"(l1 {row['g_l1']:.4g}), val RMSE {val:.2f} ADU ({val_region}), {row['seconds']:.1f} s")
+            msg = (
+                f"epoch {epoch}/{epochs}: {d_part}g {row['g_loss']:.4g} "
+                f"(l1 {row['g_l1']:.4g}), val RMSE {val:.2f} ADU ({val_region}), {row['seconds']:.1f} s"
+            )
             log.info(msg)
             if progress:
                 tqdm.write(msg)
         if not history:
             raise ValueError(f"{out_dir}: nothing trained")
         if len(history) > epochs:
-            log.warning("%s: the checkpoint already holds %d epochs (more than the %d asked for); "
-                        "the model is written from it", out_dir, len(history), epochs)
+            log.warning(
+                "%s: the checkpoint already holds %d epochs (more than the %d asked for); the model is written from it",
+                out_dir,
+                len(history),
+                epochs,
+            )
         final_val = history[-1]["val_rmse_adu"]
         final_val = None if final_val is None or math.isnan(final_val) else final_val
         train_tab = tab.iloc[train_idx]
         val_tab = tab.iloc[val_idx]
         training = {
             "shards": [str(p) for p in lib.paths],
-            "nights": train_nights, "val_nights": val_list,
+            "nights": train_nights,
+            "val_nights": val_list,
             "setpoints": sorted(float(s) for s in set(train_tab["setpoint"])),
             "cameras": sorted(set(train_tab["camera"])),
             "exptimes": sorted(float(e) for e in set(train_tab["exptime"])),
-            "n_frames": int(train_tab["file_hash"].nunique()), "n_samples": len(train_idx),
-            "n_val_frames": int(val_tab["file_hash"].nunique()), "n_val_samples": len(val_idx),
-            "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule, "betas": list(betas), "seed": seed,
-            "crop": crop, "crop_mode": crop_mode if crop else None, "bn": bn,
-            "bn_momentum": bn_momentum if bn == "running" else None, "init_level": init_level,
-            "max_steps_per_epoch": max_steps_per_epoch, "steps": int(sum(r["steps"] for r in history)),
-            "device": dev.type, "mixed_precision": "float16 autocast, float32 output layer" if dev.type == "cuda" else None,
+            "n_frames": int(train_tab["file_hash"].nunique()),
+            "n_samples": len(train_idx),
+            "n_val_frames": int(val_tab["file_hash"].nunique()),
+            "n_val_samples": len(val_idx),
+            "batch_size": batch_size,
+            "lr": lr,
+            "lr_schedule": lr_schedule,
+            "betas": list(betas),
+            "seed": seed,
+            "crop": crop,
+            "crop_mode": crop_mode if crop else None,
+            "bn": bn,
+            "bn_momentum": bn_momentum if bn == "running" else None,
+            "init_level": init_level,
+            "max_steps_per_epoch": max_steps_per_epoch,
+            "steps": int(sum(r["steps"] for r in history)),
+            "device": dev.type,
+            "mixed_precision": "float16 autocast, float32 output layer" if dev.type == "cuda" else None,
             "seconds": round(sum(r["seconds"] for r in history), 1),
         }
         G.eval()
-        save_model(out_dir, G, preset=preset, loss={"name": loss_cfg.name, "l1_weight": loss_cfg.l1_weight},
-                   geometry=g, training=training, epochs=len(history),
-                   validation={"rmse_adu": final_val, "region": val_region,
-                               "n_samples": len(val_idx), "nights": val_list,
-                               "history": [None if math.isnan(r["val_rmse_adu"]) else r["val_rmse_adu"]
-                                           for r in history]},
-                   inputs=inputs, extra=None if phys_card is None else {"physics": phys_card})
-        return TrainResult(out_dir, len(history), float("nan") if final_val is None else final_val, history,
-                           train_nights, val_list,
-                           time.perf_counter() - t_start)
+        save_model(
+            out_dir,
+            G,
+            preset=preset,
+            loss={"name": loss_cfg.name, "l1_weight": loss_cfg.l1_weight},
+            geometry=g,
+            training=training,
+            epochs=len(history),
+            validation={
+                "rmse_adu": final_val,
+                "region": val_region,
+                "n_samples": len(val_idx),
+                "nights": val_list,
+                "history": [None if math.isnan(r["val_rmse_adu"]) else r["val_rmse_adu"] for r in history],
+            },
+            inputs=inputs,
+            extra=None if phys_card is None else {"physics": phys_card},
+        )
+        return TrainResult(
+            out_dir,
+            len(history),
+            float("nan") if final_val is None else final_val,
+            history,
+            train_nights,
+            val_list,
+            time.perf_counter() - t_start,
+        )
     finally:
         lib.close()
         if phys_model is not None:
@@ -837,12 +977,12 @@ def _physics_file(shards, out_dir: Path, physics, memory_mb: float, progress: bo
         src = Path(physics)
         if not src.is_file():
             raise FileNotFoundError(f"physics model {src} not found")
-        if not (dest.exists() and dest.resolve() == src.resolve()):
-            if not (dest.is_file() and file_sha256(dest) == file_sha256(src)):
-                with atomic_path(dest) as tmp:
-                    shutil.copyfile(src, tmp)
+        same_file = dest.exists() and dest.resolve() == src.resolve()
+        if not same_file and not (dest.is_file() and file_sha256(dest) == file_sha256(src)):
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
         return dest, str(src.resolve())
-    if dest.is_file():   # fitted by an earlier (interrupted) run of the same command: reuse it
+    if dest.is_file():  # fitted by an earlier (interrupted) run of the same command: reuse it
         log.info("reusing the physics model %s", dest)
         return dest, "fitted from the training shards"
     from deepdark.physics import fit_physics
@@ -856,8 +996,16 @@ def _jsonify(obj):
     return json.loads(json.dumps(obj, default=json_default))
 
 
-def _calibration_batch(source: SampleSource, train_idx: np.ndarray, size: int, crop: int | None, crop_mode: str,
-                       seed: int, dev: torch.device, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _calibration_batch(
+    source: SampleSource,
+    train_idx: np.ndarray,
+    size: int,
+    crop: int | None,
+    crop_mode: str,
+    seed: int,
+    dev: torch.device,
+    multiple: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch (input, target) of up to ``CALIBRATION_SAMPLES`` random training crops: for the
     batch-norm statistics and the initial output level."""
     rng = np.random.default_rng([seed, 0])
@@ -865,12 +1013,14 @@ def _calibration_batch(source: SampleSource, train_idx: np.ndarray, size: int, c
     c = min(crop or size, CALIBRATION_CROP)
     c -= c % multiple
     corners = [tuple(int(v) for v in rng.integers(0, size - c + 1, 2)) for _ in pick]
-    return build_batch([source.get(int(i)) for i in pick], size, c if c < size else None, corners,
-                       crop_mode if crop else "window", dev)
+    return build_batch(
+        [source.get(int(i)) for i in pick], size, c if c < size else None, corners, crop_mode if crop else "window", dev
+    )
 
 
-def _train_step(G, D, opt_g, opt_d, scaler, loss_cfg: LossConfig, x, y, dev, base=None,
-                residual_range_adu: float | None = None) -> dict[str, float]:
+def _train_step(
+    G, D, opt_g, opt_d, scaler, loss_cfg: LossConfig, x, y, dev, base=None, residual_range_adu: float | None = None
+) -> dict[str, float]:
     """One pix2pix step: D on (real, detached fake), then G on the adversarial terms + L1.
 
     ``base`` (physics-mode models): the physics prediction ([0, 1] units); the fake is then

@@ -5,7 +5,6 @@ import pytest
 from astropy.io import fits
 
 from deepdark.io.frames import FrameError, Keywords, read_frame, write_raw_frame
-
 from tests.conftest import header, random_frame
 
 
@@ -27,7 +26,8 @@ def test_gzip_and_fit_suffixes(tmp_path, mini):
     data = random_frame(mini, 2)
     write_raw_frame(tmp_path / "a.fits.gz", data, header())
     write_raw_frame(tmp_path / "b.fit", data, header())
-    assert gzip.open(tmp_path / "a.fits.gz").read(6) == b"SIMPLE"
+    with gzip.open(tmp_path / "a.fits.gz") as f:
+        assert f.read(6) == b"SIMPLE"
     for name in ("a.fits.gz", "b.fit"):
         np.testing.assert_array_equal(read_frame(tmp_path / name, mini).data, data)
 
@@ -63,11 +63,17 @@ def _bad_files(tmp_path, mini):
     write_raw_frame(tmp_path / "sat.fits", np.full_like(good, 65535), header())
     (tmp_path / "badgz.fits.gz").write_bytes(gzip.compress(raw)[:300])
     return {
-        "empty.fits": "empty file", "truncated.fits": "truncated", "text.fits": "not a FITS file",
-        "shape.fits": "does not match geometry", "float.fits": "not integer ADU",
-        "noexp.fits": "EXPTIME missing", "negexp.fits": "EXPTIME=-1.0 must be > 0",
-        "temp.fits": "CCDTEMP='warm' is not a number", "date.fits": "not an ISO-8601 date",
-        "sat.fits": "saturated", "badgz.fits.gz": "corrupt gzip",
+        "empty.fits": "empty file",
+        "truncated.fits": "truncated",
+        "text.fits": "not a FITS file",
+        "shape.fits": "does not match geometry",
+        "float.fits": "not integer ADU",
+        "noexp.fits": "EXPTIME missing",
+        "negexp.fits": "EXPTIME=-1.0 must be > 0",
+        "temp.fits": "CCDTEMP='warm' is not a number",
+        "date.fits": "not an ISO-8601 date",
+        "sat.fits": "saturated",
+        "badgz.fits.gz": "corrupt gzip",
     }
 
 

@@ -49,7 +49,7 @@ def test_mosaic_tiles_active_areas_back_in_frame_orientation():
     # Channel 1 is unflipped: its active area is frame rows 4..72, cols 12..80.
     np.testing.assert_array_equal(m[:68, :68], frame[4:72, 12:80])
     # Channel 4 is flipped both ways: readout rows 4..72 are frame rows 141..73.
-    np.testing.assert_array_equal(m[68:, 68:], frame[146 - 72:146 - 4, 252 - 80:252 - 12])
+    np.testing.assert_array_equal(m[68:, 68:], frame[146 - 72 : 146 - 4, 252 - 80 : 252 - 12])
 
 
 def _mutate(path, value):
@@ -62,14 +62,17 @@ def _mutate(path, value):
     return yaml.safe_dump(doc)
 
 
-@pytest.mark.parametrize("path,value,field", [
-    ("regions.overscan.cols", [70, 126], "regions.overscan"),          # overlaps active
-    ("regions.overscan.cols", [80, 130], "regions.overscan"),          # outside the channel
-    ("window.size", 70, "window"),                                      # window outside active
-    ("channels.1.col0", 0, "channels"),                                 # channels do not tile
-    ("channels.1.flip_cols", "yes", "channels[1].flip_cols"),
-    ("frame.rows", -3, "frame.rows"),
-])
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        ("regions.overscan.cols", [70, 126], "regions.overscan"),  # overlaps active
+        ("regions.overscan.cols", [80, 130], "regions.overscan"),  # outside the channel
+        ("window.size", 70, "window"),  # window outside active
+        ("channels.1.col0", 0, "channels"),  # channels do not tile
+        ("channels.1.flip_cols", "yes", "channels[1].flip_cols"),
+        ("frame.rows", -3, "frame.rows"),
+    ],
+)
 def test_malformed_geometry_names_the_field(path, value, field):
     with pytest.raises(GeometryError, match=field.replace("[", r"\[").replace("]", r"\]")):
         parse_geometry(_mutate(path, value))

@@ -4,13 +4,16 @@ import pytest
 from deepdark.io.frames import write_raw_frame
 from deepdark.io.shards import Shard, quarantine_path, read_quarantine
 from deepdark.pipeline.extract import extract
-
 from tests.conftest import header, random_frame
 
 # The contract's mini geometry, written out independently of deepdark.io.geometry:
 # channel -> (row0, col0, flip_rows, flip_cols); channel 73 x 126.
-CHANNELS = {"1": (0, 0, False, False), "2": (0, 126, False, True),
-            "3": (73, 0, True, False), "4": (73, 126, True, True)}
+CHANNELS = {
+    "1": (0, 0, False, False),
+    "2": (0, 126, False, True),
+    "3": (73, 0, True, False),
+    "4": (73, 126, True, True),
+}
 
 
 def frame_pixels(frame, ch, rows, cols):
@@ -137,13 +140,18 @@ def test_full_size_round_trip_at_spec_coordinates(tmp_path):
     from deepdark.sim.simulate import simulate_archive
 
     g = load_geometry("lamost-kaf4320")
-    simulate_archive(tmp_path / "a", geometry=g, nights=1, temperatures=(-15,), darks_per_temp=1,
-                     guide_per_night=0, progress=False)
+    simulate_archive(
+        tmp_path / "a", geometry=g, nights=1, temperatures=(-15,), darks_per_temp=1, guide_per_night=0, progress=False
+    )
     night = next((tmp_path / "a").iterdir())
     extract([night], tmp_path / "n.h5", g, progress=False)
     frame = fits.getdata(next(night.glob("*.fits")))
-    corners = {"1": (0, 0, False, False), "2": (0, 1100, False, True),
-               "3": (1047, 0, True, False), "4": (1047, 1100, True, True)}
+    corners = {
+        "1": (0, 0, False, False),
+        "2": (0, 1100, False, True),
+        "3": (1047, 0, True, False),
+        "4": (1047, 1100, True, True),
+    }
 
     def pixels(ch, rows, cols):
         row0, col0, fr, fc = corners[ch]

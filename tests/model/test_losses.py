@@ -30,7 +30,7 @@ def mse_real(l):
 
 
 def mse_fake(l):
-    return (l ** 2).mean()
+    return (l**2).mean()
 
 
 def l1(fake, real, lam):
@@ -43,7 +43,7 @@ EXPECTED_D = {
     "mixed": lambda r, f: 0.5 * (bce_real(r) + bce_fake(f)),
     "deepdark": lambda r, f: 0.5 * (mse_real(r) + mse_fake(f)),
 }
-EXPECTED_G = {   # name -> {component: f(d_fake)}; the non-saturating BCE(D(G(x)), 1)
+EXPECTED_G = {  # name -> {component: f(d_fake)}; the non-saturating BCE(D(G(x)), 1)
     "pix2pix": {"g_bce": bce_real},
     "lsgan": {"g_mse": mse_real},
     "mixed": {"g_mse": mse_real},
@@ -52,7 +52,7 @@ EXPECTED_G = {   # name -> {component: f(d_fake)}; the non-saturating BCE(D(G(x)
 
 
 def test_names():
-    assert LOSSES == {"deepdark", "pix2pix", "lsgan", "mixed"}
+    assert {"deepdark", "pix2pix", "lsgan", "mixed"} == LOSSES
     assert set(EXPECTED_D) == set(LOSSES) == set(EXPECTED_G)
     assert LossConfig() == LossConfig("deepdark", 100.0)
 

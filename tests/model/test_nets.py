@@ -3,19 +3,34 @@ import pytest
 import torch
 from torch import nn
 
-from deepdark.model.nets import PRESETS, Discriminator, Generator, GeneratorConfig, count_macs, count_params, describe_presets, format_presets, init_weights, model_input, patch_score
+from deepdark.model.nets import (
+    PRESETS,
+    Discriminator,
+    Generator,
+    GeneratorConfig,
+    count_macs,
+    count_params,
+    describe_presets,
+    format_presets,
+    init_weights,
+    model_input,
+    patch_score,
+)
 
 MINI = 64
 
 
 def _strips(b=2, size=MINI, w1=46, w2=4, h3=4, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.integers(0, 65536, (b, size, w1), dtype=np.uint16),
-            rng.integers(0, 65536, (b, size, w2), dtype=np.uint16),
-            rng.integers(0, 65536, (b, h3, size), dtype=np.uint16))
+    return (
+        rng.integers(0, 65536, (b, size, w1), dtype=np.uint16),
+        rng.integers(0, 65536, (b, size, w2), dtype=np.uint16),
+        rng.integers(0, 65536, (b, h3, size), dtype=np.uint16),
+    )
 
 
 # --- model_input -----------------------------------------------------------------------------
+
 
 def test_model_input_constant_strips_give_constant_planes():
     b, s = 2, 32
@@ -38,7 +53,7 @@ def test_model_input_resizes_whole_strip_bilinearly():
     a3 = np.broadcast_to(cols, (1, 4, s)).copy()
     a2 = np.zeros((1, s, 4), np.uint16)
     x = model_input(a1, a2, a3, s)
-    plane = lambda a: torch.from_numpy(a / 65535.0).float()   # noqa: E731
+    plane = lambda a: torch.from_numpy(a / 65535.0).float()  # noqa: E731
     torch.testing.assert_close(x[0, 0], plane(np.repeat(rows[0], s, 1)))
     torch.testing.assert_close(x[0, 2], plane(np.repeat(cols[0], s, 0)))
     # a 2-column strip with values 0 | 65535 resized to 8 columns with align_corners=False:
@@ -51,14 +66,17 @@ def test_model_input_resizes_whole_strip_bilinearly():
 
 
 def test_model_input_matches_interpolate_and_takes_tensors():
-    a1, a2, a3 = _strips(b=2, size=MINI, w1=10, w2=3, h3=5)   # widths from the arrays
+    a1, a2, a3 = _strips(b=2, size=MINI, w1=10, w2=3, h3=5)  # widths from the arrays
     x = model_input(torch.from_numpy(a1.astype(np.int32)), a2, a3, MINI)
     assert x.shape == (2, 3, MINI, MINI)
     ref = torch.nn.functional.interpolate(
-        torch.from_numpy(a3.astype(np.float32) / 65535.0)[:, None], size=(MINI, MINI),
-        mode="bilinear", align_corners=False)
+        torch.from_numpy(a3.astype(np.float32) / 65535.0)[:, None],
+        size=(MINI, MINI),
+        mode="bilinear",
+        align_corners=False,
+    )
     torch.testing.assert_close(x[:, 2:3], ref)
-    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= 0.0 and x.max() <= 1.0
 
 
 def test_model_input_extra_channels_and_errors():
@@ -78,6 +96,7 @@ def test_model_input_extra_channels_and_errors():
 
 # --- generator -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_generator_shapes_mini_window(name):
     torch.manual_seed(0)
@@ -87,7 +106,7 @@ def test_generator_shapes_mini_window(name):
     assert y.shape == (2, 1, MINI, MINI)
     assert y.min() >= 0 and y.max() <= 1
     y = g.predict(x)
-    assert y.shape == (2, 1, MINI, MINI) and g.training    # mode restored
+    assert y.shape == (2, 1, MINI, MINI) and g.training  # mode restored
 
 
 @pytest.mark.slow
@@ -97,14 +116,14 @@ def test_generator_forward_full_window(name):
     with torch.no_grad():
         y = g.predict(torch.rand(1, 3, 1024, 1024))
     assert y.shape == (1, 1, 1024, 1024)
-    assert 0 <= y.min() and y.max() <= 1
+    assert y.min() >= 0 and y.max() <= 1
 
 
 def test_output_in_unit_interval_even_for_extreme_inputs():
     g = Generator(GeneratorConfig(width=4, n_blocks=1, norm="none"), seed=1)
     with torch.no_grad():
         for p in g.head.parameters():
-            p.fill_(5.0)                                    # saturate tanh
+            p.fill_(5.0)  # saturate tanh
         y = g(torch.full((1, 3, 16, 16), 1e3))
     assert y.min() >= 0 and y.max() <= 1 and y.max() > 0.999
 
@@ -112,9 +131,9 @@ def test_output_in_unit_interval_even_for_extreme_inputs():
 @pytest.mark.parametrize("n_down", [1, 2, 3])
 def test_multiple_enforced(n_down):
     g = Generator(GeneratorConfig(width=4, n_blocks=1, n_down=n_down), seed=0)
-    assert g.multiple == 2 ** n_down
+    assert g.multiple == 2**n_down
     g(torch.rand(1, 3, 8 * g.multiple, 4 * g.multiple))
-    with pytest.raises(ValueError, match=f"multiple of {2 ** n_down}"):
+    with pytest.raises(ValueError, match=f"multiple of {2**n_down}"):
         g(torch.rand(1, 3, 8 * g.multiple + g.multiple // 2, 8 * g.multiple))
     with pytest.raises(ValueError, match="expected input"):
         g(torch.rand(1, 4, 16, 16))
@@ -124,8 +143,7 @@ def test_multiple_enforced(n_down):
 def test_skip_connections_double_up_stage_inputs(upsample):
     cfg = GeneratorConfig(width=8, n_blocks=2, upsample=upsample, n_down=2)
     g = Generator(cfg, seed=0)
-    convs = [[m for m in u.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][0]
-             for u in g.up]
+    convs = [[m for m in u.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][0] for u in g.up]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(2 * 32, 16), (2 * 16, 8)]
     assert isinstance(convs[0], nn.ConvTranspose2d if upsample == "transpose" else nn.Conv2d)
     head = [m for m in g.head.modules() if isinstance(m, nn.Conv2d)][0]
@@ -133,7 +151,7 @@ def test_skip_connections_double_up_stage_inputs(upsample):
     # the skip really carries information: the output depends on the stem features
     x = torch.rand(1, 3, 16, 16)
     y0 = g.predict(x)
-    g.head[1].weight.data[:, 8:] = 0            # cut the stem skip into the head
+    g.head[1].weight.data[:, 8:] = 0  # cut the stem skip into the head
     assert not torch.allclose(y0, g.predict(x))
 
 
@@ -190,17 +208,23 @@ def test_seeded_build_is_reproducible_and_init_is_reference_normal():
 
 # --- discriminator ---------------------------------------------------------------------------
 
+
 def test_discriminator_layers_and_patch_logits():
     d = Discriminator(seed=0)
     convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [
-        (4, 64, 2), (64, 128, 2), (128, 256, 2), (256, 512, 1), (512, 1, 1)]
+        (4, 64, 2),
+        (64, 128, 2),
+        (128, 256, 2),
+        (256, 512, 1),
+        (512, 1, 1),
+    ]
     assert all(c.kernel_size == (4, 4) for c in convs)
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in d.modules()) == 3   # none on the first
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in d.modules()) == 3  # none on the first
     assert sum(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.2 for m in d.modules()) == 4
     a, b = torch.rand(2, 3, MINI, MINI), torch.rand(2, 1, MINI, MINI)
     out = d(a, b)
-    assert out.shape == (2, 1, 6, 6)          # 64 -> 32 -> 16 -> 8 -> 7 -> 6
+    assert out.shape == (2, 1, 6, 6)  # 64 -> 32 -> 16 -> 8 -> 7 -> 6
     torch.testing.assert_close(out, d(torch.cat([a, b], 1)))
     s = d.score(out)
     assert s.shape == (2,)
@@ -212,6 +236,7 @@ def test_discriminator_layers_and_patch_logits():
 
 
 # --- size accounting -------------------------------------------------------------------------
+
 
 def test_count_macs_hand_computations():
     conv = nn.Conv2d(3, 8, 3, padding=1)
@@ -225,7 +250,7 @@ def test_count_macs_hand_computations():
     seq = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 3, 1))
     assert count_macs(seq, (1, 1, 5, 5)) == 25 * 2 + 25 * 2 * 3
     assert count_params(conv) == 6 * 2 * 16 + 6
-    assert conv.weight.device.type == "cpu"          # untouched
+    assert conv.weight.device.type == "cpu"  # untouched
 
 
 def test_describe_presets_table():
@@ -243,6 +268,7 @@ def test_describe_presets_table():
 
 
 # --- training smoke --------------------------------------------------------------------------
+
 
 def test_few_adam_steps_lower_l1():
     torch.manual_seed(0)

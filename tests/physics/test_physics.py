@@ -11,15 +11,15 @@ import pytest
 from astropy.io import fits
 
 from deepdark import physics as P
-from deepdark.sim import simulate as S
-from deepdark.pipeline.baseline import build_masters
 from deepdark.cli import main
 from deepdark.evaluation.evaluate import evaluate
 from deepdark.io.geometry import load_geometry
 from deepdark.io.predictions import Predictions, write_predictions
 from deepdark.io.shards import Shard
-from deepdark.pipeline.extract import extract
 from deepdark.io.strips import channel_strips
+from deepdark.pipeline.baseline import build_masters
+from deepdark.pipeline.extract import extract
+from deepdark.sim import simulate as S
 
 MINI = load_geometry("mini")
 TEMPS = (-5, -10, -15, -25)
@@ -41,14 +41,16 @@ def sim(tmp_path_factory):
     root = tmp_path_factory.mktemp("physics")
     lib = _archive(root, "lib", nights=4, darks_per_temp=3, dark_exptimes=(10.0, 30.0))
     test = _archive(root, "test", nights=1, darks_per_temp=3, dark_exptimes=(30.0,), first_night="20240301")
-    other = _archive(root, "other", nights=1, darks_per_temp=2, dark_exptimes=(5.0, 60.0), first_night="20240401",
-                     guide_per_night=2)
+    other = _archive(
+        root, "other", nights=1, darks_per_temp=2, dark_exptimes=(5.0, 60.0), first_night="20240401", guide_per_night=2
+    )
     P.fit_physics(lib, root / "phys.h5", progress=False)
     build_masters(lib, root / "masters.h5", progress=False)
     return dict(root=root, lib=lib, test=test, other=other, phys=root / "phys.h5", masters=root / "masters.h5")
 
 
 # -- frame state ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("camera", ["GS1", "GS2"])
 def test_row_bias_recovers_the_simulated_row_offsets(camera):
@@ -62,30 +64,30 @@ def test_row_bias_recovers_the_simulated_row_offsets(camera):
             a1 = strips[ch.name]["a1"]
             est.append(P.row_bias(a1)[0])
             naive.append(np.median(a1, axis=1))
-            truth.append(model.bias[i] + fr.bias_offsets[i] + fr.row_offsets[i][a.r0:a.r1] - 0.5)
+            truth.append(model.bias[i] + fr.bias_offsets[i] + fr.row_offsets[i][a.r0 : a.r1] - 0.5)
     est, naive, truth = map(np.concatenate, (est, naive, truth))
     err, err_naive = np.sqrt(np.mean((est - truth) ** 2)), np.sqrt(np.mean((naive - truth) ** 2))
     row_sd = model.row_noise_adu
     # the best any estimator can do from 42 overscan pixels with white row noise (posterior sd)
     read = float(np.mean(model.read_noise_e / model.gain))
-    est_var = read ** 2 / (46 - P.OVERSCAN_SKIP)
-    optimum = np.sqrt(row_sd ** 2 * est_var / (row_sd ** 2 + est_var))
+    est_var = read**2 / (46 - P.OVERSCAN_SKIP)
+    optimum = np.sqrt(row_sd**2 * est_var / (row_sd**2 + est_var))
     assert err < 0.7 * row_sd, (err, row_sd)
     assert err < 1.15 * optimum, (err, optimum)
-    assert err < 0.8 * err_naive          # the median of 46 integers: quantised and noisier
-    assert abs(np.mean(est - truth)) < 0.1   # unbiased, the floor's -0.5 included
+    assert err < 0.8 * err_naive  # the median of 46 integers: quantised and noisier
+    assert abs(np.mean(est - truth)) < 0.1  # unbiased, the floor's -0.5 included
 
 
 def test_overscan_skip_leaves_out_the_first_columns():
     rng = np.random.default_rng(0)
     a1 = rng.normal(1000, 5, (3, 40, 46)).round()
     spoiled = a1.copy()
-    spoiled[..., :4] += 10.0                      # charge residue in the first overscan columns
+    spoiled[..., :4] += 10.0  # charge residue in the first overscan columns
     np.testing.assert_allclose(P.row_bias(spoiled, skip=4)[0], P.row_bias(a1, skip=4)[0])
     shift = P.row_bias(spoiled, skip=0, shrink=False)[0] - P.row_bias(a1, skip=0, shrink=False)[0]
-    assert np.median(shift) == pytest.approx(10 * 4 / 46) and shift.mean() > 0.7   # only skipping removes it
+    assert np.median(shift) == pytest.approx(10 * 4 / 46) and shift.mean() > 0.7  # only skipping removes it
     gross = a1.copy()
-    gross[..., :4] += 200.0                       # gross outliers are clipped even without a skip
+    gross[..., :4] += 200.0  # gross outliers are clipped even without a skip
     assert np.abs(P.row_bias(gross, skip=0)[0] - P.row_bias(a1, skip=0)[0]).max() < 0.5
     with pytest.raises(ValueError, match="overscan"):
         P.row_bias(a1, skip=45)
@@ -101,12 +103,14 @@ def test_frame_state_shapes_and_ob_minus_overscan():
     # OB minus overscan is the OB pixels' dark signal: compare with the simulator's expectation
     ob = MINI.regions["ob_cols"]
     for i in range(4):
-        expected = fr.expected[i][ob.slices] - (model.bias[i] + fr.bias_offsets[i]
-                                                + fr.row_offsets[i][ob.r0:ob.r1, None] - 0.5)
+        expected = fr.expected[i][ob.slices] - (
+            model.bias[i] + fr.bias_offsets[i] + fr.row_offsets[i][ob.r0 : ob.r1, None] - 0.5
+        )
         assert abs(st.ob_cols[i].mean() - expected.mean()) < 1.0
 
 
 # -- effective temperature ------------------------------------------------------------------------
+
 
 def test_effective_temperature_beats_ccdtemp(sim):
     model = P.PhysicsModel.load(sim["phys"])
@@ -140,14 +144,21 @@ def test_header_temperature_fallback_order():
 
 # -- the predictor --------------------------------------------------------------------------------
 
+
 def _excess(row, method):
     """Error variance beyond the noise floor, ADU^2."""
     return row[method] ** 2 - row["floor"] ** 2
 
 
 def test_physics_reaches_the_floor_on_a_held_out_night(sim):
-    table = evaluate(sim["test"], sim["masters"], sim["root"] / "eval",
-                     predictors={"physics": P.physics_predictor(sim["phys"])}, progress=False, figures=False)
+    table = evaluate(
+        sim["test"],
+        sim["masters"],
+        sim["root"] / "eval",
+        predictors={"physics": P.physics_predictor(sim["phys"])},
+        progress=False,
+        figures=False,
+    )
     assert set(table) == {"total", *map(str, TEMPS)}
     for group, row in table.items():
         assert row["physics"] <= 1.05 * row["floor"], (group, row)
@@ -156,15 +167,21 @@ def test_physics_reaches_the_floor_on_a_held_out_night(sim):
 
 
 def test_exposures_outside_a_two_exposure_library(sim):
-    table = evaluate(sim["other"], sim["masters"], sim["root"] / "eval2",
-                     predictors={"physics": P.physics_predictor(sim["phys"])}, progress=False, figures=False)
+    table = evaluate(
+        sim["other"],
+        sim["masters"],
+        sim["root"] / "eval2",
+        predictors={"physics": P.physics_predictor(sim["phys"])},
+        progress=False,
+        figures=False,
+    )
     for group, row in table.items():
         assert row["physics"] <= 1.08 * row["floor"], (group, row)
         assert row["physics"] < row["median_temp"], (group, row)
     assert table["total"]["physics"] <= 1.05 * table["total"]["floor"]
     model = P.PhysicsModel.load(sim["phys"])
-    model.check_exposure("GS1", 60.0)       # 2x the longest: allowed
-    model.check_exposure("GS1", 0.0)        # the glow alone
+    model.check_exposure("GS1", 60.0)  # 2x the longest: allowed
+    model.check_exposure("GS1", 0.0)  # the glow alone
     with pytest.raises(P.PhysicsError, match="beyond 2x the longest"):
         model.check_exposure("GS1", 61.0)
     with pytest.raises(P.PhysicsError, match="no physics model for camera 'GS9'"):
@@ -176,27 +193,35 @@ def test_single_exposure_library_refuses_other_exposures(sim, tmp_path):
     P.fit_physics(lib, tmp_path / "one.h5", progress=False)
     model = P.PhysicsModel.load(tmp_path / "one.h5")
     assert not model.camera("GS1").separable
-    with Shard(sim["other"][0]) as s:                    # 5 s and 60 s darks
+    with Shard(sim["other"][0]) as s:  # 5 s and 60 s darks
         rows = np.flatnonzero((s.table["exptime"] == 5.0).to_numpy())[:4]
-        with pytest.raises(P.PhysicsError, match="library has only 30 s darks: cannot predict 5 s without bias"
-                                                 " frames or a second exposure time"):
+        with pytest.raises(
+            P.PhysicsError,
+            match="library has only 30 s darks: cannot predict 5 s without bias frames or a second exposure time",
+        ):
             model.predict_rows(s, rows)
-    with Shard(sim["test"][0]) as s:                     # 30 s: fine
+    with Shard(sim["test"][0]) as s:  # 30 s: fine
         rows = np.arange(4)
         assert model.predict_rows(s, rows, window=True).shape == (4, 64, 64)
     # the same library plus bias frames separates glow from dark current
     lib = _archive(tmp_path, "bias", nights=2, darks_per_temp=2, dark_exptimes=(30.0,), bias_per_night=3)
     P.fit_physics(lib, tmp_path / "bias.h5", progress=False)
     assert P.PhysicsModel.load(tmp_path / "bias.h5").camera("GS1").separable
-    table = evaluate(sim["other"], None, tmp_path / "ev", progress=False, figures=False,
-                     predictors={"physics": P.physics_predictor(tmp_path / "bias.h5")})
+    table = evaluate(
+        sim["other"],
+        None,
+        tmp_path / "ev",
+        progress=False,
+        figures=False,
+        predictors={"physics": P.physics_predictor(tmp_path / "bias.h5")},
+    )
     assert table["total"]["physics"] <= 1.12 * table["total"]["floor"]
 
 
 def test_chunked_fit_equals_unchunked(sim, tmp_path):
     lib = sim["lib"][:2]
     P.fit_physics(lib, tmp_path / "whole.h5", progress=False)
-    P.fit_physics(lib, tmp_path / "rows.h5", memory_mb=0, progress=False)   # one active row at a time
+    P.fit_physics(lib, tmp_path / "rows.h5", memory_mb=0, progress=False)  # one active row at a time
     assert P._chunk_rows(48, MINI.active.shape[1], 0) == 1
     with P.PhysicsModel(tmp_path / "whole.h5") as a, P.PhysicsModel(tmp_path / "rows.h5") as b:
         for ch in "1234":
@@ -209,9 +234,10 @@ def test_chunked_fit_equals_unchunked(sim, tmp_path):
 
 
 def test_active_predictions_and_the_conditioning_api(sim, tmp_path):
-    path = sim["other"][0]                       # has guide frames of 5-60 s too
-    out = write_predictions(path, tmp_path / "pred.h5", P.physics_active_predictor(sim["phys"]),
-                            {"method": "physics"}, progress=False)
+    path = sim["other"][0]  # has guide frames of 5-60 s too
+    out = write_predictions(
+        path, tmp_path / "pred.h5", P.physics_active_predictor(sim["phys"]), {"method": "physics"}, progress=False
+    )
     model = P.PhysicsModel.load(sim["phys"])
     with Predictions(out) as pr, Shard(path) as s:
         assert pr.f["dark"].shape == (len(s), *MINI.active.shape)
@@ -229,14 +255,30 @@ def test_active_predictions_and_the_conditioning_api(sim, tmp_path):
 def test_cli_physics_fit_and_evaluate(sim, tmp_path):
     lib = [str(p) for p in sim["lib"]]
     assert main(["-q", "physics-fit", *lib, "--out", str(tmp_path / "p.h5")]) == 0
-    assert main(["-q", "evaluate", "--test", *map(str, sim["test"]), "--baseline", str(sim["masters"]),
-                 "--physics", str(tmp_path / "p.h5"), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--test",
+                *map(str, sim["test"]),
+                "--baseline",
+                str(sim["masters"]),
+                "--physics",
+                str(tmp_path / "p.h5"),
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     table = json.loads((tmp_path / "ev" / "table1.json").read_text())
     assert list(table["total"])[:4] == ["median_all", "median_temp", "physics", "floor"]
     assert main(["-q", "physics-fit", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "x.h5")]) == 2
 
 
 # -- pieces ---------------------------------------------------------------------------------------
+
 
 def test_fit_law_recovers_doubling_temperatures():
     rng = np.random.default_rng(3)
@@ -259,5 +301,5 @@ def test_smooth_weighted_is_a_normalised_convolution():
     np.testing.assert_allclose(P.smooth_weighted(np.full((30, 40), 7.0), w, 3), 7.0)
     ramp = np.add.outer(np.arange(30.0), 2 * np.arange(40.0))
     np.testing.assert_allclose(P.smooth_weighted(ramp, np.ones_like(ramp), 3)[9:-9, 9:-9], ramp[9:-9, 9:-9])
-    w[10:20, 10:20] = 0                          # holes are filled from their neighbours
+    w[10:20, 10:20] = 0  # holes are filled from their neighbours
     assert np.isfinite(P.smooth_weighted(ramp, w, 3)).all()

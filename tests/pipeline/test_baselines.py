@@ -3,14 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from deepdark.io.masters import Masters
-
-from deepdark.pipeline.baseline import build_masters
-
-from deepdark.io.tables import frame_setpoints
 from deepdark.cli import main
 from deepdark.evaluation.evaluate import evaluate
+from deepdark.io.masters import Masters
 from deepdark.io.shards import Shard
+from deepdark.io.tables import frame_setpoints
+from deepdark.pipeline.baseline import build_masters
 from deepdark.pipeline.extract import extract
 from deepdark.sim.simulate import simulate_archive
 
@@ -19,8 +17,9 @@ from deepdark.sim.simulate import simulate_archive
 def sim(tmp_path_factory, mini):
     """Three library nights and one test night of simulated mini darks, extracted."""
     root = tmp_path_factory.mktemp("sim")
-    simulate_archive(root / "archive", geometry="mini", nights=4, seed=3, darks_per_temp=3,
-                     guide_per_night=1, progress=False)
+    simulate_archive(
+        root / "archive", geometry="mini", nights=4, seed=3, darks_per_temp=3, guide_per_night=1, progress=False
+    )
     nights = sorted(p for p in (root / "archive").iterdir())
     shards = []
     for night in nights:
@@ -84,8 +83,21 @@ def test_setpoint_falls_back_to_nearest_library_setpoint():
 def test_cli_extract_baseline_evaluate(sim, tmp_path, capsys):
     root, library, test = sim
     assert main(["-q", "baseline", *map(str, library), "--out", str(tmp_path / "m.h5")]) == 0
-    assert main(["-q", "evaluate", "--test", str(test[0]), "--baseline", str(tmp_path / "m.h5"),
-                 "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--test",
+                str(test[0]),
+                "--baseline",
+                str(tmp_path / "m.h5"),
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     assert "median_temp" in capsys.readouterr().out
     assert main(["-q", "baseline", str(tmp_path / "nope.h5"), "--out", str(tmp_path / "x.h5")]) == 2
     assert "nope.h5" in capsys.readouterr().err

@@ -10,15 +10,20 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from deepdark.io.masters import Masters
-
-from deepdark.pipeline.baseline import build_masters
-
-from deepdark.io.tables import frame_setpoints
-from deepdark.pipeline.correct import CorrectionError, PredictedDarks, correct_frame, correct_night, output_name, read_manifest
 from deepdark.io.frames import read_frame
+from deepdark.io.masters import Masters
 from deepdark.io.predictions import write_predictions
 from deepdark.io.shards import Shard
+from deepdark.io.tables import frame_setpoints
+from deepdark.pipeline.baseline import build_masters
+from deepdark.pipeline.correct import (
+    CorrectionError,
+    PredictedDarks,
+    correct_frame,
+    correct_night,
+    output_name,
+    read_manifest,
+)
 from deepdark.pipeline.extract import extract
 from deepdark.sim.simulate import simulate_archive
 
@@ -29,12 +34,28 @@ OFFSET = 0.25  # the test "model" is the per-temperature master plus this, so it
 def night(tmp_path_factory, mini):
     """A mini library (masters), one archive night (darks + guide frames) and its predictions."""
     root = tmp_path_factory.mktemp("correct")
-    simulate_archive(root / "library", geometry=mini, nights=2, darks_per_temp=2, guide_per_night=0,
-                     first_night="20230101", progress=False)
-    simulate_archive(root / "archive", geometry=mini, nights=1, darks_per_temp=1, guide_per_night=2,
-                     first_night="20240101", progress=False)
-    lib = [extract([p], root / f"lib_{p.name}.h5", mini, progress=False).shard
-           for p in sorted((root / "library").iterdir())]
+    simulate_archive(
+        root / "library",
+        geometry=mini,
+        nights=2,
+        darks_per_temp=2,
+        guide_per_night=0,
+        first_night="20230101",
+        progress=False,
+    )
+    simulate_archive(
+        root / "archive",
+        geometry=mini,
+        nights=1,
+        darks_per_temp=1,
+        guide_per_night=2,
+        first_night="20240101",
+        progress=False,
+    )
+    lib = [
+        extract([p], root / f"lib_{p.name}.h5", mini, progress=False).shard
+        for p in sorted((root / "library").iterdir())
+    ]
     masters = build_masters(lib, root / "masters.h5", progress=False)
     shard = extract([root / "archive" / "20240101"], root / "20240101.h5", mini, progress=False).shard
     m = Masters(masters)
@@ -42,11 +63,17 @@ def night(tmp_path_factory, mini):
     def predict(s, rows):
         t = s.table.iloc[rows]
         sps = frame_setpoints(t, m.setpoints)
-        return np.stack([m.lookup("temp", r.camera, r.channel, r.exptime, sp) + OFFSET
-                         for r, sp in zip(t.itertuples(), sps)])
+        return np.stack(
+            [m.lookup("temp", r.camera, r.channel, r.exptime, sp) + OFFSET for r, sp in zip(t.itertuples(), sps)]
+        )
 
-    preds = write_predictions(shard, root / "pred.h5", predict,
-                              dict(method="model", model_name="test-model", model_hash="f" * 64), progress=False)
+    preds = write_predictions(
+        shard,
+        root / "pred.h5",
+        predict,
+        dict(method="model", model_name="test-model", model_hash="f" * 64),
+        progress=False,
+    )
     return dict(root=root, shard=shard, preds=preds, masters=masters)
 
 
@@ -67,7 +94,7 @@ def expected_mosaic(raw: np.ndarray, dark_readout: dict, g) -> np.ndarray:
         block = raw[np.ix_(frows, fcols)].astype(np.float32)[order_r][:, order_c]
         d = np.asarray(dark_readout[ch.name], np.float32)[order_r][:, order_c]
         i, j = ch.row0 // R, ch.col0 // C
-        out[i * ar:(i + 1) * ar, j * ac:(j + 1) * ac] = block - d
+        out[i * ar : (i + 1) * ar, j * ac : (j + 1) * ac] = block - d
     return out
 
 
@@ -109,9 +136,8 @@ def test_corrected_checksum_detects_tampering(night, tmp_path):
     blob[-100] ^= 0xFF  # flip a data byte
     bad = tmp_path / "bad.fits"
     bad.write_bytes(bytes(blob))
-    with pytest.warns(Warning, match="[Cc]hecksum"):
-        with fits.open(bad, checksum=True) as hdul:
-            hdul[0].data.sum()
+    with pytest.warns(Warning, match="[Cc]hecksum"), fits.open(bad, checksum=True) as hdul:
+        hdul[0].data.sum()
 
 
 def test_changed_raw_file_is_refused_and_night_goes_on(night, tmp_path):
@@ -127,8 +153,9 @@ def test_changed_raw_file_is_refused_and_night_goes_on(night, tmp_path):
     with h5py.File(pred, "r+") as f:
         paths = [p.decode() if isinstance(p, bytes) else p for p in f["table/file"][()]]
         del f["table/file"]
-        f["table"].create_dataset("file", data=np.array([str(night_dir / p.split("/")[-1]) for p in paths],
-                                                        dtype=h5py.string_dtype()))
+        f["table"].create_dataset(
+            "file", data=np.array([str(night_dir / p.split("/")[-1]) for p in paths], dtype=h5py.string_dtype())
+        )
     victim = night_dir / files[1].split("/")[-1]
     data = bytearray(victim.read_bytes())
     data[-10] ^= 1
@@ -139,15 +166,17 @@ def test_changed_raw_file_is_refused_and_night_goes_on(night, tmp_path):
     bad = man[man["status"] == "failed"]
     assert list(bad["file"]) == [str(victim)] and "changed since extraction" in bad["reason"].iloc[0]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.fits")) == sorted(
-        output_name(f) for f in man.loc[man["status"] == "ok", "file"])
+        output_name(f) for f in man.loc[man["status"] == "ok", "file"]
+    )
     assert not list((tmp_path / "out").glob(".*partial"))
     with PredictedDarks(pred) as preds, pytest.raises(CorrectionError, match="changed since extraction"):
         correct_frame(victim, preds, preds.rows_of(str(victim)), tmp_path / "x.fits")
 
 
 def test_median_method_and_camera_filter(night, tmp_path):
-    res = correct_night(night["shard"], tmp_path / "median", method="median_temp", masters=night["masters"],
-                        progress=False)
+    res = correct_night(
+        night["shard"], tmp_path / "median", method="median_temp", masters=night["masters"], progress=False
+    )
     assert res.n_failed == 0 and res.n_ok > 0
     f = next((tmp_path / "median").glob("*.fits"))
     with fits.open(f) as h:

@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from deepdark.model import files as model_io
-from deepdark.pipeline.baseline import build_masters
 from deepdark.cli import main
-from deepdark.model.nets import model_input
-from deepdark.model.runner import ModelRunner, active_predictor, model_predictor
 from deepdark.io.predictions import Predictions
 from deepdark.io.shards import Shard
+from deepdark.model import files as model_io
+from deepdark.model.nets import model_input
+from deepdark.model.runner import ModelRunner, active_predictor, model_predictor
+from deepdark.pipeline.baseline import build_masters
 from deepdark.training.loop import train
 from tests.training.test_train import MINI, QUICK, make_library
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,10 +34,26 @@ def setup(tmp_path_factory):
 def test_predict_covers_every_active_pixel_via_cli(setup):
     root, _, test_shard, model = setup
     out = root / "pred.h5"
-    assert main(["-q", "predict", "--model", str(model), str(test_shard), "--out", str(out),
-                 "--batch-size", "3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                "--model",
+                str(model),
+                str(test_shard),
+                "--out",
+                str(out),
+                "--batch-size",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with Predictions(out) as p, Shard(test_shard) as s:
-        assert len(p) == len(s)                                # every frame-channel, guide frames too
+        assert len(p) == len(s)  # every frame-channel, guide frames too
         assert p.attrs["method"] == "model" and p.attrs["model_hash"] == model_io.model_hash(model)
         assert p.attrs["model_name"] == "model"
         dark = p.dark(np.arange(len(p)))
@@ -95,8 +110,25 @@ def test_evaluate_with_model_adds_the_model_column(setup, tmp_path):
     _, shards, test_shard, model = setup
     masters = build_masters(shards, tmp_path / "masters.h5", progress=False)
     out = tmp_path / "eval"
-    assert main(["-q", "evaluate", "--test", str(test_shard), "--baseline", str(masters), "--model", str(model),
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--test",
+                str(test_shard),
+                "--baseline",
+                str(masters),
+                "--model",
+                str(model),
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = json.loads((out / "table1.json").read_text())
     assert {"median_all", "median_temp", "model", "floor"} <= set(table["total"])
     assert set(table) == {"total", "-15", "-25"}
@@ -106,9 +138,32 @@ def test_evaluate_with_model_adds_the_model_column(setup, tmp_path):
 def test_train_cli(setup, tmp_path):
     _, shards, _, _ = setup
     out = tmp_path / "cli_model"
-    assert main(["-q", "train", *map(str, shards), "--out", str(out), "--epochs", "1", "--max-steps", "2",
-                 "--crop", "32", "--val-nights", "20240103", "--device", "cpu", "--seed", "3",
-                 "--preset", "compact"]) == 0   # without --preset: the physics model (tests/test_physics_model.py)
+    assert (
+        main(
+            [
+                "-q",
+                "train",
+                *map(str, shards),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--crop",
+                "32",
+                "--val-nights",
+                "20240103",
+                "--device",
+                "cpu",
+                "--seed",
+                "3",
+                "--preset",
+                "compact",
+            ]
+        )
+        == 0
+    )  # without --preset: the physics model (tests/test_physics_model.py)
     card = model_io.read_card(out)
     assert card["training"]["val_nights"] == ["20240103"] and card["training"]["seed"] == 3
     assert card["training"]["steps"] == 2 and card["architecture"]["preset"] == "compact"
@@ -117,11 +172,33 @@ def test_train_cli(setup, tmp_path):
 def test_ablation_table(setup, tmp_path):
     _, shards, test_shard, _ = setup
     out = tmp_path / "abl"
-    assert main(["-q", "ablation", *map(str, shards), str(test_shard), "--out", str(out), "--epochs", "1",
-                 "--max-steps", "2", "--crop", "32", "--losses", "lsgan", "deepdark", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "ablation",
+                *map(str, shards),
+                str(test_shard),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--crop",
+                "32",
+                "--losses",
+                "lsgan",
+                "deepdark",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     t = json.loads((out / "table2.json").read_text())
     assert t["setpoint"] == -15 and t["test_nights"] == ["20240110"]
-    assert t["n_test_images"] == 4                              # one -15 C dark x 4 channels
+    assert t["n_test_images"] == 4  # one -15 C dark x 4 channels
     names = [r["loss"] for r in t["rows"]]
     assert names == ["median", "lsgan", "deepdark", "floor"]
     assert all(np.isfinite(r["rmse_adu"]) for r in t["rows"])

@@ -9,15 +9,13 @@ import pandas as pd
 import pytest
 
 from deepdark.io.masters import Masters
-
-from deepdark.pipeline.baseline import build_masters
-
-from deepdark.io.tables import frame_setpoints
 from deepdark.io.predictions import Predictions, write_predictions
+from deepdark.io.shards import Shard
+from deepdark.io.tables import frame_setpoints
+from deepdark.pipeline.baseline import build_masters
+from deepdark.pipeline.extract import extract
 from deepdark.pipeline.qa import _grow, background_stats, night_qa, pooled_table
 from deepdark.pipeline.summary import summarize
-from deepdark.io.shards import Shard
-from deepdark.pipeline.extract import extract
 from deepdark.sim.simulate import simulate_archive
 
 NIGHTS = ("20240101", "20240102")
@@ -28,13 +26,29 @@ def archive(tmp_path_factory, mini):
     """Masters from a mini library; two archive nights with predictions = master + a per-night offset
     (night 2's "model" is far off, so the summary must flag it); one corrupt file in night 2."""
     root = tmp_path_factory.mktemp("qa")
-    simulate_archive(root / "library", geometry=mini, nights=2, darks_per_temp=2, guide_per_night=0,
-                     first_night="20230101", progress=False)
-    simulate_archive(root / "archive", geometry=mini, nights=2, darks_per_temp=1, guide_per_night=2,
-                     first_night="20240101", progress=False)
+    simulate_archive(
+        root / "library",
+        geometry=mini,
+        nights=2,
+        darks_per_temp=2,
+        guide_per_night=0,
+        first_night="20230101",
+        progress=False,
+    )
+    simulate_archive(
+        root / "archive",
+        geometry=mini,
+        nights=2,
+        darks_per_temp=1,
+        guide_per_night=2,
+        first_night="20240101",
+        progress=False,
+    )
     (root / "archive" / NIGHTS[1] / "GS1_zzz_broken.fits").write_bytes(b"SIMPLE  =                    T\n")
-    lib = [extract([p], root / f"lib_{p.name}.h5", mini, progress=False).shard
-           for p in sorted((root / "library").iterdir())]
+    lib = [
+        extract([p], root / f"lib_{p.name}.h5", mini, progress=False).shard
+        for p in sorted((root / "library").iterdir())
+    ]
     masters = build_masters(lib, root / "masters.h5", progress=False)
     m = Masters(masters)
     out = {"root": root, "masters": masters}
@@ -44,11 +58,17 @@ def archive(tmp_path_factory, mini):
         def predict(s, rows, offset=offset):
             t = s.table.iloc[rows]
             sps = frame_setpoints(t, m.setpoints)
-            return np.stack([m.lookup("temp", r.camera, r.channel, r.exptime, sp) + offset
-                             for r, sp in zip(t.itertuples(), sps)])
+            return np.stack(
+                [m.lookup("temp", r.camera, r.channel, r.exptime, sp) + offset for r, sp in zip(t.itertuples(), sps)]
+            )
 
-        preds = write_predictions(shard, root / f"pred_{night}.h5", predict,
-                                  dict(method="model", model_name="t", model_hash="0"), progress=False)
+        preds = write_predictions(
+            shard,
+            root / f"pred_{night}.h5",
+            predict,
+            dict(method="model", model_name="t", model_hash="0"),
+            progress=False,
+        )
         qa = night_qa(shard, preds, masters, root / "qa" / night, progress=False)
         out[night] = dict(shard=shard, preds=preds, qa=qa)
     return out
@@ -81,8 +101,14 @@ def test_qa_rmse_equals_numpy(archive, mini):
 def test_qa_outputs_and_guide_frames(archive):
     d = archive["root"] / "qa" / NIGHTS[1]
     qa = pd.read_csv(d / "qa.csv")
-    for name in ("qa.html", "quarantine.csv", "fig6_heatmap.png", "fig7_histogram.png", "rmse_vs_temperature.png",
-                 "guide_background.png"):
+    for name in (
+        "qa.html",
+        "quarantine.csv",
+        "fig6_heatmap.png",
+        "fig7_histogram.png",
+        "rmse_vs_temperature.png",
+        "guide_background.png",
+    ):
         assert (d / name).stat().st_size > 0, name
     guides = qa[qa["imagetyp"] == "OBJECT"]
     assert len(guides) == 2 * 4 and guides["bg_model"].notna().all() and guides["bg_median"].notna().all()
@@ -119,7 +145,7 @@ def test_background_stats_ignores_stars():
     img = rng.normal(100.0, 5.0, (200, 200)).astype(np.float32)
     yy, xx = np.mgrid[:200, :200]
     for y, x in ((50, 50), (120, 160), (170, 30)):
-        img += 5000 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 2.0 ** 2))
+        img += 5000 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 2.0**2))
     stats, free = background_stats({"a": img, "b": img - 10})
     (bg_a, sd_a, mad_a), (bg_b, _, _) = stats["a"], stats["b"]
     assert bg_a == pytest.approx(100.0, abs=0.2) and bg_b == pytest.approx(90.0, abs=0.2)

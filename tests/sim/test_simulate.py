@@ -5,16 +5,24 @@ import time
 import numpy as np
 import pytest
 
-from deepdark.sim import simulate as S
 from deepdark.io.frames import FLOOR_KEY, read_frame
 from deepdark.io.geometry import load_geometry
+from deepdark.sim import simulate as S
 
 MINI = load_geometry("mini")
 
 
 def _archive(out, **kw):
-    args = dict(geometry="mini", nights=1, cameras=("GS1",), temperatures=(-15, -5), darks_per_temp=2,
-                bias_per_night=1, guide_per_night=2, progress=False)
+    args = dict(
+        geometry="mini",
+        nights=1,
+        cameras=("GS1",),
+        temperatures=(-15, -5),
+        darks_per_temp=2,
+        bias_per_night=1,
+        guide_per_night=2,
+        progress=False,
+    )
     args.update(kw)
     return S.simulate_archive(out, **args)
 
@@ -94,8 +102,12 @@ def test_dark_normalisation_and_temperature_dependence():
     level = {}
     for setpoint in (-5.0, -25.0):
         fr = _frames(m, 3, setpoint=setpoint, exptime=30.0)
-        level[setpoint] = np.mean([np.median(_region(f.data, "active"), axis=(1, 2))
-                                   - np.median(_region(f.data, "overscan"), axis=(1, 2)) for f in fr])
+        level[setpoint] = np.mean(
+            [
+                np.median(_region(f.data, "active"), axis=(1, 2)) - np.median(_region(f.data, "overscan"), axis=(1, 2))
+                for f in fr
+            ]
+        )
     assert 6 < level[-5.0] / level[-25.0] < 20
 
 
@@ -107,8 +119,15 @@ def test_exposure_scaling_and_glow_per_readout():
     assert glow[:, :3, :3].mean() > 20 and np.abs(glow[:, -10:, -10:]).max() < 1  # corner at the amp
     assert np.all(_region(e0, "overscan") == (m.bias - 0.5).astype(np.float32)[:, None, None])
     # observed: 60 s over 10 s darks
-    sig = {t: np.mean([np.median(_region(f.data, "active") - _region(f.data, "overscan").mean(axis=2, keepdims=True))
-                       for f in _frames(m, 3, exptime=t)]) for t in (10.0, 60.0)}
+    sig = {
+        t: np.mean(
+            [
+                np.median(_region(f.data, "active") - _region(f.data, "overscan").mean(axis=2, keepdims=True))
+                for f in _frames(m, 3, exptime=t)
+            ]
+        )
+        for t in (10.0, 60.0)
+    }
     assert 4.5 < sig[60.0] / sig[10.0] < 7.5
     # observed glow in bias frames matches the model's
     bias = _frames(m, 6, imagetyp="BIAS")
@@ -132,8 +151,9 @@ def test_overscan_has_no_dark_current_but_shows_row_noise():
         act_resid = act + base - _region(no_rows, "active")
         x.append(ov.mean(axis=2).ravel())
         y.append(np.median(act_resid, axis=2).ravel())
-        np.testing.assert_allclose(_region(f.expected, "overscan") - base, f.row_offsets[:, 4:72, None]
-                                   * np.ones((1, 1, 46)), atol=1e-3)
+        np.testing.assert_allclose(
+            _region(f.expected, "overscan") - base, f.row_offsets[:, 4:72, None] * np.ones((1, 1, 46)), atol=1e-3
+        )
     r = np.corrcoef(np.concatenate(x), np.concatenate(y))[0, 1]
     assert r > 0.3, r
 
@@ -145,7 +165,7 @@ def test_floor_matches_read_and_shot_noise():
     for kind, t in (("DARK", 30.0), ("BIAS", 0.0)):
         for f in _frames(m, 3, imagetyp=kind, exptime=t):
             shot = m.mean_electrons(f.temperature, t)[win].mean(axis=(1, 2))
-            predicted = np.sqrt((m.read_noise_e ** 2 + shot) / m.gain ** 2 + 1 / 12)
+            predicted = np.sqrt((m.read_noise_e**2 + shot) / m.gain**2 + 1 / 12)
             got = np.array([f.header[FLOOR_KEY.format(ch.name)] for ch in MINI.channels])
             ratios.extend(got / predicted)
     assert 0.9 < np.median(ratios) < 1.1, ratios

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from deepdark.model import files as model_io
-from deepdark.training import loop as T
 from deepdark.io.geometry import load_geometry
+from deepdark.model import files as model_io
 from deepdark.model.losses import LossConfig
 from deepdark.model.nets import PRESETS, Discriminator, Generator
 from deepdark.pipeline.extract import extract
 from deepdark.sim.simulate import simulate_archive
+from deepdark.training import loop as T
 
 MINI = load_geometry("mini")
 NIGHTS = ["20240101", "20240102", "20240103"]
@@ -32,11 +32,28 @@ def make_library(root):
     """Three library nights and one test night of simulated mini darks (-15 and -25 C, one dark
     per setpoint and night, plus a guide frame), one shard per night."""
     lib = root / "lib_archive"
-    simulate_archive(lib, geometry="mini", nights=3, seed=0, temperatures=(-15, -25), darks_per_temp=1,
-                     guide_per_night=1, progress=False)
+    simulate_archive(
+        lib,
+        geometry="mini",
+        nights=3,
+        seed=0,
+        temperatures=(-15, -25),
+        darks_per_temp=1,
+        guide_per_night=1,
+        progress=False,
+    )
     test = root / "test_archive"
-    simulate_archive(test, geometry="mini", nights=1, seed=0, temperatures=(-15, -25), darks_per_temp=1,
-                     guide_per_night=1, first_night=TEST_NIGHT, progress=False)
+    simulate_archive(
+        test,
+        geometry="mini",
+        nights=1,
+        seed=0,
+        temperatures=(-15, -25),
+        darks_per_temp=1,
+        guide_per_night=1,
+        first_night=TEST_NIGHT,
+        progress=False,
+    )
     shards = [extract([lib / n], root / f"{n}.h5", MINI, progress=False).shard for n in NIGHTS]
     test_shard = extract([test / TEST_NIGHT], root / f"{TEST_NIGHT}.h5", MINI, progress=False).shard
     return shards, test_shard
@@ -65,6 +82,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 # --- the night split ----------------------------------------------------------------------------
+
 
 def test_split_nights_rules():
     n5 = [f"2024010{i}" for i in range(1, 6)]
@@ -95,6 +113,7 @@ def test_training_never_puts_a_night_in_both_sets(trained, library):
 
 
 # --- training ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bn", ["running", "batch"])
 def test_few_steps_lower_the_training_loss_on_a_fixed_batch(library, bn):
@@ -129,11 +148,11 @@ def test_running_batchnorm_keeps_the_level_train_batch_mode_erases_it():
     with torch.no_grad():
         G.train()
         a, b = G(x), G(x + 0.005)
-        assert torch.allclose(a, b, atol=1e-6)            # per-image normalisation: level erased
+        assert torch.allclose(a, b, atol=1e-6)  # per-image normalisation: level erased
         T.set_training_mode(G, "running")
         a, b = G(x), G(x + 0.005)
-        assert (a - b).abs().max() > 1e-4                 # the level reaches the output
-        torch.testing.assert_close(a, G.predict(x))      # training computes what inference does
+        assert (a - b).abs().max() > 1e-4  # the level reaches the output
+        torch.testing.assert_close(a, G.predict(x))  # training computes what inference does
 
 
 def test_track_running_stats_updates_after_the_forward():
@@ -146,18 +165,23 @@ def test_track_running_stats_updates_after_the_forward():
         ref = G(x)
     with T.track_running_stats(G, 0.5):
         out = G(x)
-    torch.testing.assert_close(out, ref)                  # normalised with the old statistics
-    assert not torch.equal(bn.running_mean, before)        # then updated
+    torch.testing.assert_close(out, ref)  # normalised with the old statistics
+    assert not torch.equal(bn.running_mean, before)  # then updated
     after = bn.running_mean.clone()
-    G(x)                                                   # outside the context: no update
+    G(x)  # outside the context: no update
     assert torch.equal(bn.running_mean, after)
 
 
 def test_training_writes_model_card_log_and_checkpoint(trained):
     out, res = trained
     files = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "model.json", "checkpoint.json", "checkpoint-e0002.safetensors",
-            "training_log.csv"} <= files
+    assert {
+        "model.safetensors",
+        "model.json",
+        "checkpoint.json",
+        "checkpoint-e0002.safetensors",
+        "training_log.csv",
+    } <= files
     assert not [f for f in files if f.endswith((".pt", ".pth", ".pkl", ".partial"))]
     card = model_io.read_card(out)
     assert card["architecture"]["preset"] == "compact"
@@ -188,7 +212,7 @@ def test_training_is_reproducible_with_a_seed(library, trained, tmp_path):
 def test_resume_continues_from_the_saved_epoch(library, trained, tmp_path, monkeypatch):
     shards, _ = library
     out = tmp_path / "r"
-    T.train(shards, out, **QUICK)                              # "killed" after epoch 1
+    T.train(shards, out, **QUICK)  # "killed" after epoch 1
     (out / "model.json").unlink()
     first = json.loads((out / "checkpoint.json").read_text())
     assert first["epoch"] == 1
@@ -201,11 +225,11 @@ def test_resume_continues_from_the_saved_epoch(library, trained, tmp_path, monke
     monkeypatch.setattr(pickle, "loads", refuse)
     res = T.train(shards, out, **{**QUICK, "epochs": 2})
     assert [r["epoch"] for r in res.history] == [1, 2]
-    assert res.history[0] == first["history"][0]              # epoch 1 was not redone
+    assert res.history[0] == first["history"][0]  # epoch 1 was not redone
     import pandas as pd
 
     assert pd.read_csv(out / "training_log.csv")["epoch"].tolist() == [1, 2]
-    assert _same(_weights(out), _weights(trained[0]))          # = an uninterrupted 2-epoch run
+    assert _same(_weights(out), _weights(trained[0]))  # = an uninterrupted 2-epoch run
     assert [p.name for p in out.glob("checkpoint-e*.safetensors")] == ["checkpoint-e0002.safetensors"]
     with pytest.raises(ValueError, match="other settings.*lr"):
         T.train(shards, out, **{**QUICK, "epochs": 3, "lr": 1e-3})
@@ -218,7 +242,7 @@ def test_resume_refuses_a_corrupt_checkpoint(library, tmp_path):
     (out / "checkpoint-e0001.safetensors").write_bytes(b"\x80\x04garbage")
     with pytest.raises(ValueError, match="does not match its hash"):
         T.train(shards, out, **{**QUICK, "epochs": 2})
-    T.train(shards, out, **{**QUICK, "epochs": 1, "resume": False})   # starting over is allowed
+    T.train(shards, out, **{**QUICK, "epochs": 1, "resume": False})  # starting over is allowed
 
 
 def test_bad_training_arguments(library, tmp_path):
@@ -234,6 +258,7 @@ def test_bad_training_arguments(library, tmp_path):
 
 
 # --- the model file -----------------------------------------------------------------------------
+
 
 def test_save_load_round_trip_gives_identical_outputs(trained):
     out, _ = trained

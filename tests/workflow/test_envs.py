@@ -122,10 +122,10 @@ def local_pip_path(env_path: Path, entry: str) -> Path:
     e = entry.strip()
     for prefix in ("--editable=", "--editable ", "-e "):
         if e.startswith(prefix):
-            e = e[len(prefix):].strip()
+            e = e[len(prefix) :].strip()
     for prefix in ("file://", "file:"):
         if e.startswith(prefix):
-            e = e[len(prefix):]
+            e = e[len(prefix) :]
             break
     e = e.split("[", 1)[0].split("#", 1)[0]
     # conda writes the pip requirements next to the env file, so paths are relative to it.
@@ -228,6 +228,7 @@ def _config_variants() -> list[dict]:
             variants += [{key: True}, {key: False}]
     return variants
 
+
 _LOAD_RULES = r"""
 import json, sys, tempfile
 from pathlib import Path
@@ -245,7 +246,8 @@ for variant in variants:
             params = [str(v) for v in rule.params] if rule.params is not None else []
             out.append(dict(variant=variant, rule=rule.name, snakefile=str(rule.snakefile),
                             basedir=str(rule.basedir), conda=None if conda is None else str(conda),
-                            conda_callable=callable(conda), shell=rule.shellcmd, script=rule.script and str(rule.script),
+                            conda_callable=callable(conda), shell=rule.shellcmd,
+                            script=rule.script and str(rule.script),
                             run=bool(rule.run_func and not rule.shellcmd and not rule.script and not rule.norun),
                             params=params))
 print("RULES-JSON " + json.dumps(out))
@@ -259,11 +261,16 @@ def workflow_rules() -> list[dict]:
     import json
     import subprocess
 
-    r = subprocess.run([sys.executable, "-c", _LOAD_RULES, str(SNAKEFILE), json.dumps(_config_variants())],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", _LOAD_RULES, str(SNAKEFILE), json.dumps(_config_variants())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     line = next((l for l in r.stdout.splitlines() if l.startswith("RULES-JSON ")), None)
     assert r.returncode == 0 and line, f"the workflow does not load:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return json.loads(line[len("RULES-JSON "):])
+    return json.loads(line[len("RULES-JSON ") :])
 
 
 def conda_path(rule: dict) -> Path | None:
@@ -297,12 +304,14 @@ def test_env_file_structure(env_path):
     env = load_env(env_path)
     channels = env.get("channels")
     assert isinstance(channels, list) and channels and all(isinstance(c, str) and c for c in channels), (
-        f"{env_path.name}: `channels` must be a non-empty list of channel names")
+        f"{env_path.name}: `channels` must be a non-empty list of channel names"
+    )
     conda, pip = split_dependencies(env_path, env)
     assert "python" in {parse_conda_spec(s).name.normalized for s in conda}, f"{env_path.name}: no python"
     if pip:
         assert "pip" in {parse_conda_spec(s).name.normalized for s in conda}, (
-            f"{env_path.name}: has a `pip:` list but does not install pip")
+            f"{env_path.name}: has a `pip:` list but does not install pip"
+        )
 
 
 @needs_envs
@@ -320,7 +329,8 @@ def test_env_specs_parse(env_path):
         if is_local_pip(entry):
             path = local_pip_path(env_path, entry)
             assert (path / "pyproject.toml").is_file() or (path / "setup.py").is_file(), (
-                f"{env_path.name}: pip entry {entry!r} -> {path} is not a Python project")
+                f"{env_path.name}: pip entry {entry!r} -> {path} is not a Python project"
+            )
             continue
         assert not entry.startswith("-"), f"{env_path.name}: pip option {entry!r} cannot be checked offline"
         try:
@@ -331,8 +341,14 @@ def test_env_specs_parse(env_path):
 
 def test_parser_catches_malformed_specs():
     """The checks above really reject what conda would reject, and accept conda's own forms."""
-    for good in ["python=3.11", "numpy>=1.24,<3", "pytorch=2.5.1=cuda*", "conda-forge::h5py 3.11.*",
-                 "pytorch 2.5.* *cpu*", "pyyaml"]:
+    for good in [
+        "python=3.11",
+        "numpy>=1.24,<3",
+        "pytorch=2.5.1=cuda*",
+        "conda-forge::h5py 3.11.*",
+        "pytorch 2.5.* *cpu*",
+        "pyyaml",
+    ]:
         parse_conda_spec(good)
     for bad in ["", "numpy>=1.24 <2", "numpy=>1", "foo bar baz qux", ">=1", "numpy==1.2 ==="]:
         with pytest.raises(AssertionError):
@@ -371,11 +387,14 @@ def test_envs_provide_package_imports():
             continue
         for path in local:
             assert path == ROOT.resolve() or (path / "deepdark").is_dir(), (
-                f"{env_path.name}: local pip install {path} is not this project")
+                f"{env_path.name}: local pip install {path} is not this project"
+            )
         for mod in missing_modules(env_path, mods):
-            problems.append(f"{env_path.relative_to(ROOT)} lacks `{mod}` (imported by deepdark/"
-                            f"{', deepdark/'.join(sorted(mods[mod]))}); conda name(s): "
-                            f"{', '.join(sorted(CONDA_PROVIDERS.get(mod, {mod})))}")
+            problems.append(
+                f"{env_path.relative_to(ROOT)} lacks `{mod}` (imported by deepdark/"
+                f"{', deepdark/'.join(sorted(mods[mod]))}); conda name(s): "
+                f"{', '.join(sorted(CONDA_PROVIDERS.get(mod, {mod})))}"
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -407,8 +426,11 @@ def test_rules_running_the_package_name_an_env():
     """Every rule that runs deepdark (a shell command or a script; `run:` blocks run inside
     Snakemake's own process, where conda does not apply) names a conda environment, so that
     --use-conda runs it with everything it imports."""
-    problems = [f"{Path(r['snakefile']).relative_to(ROOT)}: rule {r['rule']} runs deepdark but has no conda: directive"
-                for r in workflow_rules() if runs_package(r) and not r["run"] and r["conda"] is None]
+    problems = [
+        f"{Path(r['snakefile']).relative_to(ROOT)}: rule {r['rule']} runs deepdark but has no conda: directive"
+        for r in workflow_rules()
+        if runs_package(r) and not r["run"] and r["conda"] is None
+    ]
     assert not problems, "\n".join(sorted(set(problems)))
 
 
@@ -424,6 +446,7 @@ def test_rule_scripts_imports_provided():
         assert path.is_file(), f"rule {r['rule']}: script {path} does not exist"
         mods = third_party_imports([path])
         mods.pop("snakemake", None)  # injected by Snakemake into scripts
-        problems += [f"rule {r['rule']}: {path.name} imports `{mod}`, not in {env.name}"
-                     for mod in missing_modules(env, mods)]
+        problems += [
+            f"rule {r['rule']}: {path.name} imports `{mod}`, not in {env.name}" for mod in missing_modules(env, mods)
+        ]
     assert not problems, "\n".join(sorted(set(problems)))

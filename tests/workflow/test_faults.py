@@ -52,9 +52,20 @@ SEEDS = (0, 1, 2)
 
 # -- helpers ----------------------------------------------------------------------------------------
 
+
 def snakemake(work: Path, *args: str, config: str = "test.yaml", timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(work / config), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / config),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=work, env=ENV)
 
 
@@ -82,33 +93,49 @@ def plant_bad_inputs(night: Path) -> dict[str, str]:
         write_raw_frame(night / name, data, h)
 
     bad = {}
-    (night / "bad_empty.fits").write_bytes(b""); bad["bad_empty.fits"] = "empty file"
-    (night / "bad_truncated.fits").write_bytes(raw[:20000]); bad["bad_truncated.fits"] = "truncated"
+    (night / "bad_empty.fits").write_bytes(b"")
+    bad["bad_empty.fits"] = "empty file"
+    (night / "bad_truncated.fits").write_bytes(raw[:20000])
+    bad["bad_truncated.fits"] = "truncated"
     (night / "bad_text.fits").write_text("observing log, not an image\n" * 50)
     bad["bad_text.fits"] = "not a FITS file"
-    frame("bad_shape.fits", data=data[:100, :100].copy()); bad["bad_shape.fits"] = "does not match geometry mini"
+    frame("bad_shape.fits", data=data[:100, :100].copy())
+    bad["bad_shape.fits"] = "does not match geometry mini"
     fits.PrimaryHDU(data.astype(np.float32), hdr).writeto(night / "bad_float.fits")
     bad["bad_float.fits"] = "not integer ADU (BITPIX=-32)"
     fits.PrimaryHDU(np.full(data.shape, np.nan, np.float32), hdr).writeto(night / "bad_nan.fits")
     bad["bad_nan.fits"] = "not integer ADU (BITPIX=-32)"
-    frame("bad_saturated.fits", data=np.full_like(data, 65535)); bad["bad_saturated.fits"] = "saturated"
-    frame("bad_no_exptime.fits", EXPTIME=None); bad["bad_no_exptime.fits"] = "EXPTIME missing"
-    frame("bad_neg_exptime.fits", EXPTIME=-5.0); bad["bad_neg_exptime.fits"] = "EXPTIME=-5.0 must be > 0"
-    frame("bad_no_ccdtemp.fits", CCDTEMP=None); bad["bad_no_ccdtemp.fits"] = "CCDTEMP missing"
-    frame("bad_hot_ccdtemp.fits", CCDTEMP=999.0); bad["bad_hot_ccdtemp.fits"] = "CCDTEMP=999.0 is not a sensor"
-    frame("bad_text_ccdtemp.fits", CCDTEMP="warm"); bad["bad_text_ccdtemp.fits"] = "CCDTEMP='warm' is not a number"
-    frame("bad_no_date.fits", DATE_OBS=None); bad["bad_no_date.fits"] = "DATE-OBS missing"
-    frame("bad_date.fits", DATE_OBS="last tuesday"); bad["bad_date.fits"] = "is not an ISO-8601 date"
+    frame("bad_saturated.fits", data=np.full_like(data, 65535))
+    bad["bad_saturated.fits"] = "saturated"
+    frame("bad_no_exptime.fits", EXPTIME=None)
+    bad["bad_no_exptime.fits"] = "EXPTIME missing"
+    frame("bad_neg_exptime.fits", EXPTIME=-5.0)
+    bad["bad_neg_exptime.fits"] = "EXPTIME=-5.0 must be > 0"
+    frame("bad_no_ccdtemp.fits", CCDTEMP=None)
+    bad["bad_no_ccdtemp.fits"] = "CCDTEMP missing"
+    frame("bad_hot_ccdtemp.fits", CCDTEMP=999.0)
+    bad["bad_hot_ccdtemp.fits"] = "CCDTEMP=999.0 is not a sensor"
+    frame("bad_text_ccdtemp.fits", CCDTEMP="warm")
+    bad["bad_text_ccdtemp.fits"] = "CCDTEMP='warm' is not a number"
+    frame("bad_no_date.fits", DATE_OBS=None)
+    bad["bad_no_date.fits"] = "DATE-OBS missing"
+    frame("bad_date.fits", DATE_OBS="last tuesday")
+    bad["bad_date.fits"] = "is not an ISO-8601 date"
     gz = gzip.compress(raw, mtime=0)
-    (night / "bad_cut.fits.gz").write_bytes(gz[:len(gz) // 2]); bad["bad_cut.fits.gz"] = "corrupt gzip"
-    (night / "bad_crc.fits.gz").write_bytes(gz[:-8] + bytes(8)); bad["bad_crc.fits.gz"] = "corrupt gzip"
+    (night / "bad_cut.fits.gz").write_bytes(gz[: len(gz) // 2])
+    bad["bad_cut.fits.gz"] = "corrupt gzip"
+    (night / "bad_crc.fits.gz").write_bytes(gz[:-8] + bytes(8))
+    bad["bad_crc.fits.gz"] = "corrupt gzip"
     (night / "bad_deflate.fits.gz").write_bytes(gz[:10] + b"\xff" * 4 + gz[14:])  # zlib.error
     bad["bad_deflate.fits.gz"] = "corrupt gzip"
     # Unreadable. Tests run as root, where chmod 000 stops no read: a dangling link and a folder
     # with a FITS name stand in for it (as a user, chmod 000 gives "cannot read: Permission denied").
-    (night / "bad_dangling.fits").symlink_to(night / "gone.fits"); bad["bad_dangling.fits"] = "cannot read"
-    (night / "bad_folder.fits").mkdir(); bad["bad_folder.fits"] = "cannot read"
-    shutil.copyfile(good, night / "zz_copy.fits"); bad["zz_copy.fits"] = f"duplicate of {Path('archive', NIGHT, good.name)}"
+    (night / "bad_dangling.fits").symlink_to(night / "gone.fits")
+    bad["bad_dangling.fits"] = "cannot read"
+    (night / "bad_folder.fits").mkdir()
+    bad["bad_folder.fits"] = "cannot read"
+    shutil.copyfile(good, night / "zz_copy.fits")
+    bad["zz_copy.fits"] = f"duplicate of {Path('archive', NIGHT, good.name)}"
     return bad
 
 
@@ -154,8 +181,9 @@ def partials(folder: Path) -> list[Path]:
 
 
 def start(cmd: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # its own process group: kill -9 takes every child
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )  # its own process group: kill -9 takes every child
 
 
 def wait_until(proc: subprocess.Popen, cond, timeout: float = 120) -> bool:
@@ -181,12 +209,20 @@ def kill9(proc: subprocess.Popen) -> bool:
 
 # -- the reference run --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     """The workflow over a one-night archive with every bad input planted; a model trained by it."""
     work = tmp_path_factory.mktemp("faults")
-    simulate_archive(work / "archive", geometry="mini", nights=1, darks_per_temp=1, guide_per_night=2,
-                     first_night=NIGHT, progress=False)
+    simulate_archive(
+        work / "archive",
+        geometry="mini",
+        nights=1,
+        darks_per_temp=1,
+        guide_per_night=2,
+        first_night=NIGHT,
+        progress=False,
+    )
     good = sorted(p.name for p in (work / "archive" / NIGHT).glob("*.fits"))
     bad = plant_bad_inputs(work / "archive" / NIGHT)
     (work / "test.yaml").write_text(yaml.safe_dump(TEST_CONFIG))
@@ -204,7 +240,7 @@ def cli_runs(ref):
     runs = {}
     for stage, cmd, final, watch in stage_commands(out):
         proc = start(cmd, work)
-        wait_until(proc, lambda: bool(partials(watch)))
+        wait_until(proc, lambda watch=watch: bool(partials(watch)))
         t0 = time.monotonic()
         assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
         runs[stage] = (cmd, final, max(time.monotonic() - t0, 0.02))
@@ -218,14 +254,32 @@ def stage_commands(out: Path):
     corr = out / "corrected" / NIGHT
     return [
         ("extract", deepdark("extract", f"archive/{NIGHT}", "--out", str(shard), "--geometry", "mini"), shard, out),
-        ("predict", deepdark("predict", "--model", "results/model", f"results/shards/{NIGHT}.h5", "--out", str(pred),
-                             "--batch-size", "4", "--device", "auto"), pred, out),
+        (
+            "predict",
+            deepdark(
+                "predict",
+                "--model",
+                "results/model",
+                f"results/shards/{NIGHT}.h5",
+                "--out",
+                str(pred),
+                "--batch-size",
+                "4",
+                "--device",
+                "auto",
+            ),
+            pred,
+            out,
+        ),
         ("correct", deepdark("correct", f"results/predictions/{NIGHT}.h5", "--out", str(corr)), corr, corr),
     ]
 
 
-REFERENCE = {"extract": f"results/shards/{NIGHT}.h5", "predict": f"results/predictions/{NIGHT}.h5",
-             "correct": f"results/corrected/{NIGHT}"}
+REFERENCE = {
+    "extract": f"results/shards/{NIGHT}.h5",
+    "predict": f"results/predictions/{NIGHT}.h5",
+    "correct": f"results/corrected/{NIGHT}",
+}
 
 
 def assert_same_output(stage: str, work: Path, final: Path) -> None:
@@ -240,6 +294,7 @@ def assert_same_output(stage: str, work: Path, final: Path) -> None:
 
 
 # -- 1. bad inputs ----------------------------------------------------------------------------------
+
 
 def test_bad_inputs_are_quarantined_with_reason_and_good_frames_corrected(ref):
     work, good, bad = ref
@@ -266,6 +321,7 @@ def test_bad_inputs_are_quarantined_with_reason_and_good_frames_corrected(ref):
 
 # -- 4. determinism -----------------------------------------------------------------------------------
 
+
 def test_same_inputs_give_identical_outputs(ref, cli_runs):
     """The workflow's outputs and a second run of each command from the shell: same bytes (shard,
     predictions), same pixels and manifest (corrected FITS, whose headers carry the date)."""
@@ -275,6 +331,7 @@ def test_same_inputs_give_identical_outputs(ref, cli_runs):
 
 # -- 2. killed jobs ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stage", ["extract", "predict", "correct"])
 def test_kill_9_leaves_no_partial_output_and_rerun_is_identical(ref, cli_runs, stage):
     work = ref[0]
@@ -282,9 +339,9 @@ def test_kill_9_leaves_no_partial_output_and_rerun_is_identical(ref, cli_runs, s
     landed = 0
     for seed in SEEDS:
         out = work / f"killed-{stage}-{seed}"
-        (_, cmd, final, watch), = [c for c in stage_commands(out) if c[0] == stage]
+        ((_, cmd, final, watch),) = [c for c in stage_commands(out) if c[0] == stage]
         proc = start(cmd, work)
-        wait_until(proc, lambda: bool(partials(watch)))  # it started writing
+        wait_until(proc, lambda watch=watch: bool(partials(watch)))  # it started writing
         time.sleep(random.Random(seed).uniform(0, seconds))  # a random moment of its writing
         landed += kill9(proc)
         # Only finished files under final names: a shard or predictions file is complete or absent;
@@ -314,11 +371,27 @@ def test_killed_workflow_completes_with_rerun_incomplete(ref):
     w2 = work.parent / "killed-workflow"
     w2.mkdir()
     shutil.copytree(work / "archive", w2 / "archive", symlinks=True)
-    cfg = {**TEST_CONFIG, "model": {**TEST_CONFIG["model"], "dir": str(work / "results/model")},
-           "library": {"masters": str(work / "results/masters.h5")}}
+    cfg = {
+        **TEST_CONFIG,
+        "model": {**TEST_CONFIG["model"], "dir": str(work / "results/model")},
+        "library": {"masters": str(work / "results/masters.h5")},
+    }
     (w2 / "test.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(w2),
-           "--configfile", str(w2 / "test.yaml"), "--cores", "2", "--profile", PROFILE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(w2),
+        "--configfile",
+        str(w2 / "test.yaml"),
+        "--cores",
+        "2",
+        "--profile",
+        PROFILE,
+    ]
     proc = start(cmd, w2)
     # kill while predict is writing (the shard is done, the predictions are not)
     wait_until(proc, lambda: bool(partials(w2 / "results/predictions")))
@@ -342,6 +415,7 @@ def test_killed_workflow_completes_with_rerun_incomplete(ref):
 
 # -- 3. disk full --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_disk(tmp_path):
     """mount(size) -> a folder on a tmpfs of that many bytes (root only; skipped elsewhere)."""
@@ -350,8 +424,9 @@ def small_disk(tmp_path):
     def mount(size: int) -> Path:
         d = tmp_path / f"disk{len(mounted)}"
         d.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True
+        )
         if res.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
         mounted.append(d)
@@ -366,10 +441,9 @@ def small_disk(tmp_path):
 def test_disk_full_fails_the_job_clearly_and_leaves_no_finished_looking_file(ref, small_disk, stage):
     work = ref[0]
     reference = work / REFERENCE[stage]
-    size = (sum(f.stat().st_size for f in reference.glob("*.fits")) if stage == "correct"
-            else reference.stat().st_size)
+    size = sum(f.stat().st_size for f in reference.glob("*.fits")) if stage == "correct" else reference.stat().st_size
     disk = small_disk(max(4096, size // 2))  # room for about half of it
-    (_, cmd, final, watch), = [c for c in stage_commands(disk) if c[0] == stage]
+    ((_, cmd, final, watch),) = [c for c in stage_commands(disk) if c[0] == stage]
     res = subprocess.run(cmd, cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert f"deepdark {stage}: error:" in res.stderr and "No space left on device" in res.stderr, res.stderr[-3000:]
@@ -388,6 +462,7 @@ def test_disk_full_fails_the_job_clearly_and_leaves_no_finished_looking_file(ref
 
 
 # -- 5. model files -----------------------------------------------------------------------------------
+
 
 class _Payload:
     """Unpickling this creates the marker file."""
@@ -413,9 +488,14 @@ def test_pickled_model_is_refused_without_running_it(ref, tmp_path, kind):
 
         torch.save({"weights": _Payload(marker)}, bad / "model.safetensors")
     assert not marker.exists()
-    res = subprocess.run(deepdark("predict", "--model", str(bad), f"results/shards/{NIGHT}.h5",
-                                  "--out", str(tmp_path / "p.h5")), cwd=work, env=ENV, capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        deepdark("predict", "--model", str(bad), f"results/shards/{NIGHT}.h5", "--out", str(tmp_path / "p.h5")),
+        cwd=work,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "pickle" in res.stderr, res.stderr[-3000:]
     assert not marker.exists(), "the pickled payload ran"
     assert not (tmp_path / "p.h5").exists()

@@ -51,12 +51,17 @@ SNAKEMAKE_TIMEOUT_S = 150
 # no accounting (sacct) here, with MinJobAge=300 in slurm.conf so that finished jobs stay
 # visible; the executor's first status check after 2 s instead of 40 s.
 SLURM_ARGS = [
-    "--executor", "slurm",
-    "--jobs", "3",
-    "--slurm-status-command", "squeue",
-    "--slurm-init-seconds-before-status-checks", "2",
+    "--executor",
+    "slurm",
+    "--jobs",
+    "3",
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "2",
     "--slurm-keep-successful-logs",
-    "--latency-wait", "10",
+    "--latency-wait",
+    "10",
 ]
 DEFAULT_RESOURCES = ["--default-resources", "slurm_partition=debug", "mem_mb=200", "runtime=10"]
 
@@ -119,9 +124,13 @@ def slurm(tmp_path_factory):
     t0 = time.monotonic()
     try:
         # --takeover: holding the lock, any other local SLURM of this script is a leftover.
-        r = subprocess.run(["bash", str(SCRIPT), "start", str(state), "--takeover"],
-                           capture_output=True, text=True, timeout=START_TIMEOUT_S,
-                           env={**os.environ, **profile_cluster_env()})
+        r = subprocess.run(
+            ["bash", str(SCRIPT), "start", str(state), "--takeover"],
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
+            env={**os.environ, **profile_cluster_env()},
+        )
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         r = subprocess.CompletedProcess(e.cmd, 124, out, f"start timed out after {START_TIMEOUT_S} s")
@@ -144,10 +153,10 @@ def slurm(tmp_path_factory):
 def snakemake(workdir: Path, *args: str, timeout: int = SNAKEMAKE_TIMEOUT_S) -> subprocess.CompletedProcess:
     """snakemake in workdir, under `timeout`, stdout and stderr together in .stdout."""
     cmd = ["timeout", "--kill-after=15", str(timeout), sys.executable, "-m", "snakemake", *args]
-    r = subprocess.run(cmd, cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=timeout + 60)
-    assert r.returncode not in (124, 137), (
-        f"snakemake hung for {timeout} s (killed by timeout):\n{r.stdout[-6000:]}")
+    r = subprocess.run(
+        cmd, cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout + 60
+    )
+    assert r.returncode not in (124, 137), f"snakemake hung for {timeout} s (killed by timeout):\n{r.stdout[-6000:]}"
     return r
 
 
@@ -207,7 +216,9 @@ def small_run(slurm, tmp_path_factory):
     (--keep-going, so that the two finish). One run for both tests below: each run costs at
     least one status-check interval of the executor (2 s, then 12 s more)."""
     workdir = tmp_path_factory.mktemp("small-workflow")
-    write(workdir / "Snakefile", """
+    write(
+        workdir / "Snakefile",
+        """
         rule all:
             input: "out/first.txt", "out/second.txt", "out/broken.txt"
 
@@ -224,7 +235,8 @@ def small_run(slurm, tmp_path_factory):
         rule broken_step:
             output: "out/broken.txt"
             shell: "echo about to fail >&2; exit 3"
-        """)
+        """,
+    )
     t0 = time.monotonic()
     r = snakemake(workdir, *SLURM_ARGS, "--keep-going", "--verbose", *DEFAULT_RESOURCES)
     print(f"three-job workflow on SLURM: {time.monotonic() - t0:.1f} s")
@@ -255,7 +267,7 @@ def test_jobs_run_as_slurm_jobs(slurm, small_run):
     # the local rule `all` is not submitted; CPU jobs ask for no GPU
     calls = sbatch_calls(r.stdout)
     assert sorted(rule for rule, _ in calls) == ["broken_step", "first", "second"], calls
-    for rule, args in calls:
+    for _rule, args in calls:
         assert args[args.index("-p") + 1] == "debug", args
         assert not gpu_options(args), args
 
@@ -278,7 +290,9 @@ def test_job_failing_inside_slurm_fails_the_run(slurm, small_run):
 def test_gpu_requests_become_sbatch_options(slurm, tmp_path):
     """A real submission: this node has no GPU, so SLURM refuses each of these at sbatch time
     (which proves the option reached SLURM), and the executor prints the refused command."""
-    write(tmp_path / "Snakefile", """
+    write(
+        tmp_path / "Snakefile",
+        """
         rule all:
             input: "gpu_count.txt", "gpu_model.txt", "gres_gpu.txt"
 
@@ -296,7 +310,8 @@ def test_gpu_requests_become_sbatch_options(slurm, tmp_path):
             output: "gres_gpu.txt"
             resources: gres="gpu:1"
             shell: "touch {output}"
-        """)
+        """,
+    )
     r = snakemake(tmp_path, *SLURM_ARGS, "--keep-going", *DEFAULT_RESOURCES, timeout=90)
     assert r.returncode != 0, r.stdout[-4000:]
     assert not submitted(r.stdout), "a GPU job was accepted by a cluster without GPUs"
@@ -346,8 +361,13 @@ REUSE_CONFIG = """
 """
 # Only what a one-machine cluster needs on top of the profile: squeue status checks (no
 # accounting here), a 2 s first status check, the SLURM logs of successful jobs kept.
-CLUSTER_ARGS = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-                "--slurm-keep-successful-logs"]
+CLUSTER_ARGS = [
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "2",
+    "--slurm-keep-successful-logs",
+]
 
 
 def _profile_resources() -> list[dict]:
@@ -365,7 +385,7 @@ def _profile_resources() -> list[dict]:
 
     out = [as_dict(profile.get("default-resources"))]
     out += [as_dict(r) for r in (profile.get("set-resources") or {}).values()]
-    for rule, threads in (profile.get("set-threads") or {}).items():
+    for _rule, threads in (profile.get("set-threads") or {}).items():
         out.append({"cpus_per_task": threads})
     return out
 
@@ -377,8 +397,11 @@ def profile_cluster_env() -> dict[str, str]:
     partitions = sorted({str(r["slurm_partition"]) for r in res if r.get("slurm_partition")})
     cpus = max([16] + [int(r["cpus_per_task"]) for r in res if str(r.get("cpus_per_task", "")).isdigit()])
     mem = max([16000] + [int(r["mem_mb"]) for r in res if str(r.get("mem_mb", "")).isdigit()])
-    return {"SLURM_PARTITIONS": " ".join(partitions), "SLURM_NODE_CPUS": str(cpus),
-            "SLURM_NODE_MEMORY_MB": str(mem + 1000)}
+    return {
+        "SLURM_PARTITIONS": " ".join(partitions),
+        "SLURM_NODE_CPUS": str(cpus),
+        "SLURM_NODE_MEMORY_MB": str(mem + 1000),
+    }
 
 
 JOB_BLOCK = re.compile(r"^([ \t]*)(local)?rule (\w+):\n((?:\1[ \t]+\S.*\n?)+)", re.M)
@@ -393,8 +416,15 @@ def job_blocks(text: str) -> list[dict]:
             key, _, value = line.strip().partition(": ")
             fields.setdefault(key, value)
         res = dict(kv.split("=", 1) for kv in fields.get("resources", "").split(", ") if "=" in kv)
-        blocks.append(dict(rule=m.group(3), local=bool(m.group(2)), output=fields.get("output", ""),
-                           jobid=fields.get("jobid"), resources=res))
+        blocks.append(
+            dict(
+                rule=m.group(3),
+                local=bool(m.group(2)),
+                output=fields.get("output", ""),
+                jobid=fields.get("jobid"),
+                resources=res,
+            )
+        )
     return blocks
 
 
@@ -413,8 +443,11 @@ def _science_files(results: Path) -> dict[str, Path]:
     (pixel data), and the QA and summary tables."""
     suffixes = (".h5", ".hdf5", ".fits", ".fits.gz", ".fit", ".safetensors", ".csv", ".json")
     skip = ("logs/", "benchmarks/", "simulated/", "model/")
-    return {str(p.relative_to(results)): p for p in sorted(results.rglob("*"))
-            if p.is_file() and p.name.endswith(suffixes) and not str(p.relative_to(results)).startswith(skip)}
+    return {
+        str(p.relative_to(results)): p
+        for p in sorted(results.rglob("*"))
+        if p.is_file() and p.name.endswith(suffixes) and not str(p.relative_to(results)).startswith(skip)
+    }
 
 
 def _same_science(a: Path, b: Path) -> str | None:
@@ -434,8 +467,9 @@ def _same_science(a: Path, b: Path) -> str | None:
                 da, db = ha.data, hb.data
                 if (da is None) != (db is None):
                     return f"HDU {i}: data in one only"
-                if da is not None and (np.asarray(da).dtype != np.asarray(db).dtype
-                                       or np.asarray(da).tobytes() != np.asarray(db).tobytes()):
+                if da is not None and (
+                    np.asarray(da).dtype != np.asarray(db).dtype or np.asarray(da).tobytes() != np.asarray(db).tobytes()
+                ):
                     return f"HDU {i}: data differ"
         return None
     if name.endswith((".h5", ".hdf5")):
@@ -444,6 +478,7 @@ def _same_science(a: Path, b: Path) -> str | None:
 
         diffs = []
         with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+
             def visit(key, obj):
                 if not isinstance(obj, h5py.Dataset):
                     return
@@ -458,6 +493,7 @@ def _same_science(a: Path, b: Path) -> str | None:
                     same = x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
                 if not same:
                     diffs.append(f"{key} differs")
+
             fa.visititems(visit)
             extra = []
             fb.visit(lambda k: extra.append(k) if k not in fa else None)
@@ -491,8 +527,19 @@ def test_mini_workflow_on_slurm_matches_local(slurm, tmp_path):
     # Through the real profile, unchanged but for the cluster arguments; gpu=False: no GPU here
     # (the GPU request is checked below).
     t0 = time.monotonic()
-    r = snakemake(remote, *snakefile, "--configfile", "mini.yaml", "--profile", str(PROFILE),
-                  *CLUSTER_ARGS, "--verbose", "--config", "gpu=False", timeout=300)
+    r = snakemake(
+        remote,
+        *snakefile,
+        "--configfile",
+        "mini.yaml",
+        "--profile",
+        str(PROFILE),
+        *CLUSTER_ARGS,
+        "--verbose",
+        "--config",
+        "gpu=False",
+        timeout=300,
+    )
     t_slurm = time.monotonic() - t0
     print(f"mini workflow: local {t_local:.0f} s, through the SLURM profile {t_slurm:.0f} s")
     assert r.returncode == 0, r.stdout[-8000:]
@@ -510,10 +557,17 @@ def test_mini_workflow_on_slurm_matches_local(slurm, tmp_path):
         text = log.read_text()
         assert f"'SLURM_JOB_ID': '{jobid}'" in text, f"{log} does not show SLURM_JOB_ID={jobid}"
         ran_in_slurm |= {(b["rule"], b["output"]) for b in job_blocks(text)}
-    jobs = [b for b in job_blocks(r.stdout)]
+    jobs = list(job_blocks(r.stdout))
     remote_jobs = {(b["rule"], b["output"]) for b in jobs if not b["local"]}
     assert {b["rule"] for b in jobs if not b["local"]} >= {
-        "extract", "extract_library", "baseline", "predict", "correct", "qa", "summary"}
+        "extract",
+        "extract_library",
+        "baseline",
+        "predict",
+        "correct",
+        "qa",
+        "summary",
+    }
     assert remote_jobs <= ran_in_slurm, f"not run in a SLURM job: {sorted(remote_jobs - ran_in_slurm)}"
     # ... with the profile's partitions
     partitions = {b["rule"]: b["resources"].get("slurm_partition") for b in jobs}
@@ -534,8 +588,19 @@ def test_mini_workflow_on_slurm_matches_local(slurm, tmp_path):
     # The profile's GPU requests (train and predict, config gpu: true in the profile) become
     # sbatch options. Forced again with the profile's own config, they are refused here.
     for workdir, rule, extra in ((remote, "predict", []), (local, "train", ["--until", "train"])):
-        r = snakemake(workdir, *snakefile, "--configfile", "mini.yaml", "--profile", str(PROFILE),
-                      *CLUSTER_ARGS, "--forcerun", rule, *extra, timeout=120)
+        r = snakemake(
+            workdir,
+            *snakefile,
+            "--configfile",
+            "mini.yaml",
+            "--profile",
+            str(PROFILE),
+            *CLUSTER_ARGS,
+            "--forcerun",
+            rule,
+            *extra,
+            timeout=120,
+        )
         assert r.returncode != 0, f"{rule} with a GPU request ran on a cluster without GPUs"
         assert not submitted(r.stdout)
         blocks = [b for b in job_blocks(r.stdout) if b["rule"] == rule]

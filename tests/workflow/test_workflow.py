@@ -20,9 +20,9 @@ import xxhash
 import yaml
 from astropy.io import fits
 
-from deepdark.model.files import model_hash
 from deepdark.io.predictions import Predictions
 from deepdark.io.shards import Shard
+from deepdark.model.files import model_hash
 from deepdark.sim.simulate import simulate_archive
 
 pytestmark = pytest.mark.slow
@@ -41,16 +41,33 @@ TEST_CONFIG = {
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "test.yaml"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "test.yaml"),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("workflow")
-    simulate_archive(work / "archive", geometry="mini", nights=len(NIGHTS), darks_per_temp=1, guide_per_night=2,
-                     first_night=NIGHTS[0], progress=False)
+    simulate_archive(
+        work / "archive",
+        geometry="mini",
+        nights=len(NIGHTS),
+        darks_per_temp=1,
+        guide_per_night=2,
+        first_night=NIGHTS[0],
+        progress=False,
+    )
     good = work / "archive" / BROKEN[0] / "GS1_dark_0001.fits"
     (work / "archive" / BROKEN[0] / BROKEN[1]).write_bytes(good.read_bytes()[:20000])  # truncated
     (work / "test.yaml").write_text(yaml.safe_dump(TEST_CONFIG))
@@ -104,8 +121,10 @@ def test_qa_numbers_equal_numpy(run):
     g_se, g_n = 0.0, 0
     for night in NIGHTS:
         qa = pd.read_csv(run / "results/qa" / night / "qa.csv", dtype={"channel": str})
-        with Shard(run / "results/shards" / f"{night}.h5") as s, \
-                Predictions(run / "results/predictions" / f"{night}.h5") as p:
+        with (
+            Shard(run / "results/shards" / f"{night}.h5") as s,
+            Predictions(run / "results/predictions" / f"{night}.h5") as p,
+        ):
             w = s.geometry.window_in_active
             se, n = 0.0, 0
             for r in np.flatnonzero((s.table["imagetyp"] == "DARK").to_numpy()):
@@ -150,8 +169,22 @@ def test_existing_model_skips_training(run):
     cfg["model"]["dir"] = "given_model"
     cfg["library"] = {"masters": "results/masters.h5"}
     (run / "given.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(run),
-           "--configfile", str(run / "given.yaml"), "-n", "-p", "-F", "--cores", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(run),
+        "--configfile",
+        str(run / "given.yaml"),
+        "-n",
+        "-p",
+        "-F",
+        "--cores",
+        "2",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=run)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
@@ -170,20 +203,28 @@ def test_report_bundles_qa_pages(run):
 
 
 def test_lint_is_clean():
-    res = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "-s", str(REPO / "Snakefile")],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint", "-s", str(REPO / "Snakefile")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert res.returncode == 0 and "Lints for" not in res.stdout + res.stderr, res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"archive": {"bogus": 1}}, "archive: unknown key(s) 'bogus'"),
-    ({"model": {"epochs": "many"}}, "model.epochs: 'many' is not of type 'integer'"),
-    ({"archive": {"nights": "sometimes"}}, "archive.nights: 'sometimes' is not valid"),
-    ({"archive": {"nights": {"first": 20300101, "last": 20300131}}}, "archive.nights: selects no night"),
-    ({"archive": {"path": "no/such/archive"}}, "archive.path: 'no/such/archive' is not a folder"),
-    ({"device": "tpu"}, "device: 'tpu' is not one of"),
-    ({"model": {"dir": "nowhere"}}, "model.dir: 'nowhere' holds no model.safetensors"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"archive": {"bogus": 1}}, "archive: unknown key(s) 'bogus'"),
+        ({"model": {"epochs": "many"}}, "model.epochs: 'many' is not of type 'integer'"),
+        ({"archive": {"nights": "sometimes"}}, "archive.nights: 'sometimes' is not valid"),
+        ({"archive": {"nights": {"first": 20300101, "last": 20300131}}}, "archive.nights: selects no night"),
+        ({"archive": {"path": "no/such/archive"}}, "archive.path: 'no/such/archive' is not a folder"),
+        ({"device": "tpu"}, "device: 'tpu' is not one of"),
+        ({"model": {"dir": "nowhere"}}, "model.dir: 'nowhere' holds no model.safetensors"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, override, message):
     (tmp_path / "archive" / "20240101").mkdir(parents=True)
     base = {**TEST_CONFIG, "archive": {**TEST_CONFIG["archive"]}}
@@ -211,7 +252,10 @@ def test_dag_of_many_nights_builds_fast(tmp_path):
     res = snakemake(tmp_path, "-n", "--quiet", "all", timeout=300)
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr[-3000:]
-    counts = dict(line.split()[:2] for line in (res.stdout + res.stderr).splitlines()
-                  if line.split()[:1] in (["extract"], ["predict"], ["correct"], ["qa"]))
+    counts = dict(
+        line.split()[:2]
+        for line in (res.stdout + res.stderr).splitlines()
+        if line.split()[:1] in (["extract"], ["predict"], ["correct"], ["qa"])
+    )
     assert counts == {"extract": "300", "predict": "300", "correct": "300", "qa": "300"}, counts
     assert elapsed < 90, f"dry run of 300 nights took {elapsed:.0f} s"
