@@ -21,10 +21,10 @@ from astropy.io import fits
 
 from deepdark.io.atomic import atomic_path
 from deepdark.io.geometry import Geometry
+from deepdark.io.units import SATURATED
 
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz")
 IMAGE_TYPES = ("DARK", "BIAS", "OBJECT", "FLAT")
-SATURATED = 65535
 _BLOCK = 2880  # FITS record size
 # A frame with more than this share of saturated pixels carries no usable dark signal.
 MAX_SATURATED_FRACTION = 0.5
@@ -163,7 +163,7 @@ def _as_adu(data: np.ndarray | None, path: Path) -> np.ndarray:
         # BSCALE/BZERO other than the unsigned-16 convention give floats: not raw ADU.
         raise FrameError(path, f"pixels are not integer ADU (dtype {data.dtype})")
     if data.dtype != np.uint16:
-        if data.min() < 0 or data.max() > 65535:
+        if data.min() < 0 or data.max() > SATURATED:
             raise FrameError(path, "pixel values outside the 16-bit ADU range")
         data = data.astype(np.uint16)
     return data

@@ -12,16 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import h5py
-import hdf5plugin
 import numpy as np
 from tqdm import tqdm
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
-from deepdark.io.shards import TABLE_COLUMNS, Shard, open_versioned
+from deepdark.io.shards import COMPRESSION, TABLE_COLUMNS, Shard, open_versioned
 
 SCHEMA_VERSION = 1
-_COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
 
 # Maps (shard, sorted table rows) to predicted darks over the active area, ADU, (k, rows, cols).
 ActivePredictor = Callable[[Shard, np.ndarray], np.ndarray]
@@ -54,7 +52,7 @@ def write_predictions(
         )  # no date: reruns are byte-identical
         n = len(shard)
         # A night whose every file was quarantined has no rows, and HDF5 cannot chunk nothing.
-        layout = dict(chunks=(1, *g.active.shape), **_COMPRESSION) if n else {}
+        layout = dict(chunks=(1, *g.active.shape), **COMPRESSION) if n else {}
         ds = f.create_dataset("dark", shape=(n, *g.active.shape), dtype=np.float32, **layout)
         bar = tqdm(total=n, desc=f"predict {Path(shard_path).name}", unit="channel", disable=not progress)
         for start in range(0, n, batch_size):

@@ -56,7 +56,8 @@ TABLE_COLUMNS = {  # name -> numpy dtype in the file
     "floor": np.float64,  # RMS noise floor in the window (ADU), NaN unless simulated
     "active_index": np.int64,
 }
-_COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+# Fast, lossless and shuffle-friendly for 16-bit pixels; shards and prediction files share it.
+COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
 
 
 def quarantine_path(shard: str | Path) -> Path:
@@ -107,7 +108,7 @@ class ShardWriter:
                 maxshape=(None, *shapes[name]),
                 dtype=np.uint16,
                 chunks=(1, *shapes[name]),
-                **_COMPRESSION,
+                **COMPRESSION,
             )
             for name in (*STRIP_NAMES, "active")
         }

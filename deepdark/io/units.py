@@ -3,7 +3,8 @@
 Works on numpy arrays and torch tensors alike (only arithmetic).
 """
 
-ADU_MAX = 65535.0
+SATURATED = 65535  # the largest value of a 16-bit readout: a pixel there holds no measurement
+ADU_MAX = float(SATURATED)
 
 
 def adu_to_unit(x):

@@ -63,7 +63,7 @@ def compose(
 ) -> torch.Tensor:
     """Prediction in [0, 1] units: physics (``base_unit``, [0, 1] units) + R tanh(h), from the
     generator's output ``g_out`` = (tanh(h) + 1) / 2."""
-    r = float(residual_range_adu) / 65535.0
+    r = float(adu_to_unit(float(residual_range_adu)))
     return base_unit + r * (2.0 * g_out.float() - 1.0)
 
 

@@ -20,6 +20,7 @@ from deepdark.io.atomic import atomic_path
 from deepdark.io.geometry import Geometry
 from deepdark.io.shards import Shard
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
+from deepdark.io.units import SATURATED
 
 from .frame_state import MAD_SIGMA, OVERSCAN_SKIP, frame_state
 from .law import fit_law
@@ -28,7 +29,6 @@ from .pixelfit import IRREGULAR_P, _hot_fits, _pairs, _PixelFit, _robust_fit, sm
 log = logging.getLogger(__name__)
 
 PHYSICS_SCHEMA = 1
-SATURATED = 65535
 LIBRARY_TYPES = ("DARK", "BIAS")
 PIXEL_CLIP = 5.0  # frame-pixels beyond this many of the pixel's residual scales are cut
 BLOCKS = 32  # block means per side for the law fit (blocks at least MIN_BLOCK px wide)

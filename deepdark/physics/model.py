@@ -15,8 +15,9 @@ import pandas as pd
 
 from deepdark.io.geometry import Geometry, parse_geometry
 from deepdark.io.shards import Shard
+from deepdark.io.units import SATURATED
 
-from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, SATURATED, _map_names
+from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, _map_names
 from .frame_state import FrameState, frame_state
 from .law import LN2, Law
 

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from deepdark.io.frames import FLOOR_KEY, Keywords, write_raw_frame
 from deepdark.io.geometry import Geometry, load_geometry
+from deepdark.io.units import SATURATED
 
 F32 = np.float32
 # -- dark current ----------------------------------------------------------------------------
@@ -86,7 +87,6 @@ BIAS_DRIFT_ADU = 2.5  # sd of the per-channel bias change between frames
 PRESCAN_PULL_ADU = (15.0, 60.0)  # prescan pull-up transient at its first column (paper 2.2 A)
 PRESCAN_TAU_PX = 0.7  # ... decaying over about a pixel
 AMP_RESIDUE = (0.002, 0.005)  # amplifier columns: share of the previous row's mean signal (C)
-SATURATED = 65535
 # -- frame conditions ------------------------------------------------------------------------
 TEMP_JITTER_SD, TEMP_JITTER_MAX = 0.5, 1.0  # actual - setpoint: control precision +-1 C (2.3)
 TEMP_SENSOR_SD = 0.5  # CCDTEMP measurement error, then rounded to 0.1 C
