@@ -1,6 +1,6 @@
 """Where every region of a raw guide-camera frame lies.
 
-The layout is data (``deepdark/io/geometries/*.yaml``, see the raw-frame contract); this module
+The layout is data (``deepdark/io/geometries/*.yaml``); this module
 loads and validates it and turns a frame into per-channel views in *readout coordinates*
 (amplifier at local (0, 0), overscan at the far end of each row). It imports nothing else of
 deepdark, does no FITS I/O and knows nothing of torch.
@@ -8,6 +8,9 @@ deepdark, does no FITS I/O and knows nothing of torch.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from deepdark.io.errors import DeepdarkError
+
 REGION_NAMES = ("prescan", "invalid", "amplifier", "ob_cols", "ob_rows", "active", "overscan", "middle")
 # The contract lets the serial strips that precede every row run the full channel height, so the
 # discarded middle row crosses them; every other pair of regions must be disjoint.
 _MAY_CROSS_MIDDLE = {"prescan", "invalid", "amplifier"}
 
 
-class GeometryError(ValueError):
+class GeometryError(DeepdarkError, ValueError):
     """A geometry file that cannot describe a real frame; the message names the field."""
 
 
@@ -70,6 +75,23 @@ class Geometry:
     window_size: int
     window_offset: int
     source: str = ""  # the YAML text, stored in shards and model cards verbatim
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the resolved layout: frame, channels, regions and window, not the YAML text.
+
+        Two files that describe the same layout (other comments, key order or name) share it; any
+        change of a region, channel or the window changes it. Model cards store it, so a model
+        refuses data cut with an edited geometry file that kept the old name.
+        """
+        layout = {
+            "frame_shape": list(self.frame_shape),
+            "channel_shape": list(self.channel_shape),
+            "channels": [dataclasses.astuple(c) for c in self.channels],
+            "regions": {k: dataclasses.astuple(r) for k, r in sorted(self.regions.items())},
+            "window": [self.window_size, self.window_offset],
+        }
+        return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
     # -- derived regions --------------------------------------------------------------------
     @property

@@ -36,19 +36,21 @@ import torch
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
+from deepdark.io.errors import DeepdarkError
 from deepdark.io.geometry import Geometry, parse_geometry
 from deepdark.model.nets import Generator, GeneratorConfig
 
 MODEL_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 CARD_FORMAT = "deepdark-model"
-CARD_SCHEMA = 1
+# Schema 2: the weights' SHA-256 and the geometry's content digest are required.
+CARD_SCHEMA = 2
 # Input channels this version knows how to build (``deepdark.model.nets.model_input``), in order.
 KNOWN_INPUTS = ("a1", "a2", "a3", "physics")  # "physics": deepdark.model.conditioning
 DEFAULT_INPUTS = ("a1", "a2", "a3")
 
 
-class ModelError(ValueError):
+class ModelError(DeepdarkError, ValueError):
     """A model directory that cannot be used as asked; the message says why."""
 
 
@@ -131,6 +133,7 @@ def geometry_card(g: Geometry) -> dict:
         "window_offset": int(g.window_offset),
         "active_shape": list(g.active.shape),
         "source": g.source,
+        "sha256": g.digest,
     }
 
 
@@ -230,10 +233,44 @@ def read_card(model_dir: str | Path) -> dict:
         raise ModelError(f"{path}: not a deepdark model card")
     if card.get("schema") != CARD_SCHEMA:
         raise ModelError(f"{path}: card schema {card.get('schema')}, this deepdark reads {CARD_SCHEMA}")
-    for key in ("architecture", "inputs", "geometry", "weights"):
-        if key not in card:
-            raise ModelError(f"{path}: card has no {key!r}")
+    _check_card_fields(card, path)
     return card
+
+
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+# (dotted key, test, what it must be): the card fields this version relies on.
+_CARD_FIELDS = (
+    ("architecture", lambda v: isinstance(v, dict), "a mapping"),
+    ("architecture.generator", lambda v: isinstance(v, dict), "a mapping"),
+    ("inputs", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
+    ("loss", lambda v: isinstance(v, dict), "a mapping"),
+    ("geometry", lambda v: isinstance(v, dict), "a mapping"),
+    ("geometry.name", lambda v: isinstance(v, str), "a string"),
+    ("geometry.source", lambda v: isinstance(v, str), "the geometry's YAML text"),
+    ("geometry.window_size", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    ("geometry.window_offset", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    ("geometry.sha256", _is_sha256, "a SHA-256 (64 lowercase hex digits)"),
+    ("training", lambda v: isinstance(v, dict), "a mapping"),
+    ("validation", lambda v: isinstance(v, dict), "a mapping"),
+    ("weights", lambda v: isinstance(v, dict), "a mapping"),
+    ("weights.sha256", _is_sha256, "a SHA-256 (64 lowercase hex digits)"),
+)
+_MISSING = object()
+
+
+def _check_card_fields(card: dict, path: Path) -> None:
+    """One line naming the first field that is missing or of the wrong type."""
+    for key, ok, what in _CARD_FIELDS:
+        value = card
+        for part in key.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            raise ModelError(f"{path}: card has no {key!r}")
+        if not ok(value):
+            raise ModelError(f"{path}: card field {key!r} must be {what}, got {value!r:.60}")
 
 
 def generator_config(card: dict) -> GeneratorConfig:
@@ -293,11 +330,16 @@ def check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
 
 
 def check_geometry(card: dict, geometry: Geometry, where: str = "") -> None:
-    """Refuse a geometry other than the model's (name, window size, window offset)."""
+    """Refuse a geometry other than the model's: by name, window, and the layout's content digest
+    (an edited geometry file that kept its name is a different geometry)."""
     g = card["geometry"]
     diffs = []
     if g.get("name") != geometry.name:
         diffs.append(f"geometry name {geometry.name!r} (model: {g.get('name')!r})")
+    elif g.get("sha256") != geometry.digest:
+        diffs.append(
+            f"geometry {geometry.name!r} has other regions or channels than the model's (content digest differs)"
+        )
     if int(g.get("window_size", -1)) != geometry.window_size:
         diffs.append(f"window size {geometry.window_size} (model: {g.get('window_size')})")
     if int(g.get("window_offset", -1)) != geometry.window_offset:
@@ -326,8 +368,8 @@ def load_model(
         raise ModelError(f"{model_dir}: card lists inputs {card['inputs']} but in_channels={cfg.in_channels}")
     weights = model_dir / MODEL_FILE
     digest = model_hash(model_dir)
-    want = card["weights"].get("sha256")
-    if check_hash and want and want != digest:
+    want = card["weights"]["sha256"]
+    if check_hash and want != digest:
         raise ModelError(
             f"{weights}: SHA-256 {digest[:12]}... differs from the card's {want[:12]}... "
             "(weights replaced or card from another model)"
