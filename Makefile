@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` (the main job on the embedded default archive)
-# and `make test` (the test suite). Both set up .venv first when it is missing or stale.
+# and `make test` (the style checks and the test suite). Both set up .venv first when it is
+# missing or stale.
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build of torch for machines without a GPU. On a CUDA cluster: make TORCH=torch
@@ -18,7 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
+# Style first (seconds), then the suite (minutes).
 test: setup
+	$(BIN)/ruff check deepdark tests benchmarks docs
+	$(BIN)/ruff format --check deepdark tests benchmarks docs
+	$(BIN)/snakefmt --check Snakefile rules
 	$(BIN)/pytest
 
 demo: setup

@@ -5,11 +5,13 @@
 #
 # Stages (one job per night unless said): simulate (embedded default only) -> extract ->
 # baseline + train (once, from the dark library) -> predict -> correct, qa -> summary (once).
-# The rules are thin calls of the `deepdark` command; the logic lives in the package.
+# The rules are thin calls of the `deepdark` command; the logic lives in the package. The
+# helpers, the config validation (defaults: workflow/schema/config.schema.yaml) and the wildcard
+# constraints are in rules/common.smk.
 
 import os
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -21,12 +23,6 @@ report: "workflow/report/workflow.rst"
 
 
 include: "rules/common.smk"
-
-
-check_config(config, "workflow/schema/config.schema.yaml")
-validate(config, "workflow/schema/config.schema.yaml")
-
-
 include: "rules/simulate.smk"
 include: "rules/extract.smk"
 include: "rules/baseline.smk"
@@ -38,6 +34,6 @@ include: "rules/summary.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.summary.output,
-    default_target: True

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepdark.io.shards import Shard  # noqa: E402
 from deepdark.model.files import save_model  # noqa: E402
 from deepdark.model.nets import PRESETS, Generator  # noqa: E402
-from deepdark.model.runner import active_predictor  # noqa: E402
+from deepdark.model.runner import model_predictor  # noqa: E402
 
 
 def frame_times(predict, shard: Shard, frames: int) -> list[float]:
@@ -60,10 +60,10 @@ def main() -> int:
         )
         res = {}
         for name, model in (("compact", compact), ("physics-mode", a.model)):
-            pred = active_predictor(model, device="cpu", batch_size=4)
+            pred = model_predictor(model, area="active", device="cpu", batch_size=4)
             res[name] = statistics.median(frame_times(pred, shard, a.frames))
         # the physics prediction alone, for the split
-        runner = active_predictor(a.model, device="cpu").runner
+        runner = model_predictor(a.model, area="active", device="cpu").runner
         files = list(dict.fromkeys(shard.table["file"]))[: a.frames]
         ts = []
         for f in files:

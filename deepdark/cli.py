@@ -8,10 +8,15 @@ never change what an existing one means.
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import logging
 import sys
 from pathlib import Path
+
+from deepdark import __version__
+from deepdark.training.config import DEVICES, LR_SCHEDULES
 
 log = logging.getLogger("deepdark")
 
@@ -103,40 +108,12 @@ def _val_nights(values):
 
 def cmd_train(a: argparse.Namespace) -> None:
     from deepdark.model.nets import PHYSICS_PRESETS
+    from deepdark.training.config import config_from_args
     from deepdark.training.loop import train
 
-    preset = a.preset or "physics"
-    loss = a.loss or ("l1" if preset in PHYSICS_PRESETS else "deepdark")
-    if a.physics is not None and preset not in PHYSICS_PRESETS:
-        raise UserError(f"--physics conditions the physics preset; --preset {preset} takes strips only")
-    res = train(
-        a.shards,
-        a.out,
-        preset=preset,
-        physics=a.physics,
-        residual_range_adu=a.residual_range,
-        physics_memory_mb=a.physics_memory_mb,
-        loss=loss,
-        l1_weight=a.l1_weight,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        betas=tuple(a.betas),
-        crop=a.crop,
-        val_nights=_val_nights(a.val_nights),
-        device=a.device,
-        seed=a.seed,
-        max_steps_per_epoch=a.max_steps,
-        progress=not a.quiet,
-        resume=not a.no_resume,
-        bn=a.bn,
-        bn_momentum=a.bn_momentum,
-        norm=a.norm,
-        lr_schedule=a.lr_schedule,
-        crop_mode=a.crop_mode,
-        setpoints=a.setpoints,
-        max_val_samples=a.max_val_samples,
-    )
+    if a.physics is not None and a.preset not in PHYSICS_PRESETS:
+        raise UserError(f"--physics conditions the physics preset; --preset {a.preset} takes strips only")
+    res = train(a.shards, a.out, config_from_args(a, val_nights=_val_nights(a.val_nights)), progress=not a.quiet)
     print(
         f"{res.model_dir}: {res.epochs} epochs in {res.seconds:.0f} s, trained on nights "
         f"{','.join(res.train_nights)}; validation RMSE {res.val_rmse_adu:.2f} ADU on "
@@ -248,6 +225,10 @@ def cmd_presets(a: argparse.Namespace) -> None:
 
 
 # -- argument parsing -----------------------------------------------------------------------------
+#
+# Options that several commands share come from parent parsers. An option whose value goes
+# straight to a package function takes its default from that function's signature
+# (FunctionDefault): each default is written once, where the function is.
 
 
 def _keywords(a: argparse.Namespace):
@@ -256,155 +237,135 @@ def _keywords(a: argparse.Namespace):
     return Keywords(**json.loads(a.keywords)) if a.keywords else Keywords()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepdark", description=__doc__.split("\n\n")[0])
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class FunctionDefault:
+    """The default of ``parameter`` of ``function`` (``"module:name"``), read from its signature.
 
-    s = sub.add_parser("simulate", help="write a simulated raw archive (ARCHIVE/YYYYMMDD/*.fits)")
-    s.add_argument("out", type=Path, help="archive folder to create")
-    s.add_argument("--geometry", default="lamost-kaf4320", help="geometry preset or YAML file")
-    s.add_argument("--nights", type=int, default=2)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--cameras", nargs="+", default=["GS1"], help="camera ids (each has its own physics)")
-    s.add_argument("--temperatures", nargs="+", type=float, default=[-5, -10, -15, -25], help="dark setpoints, C")
-    s.add_argument("--darks-per-temp", type=int, default=3, help="darks per setpoint, night and camera")
-    s.add_argument("--dark-exptimes", nargs="+", type=float, default=[30.0], help="dark exposure times, s")
-    s.add_argument("--bias-per-night", type=int, default=0)
-    s.add_argument("--guide-per-night", type=int, default=2, help="guide (OBJECT) frames per night and camera")
-    s.add_argument("--first-night", default="20240101", help="YYYYMMDD of the first night")
-    s.add_argument("--compress", action="store_true", help="write .fits.gz")
-    s.set_defaults(func=cmd_simulate)
+    The module is imported only when the value is needed (the command runs, or its ``--help``
+    shows ``%(default)s``), so that building the parser imports neither torch nor the pipeline.
+    """
 
-    s = sub.add_parser("extract", help="strips of a night (or files) into one HDF5 shard")
-    s.add_argument("inputs", nargs="+", help="night folders and/or FITS files")
-    s.add_argument("--out", required=True, type=Path, help="shard to write (SHARD.h5; quarantine beside it)")
-    s.add_argument("--geometry", default="lamost-kaf4320", help="geometry preset or YAML file")
-    s.add_argument("--keywords", help='header keyword names as JSON, e.g. {"ccdtemp": "TEMP"}')
-    s.add_argument("--cameras", nargs="+", help="only frames of these cameras (default: all)")
-    s.set_defaults(func=cmd_extract)
+    def __init__(self, function: str, parameter: str):
+        self.function, self.parameter = function, parameter
 
-    s = sub.add_parser("baseline", help="median master darks (all temperatures and per temperature)")
-    s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
-    s.add_argument("--out", required=True, type=Path, help="master-dark file to write (.h5)")
-    s.add_argument("--memory-mb", type=int, default=512, help="memory budget of the streamed median")
-    s.set_defaults(func=cmd_baseline)
+    def value(self):
+        module, name = self.function.split(":")
+        parameter = inspect.signature(getattr(importlib.import_module(module), name)).parameters[self.parameter]
+        return parameter.default
 
-    s = sub.add_parser("evaluate", help="the paper's Table 1: RMSE of each method against real darks")
-    s.add_argument("--test", nargs="+", required=True, type=Path, help="shards of test nights")
-    s.add_argument("--baseline", type=Path, help="master-dark file from `deepdark baseline`")
-    s.add_argument("--model", type=Path, help="model directory from `deepdark train`")
-    s.add_argument("--physics", type=Path, help="physics model from `deepdark physics-fit` (adds the `physics` column)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--out", required=True, type=Path, help="folder for table1.json/csv and figures")
-    s.set_defaults(func=cmd_evaluate)
+    def __str__(self) -> str:
+        value = self.value()
+        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
-    # -- model parsers (train, predict, ablation) --
+    def __repr__(self) -> str:
+        return f"FunctionDefault({self.function!r}, {self.parameter!r})"
 
-    def training_options(s, epochs: int, preset: str | None = "compact") -> None:
-        s.add_argument(
-            "--preset",
-            default=preset,
-            help="generator preset (see `deepdark presets`)"
-            + (
-                "; default: physics (the compact generator on the strips plus the physics "
-                "prediction, predicting a residual on it); paper/compact: strips only (the paper)"
-                if preset is None
-                else ""
-            ),
-        )
-        s.add_argument("--epochs", type=int, default=epochs)
-        s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        s.add_argument("--l1-weight", type=float, default=100.0, help="weight of the L1 term (pix2pix: 100)")
-        s.add_argument("--batch-size", type=int, default=1, help="paper: 1")
-        s.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate (paper: 2e-5)")
-        s.add_argument(
-            "--lr-schedule",
-            default="constant",
-            choices=["constant", "linear", "pix2pix"],
-            help="constant (paper), linear decay to zero over the run, or pix2pix's (constant, "
-            "then linear to zero over the second half of the epochs)",
-        )
-        s.add_argument("--crop", type=int, help="train on random CROP x CROP crops of the window (CPU)")
-        s.add_argument("--max-steps", type=int, help="at most this many optimisation steps per epoch")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in the output folder")
 
-    s = sub.add_parser("train", help="train Deep-Dark-Net on the darks of a library (split by night)")
-    s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
-    s.add_argument("--out", required=True, type=Path, help="model directory (model.safetensors, model.json)")
-    training_options(s, epochs=40, preset=None)
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with every option left out that defaults to a :class:`FunctionDefault` set to its value."""
+    for name, value in vars(args).items():
+        if isinstance(value, FunctionDefault):
+            setattr(args, name, value.value())
+    return args
+
+
+def _verbosity_options(in_command: bool) -> argparse.ArgumentParser:
+    """-q/-v, before the command (defaults: off) and after it. After it, an option left out is not
+    set at all (SUPPRESS), so that it keeps what was given before the command."""
+    default = argparse.SUPPRESS if in_command else False
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars, warnings only")
+    parent.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    return parent
+
+
+def _device_option(function: str) -> argparse.ArgumentParser:
+    """--device, defaulting to that of ``function`` (``"module:name"``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=FunctionDefault(function, "device"),
+        help="auto: CUDA when available, else the CPU (default: %(default)s)",
+    )
+    return parent
+
+
+def _frame_options() -> argparse.ArgumentParser:
+    """--keywords and --cameras of the commands that read raw frames."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--keywords", help='header keyword names as JSON, e.g. {"ccdtemp": "TEMP"}')
+    parent.add_argument("--cameras", nargs="+", help="only the frames of these cameras (CAMERA values; default: all)")
+    return parent
+
+
+class _Commands(argparse._SubParsersAction):
+    """The subcommands: every one also takes -q/-v after its name (``deepdark extract -q ...``)."""
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        kwargs["parents"] = [*kwargs.get("parents", []), _verbosity_options(in_command=True)]
+        return super().add_parser(name, **kwargs)
+
+
+def _ablation_options(s: argparse.ArgumentParser) -> None:
+    """The training budget and the design of `deepdark ablation` (its function's defaults)."""
+    ablation = "deepdark.evaluation.ablation:ablation"
     s.add_argument(
-        "--loss",
-        choices=["deepdark", "pix2pix", "lsgan", "mixed", "l1"],
-        help="loss configuration (paper 2.5, Table 2; l1: no adversarial term). Default: deepdark "
-        "for the paper's presets; l1 for physics, whose residual the adversarial terms only "
-        "roughen (measured: 16.98 vs 16.90 ADU at a floor of 16.61)",
+        "--preset",
+        default=FunctionDefault(ablation, "preset"),
+        help="generator preset (see `deepdark presets`; default: %(default)s)",
     )
     s.add_argument(
-        "--physics",
-        type=Path,
-        help="physics model (`deepdark physics-fit`) the physics preset conditions on; copied into "
-        "the model directory. Default: fitted from the same shards into OUT/physics.h5",
+        "--epochs",
+        type=int,
+        default=FunctionDefault(ablation, "epochs"),
+        help="epochs per loss configuration (default: %(default)s)",
     )
     s.add_argument(
-        "--residual-range",
+        "--l1-weight",
         type=float,
-        default=64.0,
-        help="physics preset: the learned residual is bounded by +- this many ADU",
+        default=FunctionDefault(ablation, "l1_weight"),
+        help="weight of the L1 term (pix2pix: 100; default: %(default)s)",
     )
     s.add_argument(
-        "--physics-memory-mb",
+        "--batch-size",
+        type=int,
+        default=FunctionDefault(ablation, "batch_size"),
+        help="paper: 1 (default: %(default)s)",
+    )
+    s.add_argument(
+        "--lr",
         type=float,
-        default=512,
-        help="memory budget of the physics fit when --physics is not given",
-    )
-    s.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas")
-    s.add_argument(
-        "--val-nights",
-        nargs="+",
-        metavar="N|NIGHT",
-        help="validation nights: a count (the last N nights) or YYYYMMDD names (default: the last night(s))",
+        default=FunctionDefault(ablation, "lr"),
+        help="Adam learning rate (paper: 2e-5; default: %(default)s)",
     )
     s.add_argument(
-        "--bn",
-        default="running",
-        choices=["running", "batch"],
-        help="generator batch norm while training: running statistics as at inference (default) "
-        "or batch statistics (the reference; erases the level with small batches)",
+        "--lr-schedule",
+        default=FunctionDefault("deepdark.training.config:TrainConfig", "lr_schedule"),
+        choices=LR_SCHEDULES,
+        help="constant (paper), linear decay to zero over the run, or pix2pix's (constant, "
+        "then linear to zero over the second half of the epochs; default: %(default)s)",
     )
-    s.add_argument("--bn-momentum", type=float, default=0.01, help="update rate of the running statistics")
-    s.add_argument("--norm", choices=["batch", "instance", "none"], help="override the preset's normalisation")
+    s.add_argument("--crop", type=int, help="train on random CROP x CROP crops of the window (CPU)")
+    s.add_argument("--max-steps", type=int, help="at most this many optimisation steps per epoch")
     s.add_argument(
-        "--crop-mode",
-        default="window",
-        choices=["window", "strips"],
-        help="crop the whole-window input (default) or crop the strips and resize them to the crop",
+        "--seed",
+        type=int,
+        default=FunctionDefault(ablation, "seed"),
+        help="seed of every training (default: %(default)s)",
     )
-    s.add_argument("--setpoints", type=float, nargs="+", help="train on darks at these setpoints only (C)")
-    s.add_argument("--max-val-samples", type=int, help="validate on at most this many held-out channels")
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser("predict", help="predicted darks over the whole active area of every frame of a shard")
-    s.add_argument("shard", type=Path, help="the night's shard")
-    s.add_argument("--model", required=True, type=Path, help="model directory from `deepdark train`")
-    s.add_argument("--out", required=True, type=Path, help="predictions file to write (.h5)")
-    s.add_argument("--batch-size", type=int, default=4, help="channels per forward pass")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.set_defaults(func=cmd_predict)
-
-    s = sub.add_parser("ablation", help="the paper's Table 2: the four loss configurations at one setpoint")
-    s.add_argument("shards", nargs="+", type=Path, help="shards of the library (train and test nights)")
-    s.add_argument("--out", required=True, type=Path, help="folder for table2.csv/json and the models")
-    training_options(s, epochs=5)
-    s.add_argument("--setpoint", type=float, default=-15.0, help="the darks' setpoint (paper: -15 C)")
+    s.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in the output folder")
+    s.add_argument(
+        "--setpoint",
+        type=float,
+        default=FunctionDefault(ablation, "setpoint"),
+        help="the darks' setpoint (paper: -15 C; default: %(default)s)",
+    )
     s.add_argument(
         "--losses",
         nargs="+",
-        default=["pix2pix", "lsgan", "mixed", "deepdark"],
+        default=FunctionDefault(ablation, "losses"),
         choices=["deepdark", "pix2pix", "lsgan", "mixed"],
+        help="the loss configurations to compare (default: %(default)s)",
     )
     s.add_argument(
         "--test-nights",
@@ -412,46 +373,212 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N|NIGHT",
         help="held-out nights: a count (the last N) or YYYYMMDD names (default: the last night(s))",
     )
+
+
+SIMULATOR = "deepdark.sim.simulate:simulate_archive"
+
+
+def _geometry_option() -> argparse.ArgumentParser:
+    """--geometry, defaulting to the geometry the simulator writes: the package's camera."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--geometry",
+        default=FunctionDefault(SIMULATOR, "geometry"),
+        help="geometry preset or YAML file (default: %(default)s)",
+    )
+    return parent
+
+
+def _simulate_command(sub) -> None:
+    """simulate: every option defaults to the simulator's own default."""
+    s = sub.add_parser(
+        "simulate", parents=[_geometry_option()], help="write a simulated raw archive (ARCHIVE/YYYYMMDD/*.fits)"
+    )
+    s.add_argument("out", type=Path, help="archive folder to create")
+    s.add_argument(
+        "--nights",
+        type=int,
+        default=FunctionDefault(SIMULATOR, "nights"),
+        help="nights to write (default: %(default)s)",
+    )
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=FunctionDefault(SIMULATOR, "seed"),
+        help="seed of the camera physics and every frame (default: %(default)s)",
+    )
+    s.add_argument(
+        "--cameras",
+        nargs="+",
+        default=FunctionDefault(SIMULATOR, "cameras"),
+        help="camera ids, each with its own physics (default: %(default)s)",
+    )
+    s.add_argument(
+        "--temperatures",
+        nargs="+",
+        type=float,
+        default=FunctionDefault(SIMULATOR, "temperatures"),
+        help="dark setpoints, C (default: %(default)s)",
+    )
+    s.add_argument(
+        "--darks-per-temp",
+        type=int,
+        default=FunctionDefault(SIMULATOR, "darks_per_temp"),
+        help="darks per setpoint, night and camera (default: %(default)s)",
+    )
+    s.add_argument(
+        "--dark-exptimes",
+        nargs="+",
+        type=float,
+        default=FunctionDefault(SIMULATOR, "dark_exptimes"),
+        help="dark exposure times, s (default: %(default)s)",
+    )
+    s.add_argument(
+        "--bias-per-night",
+        type=int,
+        default=FunctionDefault(SIMULATOR, "bias_per_night"),
+        help="BIAS frames per night and camera (default: %(default)s)",
+    )
+    s.add_argument(
+        "--guide-per-night",
+        type=int,
+        default=FunctionDefault(SIMULATOR, "guide_per_night"),
+        help="guide (OBJECT) frames per night and camera (default: %(default)s)",
+    )
+    s.add_argument(
+        "--first-night",
+        default=FunctionDefault(SIMULATOR, "first_night"),
+        help="YYYYMMDD of the first night (default: %(default)s)",
+    )
+    s.add_argument("--compress", action="store_true", help="write .fits.gz")
+    s.set_defaults(func=cmd_simulate)
+
+
+def _data_commands(sub) -> None:
+    """extract, baseline, evaluate."""
+    s = sub.add_parser(
+        "extract",
+        parents=[_geometry_option(), _frame_options()],
+        help="strips of a night (or files) into one HDF5 shard",
+    )
+    s.add_argument("inputs", nargs="+", help="night folders and/or FITS files")
+    s.add_argument("--out", required=True, type=Path, help="shard to write (SHARD.h5; quarantine beside it)")
+    s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("baseline", help="median master darks (all temperatures and per temperature)")
+    s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
+    s.add_argument("--out", required=True, type=Path, help="master-dark file to write (.h5)")
+    s.add_argument(
+        "--memory-mb",
+        type=int,
+        default=FunctionDefault("deepdark.pipeline.baseline:build_masters", "memory_mb"),
+        help="memory budget of the streamed median (default: %(default)s)",
+    )
+    s.set_defaults(func=cmd_baseline)
+
+    predictor = "deepdark.model.runner:model_predictor"
+    s = sub.add_parser(
+        "evaluate",
+        parents=[_device_option(predictor)],
+        help="the paper's Table 1: RMSE of each method against real darks",
+    )
+    s.add_argument("--test", nargs="+", required=True, type=Path, help="shards of test nights")
+    s.add_argument("--baseline", type=Path, help="master-dark file from `deepdark baseline`")
+    s.add_argument("--model", type=Path, help="model directory from `deepdark train`")
+    s.add_argument("--physics", type=Path, help="physics model from `deepdark physics-fit` (adds the `physics` column)")
+    s.add_argument(
+        "--batch-size",
+        type=int,
+        default=FunctionDefault(predictor, "batch_size"),
+        help="channels per forward pass of the model (default: %(default)s)",
+    )
+    s.add_argument("--out", required=True, type=Path, help="folder for table1.json/csv and figures")
+    s.set_defaults(func=cmd_evaluate)
+
+
+def _model_commands(sub) -> None:
+    """predict, ablation, physics-fit."""
+    predict = "deepdark.pipeline.predict:predict_shard"
+    s = sub.add_parser(
+        "predict",
+        parents=[_device_option(predict)],
+        help="predicted darks over the whole active area of every frame of a shard",
+    )
+    s.add_argument("shard", type=Path, help="the night's shard")
+    s.add_argument("--model", required=True, type=Path, help="model directory from `deepdark train`")
+    s.add_argument("--out", required=True, type=Path, help="predictions file to write (.h5)")
+    s.add_argument(
+        "--batch-size",
+        type=int,
+        default=FunctionDefault(predict, "batch_size"),
+        help="channels per forward pass (default: %(default)s)",
+    )
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser(
+        "ablation",
+        parents=[_device_option("deepdark.evaluation.ablation:ablation")],
+        help="the paper's Table 2: the four loss configurations at one setpoint",
+    )
+    s.add_argument("shards", nargs="+", type=Path, help="shards of the library (train and test nights)")
+    s.add_argument("--out", required=True, type=Path, help="folder for table2.csv/json and the models")
+    _ablation_options(s)
     s.set_defaults(func=cmd_ablation)
 
+    fit = "deepdark.physics:fit_physics"
     s = sub.add_parser("physics-fit", help="per-pixel physical dark model of a dark library (the `physics` predictor)")
     s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library (DARK and BIAS frames)")
     s.add_argument("--out", required=True, type=Path, help="physics model to write (.h5)")
-    s.add_argument("--memory-mb", type=float, default=512, help="memory budget of the streamed per-pixel fit")
-    s.add_argument("--overscan-skip", type=int, default=4, help="first overscan columns left out of the row bias")
+    s.add_argument(
+        "--memory-mb",
+        type=float,
+        default=FunctionDefault(fit, "memory_mb"),
+        help="memory budget of the streamed per-pixel fit (default: %(default)s)",
+    )
+    s.add_argument(
+        "--overscan-skip",
+        type=int,
+        default=FunctionDefault(fit, "overscan_skip"),
+        help="first overscan columns left out of the row bias (default: %(default)s)",
+    )
     s.add_argument(
         "--smooth-px",
         type=int,
-        default=3,
-        help="radius of the smooth prior on glow and the fast component (0: per-pixel only)",
+        default=FunctionDefault(fit, "smooth_px"),
+        help="radius of the smooth prior on glow and the fast component (0: per-pixel only; default: %(default)s)",
     )
     s.set_defaults(func=cmd_physics_fit)
 
-    # -- workflow parsers (correct, qa, summary) --
 
-    s = sub.add_parser("correct", help="dark-corrected FITS of every frame of a night (active mosaic, float32)")
+def _workflow_commands(sub) -> None:
+    """correct, qa, summary, presets."""
+    s = sub.add_parser(
+        "correct",
+        parents=[_frame_options()],
+        help="dark-corrected FITS of every frame of a night (active mosaic, float32)",
+    )
     s.add_argument("source", type=Path, help="predictions file (method model) or the night's shard (median methods)")
     s.add_argument("--out", required=True, type=Path, help="folder for <frame>.fits and manifest.csv")
     s.add_argument(
         "--method",
-        default="model",
+        default=FunctionDefault("deepdark.pipeline.correct:correct_night", "method"),
         choices=["model", "median_temp", "median_all"],
-        help="dark to remove: the predictions, or a median master (needs --masters)",
+        help="dark to remove: the predictions, or a median master (needs --masters; default: %(default)s)",
     )
     s.add_argument("--masters", type=Path, help="master-dark file from `deepdark baseline`")
     s.add_argument("--include-dark", action="store_true", help="append the removed dark as extension DARK")
-    s.add_argument("--cameras", nargs="+", help="correct only these cameras (default: all)")
-    s.add_argument("--keywords", help='header keyword names as JSON, e.g. {"ccdtemp": "TEMP"}')
     s.add_argument("--strict", action="store_true", help="exit 2 when any frame fails (default: only when all fail)")
     s.set_defaults(func=cmd_correct)
 
-    s = sub.add_parser("qa", help="per-night QA: RMSE of darks, guide-frame background, quarantine (CSV + HTML)")
+    s = sub.add_parser(
+        "qa",
+        parents=[_frame_options()],
+        help="per-night QA: RMSE of darks, guide-frame background, quarantine (CSV + HTML)",
+    )
     s.add_argument("--shard", required=True, type=Path, help="the night's shard")
     s.add_argument("--predictions", required=True, type=Path, help="the night's predictions file")
     s.add_argument("--masters", type=Path, help="master-dark file: adds the median baselines")
     s.add_argument("--out", required=True, type=Path, help="QA folder of the night (qa.csv, qa.html, figures)")
-    s.add_argument("--cameras", nargs="+", help="report only these cameras (default: all)")
-    s.add_argument("--keywords", help='header keyword names as JSON, e.g. {"ccdtemp": "TEMP"}')
     s.set_defaults(func=cmd_qa)
 
     s = sub.add_parser("summary", help="all nights' QA in one table and page: Table 1 over the archive, flags")
@@ -464,13 +591,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_summary)
 
     s = sub.add_parser("presets", help="list geometry presets and model presets (parameters, MACs)")
-    s.add_argument("--size", type=int, default=1024, help="window size for the MAC count")
+    s.add_argument(
+        "--size",
+        type=int,
+        default=FunctionDefault("deepdark.model.nets:describe_presets", "size"),
+        help="window size for the MAC count (default: %(default)s)",
+    )
     s.set_defaults(func=cmd_presets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deepdark", description=__doc__.split("\n\n")[0], parents=[_verbosity_options(in_command=False)]
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.register("action", "parsers", _Commands)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _simulate_command(sub)
+    _data_commands(sub)
+
+    # -- model parsers (train, predict, ablation) --
+
+    from deepdark.training.config import add_train_arguments  # no torch: --help stays fast
+
+    s = sub.add_parser("train", help="train Deep-Dark-Net on the darks of a library (split by night)")
+    s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
+    s.add_argument("--out", required=True, type=Path, help="model directory (model.safetensors, model.json)")
+    add_train_arguments(s)
+    s.set_defaults(func=cmd_train)
+    _model_commands(sub)
+    _workflow_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = resolve_defaults(build_parser().parse_args(argv))
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from deepdark.io.frames import FrameError

@@ -9,16 +9,15 @@ if not config["library"]["masters"]:
             shards=lambda wildcards: expand(results("library/{night}.h5"), night=nights("library")),
         output:
             results("masters.h5"),
-        params:
         log:
             results("logs/baseline.log"),
         benchmark:
             results("benchmarks/baseline.tsv")
-        threads: 1
-        resources:
-            mem_mb=3000,
-            runtime=60,
         conda:
-            env("cpu")
+            conda_env("baseline")
+        threads: job_threads("baseline")
+        resources:
+            mem_mb=job_mem_mb("baseline"),
+            runtime=job_runtime("baseline"),
         shell:
-            "python3 -m deepdark baseline {input.shards:q} --out {output:q} --memory-mb 1024 > {log} 2>&1"
+            "python3 -m deepdark baseline {input.shards:q} --out {output:q} --memory-mb 1024 > {log:q} 2>&1"

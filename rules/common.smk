@@ -1,5 +1,6 @@
-# Helpers of the workflow: the config check, night discovery, paths and the deepdark command.
-# Nothing here reads the config at include time: the Snakefile validates it first.
+# Helpers of the workflow: the config check, night discovery, paths, the deepdark command and
+# the environment and size of each kind of job. Included first: it validates the config (and fills
+# in the schema's defaults) before any rule reads it.
 
 import functools
 import json
@@ -10,9 +11,19 @@ import sys
 from datetime import datetime, timedelta
 
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
-NIGHT_RE = re.compile(r"^[0-9]{8}$")
+NIGHT = r"[0-9]{8}"  # YYYYMMDD
+NIGHT_RE = re.compile(f"^{NIGHT}$")
 SETS = ("archive", "library")
+SCHEMA = os.path.join(workflow.basedir, "workflow", "schema", "config.schema.yaml")
+# The jobs that run the network: on a GPU, in the CUDA environment, when config `gpu` asks for one.
+MODEL_JOBS = ("train", "predict")
+
+
+wildcard_constraints:
+    night=NIGHT,
+    set="|".join(SETS),
 
 
 # -- the config ---------------------------------------------------------------------------------
@@ -23,7 +34,7 @@ def check_config(config, schema_path):
     import jsonschema
     import yaml
 
-    with open(os.path.join(workflow.basedir, schema_path)) as fh:
+    with open(schema_path) as fh:
         schema = yaml.safe_load(fh)
     validator = jsonschema.Draft202012Validator(schema)
     problems = []
@@ -51,6 +62,11 @@ def check_config(config, schema_path):
                 problems.append(f"{which}.path: {path!r} is not a folder")
     if problems:
         raise WorkflowError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+# Readable errors first; then validate() fills in the schema's `default:` values.
+check_config(config, SCHEMA)
+validate(config, SCHEMA, set_default=True)
 
 
 # -- nights -------------------------------------------------------------------------------------
@@ -107,8 +123,10 @@ def nights(which):
     exclude = {_night(n, f"{which}.exclude") for n in cfg["exclude"]}
     chosen = [n for n in chosen if n not in exclude]
     if not chosen:
-        raise WorkflowError(f"{which}.nights: selects no night in {root_of(which)} "
-                            f"({len(available)} night folders there; selection {sel!r}, exclude {sorted(exclude)})")
+        raise WorkflowError(
+            f"{which}.nights: selects no night in {root_of(which)} "
+            f"({len(available)} night folders there; selection {sel!r}, exclude {sorted(exclude)})"
+        )
     return chosen
 
 
@@ -132,7 +150,10 @@ def job_shell_prefix():
     (its bin first on PATH). Kept out of the rules' params and code, so that moving a checkout
     or a virtualenv is no reason to redo a night."""
     # shell.prefix() formats its argument: {{ }} there are literal braces for bash
-    parts = ["set -euo pipefail;", f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}};"]
+    parts = [
+        "set -euo pipefail;",
+        f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}};",
+    ]
     if not uses_conda():
         parts.append(f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH;")
     parts.append("")
@@ -140,16 +161,6 @@ def job_shell_prefix():
 
 
 shell.prefix(job_shell_prefix())
-
-
-def keywords_arg():
-    kw = config["keywords"]
-    return f"--keywords {shlex.quote(json.dumps(kw, sort_keys=True))}" if kw else ""
-
-
-def cameras_arg():
-    cams = config["archive"]["cameras"]
-    return "" if cams == "all" else "--cameras " + " ".join(shlex.quote(str(c)) for c in cams)
 
 
 def model_dir():
@@ -160,25 +171,85 @@ def masters_file():
     return config["library"]["masters"] or results("masters.h5")
 
 
-def env(kind):
-    """Conda environment of a kind of job: ``cpu``, or ``model`` (the GPU build when config gpu)."""
-    if kind == "model" and config["gpu"]:
-        return "../envs/deepdark-gpu.yaml"
-    return "../envs/deepdark-cpu.yaml"
+def model_files():
+    d = model_dir()
+    return {"weights": f"{d}/model.safetensors", "card": f"{d}/model.json"}
+
+
+# -- environment and size of each kind of job -----------------------------------------------------
+
+
+def on_gpu(job):
+    """Whether a job of this kind runs on a GPU: the model jobs, when config `gpu` asks for one."""
+    return job in MODEL_JOBS and config["gpu"]
+
+
+def conda_env(job):
+    """The conda environment of a kind of job (a rule's name): CUDA for the model jobs on a GPU,
+    the CPU build of everything else."""
+    return "../envs/deepdark-gpu.yaml" if on_gpu(job) else "../envs/deepdark-cpu.yaml"
+
+
+def gpus(job):
+    """The GPUs a job of this kind requests (resource `gpu`; SLURM --gpus)."""
+    return 1 if on_gpu(job) else 0
+
+
+def job_threads(job):
+    return config["threads"][job]
+
+
+def job_mem_mb(job):
+    return config["resources"][job]["mem_mb"]
+
+
+def job_runtime(job):
+    """Minutes."""
+    return config["resources"][job]["runtime"]
 
 
 # -- arguments of the rules ---------------------------------------------------------------------
+#
+# Lists of arguments: a shell command quotes each element with `{params.x:q}`, and an empty
+# list leaves no trace in it.
+
+
+def keywords_args():
+    kw = config["keywords"]
+    return ["--keywords", json.dumps(kw, sort_keys=True)] if kw else []
+
+
+def cameras_args():
+    cams = config["archive"]["cameras"]
+    return [] if cams == "all" else ["--cameras", *map(str, cams)]
+
+
+def correct_args():
+    flags = {
+        "--include-dark": config["correct"]["include_dark"],
+        "--strict": config["correct"]["strict"],
+    }
+    return [flag for flag, on in flags.items() if on]
 
 
 def simulate_args(wildcards):
     sim, top = config["simulate"][wildcards.set], config["simulate"]
-    return " ".join([
-        f"--geometry {shlex.quote(config['geometry'])} --seed {top['seed']}",
-        "--cameras " + " ".join(shlex.quote(c) for c in top["cameras"]),
-        "--temperatures " + " ".join(f"{t:g}" for t in sim["temperatures"]),
-        f"--darks-per-temp {sim['darks_per_temp']} --guide-per-night {sim['guide_per_night']}",
-        "--dark-exptimes " + " ".join(f"{t:g}" for t in sim.get("dark_exptimes", [30])),
-    ])
+    args = [
+        "--geometry",
+        config["geometry"],
+        "--seed",
+        str(top["seed"]),
+        "--cameras",
+        *top["cameras"],
+    ]
+    args += ["--temperatures", *(f"{t:g}" for t in sim["temperatures"])]
+    args += [
+        "--darks-per-temp",
+        str(sim["darks_per_temp"]),
+        "--guide-per-night",
+        str(sim["guide_per_night"]),
+    ]
+    return args + ["--dark-exptimes", *(f"{t:g}" for t in sim["dark_exptimes"])]
 
 
 def night_folder(which):
@@ -192,19 +263,20 @@ def night_folder(which):
 
 def train_args():
     m = config["model"]
-    args = [f"--preset {m['preset']} --loss {m['loss']} --epochs {m['epochs']} --batch-size {m['batch_size']}",
-            f"--seed {m['seed']} --device {config['device']}"]
-    if m["crop"]:
-        args.append(f"--crop {m['crop']}")
-    if m["max_steps"]:
-        args.append(f"--max-steps {m['max_steps']}")
-    if m["max_val_samples"]:
-        args.append(f"--max-val-samples {m['max_val_samples']}")
-    if m["extra_args"]:
-        args.append(m["extra_args"])
-    return " ".join(args)
-
-
-def model_files():
-    d = model_dir()
-    return {"weights": f"{d}/model.safetensors", "card": f"{d}/model.json"}
+    args = ["--preset", m["preset"], "--loss", m["loss"], "--epochs", str(m["epochs"])]
+    args += [
+        "--batch-size",
+        str(m["batch_size"]),
+        "--seed",
+        str(m["seed"]),
+        "--device",
+        config["device"],
+    ]
+    for option, key in (
+        ("--crop", "crop"),
+        ("--max-steps", "max_steps"),
+        ("--max-val-samples", "max_val_samples"),
+    ):
+        if m[key]:
+            args += [option, str(m[key])]
+    return args + shlex.split(m["extra_args"])

@@ -8,23 +8,20 @@ rule correct:
         raw=night_folder("archive"),
     output:
         directory(results("corrected/{night}")),
-    params:
-        keywords=keywords_arg(),
-        cameras=cameras_arg(),
-        options=("--include-dark " if config["correct"]["include_dark"] else "")
-        + ("--strict" if config["correct"]["strict"] else ""),
     log:
         results("logs/correct/{night}.log"),
     benchmark:
         results("benchmarks/correct/{night}.tsv")
-    wildcard_constraints:
-        night=r"[0-9]{8}",
-    threads: config["threads"]["correct"]
-    resources:
-        mem_mb=2000,
-        runtime=60,
     conda:
-        env("cpu")
+        conda_env("correct")
+    threads: job_threads("correct")
+    resources:
+        mem_mb=job_mem_mb("correct"),
+        runtime=job_runtime("correct"),
+    params:
+        options=correct_args(),
+        keywords=keywords_args(),
+        cameras=cameras_args(),
     shell:
-        "python3 -m deepdark correct {input.predictions:q} --out {output:q} {params.options} {params.cameras}"
-        " {params.keywords} > {log} 2>&1"
+        "python3 -m deepdark correct {input.predictions:q} --out {output:q} {params.options:q} {params.cameras:q}"
+        " {params.keywords:q} > {log:q} 2>&1"

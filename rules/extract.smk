@@ -8,26 +8,23 @@ rule extract:
     output:
         shard=results("shards/{night}.h5"),
         quarantine=results("shards/{night}.quarantine.csv"),
-    params:
-        geometry=shlex.quote(config["geometry"]),
-        keywords=keywords_arg(),
-        cameras=cameras_arg(),
     log:
         results("logs/extract/{night}.log"),
     benchmark:
         results("benchmarks/extract/{night}.tsv")
-    wildcard_constraints:
-        night=r"[0-9]{8}",
-    threads: config["threads"]["extract"]
-    resources:
-        mem_mb=2000,
-        runtime=30,
     conda:
-        env("cpu")
+        conda_env("extract")
+    threads: job_threads("extract")
+    resources:
+        mem_mb=job_mem_mb("extract"),
+        runtime=job_runtime("extract"),
+    params:
+        geometry=config["geometry"],
+        keywords=keywords_args(),
+        cameras=cameras_args(),
     shell:
-        "python3 -m deepdark extract {input:q} --out {output.shard:q} --geometry {params.geometry} {params.keywords}"
-        " {params.cameras}"
-        " > {log} 2>&1"
+        "python3 -m deepdark extract {input:q} --out {output.shard:q} --geometry {params.geometry:q}"
+        " {params.keywords:q} {params.cameras:q} > {log:q} 2>&1"
 
 
 use rule extract as extract_library with:

@@ -25,22 +25,20 @@ rule qa:
             labels={"night": "{night}", "file": "qa.html"},
         ),
         quarantine=results("qa/{night}/quarantine.csv"),
-    params:
-        out=lambda wildcards: results(f"qa/{wildcards.night}"),
-        keywords=keywords_arg(),
-        cameras=cameras_arg(),
     log:
         results("logs/qa/{night}.log"),
     benchmark:
         results("benchmarks/qa/{night}.tsv")
-    wildcard_constraints:
-        night=r"[0-9]{8}",
-    threads: config["threads"]["qa"]
-    resources:
-        mem_mb=3000,
-        runtime=30,
     conda:
-        env("cpu")
+        conda_env("qa")
+    threads: job_threads("qa")
+    resources:
+        mem_mb=job_mem_mb("qa"),
+        runtime=job_runtime("qa"),
+    params:
+        out=lambda wildcards: results(f"qa/{wildcards.night}"),
+        keywords=keywords_args(),
+        cameras=cameras_args(),
     shell:
         "python3 -m deepdark qa --shard {input.shard:q} --predictions {input.predictions:q} --masters {input.masters:q}"
-        " --out {params.out:q} {params.cameras} {params.keywords} > {log} 2>&1"
+        " --out {params.out:q} {params.cameras:q} {params.keywords:q} > {log:q} 2>&1"

@@ -5,21 +5,19 @@
 rule simulate:
     output:
         directory(results("simulated/{set}/{night}")),
-    params:
-        root=lambda wildcards: results(f"simulated/{wildcards.set}"),
-        args=simulate_args,
     log:
         results("logs/simulate/{set}/{night}.log"),
     benchmark:
         results("benchmarks/simulate/{set}/{night}.tsv")
-    wildcard_constraints:
-        set="archive|library",
-        night=r"[0-9]{8}",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=20,
     conda:
-        env("cpu")
+        conda_env("simulate")
+    threads: job_threads("simulate")
+    resources:
+        mem_mb=job_mem_mb("simulate"),
+        runtime=job_runtime("simulate"),
+    params:
+        root=lambda wildcards: results(f"simulated/{wildcards.set}"),
+        args=simulate_args,
     shell:
-        "python3 -m deepdark simulate {params.root} --nights 1 --first-night {wildcards.night} {params.args} > {log} 2>&1"
+        "python3 -m deepdark simulate {params.root:q} --nights 1 --first-night {wildcards.night:q} {params.args:q}"
+        " > {log:q} 2>&1"

@@ -7,27 +7,39 @@ rule summary:
         qa=lambda wildcards: expand(results("qa/{night}/qa.csv"), night=nights("archive")),
         corrected=lambda wildcards: expand(results("corrected/{night}"), night=nights("archive")),
     output:
-        csv=report(results("summary.csv"), caption="../workflow/report/summary_csv.rst", category="Archive",
-                   labels={"file": "summary.csv"}),
-        html=report(results("summary.html"), caption="../workflow/report/summary_html.rst", category="Archive",
-                    labels={"file": "summary.html"}),
-        table=report(results("summary_table1.csv"), caption="../workflow/report/summary_table1.rst",
-                     category="Archive", labels={"file": "summary_table1.csv"}),
+        csv=report(
+            results("summary.csv"),
+            caption="../workflow/report/summary_csv.rst",
+            category="Archive",
+            labels={"file": "summary.csv"},
+        ),
+        html=report(
+            results("summary.html"),
+            caption="../workflow/report/summary_html.rst",
+            category="Archive",
+            labels={"file": "summary.html"},
+        ),
+        table=report(
+            results("summary_table1.csv"),
+            caption="../workflow/report/summary_table1.rst",
+            category="Archive",
+            labels={"file": "summary_table1.csv"},
+        ),
+    log:
+        results("logs/summary.log"),
+    benchmark:
+        results("benchmarks/summary.tsv")
+    conda:
+        conda_env("summary")
+    threads: job_threads("summary")
+    resources:
+        mem_mb=job_mem_mb("summary"),
+        runtime=job_runtime("summary"),
     params:
         qa=results("qa"),
         corrected=results("corrected"),
         # comma-separated nights: 9 bytes a night, far below the shell's 128 kB per argument
         nights=lambda wildcards: ",".join(nights("archive")),
-    log:
-        results("logs/summary.log"),
-    benchmark:
-        results("benchmarks/summary.tsv")
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        env("cpu")
     shell:
-        "python3 -m deepdark summary --qa-dir {params.qa:q} --corrected-dir {params.corrected:q} --nights {params.nights}"
-        " --csv {output.csv:q} --html {output.html:q} --table {output.table:q} > {log} 2>&1"
+        "python3 -m deepdark summary --qa-dir {params.qa:q} --corrected-dir {params.corrected:q} --nights {params.nights:q}"
+        " --csv {output.csv:q} --html {output.html:q} --table {output.table:q} > {log:q} 2>&1"

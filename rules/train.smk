@@ -10,19 +10,19 @@ if not config["model"]["dir"]:
         output:
             weights=results("model/model.safetensors"),
             card=results("model/model.json"),
-        params:
-            out=lambda wildcards, output: os.path.dirname(output.weights),
-            args=train_args(),
         log:
             results("logs/train.log"),
         benchmark:
             results("benchmarks/train.tsv")
-        threads: config["threads"]["train"]
-        resources:
-            mem_mb=8000,
-            runtime=24 * 60,
-            gpu=1 if config["gpu"] else 0,
         conda:
-            env("model")
+            conda_env("train")
+        threads: job_threads("train")
+        resources:
+            mem_mb=job_mem_mb("train"),
+            runtime=job_runtime("train"),
+            gpu=gpus("train"),
+        params:
+            out=lambda wildcards, output: os.path.dirname(output.weights),
+            args=train_args(),
         shell:
-            "python3 -m deepdark train {input.shards:q} --out {params.out:q} {params.args} > {log} 2>&1"
+            "python3 -m deepdark train {input.shards:q} --out {params.out:q} {params.args:q} > {log:q} 2>&1"

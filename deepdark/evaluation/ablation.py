@@ -17,7 +17,6 @@ image count), and keeps each configuration's model in ``DIR/model-<loss>/`` (res
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from deepdark.evaluation.metrics import PooledRMSE
+from deepdark.evaluation.evaluate import Predictor, Scores
 from deepdark.io.atomic import atomic_path
+from deepdark.io.masters import streamed_medians
+from deepdark.io.shards import Shard
 from deepdark.model.runner import model_predictor
-from deepdark.training.loop import open_library, split_nights, train
+from deepdark.training import TrainConfig, open_library, split_nights, train
 
 # configuration -> (paper's number, generator loss, discriminator loss, paper's RMSE)
 CONFIGURATIONS = {
@@ -86,9 +87,7 @@ def ablation(
         runs = {}
         for name in losses:
             t0 = time.perf_counter()
-            res = train(
-                lib.paths,
-                out_dir / f"model-{name}",
+            config = TrainConfig(
                 preset=preset,
                 loss=name,
                 l1_weight=l1_weight,
@@ -100,67 +99,20 @@ def ablation(
                 device=device,
                 seed=seed,
                 max_steps_per_epoch=max_steps_per_epoch,
-                progress=progress,
                 resume=resume,
                 setpoints=[setpoint],
                 nights=train_nights,
                 **train_kw,
             )
+            res = train(lib.paths, out_dir / f"model-{name}", config, progress=progress)
             runs[name] = dict(
                 model=res.model_dir, seconds=time.perf_counter() - t0, steps=int(sum(r["steps"] for r in res.history))
             )
 
-        pooled = PooledRMSE()
-        predictors = {
-            name: model_predictor(r["model"], device=device, batch_size=batch_eval) for name, r in runs.items()
-        }
-        n_images = 0
-        for shard_no, sel in test_tab.groupby("shard_no", sort=True):
-            shard = lib.shards[int(shard_no)]
-            rows_all = np.sort(sel["row"].to_numpy())
-            for start in range(0, len(rows_all), batch_eval):
-                rows = rows_all[start : start + batch_eval]
-                truth = shard.target(rows).astype(np.float32)
-                recs = shard.table.iloc[rows]
-                med = np.stack([_median_of(medians, r) for _, r in recs.iterrows()])
-                preds = {"median": med, **{n: fn(shard, rows) for n, fn in predictors.items()}}
-                for k in range(len(rows)):
-                    for name, p in preds.items():
-                        pooled.add(name, ("total",), p[k], truth[k])
-                    floor = float(recs.iloc[k]["floor"])
-                    if math.isfinite(floor):
-                        pooled.add_squared("floor", ("total",), floor**2 * truth[k].size, truth[k].size)
-                    n_images += 1
-        scores = pooled.table()["total"]
+        scores = _score(lib, test_tab, medians, runs, device, batch_eval, progress)
+        totals, n_images = scores.pooled.table()["total"], len(scores.per_image)
 
-    rows_out = []
-    for name in ("median", *losses):
-        number, gen, disc, paper = CONFIGURATIONS[name]
-        rows_out.append(
-            {
-                "configuration": number,
-                "loss": name,
-                "generator": gen,
-                "discriminator": disc,
-                "rmse_adu": scores[name],
-                "paper_rmse": paper,
-                "train_seconds": round(runs[name]["seconds"], 1) if name in runs else None,
-                "steps": runs[name]["steps"] if name in runs else None,
-            }
-        )
-    if "floor" in scores:
-        rows_out.append(
-            {
-                "configuration": "floor",
-                "loss": "floor",
-                "generator": "noise floor (simulated truth)",
-                "discriminator": "",
-                "rmse_adu": scores["floor"],
-                "paper_rmse": None,
-                "train_seconds": None,
-                "steps": None,
-            }
-        )
+    rows_out = _table_rows(losses, runs, totals)
     table = {
         "setpoint": setpoint,
         "train_nights": train_nights,
@@ -187,27 +139,67 @@ def ablation(
     return table
 
 
-def _median_masters(lib, train_tab: pd.DataFrame, memory_mb: int) -> dict[tuple, np.ndarray]:
+def _score(lib, test_tab: pd.DataFrame, medians: dict, runs: dict, device, batch_eval: int, progress: bool) -> Scores:
+    """The median baseline and every trained model on the test darks, scored by evaluate's loop."""
+    methods = {"median": _median_predictor(medians)}
+    for name, run in runs.items():
+        methods[name] = model_predictor(run["model"], area="window", device=device, batch_size=batch_eval)
+    scores = Scores()
+    for shard_no, sel in test_tab.groupby("shard_no", sort=True):
+        scores.add_shard(lib.shards[int(shard_no)], np.sort(sel["row"].to_numpy()), methods, batch_eval, progress)
+    return scores
+
+
+def _table_rows(losses: Sequence[str], runs: dict, totals: dict) -> list[dict]:
+    """Table 2's rows: the median baseline, each loss configuration, and the floor when known."""
+    rows = []
+    for name in ("median", *losses):
+        number, gen, disc, paper = CONFIGURATIONS[name]
+        rows.append(
+            {
+                "configuration": number,
+                "loss": name,
+                "generator": gen,
+                "discriminator": disc,
+                "rmse_adu": totals[name],
+                "paper_rmse": paper,
+                "train_seconds": round(runs[name]["seconds"], 1) if name in runs else None,
+                "steps": runs[name]["steps"] if name in runs else None,
+            }
+        )
+    if "floor" in totals:
+        rows.append(
+            {
+                "configuration": "floor",
+                "loss": "floor",
+                "generator": "noise floor (simulated truth)",
+                "discriminator": "",
+                "rmse_adu": totals["floor"],
+                "paper_rmse": None,
+                "train_seconds": None,
+                "steps": None,
+            }
+        )
+    return rows
+
+
+def _median_masters(lib, train_tab: pd.DataFrame, memory_mb: float) -> dict[tuple, np.ndarray]:
     """(camera, channel, exptime) -> per-pixel median window of the training darks (ADU, float32),
-    streamed a block of rows at a time within ``memory_mb``."""
-    g = lib.geometry
-    rows, cols = g.window_in_active
-    out = {}
-    for (camera, channel, exptime), sel in train_tab.groupby(["camera", "channel", "exptime"], sort=True):
-        members = []
-        for shard_no, part in sel.groupby("shard_no"):
-            shard = lib.shards[int(shard_no)]
-            members.append((shard, np.sort(shard.table["active_index"].to_numpy()[part["row"].to_numpy()])))
-        n = len(sel)
-        width = g.active.shape[1]
-        block = max(1, min(g.window_size, int(memory_mb * 2**20 // (4 * n * width))))
-        med = np.empty((g.window_size, g.window_size), dtype=np.float32)
-        for r0 in range(rows.start, rows.stop, block):
-            r1 = min(rows.stop, r0 + block)
-            stack = np.concatenate([s.f["active"][idx, r0:r1, :] for s, idx in members])
-            med[r0 - rows.start : r1 - rows.start] = np.median(stack[..., cols], axis=0)
-        out[camera, channel, float(exptime)] = med
-    return out
+    streamed a block of rows at a time within ``memory_mb``, as the master-dark files are."""
+    rows, cols = lib.geometry.window_in_active
+    return {
+        (camera, channel, float(exptime)): streamed_medians(lib.shards, sel, memory_mb, rows, cols)[0]
+        for (camera, channel, exptime), sel in train_tab.groupby(["camera", "channel", "exptime"], sort=True)
+    }
+
+
+def _median_predictor(medians: dict) -> Predictor:
+    """The ablation's median baseline as a window predictor: each dark's training median."""
+
+    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
+        return np.stack([_median_of(medians, rec) for _, rec in shard.table.iloc[rows].iterrows()])
+
+    return predict
 
 
 def _median_of(medians: dict, rec) -> np.ndarray:

@@ -35,18 +35,7 @@ def median_predictor(masters: Masters, kind: str) -> Predictor:
     """The traditional method: the master dark (``all`` or per-``temp``) of each frame-channel."""
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
-        t = shard.table.iloc[rows]
-        setpoints = frame_setpoints(t, masters.setpoints)
-        out = []
-        for (_, r), sp in zip(t.iterrows(), setpoints):
-            m = masters.lookup(kind, r["camera"], r["channel"], r["exptime"], sp)
-            if m is None:
-                raise ValueError(
-                    f"no {kind} master dark for camera {r['camera']} channel {r['channel']}"
-                    f" at {sp:g} C in {masters.path}"
-                )
-            out.append(window_of(m, shard.geometry))
-        return np.stack(out)
+        return np.stack([window_of(m, shard.geometry) for m in masters.for_frames(shard.table.iloc[rows], kind)])
 
     return predict
 
@@ -74,6 +63,64 @@ class DifferenceHistograms:
         return pd.DataFrame(rows)
 
 
+class Scores:
+    """Predictors scored on real darks: pooled RMSE (and the noise floor) per method and
+    temperature group, difference histograms, one record per image and the first image kept
+    whole for the heat map. ``library_setpoints`` name each dark's temperature group
+    (:func:`deepdark.io.tables.frame_setpoints`)."""
+
+    def __init__(self, library_setpoints: Sequence[float] | None = None):
+        self.library_setpoints = library_setpoints
+        self.pooled = PooledRMSE()
+        self.hists = DifferenceHistograms()
+        self.per_image: list[dict] = []
+        self.example: dict | None = None
+
+    def add_shard(
+        self,
+        shard: Shard,
+        rows: np.ndarray,
+        methods: dict[str, Predictor],
+        batch_size: int = 4,
+        progress: bool = True,
+    ) -> None:
+        """Score every predictor of ``methods`` on the DARK table ``rows`` (sorted) of ``shard``,
+        ``batch_size`` images at a time, over the model window."""
+        setpoints = frame_setpoints(shard.table, self.library_setpoints)
+        bar = tqdm(
+            total=len(rows), desc=f"evaluate {shard.path.name}", unit="image", disable=None if progress else True
+        )
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            truth = shard.target(batch).astype(np.float32)
+            preds = {name: fn(shard, batch) for name, fn in methods.items()}
+            for k, row in enumerate(batch):
+                self._add_image(shard.table.iloc[row], setpoints[row], truth[k], {n: p[k] for n, p in preds.items()})
+            bar.update(len(batch))
+        bar.close()
+
+    def _add_image(self, rec: pd.Series, setpoint: float, truth: np.ndarray, preds: dict[str, np.ndarray]) -> None:
+        groups = ("total", temp_label(setpoint))
+        entry = dict(
+            file=rec["file"],
+            night=rec["night"],
+            camera=rec["camera"],
+            channel=rec["channel"],
+            setpoint=setpoint,
+            exptime=rec["exptime"],
+        )
+        for name, p in preds.items():
+            entry[name] = self.pooled.add(name, groups, p, truth)
+            self.hists.add(name, groups, p - truth)
+        if np.isfinite(rec["floor"]):
+            n = truth.size
+            self.pooled.add_squared("floor", groups, float(rec["floor"]) ** 2 * n, n)
+            entry["floor"] = float(rec["floor"])
+        self.per_image.append(entry)
+        if self.example is None:
+            self.example = dict(entry, truth=truth, preds=preds)
+
+
 def evaluate(
     test_shards: Sequence[str | Path],
     masters_path: str | Path | None,
@@ -95,54 +142,25 @@ def evaluate(
         methods["median_all"] = median_predictor(masters, "all")
         methods["median_temp"] = median_predictor(masters, "temp")
     methods.update(predictors or {})
-    pooled, hists, per_image = PooledRMSE(), DifferenceHistograms(), []
-    example = None
+    scores = Scores(masters.setpoints if masters else None)
     for path in test_shards:
         with Shard(path) as shard:
             darks = np.flatnonzero((shard.table["imagetyp"] == "DARK").to_numpy())
-            setpoints = frame_setpoints(shard.table, masters.setpoints if masters else None)
-            bar = tqdm(total=len(darks), desc=f"evaluate {Path(path).name}", unit="image", disable=not progress)
-            for start in range(0, len(darks), batch_size):
-                rows = darks[start : start + batch_size]
-                truth = shard.target(rows).astype(np.float32)
-                preds = {name: fn(shard, rows) for name, fn in methods.items()}
-                for k, row in enumerate(rows):
-                    rec = shard.table.iloc[row]
-                    groups = ("total", temp_label(setpoints[row]))
-                    entry = dict(
-                        file=rec["file"],
-                        night=rec["night"],
-                        camera=rec["camera"],
-                        channel=rec["channel"],
-                        setpoint=setpoints[row],
-                        exptime=rec["exptime"],
-                    )
-                    for name, p in preds.items():
-                        entry[name] = pooled.add(name, groups, p[k], truth[k])
-                        hists.add(name, groups, p[k] - truth[k])
-                    if np.isfinite(rec["floor"]):
-                        n = truth[k].size
-                        pooled.add_squared("floor", groups, float(rec["floor"]) ** 2 * n, n)
-                        entry["floor"] = float(rec["floor"])
-                    per_image.append(entry)
-                    if example is None:
-                        example = dict(entry, truth=truth[k], preds={n: p[k] for n, p in preds.items()})
-                bar.update(len(rows))
-            bar.close()
-    if not per_image:
+            scores.add_shard(shard, darks, methods, batch_size, progress)
+    if not scores.per_image:
         raise ValueError("no DARK frames in the test shards: nothing to evaluate")
-    table = ordered_table(pooled.table())
+    table = ordered_table(scores.pooled.table())
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "table1.json", table)
     _write_csv(out_dir / "table1.csv", table_frame(table))
-    _write_csv(out_dir / "per_image.csv", pd.DataFrame(per_image))
-    _write_csv(out_dir / "histograms.csv", hists.summary())
+    _write_csv(out_dir / "per_image.csv", pd.DataFrame(scores.per_image))
+    _write_csv(out_dir / "histograms.csv", scores.hists.summary())
     if figures:
         from deepdark.evaluation.plots import difference_histograms, error_heatmap
 
-        error_heatmap(example, out_dir / "fig6_heatmap.png")
-        difference_histograms(hists, out_dir / "fig7_histogram.png", by_group=False)
-        difference_histograms(hists, out_dir / "fig8_histogram_by_temp.png", by_group=True)
+        error_heatmap(scores.example, out_dir / "fig6_heatmap.png")
+        difference_histograms(scores.hists, out_dir / "fig7_histogram.png", by_group=False)
+        difference_histograms(scores.hists, out_dir / "fig8_histogram_by_temp.png", by_group=True)
     return table
 
 

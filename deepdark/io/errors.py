@@ -17,3 +17,22 @@ class InputError(DeepdarkError):
 
 class OutputError(DeepdarkError):
     """An output that would write over something the user has."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """An input path (a night folder or a file) that does not exist."""
+
+
+class FrameError(DeepdarkError):
+    """A raw frame that cannot be used; ``str()`` is ``"<path>: <reason>"``.
+
+    Raised per file, so that callers can quarantine that file and carry on with the others.
+    """
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+class CorruptFileError(DeepdarkError, OSError):
+    """Stored data that fail their checksum or cannot be decoded: the file is damaged."""

@@ -3,7 +3,9 @@
 Layout (``SCHEMA_VERSION``): ``dark`` float32 (N, rows, cols), the predicted dark in ADU over
 the whole active area of each frame-channel, in readout coordinates, row i for row i of
 ``table/`` (a copy of the shard's table); attributes name the method, the model and its hash,
-the software, the geometry and the source shard. Written under a temporary name.
+the software, the geometry and the source shard. Written under a temporary name. Every chunk
+carries a checksum, verified on every read (as in shards, see ``deepdark.io.shards``): a damaged
+chunk raises a :class:`~deepdark.io.errors.CorruptFileError` naming the file and the dataset.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tqdm import tqdm
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
-from deepdark.io.shards import COMPRESSION, TABLE_COLUMNS, Shard, open_versioned
+from deepdark.io.shards import CHECKED_COMPRESSION, Shard, open_versioned, read_checked, stored_table, write_table
 
 SCHEMA_VERSION = 1
 
@@ -52,9 +54,9 @@ def write_predictions(
         )  # no date: reruns are byte-identical
         n = len(shard)
         # A night whose every file was quarantined has no rows, and HDF5 cannot chunk nothing.
-        layout = dict(chunks=(1, *g.active.shape), **COMPRESSION) if n else {}
+        layout = dict(chunks=(1, *g.active.shape), **CHECKED_COMPRESSION) if n else {}
         ds = f.create_dataset("dark", shape=(n, *g.active.shape), dtype=np.float32, **layout)
-        bar = tqdm(total=n, desc=f"predict {Path(shard_path).name}", unit="channel", disable=not progress)
+        bar = tqdm(total=n, desc=f"predict {Path(shard_path).name}", unit="channel", disable=None if progress else True)
         for start in range(0, n, batch_size):
             rows = np.arange(start, min(n, start + batch_size))
             dark = np.asarray(predict(shard, rows), dtype=np.float32)
@@ -63,9 +65,7 @@ def write_predictions(
             ds[start : start + len(rows)] = dark
             bar.update(len(rows))
         bar.close()
-        grp = f.create_group("table")
-        for col, dtype in TABLE_COLUMNS.items():
-            grp.create_dataset(col, data=shard.f["table"][col][()].astype(dtype) if len(shard) else np.array([], dtype))
+        write_table(f, stored_table(shard.f, shard.path))
     return out
 
 
@@ -90,7 +90,7 @@ class Predictions:
 
     def dark(self, rows) -> np.ndarray:
         """Predicted darks (ADU, active area, readout coordinates) of table rows (sorted)."""
-        return self.f["dark"][np.asarray(rows)]
+        return read_checked(self.path, self.f["dark"], np.asarray(rows))
 
     def rows_of(self, file: str) -> np.ndarray:
         """Table rows of one raw file, in channel order of the table."""

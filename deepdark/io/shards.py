@@ -12,10 +12,25 @@ Layout of a shard (``SCHEMA_VERSION``):
 * attributes: schema version, geometry YAML, software version (no creation time: the same
   inputs give a byte-identical file).
 
+The table's ``file`` holds each raw file's name as the operating system gives it (the bytes of
+``os.fsencode``), read back with ``os.fsdecode``: a name that is not UTF-8 still opens the file.
+``file_hash`` is the hash of the file's bytes (has the file changed?), ``frame_hash`` that of its
+pixels and header facts (is it the same exposure as a frame of another night, under another name
+or compression?). Files written before ``frame_hash`` existed read with it empty.
+
 Chunks are compressed with Blosc (LZ4 + byte shuffle, via ``hdf5plugin``): it compresses ADU
-noise about 2x at memory speed, where gzip would cost more than reading the FITS.
-Frames that fail validation, and repeats of a file already in the shard, go to the quarantine
-table ``<shard>.quarantine.csv`` (path, reason) and never stop the rest.
+noise about 2x at memory speed, where gzip would cost more than reading the FITS. Every chunk,
+of the pixel datasets and of the table, carries HDF5's Fletcher-32 checksum, checked on every
+read: a flipped bit is a :class:`CorruptFileError` naming the file and the dataset, never
+different pixels. The table's strings, which HDF5 keeps in a heap no chunk checksum covers,
+carry an xxh3-128 per column (attribute ``xxh3_128``). Files written without checksums read as
+before.
+
+Every file of a night ends in one place: the shard; the quarantine table
+``<shard>.quarantine.csv`` (frames that fail validation, and repeats of a frame already in the
+shard); or the table of ignored files ``<shard>.ignored.csv`` (files that are not frames, frames
+of cameras not asked for). Both tables are ``path,reason`` CSV in UTF-8, written atomically
+before the shard; a name that is not UTF-8 shows its odd bytes as ``\\xNN``.
 """
 
 from __future__ import annotations
@@ -32,9 +47,11 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pandas as pd
+import xxhash
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
+from deepdark.io.errors import CorruptFileError
 from deepdark.io.geometry import Geometry, parse_geometry
 from deepdark.io.strips import STRIP_NAMES, channel_strips, strip_shapes, window_of, window_strips
 
@@ -53,16 +70,26 @@ TABLE_COLUMNS = {  # name -> numpy dtype in the file
     "date_obs": h5py.string_dtype(),
     "channel": h5py.string_dtype(),
     "file_hash": h5py.string_dtype(),  # xxh3-128 of the raw file
+    "frame_hash": h5py.string_dtype(),  # xxh3-128 of its pixels and header facts
     "floor": np.float64,  # RMS noise floor in the window (ADU), NaN unless simulated
     "active_index": np.int64,
 }
 # Fast, lossless and shuffle-friendly for 16-bit pixels; shards and prediction files share it.
 COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+# Shards and prediction files: the same, plus a checksum per chunk (verified before decompression).
+CHECKED_COMPRESSION = {**COMPRESSION, "fletcher32": True}
+# Columns added after the first files were written, and their value in those files.
+ADDED_COLUMNS = {"frame_hash": ""}
 
 
 def quarantine_path(shard: str | Path) -> Path:
     shard = Path(shard)
     return shard.with_name(shard.name.removesuffix(".h5") + ".quarantine.csv")
+
+
+def ignored_path(shard: str | Path) -> Path:
+    shard = Path(shard)
+    return shard.with_name(shard.name.removesuffix(".h5") + ".ignored.csv")
 
 
 def prefetched(items: list, load, depth: int = 2) -> Iterator[tuple]:
@@ -82,14 +109,34 @@ def prefetched(items: list, load, depth: int = 2) -> Iterator[tuple]:
 
 
 def write_quarantine(path: Path, rows: list[tuple[str, str]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "reason"])
-        w.writerows(rows)
+    """Write the (path, reason) rows of the quarantine table ``path`` atomically."""
+    _write_reasons(path, rows)
+
+
+def write_ignored(path: Path, rows: list[tuple[str, str]]) -> None:
+    """Write the (path, reason) rows of the table of ignored files ``path`` atomically."""
+    _write_reasons(path, rows)
 
 
 def read_quarantine(shard: str | Path) -> pd.DataFrame:
-    return pd.read_csv(quarantine_path(shard), dtype=str, keep_default_na=False)
+    return pd.read_csv(quarantine_path(shard), dtype=str, keep_default_na=False, encoding="utf-8")
+
+
+def read_ignored(shard: str | Path) -> pd.DataFrame:
+    return pd.read_csv(ignored_path(shard), dtype=str, keep_default_na=False, encoding="utf-8")
+
+
+def _write_reasons(path: Path, rows: list[tuple[str, str]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "reason"])
+        w.writerows([printable(p), printable(r)] for p, r in rows)
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8, so that any tool reads the table: the bytes of a file name that is
+    not UTF-8 (held by Python as surrogates) become ``\\xNN`` escapes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 class ShardWriter:
@@ -108,7 +155,7 @@ class ShardWriter:
                 maxshape=(None, *shapes[name]),
                 dtype=np.uint16,
                 chunks=(1, *shapes[name]),
-                **COMPRESSION,
+                **CHECKED_COMPRESSION,
             )
             for name in (*STRIP_NAMES, "active")
         }
@@ -127,7 +174,7 @@ class ShardWriter:
         for name, index in zip(names, active_index):
             self.rows.append(
                 dict(
-                    file=str(frame.path),
+                    file=os.fsencode(frame.path),  # the bytes that open it again, UTF-8 or not
                     night=night,
                     camera=info.camera,
                     imagetyp=info.imagetyp,
@@ -137,6 +184,7 @@ class ShardWriter:
                     date_obs=info.date_obs,
                     channel=name,
                     file_hash=frame.hash,
+                    frame_hash=frame.frame_hash,
                     floor=info.floor.get(name, np.nan),
                     active_index=index,
                 )
@@ -156,11 +204,66 @@ class ShardWriter:
     def __exit__(self, exc_type, *_):
         try:
             if exc_type is None:
-                grp = self.f.create_group("table")
-                for col, dtype in TABLE_COLUMNS.items():
-                    grp.create_dataset(col, data=np.array([r[col] for r in self.rows], dtype=dtype))
+                write_table(self.f, {col: [r[col] for r in self.rows] for col in TABLE_COLUMNS})
         finally:
             self.f.close()
+
+
+def write_table(f: h5py.File, columns: dict[str, list | np.ndarray]) -> None:
+    """Write the frame table ``table/<column>`` (every column of ``TABLE_COLUMNS``) with checksums:
+    HDF5's per chunk for numbers (HDF5 cannot chunk a table without rows), and for text, whose
+    strings HDF5 keeps in a heap no filter sees, an xxh3-128 of the strings as an attribute."""
+    grp = f.create_group("table")
+    for col, dtype in TABLE_COLUMNS.items():
+        values = np.array(columns[col], dtype=dtype)
+        if values.dtype == object:
+            grp.create_dataset(col, data=values).attrs[_TEXT_CHECKSUM] = _text_digest(values)
+        else:
+            grp.create_dataset(col, data=values, fletcher32=len(values) > 0)
+
+
+def stored_table(f: h5py.File, path: str | Path) -> dict[str, np.ndarray]:
+    """The frame table of an open shard as stored (file names as bytes), checksums verified;
+    the columns of ``ADDED_COLUMNS`` that older files lack are filled in."""
+    grp = f["table"]
+    n = len(grp["file"])
+    table = {}
+    for col, dtype in TABLE_COLUMNS.items():
+        if col not in grp:
+            table[col] = np.array([ADDED_COLUMNS[col]] * n, dtype=dtype)
+            continue
+        table[col] = values = read_checked(path, grp[col])
+        stored = grp[col].attrs.get(_TEXT_CHECKSUM)  # files written before it have none
+        if stored is not None and _text_digest(values) != stored:
+            raise CorruptFileError(
+                f"{path}: the strings of dataset {grp[col].name} fail their checksum: the file is damaged"
+            )
+    return table
+
+
+_TEXT_CHECKSUM = "xxh3_128"
+
+
+def _text_digest(values: np.ndarray) -> str:
+    """xxh3-128 of strings (bytes as stored, str as UTF-8), each prefixed by its length."""
+    h = xxhash.xxh3_128()
+    for v in values:
+        b = v if isinstance(v, bytes) else v.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def read_checked(path: str | Path, ds: h5py.Dataset, index=()) -> np.ndarray:
+    """``ds[index]``, or a :class:`CorruptFileError` naming ``path`` and the dataset when a stored
+    chunk fails its checksum or cannot be decoded (h5py's own error names neither)."""
+    try:
+        return ds[index]
+    except OSError as exc:
+        raise CorruptFileError(
+            f"{path}: cannot read dataset {ds.name} ({exc}): a chunk fails its checksum or cannot be "
+            "decoded, the file is damaged; write it again"
+        ) from None
 
 
 def open_versioned(path: Path, kind: str, version: int) -> tuple[h5py.File, Geometry, pd.DataFrame]:
@@ -175,8 +278,12 @@ def open_versioned(path: Path, kind: str, version: int) -> tuple[h5py.File, Geom
         f.close()
         raise ValueError(f"{path}: {kind} schema {found}, this deepdark reads {version}")
     geometry = parse_geometry(f.attrs["geometry"], origin=f"{path}:geometry")
-    grp = f["table"]
-    return f, geometry, pd.DataFrame({c: _decode(grp[c][()]) for c in TABLE_COLUMNS})
+    try:
+        table = pd.DataFrame({c: _decode(c, v) for c, v in stored_table(f, path).items()})
+    except CorruptFileError:
+        f.close()
+        raise
+    return f, geometry, table
 
 
 class Shard:
@@ -198,11 +305,16 @@ class Shard:
     def close(self) -> None:
         self.f.close()
 
+    def read(self, name: str, index=()) -> np.ndarray:
+        """``f[name][index]`` with its checksums verified: a damaged chunk raises a
+        :class:`CorruptFileError` that names this shard and the dataset."""
+        return read_checked(self.path, self.f[name], index)
+
     def strips(self, rows: np.ndarray, window: bool = False) -> dict[str, np.ndarray]:
         """``a1``, ``a2``, ``a3`` of table rows ``rows`` (sorted indices): along the whole active
         area, or cut to the model window (the paper's A1, A2, A3) when ``window``."""
         rows = np.asarray(rows)
-        strips = {s: self.f[s][rows] for s in STRIP_NAMES}
+        strips = {s: self.read(s, rows) for s in STRIP_NAMES}
         return window_strips(strips, self.geometry) if window else strips
 
     def active(self, rows: np.ndarray) -> np.ndarray:
@@ -210,7 +322,7 @@ class Shard:
         idx = self.table["active_index"].to_numpy()[np.asarray(rows)]
         if (idx < 0).any():
             raise ValueError(f"{self.path}: rows without a stored active area (not darks)")
-        return self.f["active"][np.sort(idx)][np.argsort(np.argsort(idx))]
+        return self.read("active", np.sort(idx))[np.argsort(np.argsort(idx))]
 
     def target(self, rows: np.ndarray) -> np.ndarray:
         """Target B (the model window) of dark rows ``rows``."""
@@ -229,9 +341,11 @@ class Shard:
             yield sel, arrays
 
 
-def _decode(values: np.ndarray) -> np.ndarray:
+def _decode(column: str, values: np.ndarray) -> np.ndarray:
     if values.dtype == object:
-        return np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
+        # File names are the operating system's bytes: os.fsdecode gives back the str that opens them.
+        decode = os.fsdecode if column == "file" else bytes.decode
+        return np.array([decode(v) if isinstance(v, bytes) else v for v in values], dtype=object)
     return values
 
 

@@ -1,4 +1,4 @@
-"""Physics conditioning of the generator (issue 6, part 4): the default ``physics`` model.
+"""Physics conditioning of the generator: the default ``physics`` model.
 
 A physics-mode model (card ``"inputs": ["a1", "a2", "a3", "physics"]``) predicts a frame-channel's
 dark as a bounded *residual* on top of the classical physics prediction (``deepdark.physics``)::

@@ -167,7 +167,9 @@ def save_model(
     card_path.unlink(missing_ok=True)  # the card appears last: no card = incomplete directory
     tensors = state_tensors(generator)
     with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": CARD_FORMAT, "content": "generator", "preset": str(preset)})
+        save_file(
+            tensors, str(tmp), metadata=safetensors_metadata(format=CARD_FORMAT, content="generator", preset=preset)
+        )
     card = {
         "format": CARD_FORMAT,
         "schema": CARD_SCHEMA,
@@ -195,6 +197,13 @@ def save_model(
     with atomic_path(card_path) as tmp:
         tmp.write_text(json.dumps(card, indent=2, default=json_default) + "\n")
     return model_dir
+
+
+def safetensors_metadata(**fields) -> dict[str, str]:
+    """The safetensors header's metadata as ONE key: safetensors writes a metadata map of several
+    keys in an order that changes from run to run, and the same weights must give the same bytes
+    (the model's hash is its identity in every corrected frame's header)."""
+    return {"deepdark": json.dumps(fields, sort_keys=True, default=str)}
 
 
 def json_default(o):

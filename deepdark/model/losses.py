@@ -32,7 +32,7 @@ name           generator                            discrim.
 ``lsgan``      MSE(G) + L1         (config 2)       MSE(D)
 ``mixed``      MSE(G) + L1         (config 3)       BCE(D)
 ``deepdark``   BCE(G) + MSE(G) + L1 (Deep-Dark-Net) MSE(D)
-``l1``         L1 only (ablation, issue 6)          none
+``l1``         L1 only (no-GAN ablation)            none
 =============  ==================================  =========
 """
 
@@ -49,7 +49,8 @@ _TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "pix2pix": ("bce", ("bce",)),
     "lsgan": ("mse", ("mse",)),
     "mixed": ("bce", ("mse",)),
-    # ablation (issue 6): no adversarial term at all, the discriminator is not trained
+    # ablation: no adversarial term at all (the discriminator is not trained), to show what the
+    # adversarial terms add to L1 alone
     "l1": ("none", ()),
 }
 LOSSES = frozenset(n for n in _TABLE if n != "l1")  # the paper's Table 2

@@ -235,8 +235,9 @@ PRESETS: dict[str, GeneratorConfig] = {
     # superimposed on dark frames whose interesting structure is pixel-scale. 0.37 M parameters,
     # 44 GMAC per 1024 window (1/19 of "paper"; 1/32 of its parameters).
     "compact": GeneratorConfig(width=16, n_blocks=4, norm="batch", upsample="resize", n_down=2),
-    # The default model (issue 6): the compact generator with a fourth input plane, the classical
-    # physics prediction, predicting a bounded residual on it (deepdark.model.conditioning).
+    # The default model: the compact generator with a fourth input plane, the classical
+    # physics prediction, predicting a bounded residual on it (deepdark.model.conditioning), so
+    # the network learns only what the physics model misses.
     "physics": GeneratorConfig(in_channels=4, width=16, n_blocks=4, norm="batch", upsample="resize", n_down=2),
 }
 # presets whose model is conditioned on the physics prediction (deepdark.model.conditioning)

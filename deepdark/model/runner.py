@@ -1,18 +1,20 @@
 """Inference: a trained model turns the strips of frames into predicted darks, in ADU.
 
-Two predictors, both plain callables ``(shard, sorted table rows) -> (k, rows, cols) float32 ADU``:
+:func:`model_predictor` makes a plain callable ``(shard, sorted table rows) -> (k, rows, cols)
+float32 ADU`` over one of two areas:
 
-* :func:`model_predictor` predicts the model window (what the model was trained on and what
+* ``"window"``: the model window (what the model was trained on and what
   ``deepdark.evaluation.evaluate`` scores, the paper's B);
-* :func:`active_predictor` predicts the whole active area of every channel (1042 x 1042 on the
-  LAMOST camera), which a corrected frame needs: the strips along the whole active area
-  (``Shard.strips(rows)``) are resized to the active shape exactly as the window's strips are
-  resized to the window, the input is padded by reflection to the network's multiple (1042 ->
-  1044: one row and column on each side), run, and cropped back. The network is fully
-  convolutional, so the active area is one pass, without tiling seams.
+* ``"active"``: the whole active area of every channel (1042 x 1042 on the LAMOST camera), which
+  a corrected frame needs: the strips along the whole active area (``Shard.strips(rows)``) are
+  resized to the active shape exactly as the window's strips are resized to the window, the input
+  is padded by reflection to the network's multiple (1042 -> 1044: one row and column on each
+  side), run, and cropped back. The network is fully convolutional, so the active area is one
+  pass, without tiling seams.
 
-:func:`predict_shard` writes a night's predictions with ``deepdark.io.predictions.write_predictions``
-(temporary name, renamed when complete) with the model's name and hash as provenance.
+``deepdark.pipeline.predict`` writes a night's predictions of the whole active area with
+``deepdark.io.predictions.write_predictions`` (temporary name, renamed when complete), with the
+model's name and hash as provenance.
 
 The generator runs in eval mode (batch-norm running statistics, see ``deepdark.model.nets``), batched
 (``batch_size`` channels per forward pass), on CUDA under float16 autocast with a float32 output
@@ -28,6 +30,7 @@ the fourth channel and returns physics + R tanh(h).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,8 @@ from deepdark.model import conditioning as C
 from deepdark.model.files import LoadedModel, check_geometry, load_model
 from deepdark.model.nets import model_input
 from deepdark.model.runtime import autocast, fp32_head, resolve_device
+
+AREAS = ("window", "active")  # what a predictor covers: the model window, or the whole active area
 
 
 class ModelRunner:
@@ -141,27 +146,38 @@ class ModelRunner:
         return out
 
 
-def _runner(model, device, batch_size) -> ModelRunner:
-    return model if isinstance(model, ModelRunner) else ModelRunner(model, device, batch_size)
+def model_predictor(
+    model_dir: str | Path | LoadedModel | ModelRunner,
+    area: str = "window",
+    device: str | torch.device = "auto",
+    batch_size: int = 4,
+) -> Callable[[Shard, np.ndarray], np.ndarray]:
+    """A predictor ``(shard, sorted table rows) -> (k, rows, cols)`` ADU of a trained model.
 
+    Parameters
+    ----------
+    model_dir
+        A model directory, a loaded model, or a runner to share.
+    area
+        ``"window"``: the model window (k, S, S), for ``deepdark.evaluation.evaluate``;
+        ``"active"``: the whole active area (k, AR, AC), for ``write_predictions``.
+    device, batch_size
+        Where the generator runs and how many channels go in one forward pass (a given
+        runner keeps its own).
 
-def model_predictor(model_dir: str | Path | LoadedModel, device: str | torch.device = "auto", batch_size: int = 4):
-    """Window predictor for ``deepdark.evaluation.evaluate``: (shard, rows) -> (k, S, S) ADU."""
-    runner = _runner(model_dir, device, batch_size)
+    The predictor's ``runner`` attribute is the :class:`ModelRunner` it uses.
+    """
+    window = _is_window(area)
+    runner = model_dir if isinstance(model_dir, ModelRunner) else ModelRunner(model_dir, device, batch_size)
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
-        return runner.predict_rows(shard, rows, window=True)
+        return runner.predict_rows(shard, rows, window=window)
 
     predict.runner = runner
     return predict
 
 
-def active_predictor(model_dir: str | Path | LoadedModel, device: str | torch.device = "auto", batch_size: int = 4):
-    """Whole-active-area predictor for ``write_predictions``: (shard, rows) -> (k, AR, AC) ADU."""
-    runner = _runner(model_dir, device, batch_size)
-
-    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
-        return runner.predict_rows(shard, rows, window=False)
-
-    predict.runner = runner
-    return predict
+def _is_window(area: str) -> bool:
+    if area not in AREAS:
+        raise ValueError(f"area must be one of {', '.join(AREAS)}, got {area!r}")
+    return area == "window"

@@ -1,5 +1,5 @@
 """The classical ``physics`` dark predictor: a per-pixel dark model of the library plus each
-frame's own state (issue 6, parts 1, 2, 3 and 5).
+frame's own state.
 
 A frame's predicted dark, per channel in readout coordinates, is
 
@@ -61,7 +61,7 @@ Fitting a library (:func:`fit_physics`), per camera:
    (near a sharp glow peak, hot pixels, defects) keep their own full fit: the data decide, per
    camera, how much the prior is used.
 
-Exposure times (part 5): scaling with ``t`` and arriving with each readout are told apart only by
+Exposure times: scaling with ``t`` and arriving with each readout are told apart only by
 darks of two exposure times, or darks plus bias frames (``separable``). A separable library
 predicts any exposure from 0 to ``max_extrapolation`` (2) x its longest (the law is linear in t,
 the intercept g is measured); a library of one exposure time only predicts that exposure, and
@@ -72,81 +72,31 @@ to grow a few degrees beyond it.
 Storage: one HDF5 file (float32 maps per camera and channel, the per-camera law as attributes,
 the library's frame table), written atomically. Read back with :meth:`PhysicsModel.load`.
 
-Predictors: :func:`physics_predictor` (model window, for ``deepdark.evaluation.evaluate``),
-:func:`physics_active_predictor` (whole active area, for ``deepdark.io.predictions``), and
-:meth:`PhysicsModel.predict` / :meth:`PhysicsModel.predict_rows` (strips and table rows in, the
-prediction out: the conditioning input of a learned generator).
+Predictors: :func:`physics_predictor` (``area="window"``: the model window, for
+``deepdark.evaluation.evaluate``; ``area="active"``: the whole active area, for
+``deepdark.io.predictions``), and :meth:`PhysicsModel.predict` /
+:meth:`PhysicsModel.predict_rows` (strips and table rows in, the prediction out: the
+conditioning input of a learned generator).
+
+This package exports its public API; the fitting constants and helpers are in its modules
+(``fit``, ``frame_state``, ``law``, ``model``, ``pixelfit``).
 """
 
 from __future__ import annotations
 
-from .fit import (
-    BLOCKS,
-    BYTES_PER_FRAME_PIXEL,
-    HIST_STEP,
-    HOT_FACTOR,
-    LIBRARY_TYPES,
-    MAX_EXTRAPOLATION,
-    MIN_BLOCK,
-    PHYSICS_SCHEMA,
-    PIXEL_CLIP,
-    SMOOTH_PX,
-    _chunk_rows,
-    fit_physics,
-)
-from .frame_state import BIAS_CLIP, MAD_SIGMA, OVERSCAN_SKIP, FrameState, frame_state, row_bias
-from .law import DEFAULT_TAU, LN2, Law, fit_law
-from .model import (
-    GLOW_SYS,
-    TEFF_MAX_OFFSET,
-    TEFF_MAX_SIGMA,
-    CameraInfo,
-    ChannelModel,
-    PhysicsError,
-    PhysicsModel,
-    Temperatures,
-    _header_temperature,
-    physics_active_predictor,
-    physics_predictor,
-)
-from .pixelfit import HOT_TAUS, IRREGULAR_P, smooth_prior, smooth_weighted
+from .fit import fit_physics
+from .frame_state import FrameState, frame_state, row_bias
+from .law import Law, fit_law
+from .model import PhysicsError, PhysicsModel, physics_predictor
 
 __all__ = [
-    "BLOCKS",
-    "BYTES_PER_FRAME_PIXEL",
-    "HIST_STEP",
-    "HOT_FACTOR",
-    "LIBRARY_TYPES",
-    "MAX_EXTRAPOLATION",
-    "MIN_BLOCK",
-    "PHYSICS_SCHEMA",
-    "PIXEL_CLIP",
-    "SMOOTH_PX",
-    "_chunk_rows",
-    "fit_physics",
-    "BIAS_CLIP",
-    "MAD_SIGMA",
-    "OVERSCAN_SKIP",
     "FrameState",
-    "frame_state",
-    "row_bias",
-    "DEFAULT_TAU",
-    "LN2",
     "Law",
-    "fit_law",
-    "GLOW_SYS",
-    "TEFF_MAX_OFFSET",
-    "TEFF_MAX_SIGMA",
-    "CameraInfo",
-    "ChannelModel",
     "PhysicsError",
     "PhysicsModel",
-    "Temperatures",
-    "_header_temperature",
-    "physics_active_predictor",
+    "fit_law",
+    "fit_physics",
+    "frame_state",
     "physics_predictor",
-    "HOT_TAUS",
-    "IRREGULAR_P",
-    "smooth_prior",
-    "smooth_weighted",
+    "row_bias",
 ]

@@ -91,7 +91,7 @@ def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progr
     )
     ob_c, ob_r, ob_c_raw, ob_r_raw = [], [], [], []
     pos_all = []
-    bar = tqdm(total=n, desc="physics: frame state", unit="channel", disable=not progress)
+    bar = tqdm(total=n, desc="physics: frame state", unit="channel", disable=None if progress else True)
     for k, s in enumerate(shards):
         sub = lib[lib["shard_no"] == k].sort_values("row")
         for start in range(0, len(sub), 16):
@@ -401,7 +401,12 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
                 cache[chunk] = res
             return res
 
-        bar = tqdm(total=2 * len(chunks), desc=f"physics: {cl.camera} channel {ch}", unit="block", disable=not progress)
+        bar = tqdm(
+            total=2 * len(chunks),
+            desc=f"physics: {cl.camera} channel {ch}",
+            unit="block",
+            disable=None if progress else True,
+        )
         frame_var = _pass_a(chunks, get_chunk, X, params["clip"], bar)
         mean_sig = np.median(mem.blocks[mi].reshape(N, -1), axis=1)  # the typical pixel's signal
         noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)

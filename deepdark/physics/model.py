@@ -6,6 +6,7 @@ import json
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 TEFF_MAX_SIGMA = 2.0  # C: an OB temperature less certain than this is not used at all
 TEFF_MAX_OFFSET = 5.0  # C: an OB temperature this far from CCDTEMP is not trusted
 GLOW_SYS = 0.01  # relative uncertainty of the OB pixels' per-readout level (systematic)
+AREAS = ("window", "active")  # what a predictor covers: the model window, or the whole active area
 
 
 class PhysicsError(ValueError):
@@ -379,23 +381,26 @@ def _header_temperature(row) -> tuple[float, str]:
     return float("nan"), "none"
 
 
-def physics_predictor(path: str | Path):
-    """Predictor for ``deepdark.evaluation.evaluate``: (shard, rows) -> predicted model windows (k, S, S), ADU."""
+def physics_predictor(path: str | Path, area: str = "window") -> Callable[[Shard, np.ndarray], np.ndarray]:
+    """A predictor ``(shard, sorted table rows) -> (k, rows, cols)`` ADU of a fitted physics model.
+
+    Parameters
+    ----------
+    path
+        The physics model (``fit_physics``).
+    area
+        ``"window"``: the model window (k, S, S), for ``deepdark.evaluation.evaluate``;
+        ``"active"``: the whole active area (k, AR, AC), for
+        ``deepdark.io.predictions.write_predictions``.
+
+    The predictor's ``model`` attribute is the open :class:`PhysicsModel`.
+    """
+    if area not in AREAS:
+        raise ValueError(f"area must be one of {', '.join(AREAS)}, got {area!r}")
     model = PhysicsModel.load(path)
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
-        return model.predict_rows(shard, rows, window=True)
-
-    predict.model = model
-    return predict
-
-
-def physics_active_predictor(path: str | Path):
-    """Predictor for ``deepdark.io.predictions.write_predictions``: whole active areas (k, R, C), ADU."""
-    model = PhysicsModel.load(path)
-
-    def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
-        return model.predict_rows(shard, rows, window=False)
+        return model.predict_rows(shard, rows, window=area == "window")
 
     predict.model = model
     return predict

@@ -14,7 +14,9 @@ comparisons). The raw file is read again (guide frames keep only their strips in
 its hash must equal the one recorded at extraction: a file that changed since is refused.
 
 A night is corrected by one call (:func:`correct_night`); a frame that fails is reported in the
-night's ``manifest.csv`` with its reason and never stops the others.
+night's ``manifest.csv`` (:func:`read_manifest`) with its reason and never stops the others.
+The arithmetic of a corrected frame (:func:`active_areas`, :func:`corrected_actives`) is public
+so that the QA measures guide frames corrected exactly as the files are.
 """
 
 from __future__ import annotations
@@ -36,10 +38,28 @@ from deepdark import __version__
 from deepdark.io.atomic import atomic_path
 from deepdark.io.frames import FITS_SUFFIXES, FrameError, Keywords, RawFrame, read_frame
 from deepdark.io.geometry import Geometry
-from deepdark.io.masters import Masters
+from deepdark.io.masters import Masters, MissingMaster
 from deepdark.io.predictions import Predictions
 from deepdark.io.shards import Shard
-from deepdark.io.tables import frame_setpoints
+
+__all__ = [
+    "MANIFEST",
+    "MANIFEST_COLUMNS",
+    "MEDIAN_METHODS",
+    "CorrectionError",
+    "DarkSource",
+    "MedianDarks",
+    "NightResult",
+    "PredictedDarks",
+    "active_areas",
+    "correct_frame",
+    "correct_night",
+    "corrected_actives",
+    "corrected_header",
+    "open_darks",
+    "output_name",
+    "read_manifest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,26 +141,19 @@ class MedianDarks(DarkSource):
             self.table, self.geometry = s.table.copy(), s.geometry
         self.path = Path(shard)
         self.masters = Masters(masters)
-        self.setpoints = frame_setpoints(self.table, self.masters.setpoints)
         self.attrs = dict(
             method=f"median_{kind}", masters=str(masters), shard=str(shard), software=f"deepdark {__version__}"
         )
 
     def dark(self, rows) -> np.ndarray:
-        out = []
-        for r in np.asarray(rows):
-            rec = self.table.iloc[r]
-            m = self.masters.lookup(self.kind, rec["camera"], rec["channel"], rec["exptime"], self.setpoints[r])
-            if m is None:
-                raise CorrectionError(
-                    f"no {self.kind} master dark for camera {rec['camera']} channel "
-                    f"{rec['channel']} at {self.setpoints[r]:g} C in {self.masters.path}"
-                )
-            out.append(m)
-        return np.stack(out).astype(np.float32, copy=False)
+        try:
+            masters = self.masters.for_frames(self.table.iloc[np.asarray(rows)], self.kind)
+        except MissingMaster as exc:
+            raise CorrectionError(str(exc)) from None
+        return np.stack(masters).astype(np.float32, copy=False)
 
     def close(self) -> None:
-        self.masters.f.close()
+        self.masters.close()
 
 
 def open_darks(source: str | Path, method: str = "model", masters: str | Path | None = None) -> DarkSource:
@@ -158,14 +171,35 @@ def open_darks(source: str | Path, method: str = "model", masters: str | Path | 
 
 
 def active_areas(data: np.ndarray, geometry: Geometry) -> dict[str, np.ndarray]:
-    """Each channel's active area of a raw frame, in readout coordinates (views)."""
+    """Each channel's active area of a raw frame, in readout coordinates (views).
+
+    Parameters
+    ----------
+    data
+        The raw frame (frame orientation), as :func:`deepdark.io.frames.read_frame` gives it.
+    geometry
+        Its geometry.
+    """
     return {ch.name: geometry.readout(data, ch)[geometry.active.slices] for ch in geometry.channels}
 
 
 def corrected_actives(
     raw: RawFrame, geometry: Geometry, channels: Sequence[str], darks: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """``{channel: raw active - dark}`` (float32, readout coordinates) for the frame's channels."""
+    """``{channel: raw active - dark}`` (float32, readout coordinates) for the frame's channels:
+    the arithmetic of a corrected frame, also what the QA measures guide frames on.
+
+    Parameters
+    ----------
+    raw
+        The raw frame.
+    geometry
+        Its geometry.
+    channels
+        The channels of ``darks``, in their order; must be every channel of the geometry.
+    darks
+        One dark per channel (ADU, active area, readout coordinates).
+    """
     if len(channels) != len(darks):
         raise CorrectionError(f"{len(channels)} channels but {len(darks)} darks")
     actives = active_areas(raw.data, geometry)
@@ -317,7 +351,7 @@ def correct_night(
         table = darks.table
         files = list(dict.fromkeys(table["file"]))  # table order, once each
         names: dict[str, str] = {}
-        for f in tqdm(files, desc=f"correct {out_dir.name}", unit="frame", disable=not progress):
+        for f in tqdm(files, desc=f"correct {out_dir.name}", unit="frame", disable=None if progress else True):
             rows = darks.rows_of(f)
             first = table.iloc[rows[0]]
             rec = dict(
@@ -368,4 +402,5 @@ def correct_night(
 
 
 def read_manifest(out_dir: str | Path) -> pd.DataFrame:
+    """The ``manifest.csv`` of a night corrected by :func:`correct_night` (every column a string)."""
     return pd.read_csv(Path(out_dir) / MANIFEST, dtype=str, keep_default_na=False)

@@ -9,7 +9,7 @@ import torch
 from deepdark.io.predictions import write_predictions
 from deepdark.io.shards import Shard
 from deepdark.model.files import check_geometry, load_model
-from deepdark.model.runner import active_predictor
+from deepdark.model.runner import model_predictor
 
 
 def predict_shard(
@@ -25,7 +25,7 @@ def predict_shard(
     model = load_model(model_dir, device="cpu")
     with Shard(shard) as s:  # fail early, before any file is written, on a foreign geometry
         check_geometry(model.card, s.geometry, where=f"shard {shard}")
-    predict = active_predictor(model, device=device, batch_size=batch_size)
+    predict = model_predictor(model, area="active", device=device, batch_size=batch_size)
     provenance = {
         "method": "model",
         "model_name": model.name,

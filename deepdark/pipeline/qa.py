@@ -40,10 +40,11 @@ from deepdark.evaluation.metrics import PooledRMSE
 from deepdark.io.atomic import atomic_path
 from deepdark.io.frames import FrameError, Keywords, read_frame
 from deepdark.io.masters import Masters
+from deepdark.io.predictions import Predictions
 from deepdark.io.shards import Shard, quarantine_path, read_quarantine
 from deepdark.io.strips import window_of
 from deepdark.io.tables import frame_setpoints, temp_label
-from deepdark.pipeline.correct import PredictedDarks, active_areas, corrected_actives
+from deepdark.pipeline.correct import active_areas, corrected_actives
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def night_qa(
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         shard = stack.enter_context(Shard(shard_path))
-        preds = stack.enter_context(PredictedDarks(predictions_path))
+        preds = stack.enter_context(Predictions(predictions_path))
         masters = stack.enter_context(Masters(masters_path)) if masters_path else None
         _check_same_rows(shard, preds)
         table = shard.table
@@ -120,9 +121,7 @@ def night_qa(
             qa = _merge_dark_rmse(qa, per_image, shard.geometry)
         guides = np.flatnonzero((table["imagetyp"] == "OBJECT").to_numpy() & selected)
         if guides.size:
-            qa = _merge_guide_stats(
-                qa, _guide_stats(preds, masters, table, guides, setpoints, keywords, notes, progress)
-            )
+            qa = _merge_guide_stats(qa, _guide_stats(preds, masters, table, guides, keywords, notes, progress))
         attrs = preds.attrs
     qa = qa[selected].reindex(columns=list(QA_COLUMNS))
     quarantine = read_quarantine(shard_path)
@@ -158,7 +157,7 @@ def _night_name(shard_path, table: pd.DataFrame) -> str:
     return nights[0] if len(nights) == 1 else Path(shard_path).name.removesuffix(".h5")
 
 
-def _check_same_rows(shard: Shard, preds: PredictedDarks) -> None:
+def _check_same_rows(shard: Shard, preds: Predictions) -> None:
     a, b = shard.table, preds.table
     same = len(a) == len(b) and all(
         (a[c].to_numpy() == b[c].to_numpy()).all() for c in ("file", "channel", "file_hash")
@@ -168,7 +167,7 @@ def _check_same_rows(shard: Shard, preds: PredictedDarks) -> None:
 
 
 def _evaluate_darks(
-    shard_path, preds: PredictedDarks, masters_path, out_dir: Path, notes: list[str], progress: bool
+    shard_path, preds: Predictions, masters_path, out_dir: Path, notes: list[str], progress: bool
 ) -> pd.DataFrame:
     """``evaluate`` on the night's darks, the predictions file as the ``model``; its per-image table."""
 
@@ -236,11 +235,10 @@ def background_stats(images: dict[str, np.ndarray], grow: int = STAR_GROW_PX) ->
 
 
 def _guide_stats(
-    preds: PredictedDarks,
+    preds: Predictions,
     masters: Masters | None,
     table: pd.DataFrame,
     rows: np.ndarray,
-    setpoints: np.ndarray,
     keywords: Keywords,
     notes: list[str],
     progress: bool,
@@ -248,7 +246,7 @@ def _guide_stats(
     g = preds.geometry
     out = []
     files = list(dict.fromkeys(table["file"].iloc[rows]))
-    for f in tqdm(files, desc="guide frames", unit="frame", disable=not progress):
+    for f in tqdm(files, desc="guide frames", unit="frame", disable=None if progress else True):
         frows = np.sort(preds.rows_of(f))
         t = table.iloc[frows]
         try:
@@ -262,13 +260,13 @@ def _guide_stats(
         model = corrected_actives(raw, g, channels, preds.dark(frows))
         actives = active_areas(raw.data, g)
         median, kinds = {}, {}
-        for r, c in zip(frows, channels):
-            rec = table.iloc[r]
-            for kind in ("temp", "all") if masters is not None else ():
-                m = masters.lookup(kind, rec["camera"], c, rec["exptime"], setpoints[r])
+        if masters is not None:
+            # the per-temperature master where the library has one, else the all-temperature one
+            per_temp, overall = (masters.for_frames(t, kind, strict=False) for kind in ("temp", "all"))
+            for c, m_temp, m_all in zip(channels, per_temp, overall):
+                kind, m = ("temp", m_temp) if m_temp is not None else ("all", m_all)
                 if m is not None:
                     median[c], kinds[c] = actives[c].astype(np.float32) - m.astype(np.float32), f"median_{kind}"
-                    break
         for c in channels:
             images = {"model": model[c]} | ({"median": median[c]} if c in median else {})
             stats, free = background_stats(images)

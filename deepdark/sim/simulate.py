@@ -12,7 +12,8 @@ Physics (each channel built in readout coordinates, amplifier at local (0, 0); e
   smooth gradient, times per-pixel lognormal DSNU.
 * Hot pixels with their own doubling temperature; random-telegraph (RTS) pixels whose high/low
   dark-rate state is drawn per frame; amplifier glow A*exp(-r/L), electrons per *readout*
-  (independent of exposure), decaying from the amplifier (spec: "hot pixels, amplifier glow").
+  (independent of exposure), decaying from the amplifier: the two features of real darks that a
+  smooth dark-current map lacks.
 * Optical black (ob_cols, ob_rows) is real, masked silicon: dark current and glow, never light.
   Prescan, invalid, amplifier, corner, overscan and the middle row are virtual: bias + readout
   noise only, plus a small pull-up transient in the prescan and previous-row residue in the
@@ -474,7 +475,8 @@ def simulate_archive(
     plan = _night_plan(temperatures, darks_per_temp, dark_exptimes, bias_per_night, guide_per_night)
     suffix = ".fits.gz" if compress else ".fits"
     paths = []
-    with tqdm(total=len(cameras) * nights * len(plan), desc="simulate", unit="frame", disable=not progress) as bar:
+    total = len(cameras) * nights * len(plan)
+    with tqdm(total=total, desc="simulate", unit="frame", disable=None if progress else True) as bar:
         for camera in cameras:  # cameras outermost: each model is built once
             model = camera_model(camera, seed, g)
             for day in night_days:

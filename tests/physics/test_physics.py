@@ -17,6 +17,10 @@ from deepdark.io.geometry import load_geometry
 from deepdark.io.predictions import Predictions, write_predictions
 from deepdark.io.shards import Shard
 from deepdark.io.strips import channel_strips
+from deepdark.physics.fit import _chunk_rows
+from deepdark.physics.frame_state import OVERSCAN_SKIP
+from deepdark.physics.model import _header_temperature
+from deepdark.physics.pixelfit import smooth_weighted
 from deepdark.pipeline.baseline import build_masters
 from deepdark.pipeline.extract import extract
 from deepdark.sim import simulate as S
@@ -70,7 +74,7 @@ def test_row_bias_recovers_the_simulated_row_offsets(camera):
     row_sd = model.row_noise_adu
     # the best any estimator can do from 42 overscan pixels with white row noise (posterior sd)
     read = float(np.mean(model.read_noise_e / model.gain))
-    est_var = read**2 / (46 - P.OVERSCAN_SKIP)
+    est_var = read**2 / (46 - OVERSCAN_SKIP)
     optimum = np.sqrt(row_sd**2 * est_var / (row_sd**2 + est_var))
     assert err < 0.7 * row_sd, (err, row_sd)
     assert err < 1.15 * optimum, (err, optimum)
@@ -137,9 +141,9 @@ def test_effective_temperature_beats_ccdtemp(sim):
 
 def test_header_temperature_fallback_order():
     tab = pd.DataFrame(dict(ccdtemp=[-14.0, np.nan, np.nan], settemp=[-15.0, -15.0, np.nan]))
-    assert P._header_temperature(tab.iloc[0]) == (-14.0, "ccdtemp")
-    assert P._header_temperature(tab.iloc[1]) == (-15.0, "settemp")
-    assert np.isnan(P._header_temperature(tab.iloc[2])[0])
+    assert _header_temperature(tab.iloc[0]) == (-14.0, "ccdtemp")
+    assert _header_temperature(tab.iloc[1]) == (-15.0, "settemp")
+    assert np.isnan(_header_temperature(tab.iloc[2])[0])
 
 
 # -- the predictor --------------------------------------------------------------------------------
@@ -222,7 +226,7 @@ def test_chunked_fit_equals_unchunked(sim, tmp_path):
     lib = sim["lib"][:2]
     P.fit_physics(lib, tmp_path / "whole.h5", progress=False)
     P.fit_physics(lib, tmp_path / "rows.h5", memory_mb=0, progress=False)  # one active row at a time
-    assert P._chunk_rows(48, MINI.active.shape[1], 0) == 1
+    assert _chunk_rows(48, MINI.active.shape[1], 0) == 1
     with P.PhysicsModel(tmp_path / "whole.h5") as a, P.PhysicsModel(tmp_path / "rows.h5") as b:
         for ch in "1234":
             ma, mb = a.channel("GS1", ch), b.channel("GS1", ch)
@@ -236,7 +240,11 @@ def test_chunked_fit_equals_unchunked(sim, tmp_path):
 def test_active_predictions_and_the_conditioning_api(sim, tmp_path):
     path = sim["other"][0]  # has guide frames of 5-60 s too
     out = write_predictions(
-        path, tmp_path / "pred.h5", P.physics_active_predictor(sim["phys"]), {"method": "physics"}, progress=False
+        path,
+        tmp_path / "pred.h5",
+        P.physics_predictor(sim["phys"], area="active"),
+        {"method": "physics"},
+        progress=False,
     )
     model = P.PhysicsModel.load(sim["phys"])
     with Predictions(out) as pr, Shard(path) as s:
@@ -298,8 +306,8 @@ def test_fit_law_recovers_doubling_temperatures():
 def test_smooth_weighted_is_a_normalised_convolution():
     rng = np.random.default_rng(0)
     w = rng.uniform(0.5, 2, (30, 40))
-    np.testing.assert_allclose(P.smooth_weighted(np.full((30, 40), 7.0), w, 3), 7.0)
+    np.testing.assert_allclose(smooth_weighted(np.full((30, 40), 7.0), w, 3), 7.0)
     ramp = np.add.outer(np.arange(30.0), 2 * np.arange(40.0))
-    np.testing.assert_allclose(P.smooth_weighted(ramp, np.ones_like(ramp), 3)[9:-9, 9:-9], ramp[9:-9, 9:-9])
+    np.testing.assert_allclose(smooth_weighted(ramp, np.ones_like(ramp), 3)[9:-9, 9:-9], ramp[9:-9, 9:-9])
     w[10:20, 10:20] = 0  # holes are filled from their neighbours
-    assert np.isfinite(P.smooth_weighted(ramp, w, 3)).all()
+    assert np.isfinite(smooth_weighted(ramp, w, 3)).all()

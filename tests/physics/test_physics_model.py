@@ -19,13 +19,13 @@ from deepdark.model import conditioning as C
 from deepdark.model import files as model_io
 from deepdark.model.losses import LossConfig
 from deepdark.model.nets import PRESETS, Discriminator, Generator
-from deepdark.model.runner import active_predictor, model_predictor
+from deepdark.model.runner import model_predictor
 from deepdark.model.runtime import fp32_head
 from deepdark.pipeline.baseline import build_masters
 from deepdark.pipeline.extract import extract
 from deepdark.pipeline.predict import predict_shard
 from deepdark.sim.simulate import simulate_archive
-from deepdark.training import loop as T
+from tests.training import parts as T
 
 MINI = load_geometry("mini")
 QUICK = dict(epochs=1, crop=32, max_steps_per_epoch=3, progress=False, max_val_samples=4)
@@ -140,8 +140,8 @@ def test_predictors_cover_window_and_active_area(sim, tmp_path):
     phys = P.PhysicsModel.load(sim["phys"])
     with Shard(sim["test"][0]) as s:
         rows = np.arange(len(s))  # darks and guide frames
-        win = model_predictor(sim["model"], device="cpu")(s, rows)
-        act = active_predictor(sim["model"], device="cpu")(s, rows)
+        win = model_predictor(sim["model"], area="window", device="cpu")(s, rows)
+        act = model_predictor(sim["model"], area="active", device="cpu")(s, rows)
         assert win.shape == (len(rows), MINI.window_size, MINI.window_size)
         assert act.shape == (len(rows), *MINI.active.shape)
         assert np.isfinite(act).all()

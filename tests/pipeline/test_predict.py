@@ -14,9 +14,9 @@ from deepdark.io.predictions import Predictions
 from deepdark.io.shards import Shard
 from deepdark.model import files as model_io
 from deepdark.model.nets import model_input
-from deepdark.model.runner import ModelRunner, active_predictor, model_predictor
+from deepdark.model.runner import ModelRunner, model_predictor
 from deepdark.pipeline.baseline import build_masters
-from deepdark.training.loop import train
+from deepdark.training import train
 from tests.training.test_train import MINI, QUICK, make_library
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,7 +64,7 @@ def test_predict_covers_every_active_pixel_via_cli(setup):
         truth = s.active(darks).astype(np.float32)
         assert abs(np.median(dark[darks]) - np.median(truth)) < 500
         # identical to the in-memory predictor, batch size notwithstanding
-        ref = active_predictor(model, device="cpu", batch_size=1)(s, darks[:2])
+        ref = model_predictor(model, area="active", device="cpu", batch_size=1)(s, darks[:2])
         np.testing.assert_allclose(dark[darks[:2]], ref, rtol=0, atol=1e-3)
     assert not list(root.glob(".*partial"))
 

@@ -5,27 +5,42 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from deepdark.cli import build_parser
 from deepdark.io.geometry import load_geometry
+from deepdark.model import conditioning as C
 from deepdark.model import files as model_io
-from deepdark.model.losses import LossConfig
-from deepdark.model.nets import PRESETS, Discriminator, Generator
+from deepdark.model.losses import ALL_LOSSES, LossConfig
+from deepdark.model.nets import NORMS, PRESETS, Discriminator, Generator
 from deepdark.pipeline.extract import extract
 from deepdark.sim.simulate import simulate_archive
-from deepdark.training import loop as T
+from deepdark.training import TrainConfig, open_library, split_nights, train
+from deepdark.training.batchnorm import calibrate_batchnorm, init_output_level, set_training_mode, track_running_stats
+from deepdark.training.config import LOSS_NAMES, NORM_NAMES, config_from_args
+from deepdark.training.data import SampleSource, build_batch
+from deepdark.training.loop import _train_step
 
 MINI = load_geometry("mini")
 NIGHTS = ["20240101", "20240102", "20240103"]
 TEST_NIGHT = "20240110"
 # A few steps on 32 x 32 crops: enough to exercise every path in well under a second a run.
-QUICK = dict(preset="compact", epochs=1, crop=32, max_steps_per_epoch=3, progress=False, max_val_samples=4)
+QUICK_SETTINGS = dict(preset="compact", epochs=1, crop=32, max_steps_per_epoch=3, max_val_samples=4)
+QUICK_CONFIG = TrainConfig(**QUICK_SETTINGS)
+QUICK = {**QUICK_SETTINGS, "progress": False}  # as keywords: train(shards, out, **QUICK)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def quick_train(shards, out, **changes):
+    """``train`` with the quick settings, ``changes`` replacing some of them."""
+    return train(shards, out, dataclasses.replace(QUICK_CONFIG, **changes), progress=False)
 
 
 def make_library(root):
@@ -69,7 +84,7 @@ def trained(library, tmp_path_factory):
     """A model trained for two quick epochs (shared by the read-only tests)."""
     shards, _ = library
     out = tmp_path_factory.mktemp("model") / "m"
-    res = T.train(shards, out, **{**QUICK, "epochs": 2})
+    res = quick_train(shards, out, epochs=2)
     return out, res
 
 
@@ -81,21 +96,93 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# --- the settings -------------------------------------------------------------------------------
+
+
+def test_config_refuses_bad_settings_naming_the_field_and_its_values():
+    for change, message in [
+        ({"bn": "frozen"}, "unknown bn 'frozen'; valid: running, batch"),
+        ({"crop_mode": "tiles"}, "unknown crop_mode 'tiles'; valid: window, strips"),
+        ({"lr_schedule": "cosine"}, "unknown lr_schedule 'cosine'; valid: constant, linear, pix2pix"),
+        ({"loss": "wgan"}, "unknown loss 'wgan'; valid: deepdark, pix2pix, lsgan, mixed, l1"),
+        ({"norm": "layer"}, "unknown norm 'layer'; valid: batch, instance, none"),
+        ({"preset": "huge"}, "unknown preset 'huge'; valid: paper"),
+        ({"device": "tpu"}, "unknown device 'tpu'; valid: auto, cpu, cuda"),
+        ({"epochs": 0}, "epochs must be >= 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"preset": "compact", "physics": "phys.h5"}, "preset 'compact' takes strips only"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainConfig(**change)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QUICK_CONFIG.epochs = 2
+
+
+def test_config_default_loss_follows_the_preset():
+    assert TrainConfig().preset == "physics" and TrainConfig().loss_name == "l1"
+    assert TrainConfig(preset="compact").loss_name == "deepdark"
+    assert TrainConfig(preset="physics", loss="deepdark").loss_name == "deepdark"
+    # the rule is applied when asked, so a changed preset changes the default loss too
+    assert dataclasses.replace(TrainConfig(), preset="paper").loss_name == "deepdark"
+
+
+def test_config_names_agree_with_the_model():
+    assert set(LOSS_NAMES) == ALL_LOSSES and set(NORM_NAMES) == set(NORMS)
+    assert TrainConfig().residual_range_adu == C.RESIDUAL_RANGE_ADU
+
+
+def test_train_options_are_the_config_fields():
+    parser = build_parser()
+    defaults = config_from_args(parser.parse_args(["train", "a.h5", "--out", "m"]))
+    assert defaults == TrainConfig()
+    assert dataclasses.asdict(defaults) == {
+        **dict(preset="physics", epochs=40, device="auto", l1_weight=100.0, batch_size=1, lr=2e-5),
+        **dict(lr_schedule="constant", crop=None, max_steps_per_epoch=None, seed=0, resume=True, loss=None),
+        **dict(physics=None, residual_range_adu=64.0, physics_memory_mb=512, betas=(0.5, 0.999), val_nights=None),
+        **dict(bn="running", bn_momentum=0.01, norm=None, crop_mode="window", setpoints=None, max_val_samples=None),
+        **dict(nights=None, cache_mb=1024, init_level=True),
+    }
+    args = parser.parse_args(
+        ["train", "a.h5", "--out", "m", "--max-steps", "5", "--residual-range", "32", "--no-resume"]
+        + ["--betas", "0.9", "0.99", "--setpoints", "-15", "-25", "--physics", "p.h5", "--loss", "lsgan"]
+    )
+    config = config_from_args(args, val_nights=2)
+    assert (config.max_steps_per_epoch, config.residual_range_adu, config.resume) == (5, 32.0, False)
+    assert (config.betas, config.setpoints, config.val_nights) == ((0.9, 0.99), (-15.0, -25.0), 2)
+    assert (config.physics, config.loss_name) == (Path("p.h5"), "lsgan")
+
+
+def test_signature_and_card_record_the_settings_that_apply():
+    sig = QUICK_CONFIG.signature()
+    # the keys a checkpoint is resumed on (checkpoints of earlier versions hold the same)
+    assert set(sig) == {
+        *("preset", "loss", "l1_weight", "batch_size", "lr", "betas", "lr_schedule", "schedule_epochs", "crop"),
+        *("crop_mode", "bn", "bn_momentum", "init_level", "seed", "max_steps_per_epoch", "setpoints"),
+    }
+    assert sig["loss"] == "deepdark" and sig["betas"] == [0.5, 0.999] and sig["schedule_epochs"] is None
+    assert set(QUICK_CONFIG.card()) == set(sig) - {"preset", "loss", "l1_weight", "schedule_epochs", "setpoints"}
+    # settings that do not apply are recorded as None
+    whole = dataclasses.replace(QUICK_CONFIG, crop=None, bn="batch", lr_schedule="linear", setpoints=[-15, -25.0])
+    assert (whole.signature()["crop_mode"], whole.card()["bn_momentum"]) == (None, None)
+    assert whole.signature()["schedule_epochs"] == 1 and whole.signature()["setpoints"] == [-25.0, -15.0]
+    assert TrainConfig().signature()["init_level"] is False  # physics: starts at the physics prediction
+
+
 # --- the night split ----------------------------------------------------------------------------
 
 
 def test_split_nights_rules():
     n5 = [f"2024010{i}" for i in range(1, 6)]
-    assert T.split_nights(n5) == (n5[:4], n5[4:])
-    assert T.split_nights(n5[:2]) == (n5[:1], n5[1:2])
-    assert T.split_nights(n5[:1]) == (n5[:1], [])
-    assert T.split_nights(n5, 2) == (n5[:3], n5[3:])
-    assert T.split_nights(n5, 0) == (n5, [])
-    assert T.split_nights(n5 + n5, ["20240102"]) == ([n for n in n5 if n != "20240102"], ["20240102"])
+    assert split_nights(n5) == (n5[:4], n5[4:])
+    assert split_nights(n5[:2]) == (n5[:1], n5[1:2])
+    assert split_nights(n5[:1]) == (n5[:1], [])
+    assert split_nights(n5, 2) == (n5[:3], n5[3:])
+    assert split_nights(n5, 0) == (n5, [])
+    assert split_nights(n5 + n5, ["20240102"]) == ([n for n in n5 if n != "20240102"], ["20240102"])
     with pytest.raises(ValueError, match="no training night"):
-        T.split_nights(n5, 5)
+        split_nights(n5, 5)
     with pytest.raises(ValueError, match="not in the shards"):
-        T.split_nights(n5, ["20231231"])
+        split_nights(n5, ["20231231"])
 
 
 def test_training_never_puts_a_night_in_both_sets(trained, library):
@@ -105,7 +192,7 @@ def test_training_never_puts_a_night_in_both_sets(trained, library):
     assert train_n == NIGHTS[:2] and val_n == NIGHTS[2:] == res.val_nights
     assert not set(train_n) & set(val_n)
     # every sample of a night lies on one side: the library's samples of the validation night
-    with T.open_library(library[0]) as lib:
+    with open_library(library[0]) as lib:
         nights = set(lib.table["night"])
         assert nights == set(NIGHTS)
         # 2 darks x 4 channels per night: all 8 of the two training nights train
@@ -117,24 +204,24 @@ def test_training_never_puts_a_night_in_both_sets(trained, library):
 
 @pytest.mark.parametrize("bn", ["running", "batch"])
 def test_few_steps_lower_the_training_loss_on_a_fixed_batch(library, bn):
-    with T.open_library(library[0]) as lib:
-        src = T.SampleSource(lib)
+    with open_library(library[0]) as lib:
+        src = SampleSource(lib)
         items = [src.get(i) for i in range(4)]
-        x, y = T.build_batch(items, 64, 32, [(16, 16)] * 4)
+        x, y = build_batch(items, 64, 32, [(16, 16)] * 4)
     G = Generator(PRESETS["compact"], seed=0)
     D = Discriminator(in_channels=4, seed=1)
-    T.init_output_level(G, float(y.mean()))
+    init_output_level(G, float(y.mean()))
     if bn == "running":
-        T.calibrate_batchnorm(G, x)
+        calibrate_batchnorm(G, x)
     opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     cfg = LossConfig("deepdark", 100.0)
     l1 = []
     for _ in range(30):
-        T.set_training_mode(G, bn)
-        with T.track_running_stats(G, 0.1) if bn == "running" else torch.enable_grad():
-            parts = T._train_step(G, D, opt_g, opt_d, scaler, cfg, x, y, torch.device("cpu"))
+        set_training_mode(G, bn)
+        with track_running_stats(G, 0.1) if bn == "running" else torch.enable_grad():
+            parts = _train_step(G, D, opt_g, opt_d, scaler, cfg, x, y, torch.device("cpu"))
         l1.append(parts["g_l1"])
     assert np.mean(l1[-5:]) < 0.5 * np.mean(l1[:3])
 
@@ -144,12 +231,12 @@ def test_running_batchnorm_keeps_the_level_train_batch_mode_erases_it():
     input cannot reach the output; with running statistics - as at inference - it does."""
     G = Generator(PRESETS["compact"], seed=0)
     x = torch.rand(1, 3, 32, 32) * 0.01 + 0.02
-    T.calibrate_batchnorm(G, torch.cat([x, x + 0.01]))
+    calibrate_batchnorm(G, torch.cat([x, x + 0.01]))
     with torch.no_grad():
         G.train()
         a, b = G(x), G(x + 0.005)
         assert torch.allclose(a, b, atol=1e-6)  # per-image normalisation: level erased
-        T.set_training_mode(G, "running")
+        set_training_mode(G, "running")
         a, b = G(x), G(x + 0.005)
         assert (a - b).abs().max() > 1e-4  # the level reaches the output
         torch.testing.assert_close(a, G.predict(x))  # training computes what inference does
@@ -158,12 +245,12 @@ def test_running_batchnorm_keeps_the_level_train_batch_mode_erases_it():
 def test_track_running_stats_updates_after_the_forward():
     G = Generator(PRESETS["compact"], seed=0)
     bn = [m for m in G.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
-    T.set_training_mode(G, "running")
+    set_training_mode(G, "running")
     x = torch.rand(2, 3, 16, 16)
     before = bn.running_mean.clone()
     with torch.no_grad():
         ref = G(x)
-    with T.track_running_stats(G, 0.5):
+    with track_running_stats(G, 0.5):
         out = G(x)
     torch.testing.assert_close(out, ref)  # normalised with the old statistics
     assert not torch.equal(bn.running_mean, before)  # then updated
@@ -194,6 +281,10 @@ def test_training_writes_model_card_log_and_checkpoint(trained):
     assert card["epochs"] == 2 and card["code_version"]
     assert np.isfinite(card["validation"]["rmse_adu"]) and "centre 32x32" in card["validation"]["region"]
     assert card["weights"]["sha256"] == model_io.model_hash(out)
+    settings = dataclasses.replace(QUICK_CONFIG, epochs=2)
+    assert {k: card["training"][k] for k in settings.card()} == settings.card()
+    signature = json.loads((out / "checkpoint.json").read_text())["signature"]
+    assert {k: signature[k] for k in settings.signature()} == settings.signature()
     import pandas as pd
 
     log = pd.read_csv(out / "training_log.csv")
@@ -203,16 +294,18 @@ def test_training_writes_model_card_log_and_checkpoint(trained):
 
 def test_training_is_reproducible_with_a_seed(library, trained, tmp_path):
     shards, _ = library
-    T.train(shards, tmp_path / "a", **{**QUICK, "epochs": 2})
+    train(shards, tmp_path / "a", **{**QUICK, "epochs": 2})  # the settings as keywords
     assert _same(_weights(tmp_path / "a"), _weights(trained[0]))
-    T.train(shards, tmp_path / "b", **{**QUICK, "seed": 1})
+    # byte-identical model files, so the model hash written into corrected frames (DDMHASH) too
+    assert model_io.model_hash(tmp_path / "a") == model_io.model_hash(trained[0])
+    quick_train(shards, tmp_path / "b", seed=1)
     assert not _same(_weights(tmp_path / "b"), _weights(tmp_path / "a"))
 
 
 def test_resume_continues_from_the_saved_epoch(library, trained, tmp_path, monkeypatch):
     shards, _ = library
     out = tmp_path / "r"
-    T.train(shards, out, **QUICK)  # "killed" after epoch 1
+    quick_train(shards, out)  # "killed" after epoch 1
     (out / "model.json").unlink()
     first = json.loads((out / "checkpoint.json").read_text())
     assert first["epoch"] == 1
@@ -223,7 +316,7 @@ def test_resume_continues_from_the_saved_epoch(library, trained, tmp_path, monke
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
-    res = T.train(shards, out, **{**QUICK, "epochs": 2})
+    res = quick_train(shards, out, epochs=2)
     assert [r["epoch"] for r in res.history] == [1, 2]
     assert res.history[0] == first["history"][0]  # epoch 1 was not redone
     import pandas as pd
@@ -232,29 +325,29 @@ def test_resume_continues_from_the_saved_epoch(library, trained, tmp_path, monke
     assert _same(_weights(out), _weights(trained[0]))  # = an uninterrupted 2-epoch run
     assert [p.name for p in out.glob("checkpoint-e*.safetensors")] == ["checkpoint-e0002.safetensors"]
     with pytest.raises(ValueError, match="other settings.*lr"):
-        T.train(shards, out, **{**QUICK, "epochs": 3, "lr": 1e-3})
+        quick_train(shards, out, epochs=3, lr=1e-3)
 
 
 def test_resume_refuses_a_corrupt_checkpoint(library, tmp_path):
     shards, _ = library
     out = tmp_path / "c"
-    T.train(shards, out, **QUICK)
+    quick_train(shards, out)
     (out / "checkpoint-e0001.safetensors").write_bytes(b"\x80\x04garbage")
     with pytest.raises(ValueError, match="does not match its hash"):
-        T.train(shards, out, **{**QUICK, "epochs": 2})
-    T.train(shards, out, **{**QUICK, "epochs": 1, "resume": False})  # starting over is allowed
+        quick_train(shards, out, epochs=2)
+    quick_train(shards, out, epochs=1, resume=False)  # starting over is allowed
 
 
 def test_bad_training_arguments(library, tmp_path):
     shards, _ = library
     with pytest.raises(ValueError, match="multiple of 4"):
-        T.train(shards, tmp_path / "x", **{**QUICK, "crop": 30})
+        quick_train(shards, tmp_path / "x", crop=30)
     with pytest.raises(ValueError, match="unknown preset"):
-        T.train(shards, tmp_path / "x", **{**QUICK, "preset": "huge"})
+        quick_train(shards, tmp_path / "x", preset="huge")
     with pytest.raises(ValueError, match="no DARK frames"):
-        T.train(shards, tmp_path / "x", **{**QUICK, "setpoints": [-40]})
+        quick_train(shards, tmp_path / "x", setpoints=[-40])
     with pytest.raises(ValueError, match="no training night"):
-        T.train(shards, tmp_path / "x", **{**QUICK, "val_nights": 3})
+        quick_train(shards, tmp_path / "x", val_nights=3)
 
 
 # --- the model file -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ No conda implementation can create environments without the network, and `snakem
 `--lint` never open an env file, so a malformed one would only show on a cluster. Here:
 
 - every `envs/*.yaml` is valid YAML with `channels` and `dependencies`;
+- every env pins torch to the major.minor release the tests run on (the installed torch);
 - every conda dependency is a valid match spec (parsed by py-rattler, no network), every
   `pip:` entry a valid PEP 508 requirement (or a local path / `-e` path that exists);
 - every third-party module the package `deepdark/` imports (walked from its source) is
@@ -212,7 +213,7 @@ def missing_modules(env_path: Path, modules) -> list[str]:
 #
 # The workflow is loaded with Snakemake's API (in a subprocess: Snakemake changes directory and
 # sets up logging) once per config variant that changes the environments (config `gpu`), and
-# each rule's `conda:` is read as Snakemake resolved it: helpers such as env("model") included.
+# each rule's `conda:` is read as Snakemake resolved it: helpers such as conda_env("train") included.
 
 SNAKEFILE = ROOT / "Snakefile"
 
@@ -337,6 +338,59 @@ def test_env_specs_parse(env_path):
             Requirement(entry)
         except InvalidRequirement as e:
             pytest.fail(f"{env_path.name}: pip entry {entry!r} is not a valid requirement: {e}")
+
+
+def installed_torch() -> tuple[int, int] | None:
+    """(major, minor) of the torch the tests run on; None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("torch").split("+")[0]
+    except PackageNotFoundError:
+        return None
+    major, minor = release.split(".")[:2]
+    return int(major), int(minor)
+
+
+def torch_matchers(env_path: Path) -> list:
+    """One predicate per torch requirement of an env file (conda or pip): does it admit a
+    version, given as a string?"""
+    import rattler
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    conda, pip = split_dependencies(env_path, load_env(env_path))
+    matchers = []
+    for spec in conda:
+        m = parse_conda_spec(spec)
+        if m.name.normalized in CONDA_PROVIDERS["torch"]:
+            allowed = rattler.VersionSpec(m.version) if m.version else None
+            matchers.append(lambda v, allowed=allowed: allowed is None or allowed.matches(rattler.Version(v)))
+    for entry in pip:
+        if not is_local_pip(entry) and not entry.startswith("-"):
+            req = Requirement(entry)
+            if canonicalize_name(req.name) in PIP_PROVIDERS["torch"]:
+                matchers.append(lambda v, req=req: req.specifier.contains(v, prereleases=True))
+    return matchers
+
+
+@needs_envs
+@pytest.mark.parametrize("env_path", ENV_FILES, ids=lambda p: p.name)
+def test_env_pins_the_tested_torch(env_path):
+    """An env's torch is the major.minor release the test suite ran on: no other release."""
+    tested = installed_torch()
+    if tested is None:
+        pytest.skip("torch is not installed")
+    major, minor = tested
+    matchers = torch_matchers(env_path)
+    if not matchers:
+        pytest.skip(f"{env_path.name} installs no torch")
+    same = [f"{major}.{minor}.{patch}" for patch in range(10)]
+    others = [f"{major}.{minor + 1}.0", f"{major}.{minor - 1}.99", f"{major + 1}.{minor}.0", f"{major - 1}.{minor}.0"]
+    for admits in matchers:
+        assert any(admits(v) for v in same), f"{env_path.name}: torch is not pinned to {major}.{minor} (tested)"
+        wrong = [v for v in others if admits(v)]
+        assert not wrong, f"{env_path.name}: torch admits {', '.join(wrong)}; pin it to {major}.{minor} (tested)"
 
 
 def test_parser_catches_malformed_specs():

@@ -1,0 +1,135 @@
+"""Bit rot in a stored shard or predictions file is an error naming the file and the dataset, never
+different pixels read back in silence."""
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from deepdark.io.predictions import Predictions, write_predictions
+from deepdark.io.shards import Shard
+from deepdark.pipeline.extract import extract
+
+
+def flip_bit(path, byte, bit):
+    with open(path, "r+b") as fh:
+        fh.seek(byte)
+        value = fh.read(1)[0]
+        fh.seek(byte)
+        fh.write(bytes([value ^ (1 << bit)]))
+
+
+def chunk_positions(path, name, n_chunks=3, per_chunk=5):
+    """(chunk index, absolute byte, bit) spread over the stored bytes of a few chunks of ``name``,
+    from the first byte to the last (the checksum, where there is one, is stored in them)."""
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        chunks = [ds.id.get_chunk_info(i) for i in range(min(n_chunks, ds.id.get_num_chunks()))]
+    out = []
+    for info in chunks:
+        for k in range(per_chunk):
+            byte = info.byte_offset + (info.size - 1) * k // (per_chunk - 1)
+            out.append((info.chunk_offset[0], byte, (3 * k + 1) % 8))
+    return out
+
+
+def outcome(read, path, name, row) -> str:
+    """How ``read(path, name, row)`` ends. ``named``: an error naming the file and the dataset;
+    ``nameless``: an error that does not; ``silent``: the read succeeded (different values, or
+    the flip was harmless)."""
+    try:
+        read(path, name, row)
+    except OSError as exc:
+        return "named" if str(path) in str(exc) and f"/{name}" in str(exc) else "nameless"
+    return "silent"
+
+
+def summary(outcomes) -> str:
+    return ", ".join(f"{outcomes.count(k)} {k}" for k in ("named", "nameless", "silent")) + f" of {len(outcomes)}"
+
+
+@pytest.fixture
+def shard(write_night, tmp_path, mini):
+    extract([write_night(n_dark=3, n_guide=1)], tmp_path / "n.h5", mini, progress=False)
+    return tmp_path / "n.h5"
+
+
+def read_shard_rows(path, name, row):
+    with Shard(path) as s:
+        if name == "active":
+            idx = int(np.flatnonzero(s.table["active_index"].to_numpy() == row)[0])
+            return s.active([idx])
+        return s.strips([row])[name]
+
+
+def read_dark(path, name, row):
+    with Predictions(path) as p:
+        return p.dark([row])
+
+
+@pytest.mark.parametrize("name", ["a1", "a2", "a3", "active"])
+def test_a_flipped_bit_in_a_shard_chunk_is_an_error_naming_file_and_dataset(shard, tmp_path, name):
+    positions = chunk_positions(shard, name)
+    assert len(positions) >= 10
+    outcomes = []
+    for row, byte, bit in positions:
+        rotten = tmp_path / f"rotten_{name}_{byte}_{bit}.h5"
+        shutil.copyfile(shard, rotten)
+        flip_bit(rotten, byte, bit)
+        outcomes.append(outcome(read_shard_rows, rotten, name, row))
+    assert outcomes == ["named"] * len(positions), summary(outcomes)
+
+
+def test_a_flipped_bit_in_a_predictions_chunk_is_an_error_naming_file_and_dataset(shard, tmp_path):
+    pred = tmp_path / "p.h5"
+    rng = np.random.default_rng(0)
+    write_predictions(shard, pred, lambda s, r: rng.normal(1000, 5, (len(r), 68, 68)), {"method": "x"}, progress=False)
+    positions = chunk_positions(pred, "dark", n_chunks=4)
+    outcomes = []
+    for row, byte, bit in positions:
+        rotten = tmp_path / f"rotten_{byte}_{bit}.h5"
+        shutil.copyfile(pred, rotten)
+        flip_bit(rotten, byte, bit)
+        outcomes.append(outcome(read_dark, rotten, "dark", row))
+    assert outcomes == ["named"] * len(positions), summary(outcomes)
+
+
+def test_a_flipped_bit_in_a_numeric_table_column_is_an_error_at_open(shard, tmp_path):
+    with h5py.File(shard, "r") as f:
+        info = f["table/ccdtemp"].id.get_chunk_info(0)
+    flip_bit(shard, info.byte_offset + 3, 5)
+    with pytest.raises(OSError, match="table/ccdtemp"):
+        Shard(shard)
+
+
+def test_intact_files_read_back_the_same_pixels(shard, write_night):
+    """The checksums cost nothing on the way back: the pixels are the frames' own."""
+    from deepdark.io.frames import read_frame
+    from deepdark.io.strips import channel_strips
+
+    with Shard(shard) as s:
+        for row, rec in s.table.iterrows():
+            frame = read_frame(rec["file"], s.geometry)
+            want = channel_strips(frame.data, s.geometry)[rec["channel"]]
+            got = s.strips([row])
+            for name in ("a1", "a2", "a3"):
+                np.testing.assert_array_equal(got[name][0], want[name])
+        with h5py.File(shard, "r") as f:
+            assert all(f[n].fletcher32 for n in ("a1", "a2", "a3", "active", "table/exptime"))
+
+
+def test_changed_strings_of_the_table_are_an_error_at_open(shard):
+    """HDF5 keeps strings in a heap that no chunk checksum covers: the table's text has its own."""
+    with h5py.File(shard, "a") as f:
+        f["table/camera"][0] = "GS9"
+    with pytest.raises(OSError, match=f"{shard}: .*table/camera.* fail their checksum"):
+        Shard(shard)
+
+
+def test_the_same_inputs_give_a_byte_identical_shard(write_night, tmp_path, mini):
+    night = write_night(n_dark=2, n_guide=1)
+    (night / "notes.txt").write_text("log\n")
+    for name in ("a.h5", "b.h5"):
+        extract([night], tmp_path / name, mini, progress=False)
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
