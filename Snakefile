@@ -37,3 +37,4 @@ rule all:
     default_target: True
     input:
         rules.summary.output,
+        every_intermediate,

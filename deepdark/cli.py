@@ -8,20 +8,25 @@ never change what an existing one means.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import importlib
 import inspect
 import json
 import logging
+import os
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from deepdark import __version__
+from deepdark.io.errors import DeepdarkError, InputError, MissingInputError, OutputError
 from deepdark.training.config import DEVICES, LR_SCHEDULES
 
 log = logging.getLogger("deepdark")
 
 
-class UserError(Exception):
+class UserError(InputError):
     """Bad input: reported in one line, exit status 2."""
 
 
@@ -75,6 +80,8 @@ def cmd_baseline(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from deepdark.evaluation.evaluate import evaluate, format_table
 
+    if not (a.baseline or a.model or getattr(a, "physics", None)):
+        raise UserError("nothing to evaluate: give --baseline, --model and/or --physics")
     predictors = {}
     if a.model:
         from deepdark.model.runner import model_predictor
@@ -181,17 +188,19 @@ def cmd_correct(a: argparse.Namespace) -> None:
         include_dark=a.include_dark,
         cameras=a.cameras,
         keywords=_keywords(a),
+        replace_with_empty=a.replace_with_empty,
         progress=not a.quiet,
     )
     log.info(
-        "%s: %d frames corrected, %d failed, %d skipped (%s)",
+        "%s: %d frames corrected (%d flagged), %d failed, %d skipped (%s)",
         a.out,
-        res.n_ok,
+        res.n_corrected,
+        res.n_flagged,
         res.n_failed,
         res.n_skipped,
         res.manifest,
     )
-    if res.n_failed and (a.strict or res.n_ok == 0):
+    if res.n_failed and (a.strict or res.n_corrected == 0):
         raise UserError(f"{res.n_failed} frame(s) could not be corrected, see {res.manifest}")
 
 
@@ -209,7 +218,15 @@ def cmd_summary(a: argparse.Namespace) -> None:
     from deepdark.pipeline.summary import summarize
 
     nights = [n for n in a.nights.split(",") if n] if a.nights else None
-    table, table1 = summarize(a.qa_dir, a.csv, a.html, a.table, nights=nights, corrected_dir=a.corrected_dir)
+    table, table1 = summarize(
+        a.qa_dir,
+        a.csv,
+        a.html,
+        a.table,
+        nights=nights,
+        corrected_dir=a.corrected_dir,
+        max_failed_fraction=a.max_failed_fraction,
+    )
     log.info("%d nights summarised, %d flagged: %s", len(table), int((table["flag"] != "").sum()), a.html)
     if table1:
         print(format_table(table1))
@@ -232,9 +249,25 @@ def cmd_presets(a: argparse.Namespace) -> None:
 
 
 def _keywords(a: argparse.Namespace):
+    """The header keyword names of ``--keywords`` (JSON), each key checked."""
     from deepdark.io.frames import Keywords
 
-    return Keywords(**json.loads(a.keywords)) if a.keywords else Keywords()
+    if not a.keywords:
+        return Keywords()
+    try:
+        names = json.loads(a.keywords)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--keywords {a.keywords!r} is not JSON ({exc})") from None
+    valid = [f.name for f in dataclasses.fields(Keywords)]
+    if not isinstance(names, dict):
+        raise UserError(f"--keywords {a.keywords!r} is not a JSON object of names ({', '.join(valid)})")
+    unknown = sorted(set(names) - set(valid))
+    if unknown:
+        raise UserError(f"--keywords: unknown key(s) {', '.join(map(repr, unknown))} (valid: {', '.join(valid)})")
+    bad = {k: v for k, v in names.items() if not isinstance(v, str) or not v.strip()}
+    if bad:
+        raise UserError(f"--keywords: {bad} must name header keywords (non-empty text)")
+    return Keywords(**names)
 
 
 class FunctionDefault:
@@ -568,6 +601,12 @@ def _workflow_commands(sub) -> None:
     s.add_argument("--masters", type=Path, help="master-dark file from `deepdark baseline`")
     s.add_argument("--include-dark", action="store_true", help="append the removed dark as extension DARK")
     s.add_argument("--strict", action="store_true", help="exit 2 when any frame fails (default: only when all fail)")
+    s.add_argument(
+        "--replace-with-empty",
+        action="store_true",
+        help="let a result without any corrected frame replace the frames an earlier run left in --out "
+        "(default: refuse, exit 2)",
+    )
     s.set_defaults(func=cmd_correct)
 
     s = sub.add_parser(
@@ -588,6 +627,13 @@ def _workflow_commands(sub) -> None:
     s.add_argument("--csv", required=True, type=Path, help="per-night table to write")
     s.add_argument("--html", required=True, type=Path, help="page to write")
     s.add_argument("--table", type=Path, help="Table 1 over the archive (CSV) to write")
+    s.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=FunctionDefault("deepdark.pipeline.summary:summarize", "max_failed_fraction"),
+        help="flag a night where more than this fraction of its frames failed correction "
+        "(needs --corrected-dir; default: %(default)s)",
+    )
     s.set_defaults(func=cmd_summary)
 
     s = sub.add_parser("presets", help="list geometry presets and model presets (parameters, MACs)")
@@ -624,20 +670,167 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = resolve_defaults(build_parser().parse_args(argv))
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from deepdark.io.frames import FrameError
-    from deepdark.io.geometry import GeometryError
+# -- before a command runs: its inputs exist, its outputs write over none of them -------------------
+#
+# READS names, per command, the options that are inputs (argparse dest, and the option as typed;
+# None for a positional argument), WRITES its outputs (dest, kind of deepdark.io.outputs). A missing
+# input or an output over an input stops the command before it reads or writes anything.
+
+READS = {
+    "extract": (("inputs", None),),
+    "baseline": (("shards", None),),
+    "physics-fit": (("shards", None),),
+    "train": (("shards", None), ("physics", "--physics")),
+    "predict": (("shard", None), ("model", "--model")),
+    "evaluate": (("test", "--test"), ("baseline", "--baseline"), ("model", "--model"), ("physics", "--physics")),
+    "ablation": (("shards", None),),
+    "correct": (("source", None), ("masters", "--masters")),
+    "qa": (("shard", "--shard"), ("predictions", "--predictions"), ("masters", "--masters")),
+    "summary": (("qa_dir", "--qa-dir"), ("corrected_dir", "--corrected-dir")),
+}
+WRITES = {
+    "extract": (("out", "shard"),),
+    "baseline": (("out", "masters"),),
+    "physics-fit": (("out", "physics"),),
+    "train": (("out", "model"),),
+    "predict": (("out", "predictions"),),
+    "evaluate": (("out", "evaluation"),),
+    "ablation": (("out", "ablation"),),
+    "correct": (("out", "corrected"),),
+    "qa": (("out", "qa"),),
+    "summary": (("csv", "text"), ("html", "text"), ("table", "text")),
+}
+# Commands that also read the raw frames a shard or predictions file names (dest of that file).
+READS_RAW_FRAMES_OF = {"correct": "source", "qa": "shard"}
+# The card every simulated frame carries (deepdark.sim.simulate).
+SIMULATED_CARD = "SIMSEED"
+
+
+def check_paths(a: argparse.Namespace) -> None:
+    """Raise a :class:`DeepdarkError` when an input of the command is missing or an output would
+    be written over an input (or over something that is not an earlier output of its kind)."""
+    from deepdark.io.outputs import check_output
+
+    inputs = _existing_inputs(a) + _geometry_inputs(a)
+    if a.command in READS_RAW_FRAMES_OF:
+        inputs += _raw_folders(getattr(a, READS_RAW_FRAMES_OF[a.command]))
+    for dest, kind in WRITES.get(a.command, ()):
+        if getattr(a, dest, None) is not None:
+            check_output(getattr(a, dest), inputs, kind)
+    if a.command == "extract":
+        from deepdark.io.shards import ignored_path, quarantine_path
+
+        for table in (quarantine_path(a.out), ignored_path(a.out)):
+            check_output(table, inputs, "text")
+    if a.command == "simulate":
+        _check_simulated_archive(a, inputs)
+
+
+def _existing_inputs(a: argparse.Namespace) -> list[Path]:
+    """The command's input paths; :class:`MissingInputError` naming the first that does not exist."""
+    paths = []
+    for dest, option in READS.get(a.command, ()):
+        value = getattr(a, dest, None)
+        for path in map(Path, value if isinstance(value, list) else [] if value is None else [value]):
+            if not path.exists():
+                given = f"{option} {path}" if option else str(path)
+                raise MissingInputError(f"{given}: does not exist")
+            paths.append(path)
+    return paths
+
+
+def _geometry_inputs(a: argparse.Namespace) -> list[Path]:
+    """The geometry YAML file the command reads (none for a preset)."""
+    from deepdark.io.geometry import presets
+
+    geometry = getattr(a, "geometry", None)
+    if geometry is None or geometry in presets() or not Path(geometry).exists():
+        return []
+    return [Path(geometry)]
+
+
+def _raw_folders(path: Path) -> list[Path]:
+    """The folders of the raw frames that a shard's or predictions file's frame table names."""
+    from deepdark.io.outputs import file_kind
+
+    kind = file_kind(path) if Path(path).is_file() else None
+    if kind not in ("shard", "predictions"):
+        return []  # the command itself says what is wrong with it
+    from deepdark.io.predictions import Predictions
+    from deepdark.io.shards import Shard
+
+    with (Predictions if kind == "predictions" else Shard)(path) as opened:
+        return sorted({Path(name).parent for name in opened.table["file"]})
+
+
+def _check_simulated_archive(a: argparse.Namespace, inputs: list[Path]) -> None:
+    """The simulator writes frames under fixed names: refuse a night folder of ``a.out`` that holds
+    a frame it did not write (a real archive), and an archive folder that is an input."""
+    from deepdark.io.frames import is_fits_name
+    from deepdark.io.outputs import file_kind
+
+    out = Path(a.out)
+    if any(os.path.realpath(out) == os.path.realpath(src) for src in inputs):
+        raise OutputError(f"refusing to write {out}: it is an input")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"refusing to write {out}: it exists and is a {file_kind(out)}, not an archive folder")
+    try:
+        first = datetime.strptime(str(a.first_night), "%Y%m%d")
+    except ValueError:
+        raise UserError(f"--first-night {a.first_night!r} is not a night (YYYYMMDD)") from None
+    for k in range(a.nights):
+        night = out / (first + timedelta(days=k)).strftime("%Y%m%d")
+        frames = sorted(p for p in night.iterdir() if is_fits_name(p)) if night.is_dir() else []
+        foreign = next((p for p in frames if not _is_simulated_frame(p)), None)
+        if foreign is not None:
+            raise OutputError(f"refusing to write {out}: {foreign} is a frame the simulator did not write")
+
+
+def _is_simulated_frame(path: Path) -> bool:
+    from astropy.io import fits
 
     try:
-        args.func(args)
-    except (UserError, FrameError, GeometryError, ValueError, FileNotFoundError, OSError) as exc:
-        if args.verbose:
-            raise
-        print(f"deepdark {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return SIMULATED_CARD in fits.getheader(path, 0)
+    except (OSError, ValueError):  # unreadable, or not FITS: not the simulator's
+        return False
+
+
+# OSErrors that are the system refusing what was asked (a full disk or quota, a read-only file
+# system, a file without permission): not bugs, so reported in one line like a DeepdarkError.
+SYSTEM_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+INTERRUPTED = 130  # the shell's status of a command ended by SIGINT (128 + 2)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, DeepdarkError) or (isinstance(exc, OSError) and exc.errno in SYSTEM_REFUSALS)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (HDF5's messages of a failed write span several)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (a :class:`DeepdarkError`, or the system refusing a file) is
+    one line on stderr and exit status 2; Ctrl-C one line and 130; anything else is a bug and
+    keeps its traceback (exit status 1). ``-v`` shows the traceback of a user error too."""
+    name = "deepdark"
+    try:
+        args = resolve_defaults(build_parser().parse_args(argv))
+        name = f"deepdark {args.command}"
+        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        try:
+            check_paths(args)
+            args.func(args)
+        except (DeepdarkError, OSError) as exc:
+            if args.verbose or not _is_user_error(exc):
+                raise
+            print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -2,15 +2,19 @@
 # the environment and size of each kind of job. Included first: it validates the config (and fills
 # in the schema's defaults) before any rule reads it.
 
+import contextlib
 import functools
+import io
 import json
 import os
 import re
 import shlex
+import stat
 import sys
 from datetime import datetime, timedelta
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 NIGHT = r"[0-9]{8}"  # YYYYMMDD
@@ -85,10 +89,34 @@ def simulated_nights(which):
     return [(first + timedelta(days=k)).strftime("%Y%m%d") for k in range(sim["nights"])]
 
 
-def scan_nights(root):
-    """The YYYYMMDD folders of an archive root: one scandir, no per-file work."""
+def scan_nights(root, which):
+    """The YYYYMMDD folders of the archive root of ``which``: one scandir, and a stat and an open
+    per night, no per-file work. A night that cannot be used (a symlink loop, a folder without
+    read permission) is skipped with a warning naming it; a night folder that is also linked under
+    another name is used once, under the first of its names in sorted order."""
     with os.scandir(root) as it:
-        return sorted(e.name for e in it if NIGHT_RE.match(e.name) and e.is_dir())
+        candidates = sorted((e.name, e.path) for e in it if NIGHT_RE.match(e.name))
+    chosen, first_name = [], {}
+    for name, path in candidates:
+        try:
+            st = os.stat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            with os.scandir(path):
+                pass  # it can be listed
+        except OSError as exc:
+            logger.warning(f"{which}.path: night folder {path} skipped: {exc.strerror or exc}")
+            continue
+        folder = (st.st_dev, st.st_ino)
+        if folder in first_name:
+            logger.warning(
+                f"{which}.path: {path} is the night folder {first_name[folder]} under a second name: used once, "
+                f"as {first_name[folder]}"
+            )
+            continue
+        first_name[folder] = name
+        chosen.append(name)
+    return chosen
 
 
 def root_of(which):
@@ -104,7 +132,7 @@ def nights(which):
     if cfg["path"]:
         if not os.path.isdir(cfg["path"]):
             raise WorkflowError(f"{which}.path: {cfg['path']!r} is not a folder")
-        available = scan_nights(cfg["path"])
+        available = scan_nights(cfg["path"], which)
     else:
         available = simulated_nights(which)
     sel = cfg["nights"]
@@ -228,6 +256,7 @@ def correct_args():
     flags = {
         "--include-dark": config["correct"]["include_dark"],
         "--strict": config["correct"]["strict"],
+        "--replace-with-empty": config["correct"]["replace_with_empty"],
     }
     return [flag for flag, on in flags.items() if on]
 
@@ -261,6 +290,74 @@ def night_folder(which):
     return folder
 
 
+def night_inventory(which):
+    """Input function: ``RESULTS/inventory/<which>/<night>.tsv``, the night's entries with their
+    sizes and modification times, written when that list changes and only then. A file completed,
+    replaced or added after a run changes it, and so reruns the night's extract (rewriting a file
+    changes no folder's modification time). Nothing for a simulated set: its nights are this
+    workflow's own outputs."""
+
+    def inventory(wildcards):
+        if not config[which]["path"]:
+            return []
+        path = results(f"inventory/{which}/{wildcards.night}.tsv")
+        text = inventory_text(f"{root_of(which)}/{wildcards.night}")
+        if read_text(path) != text:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}.{os.getpid()}.partial"
+            with open(partial, "w") as fh:
+                fh.write(text)
+            os.replace(partial, path)
+        return path
+
+    return inventory
+
+
+def inventory_text(folder):
+    """One line per entry of ``folder``: its name (JSON: any byte survives), size and mtime (ns)."""
+    lines = ["name\tsize\tmtime_ns\n"]
+    with os.scandir(folder) as it:
+        for e in sorted(it, key=lambda e: e.name):
+            try:
+                st = e.stat()
+            except OSError:  # a dangling link or a loop: the link itself
+                st = e.stat(follow_symlinks=False)
+            lines.append(f"{json.dumps(e.name)}\t{st.st_size}\t{st.st_mtime_ns}\n")
+    return "".join(lines)
+
+
+def read_text(path):
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def needs_library():
+    """Whether the library is read: to build the masters or to train the model."""
+    return not (config["library"]["masters"] and config["model"]["dir"])
+
+
+def every_intermediate(wildcards):
+    """Every result the summary is made from, night by night, and the masters and the model. The
+    default target asks for each, so that one deleted is made again and what it feeds reruns on
+    its newer modification time (Snakemake leaves a missing intermediate alone otherwise)."""
+    archive = nights("archive")
+    files = expand(results("{dir}/{night}.h5"), dir=("shards", "predictions"), night=archive)
+    files += expand(results("shards/{night}.quarantine.csv"), night=archive)
+    files += expand(results("corrected/{night}/manifest.csv"), night=archive)
+    files += expand(results("qa/{night}/{name}"), night=archive, name=("qa.csv", "qa.html", "quarantine.csv"))
+    if not config["archive"]["path"]:
+        files += expand(results("simulated/archive/{night}"), night=archive)
+    if needs_library():
+        library = nights("library")
+        files += expand(results("library/{night}{ext}"), night=library, ext=(".h5", ".quarantine.csv"))
+        if not config["library"]["path"]:
+            files += expand(results("simulated/library/{night}"), night=library)
+    return files + [masters_file(), *model_files().values()]
+
+
 def train_args():
     m = config["model"]
     args = ["--preset", m["preset"], "--loss", m["loss"], "--epochs", str(m["epochs"])]
@@ -280,3 +377,165 @@ def train_args():
         if m[key]:
             args += [option, str(m[key])]
     return args + shlex.split(m["extra_args"])
+
+
+# -- every value resolved before any job runs ---------------------------------------------------
+#
+# A job that fails has its outputs removed, and a changed value reruns (and so first removes)
+# every result it reaches: a value that cannot work must stop the run here, before any job, or a
+# misspelt keyword would remove every finished shard, the masters and the model.
+
+# The header keywords every raw frame must carry (deepdark.io.frames.parse_header).
+REQUIRED_KEYWORDS = ("imagetyp", "exptime", "ccdtemp", "date_obs")
+SAMPLED_NIGHTS = 3  # the first, the middle and the last selected night
+SAMPLED_FRAMES = 3  # readable frames per sampled night
+TRIED_FRAMES = 10  # files tried per sampled night to find them
+
+
+def deepdark_importable():
+    """Whether this workflow's deepdark (as the jobs run it) imports in Snakemake's Python; a
+    warning when it does not (the checks of geometry, keywords and options are then skipped)."""
+    try:
+        import deepdark  # noqa: F401
+    except ImportError:
+        sys.path.append(workflow.basedir)
+    try:
+        import deepdark.cli  # noqa: F401
+        import deepdark.io.frames  # noqa: F401
+    except ImportError as exc:
+        logger.warning(f"geometry, keywords and train options not checked before the jobs: {exc}")
+        return False
+    return True
+
+
+def geometry_problems():
+    """The geometry loads, and is that of the given model and masters."""
+    from deepdark.io.errors import DeepdarkError
+    from deepdark.io.geometry import load_geometry, parse_geometry
+
+    try:
+        geometry = load_geometry(config["geometry"])
+    except DeepdarkError as exc:
+        return [f"geometry: {exc}"]
+    problems = []
+    model, masters = config["model"]["dir"], config["library"]["masters"]
+    if model:
+        try:
+            with open(os.path.join(model, "model.json")) as fh:
+                trained_on = json.load(fh)["geometry"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return [f"model.dir: {model!r}: model.json unreadable ({exc})"]
+        if trained_on.get("sha256") != geometry.digest:
+            problems.append(
+                f"model.dir: {model!r} was trained on geometry {trained_on.get('name')!r}, not on geometry "
+                f"{config['geometry']!r}"
+            )
+    if masters:
+        import h5py
+
+        try:
+            with h5py.File(masters, "r") as f:
+                made_from = parse_geometry(f.attrs["geometry"], origin=masters)
+        except (OSError, KeyError, DeepdarkError) as exc:
+            return problems + [f"library.masters: {masters!r} is not a master-dark file ({exc})"]
+        if made_from.digest != geometry.digest:
+            problems.append(
+                f"library.masters: {masters!r} was made on geometry {made_from.name!r}, not on geometry "
+                f"{config['geometry']!r}"
+            )
+    return problems
+
+
+def header_keys(path):
+    """The keywords of a raw frame's header (of HDU 1 too for a tile-compressed file); None when
+    it cannot be read (extract quarantines it)."""
+    import warnings
+
+    from astropy.io import fits
+
+    try:
+        with warnings.catch_warnings(), fits.open(path, memmap=False) as hdul:
+            warnings.simplefilter("ignore")
+            keys = set(hdul[0].header)
+            if hdul[0].header.get("NAXIS", 0) == 0 and len(hdul) > 1:
+                keys |= set(hdul[1].header)
+            return keys
+    except Exception:  # astropy raises many types for a damaged file; it is only left out here
+        return None
+
+
+def sampled_headers(which):
+    """{path: header keywords} of a few readable frames of the selected nights of ``which``."""
+    from deepdark.io.frames import is_fits_name
+
+    selected = nights(which)
+    picks = sorted({selected[0], selected[len(selected) // 2], selected[-1]})[:SAMPLED_NIGHTS]
+    headers = {}
+    for night in picks:
+        folder = os.path.join(root_of(which), night)
+        names = sorted(n for n in os.listdir(folder) if is_fits_name(n))[:TRIED_FRAMES]
+        found = 0
+        for name in names:
+            keys = header_keys(os.path.join(folder, name))
+            if keys is not None and found < SAMPLED_FRAMES:
+                headers[os.path.join(folder, name)] = keys
+                found += 1
+    return headers
+
+
+def keyword_problems():
+    """Each header keyword a frame must have, and each one the config names, is in at least one
+    sampled header of each raw set read (the simulator writes the default names)."""
+    from deepdark.io.frames import Keywords
+
+    names = Keywords(**config["keywords"])
+    fields = sorted(set(REQUIRED_KEYWORDS) | set(config["keywords"]))
+    problems = []
+    for which in ("archive", "library") if needs_library() else ("archive",):
+        if config[which]["path"]:
+            headers = sampled_headers(which)
+            where = f"{len(headers)} sampled frame headers of {which}.path {config[which]['path']!r}"
+        else:
+            headers = {"simulated": set(vars(Keywords()).values())}
+            where = f"the simulated {which}'s headers (the simulator writes {', '.join(vars(Keywords()).values())})"
+        if not headers:
+            logger.warning(f"keywords: no readable frame among those sampled in {which}.path: not checked")
+            continue
+        for field in fields:
+            name = getattr(names, field)
+            if not any(name in keys for keys in headers.values()):
+                default = "" if field in config["keywords"] else f" (the default; set keywords.{field})"
+                problems.append(f"keywords.{field}: {name!r}{default} is in none of {where}")
+    return problems
+
+
+def train_options_problems():
+    """The options of the train job parse as `deepdark train` parses them."""
+    if config["model"]["dir"]:
+        return []
+    try:
+        args = train_args()
+    except ValueError as exc:  # shlex: an unclosed quote
+        return [f"model.extra_args: {config['model']['extra_args']!r}: {exc}"]
+    from deepdark.cli import build_parser
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            build_parser().parse_args(["train", "library.h5", "--out", "model", *args])
+    except SystemExit:
+        message = err.getvalue().strip().splitlines()[-1:] or ["not valid"]
+        return [f"model.extra_args: {config['model']['extra_args']!r}: {message[0]}"]
+    return []
+
+
+def check_values():
+    """Stop with every problem, one line each naming its key, when a value cannot work."""
+    problems = []
+    if deepdark_importable():
+        problems = geometry_problems() + keyword_problems() + train_options_problems()
+    if problems:
+        raise WorkflowError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+check_values()

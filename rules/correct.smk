@@ -7,7 +7,9 @@ rule correct:
         predictions=results("predictions/{night}.h5"),
         raw=night_folder("archive"),
     output:
-        directory(results("corrected/{night}")),
+        # The manifest, not the folder: Snakemake removes a job's outputs before it runs it, and a
+        # rerun must not lose the night's earlier frames before deepdark decides to replace them.
+        results("corrected/{night}/manifest.csv"),
     log:
         results("logs/correct/{night}.log"),
     benchmark:
@@ -19,9 +21,10 @@ rule correct:
         mem_mb=job_mem_mb("correct"),
         runtime=job_runtime("correct"),
     params:
+        out=lambda wildcards, output: os.path.dirname(output[0]),
         options=correct_args(),
         keywords=keywords_args(),
         cameras=cameras_args(),
     shell:
-        "python3 -m deepdark correct {input.predictions:q} --out {output:q} {params.options:q} {params.cameras:q}"
+        "python3 -m deepdark correct {input.predictions:q} --out {params.out:q} {params.options:q} {params.cameras:q}"
         " {params.keywords:q} > {log:q} 2>&1"

@@ -4,7 +4,9 @@
 
 rule extract:
     input:
-        night_folder("archive"),
+        night=night_folder("archive"),
+        # the night's file list: a file completed or replaced since the last run reruns the night
+        inventory=night_inventory("archive"),
     output:
         shard=results("shards/{night}.h5"),
         quarantine=results("shards/{night}.quarantine.csv"),
@@ -23,13 +25,14 @@ rule extract:
         keywords=keywords_args(),
         cameras=cameras_args(),
     shell:
-        "python3 -m deepdark extract {input:q} --out {output.shard:q} --geometry {params.geometry:q}"
+        "python3 -m deepdark extract {input.night:q} --out {output.shard:q} --geometry {params.geometry:q}"
         " {params.keywords:q} {params.cameras:q} > {log:q} 2>&1"
 
 
 use rule extract as extract_library with:
     input:
-        night_folder("library"),
+        night=night_folder("library"),
+        inventory=night_inventory("library"),
     output:
         shard=results("library/{night}.h5"),
         quarantine=results("library/{night}.quarantine.csv"),

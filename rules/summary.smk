@@ -5,7 +5,7 @@
 rule summary:
     input:
         qa=lambda wildcards: expand(results("qa/{night}/qa.csv"), night=nights("archive")),
-        corrected=lambda wildcards: expand(results("corrected/{night}"), night=nights("archive")),
+        corrected=lambda wildcards: expand(results("corrected/{night}/manifest.csv"), night=nights("archive")),
     output:
         csv=report(
             results("summary.csv"),

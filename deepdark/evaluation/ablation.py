@@ -4,7 +4,8 @@ Each configuration (``deepdark.model.losses.LOSSES``) trains the same generator 
 budget (epochs, steps, batch size, learning rate, crops) and the same seed - so the same
 initial weights and the same sample order - on the darks at the setpoint of the training nights;
 all are then scored, with the median baseline, on the darks at the setpoint of the held-out test
-nights (split by night, never by frame; default: the last night(s), as ``deepdark.training.loop``).
+nights (split by night, never by frame; default: the last night(s), as
+:func:`deepdark.training.data.split_nights` splits off validation nights).
 
 The median baseline is the paper's: the per-pixel median of the training darks at the setpoint
 (per camera, channel and exposure time), computed here from the training nights only.
@@ -26,9 +27,11 @@ import pandas as pd
 
 from deepdark.evaluation.evaluate import Predictor, Scores
 from deepdark.io.atomic import atomic_path
+from deepdark.io.errors import InputError
 from deepdark.io.masters import streamed_medians
 from deepdark.io.shards import Shard
 from deepdark.model.runner import model_predictor
+from deepdark.model.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DEVICE
 from deepdark.training import TrainConfig, open_library, split_nights, train
 
 # configuration -> (paper's number, generator loss, discriminator loss, paper's RMSE)
@@ -54,61 +57,38 @@ def ablation(
     l1_weight: float = 100.0,
     crop: int | None = None,
     test_nights=None,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     seed: int = 0,
     max_steps_per_epoch: int | None = None,
     progress: bool = True,
     resume: bool = True,
     memory_mb: int = 512,
-    batch_eval: int = 4,
+    batch_eval: int = DEFAULT_BATCH_SIZE,
     **train_kw,
 ) -> dict:
     """Train every loss configuration of ``losses`` and score them with the median baseline on
     the held-out nights' darks at ``setpoint``; write ``table2.json``/``table2.csv``; return the table."""
     out_dir = Path(out_dir)
-    unknown = [name for name in losses if name not in CONFIGURATIONS or name == "median"]
-    if unknown:
-        raise ValueError(f"unknown loss configuration(s) {unknown}; valid: {', '.join(DEFAULT_LOSSES)}")
+    _check_losses(losses)
+    # the budget every configuration trains with, as Table 2 reports it
+    budget = dict(
+        preset=preset,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        crop=crop,
+        max_steps_per_epoch=max_steps_per_epoch,
+        seed=seed,
+        l1_weight=l1_weight,
+    )
     with open_library(shards, setpoints=[setpoint]) as lib:
-        all_nights = sorted(set(lib.table["night"]))
-        if len(all_nights) < 2:
-            raise ValueError(
-                f"the ablation needs two nights or more with darks at {setpoint:g} C "
-                f"(training and test), found {all_nights}"
-            )
-        train_nights, test = split_nights(all_nights, test_nights)
-        if not test:
-            raise ValueError("no test night")
+        train_nights, test = _split(lib, setpoint, test_nights)
         tab = lib.table
         test_tab = tab[tab["night"].isin(test)]
         train_tab = tab[tab["night"].isin(train_nights)]
         medians = _median_masters(lib, train_tab, memory_mb)
-
-        runs = {}
-        for name in losses:
-            t0 = time.perf_counter()
-            config = TrainConfig(
-                preset=preset,
-                loss=name,
-                l1_weight=l1_weight,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                crop=crop,
-                val_nights=0,
-                device=device,
-                seed=seed,
-                max_steps_per_epoch=max_steps_per_epoch,
-                resume=resume,
-                setpoints=[setpoint],
-                nights=train_nights,
-                **train_kw,
-            )
-            res = train(lib.paths, out_dir / f"model-{name}", config, progress=progress)
-            runs[name] = dict(
-                model=res.model_dir, seconds=time.perf_counter() - t0, steps=int(sum(r["steps"] for r in res.history))
-            )
-
+        settings = dict(budget, val_nights=0, device=device, resume=resume, setpoints=[setpoint], nights=train_nights)
+        runs = {name: _train_one(lib, out_dir, name, settings, train_kw, progress) for name in losses}
         scores = _score(lib, test_tab, medians, runs, device, batch_eval, progress)
         totals, n_images = scores.pooled.table()["total"], len(scores.per_image)
 
@@ -119,24 +99,48 @@ def ablation(
         "test_nights": test,
         "n_train_samples": int(len(train_tab)),
         "n_test_images": n_images,
-        "budget": {
-            "preset": preset,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "crop": crop,
-            "max_steps_per_epoch": max_steps_per_epoch,
-            "seed": seed,
-            "l1_weight": l1_weight,
-        },
+        "budget": budget,
         "rows": rows_out,
     }
+    _write_table(out_dir, table)
+    return table
+
+
+def _check_losses(losses: Sequence[str]) -> None:
+    unknown = [name for name in losses if name not in CONFIGURATIONS or name == "median"]
+    if unknown:
+        raise InputError(f"unknown loss configuration(s) {unknown}; valid: {', '.join(DEFAULT_LOSSES)}")
+
+
+def _split(lib, setpoint: float, test_nights) -> tuple[list[str], list[str]]:
+    """(training nights, test nights) of the darks at ``setpoint``: split by night, as training
+    splits off its validation nights."""
+    all_nights = sorted(set(lib.table["night"]))
+    if len(all_nights) < 2:
+        raise InputError(
+            f"the ablation needs two nights or more with darks at {setpoint:g} C "
+            f"(training and test), found {all_nights}"
+        )
+    train_nights, test = split_nights(all_nights, test_nights)
+    if not test:
+        raise InputError("no test night")
+    return train_nights, test
+
+
+def _train_one(lib, out_dir: Path, name: str, settings: dict, train_kw: dict, progress: bool) -> dict:
+    """Train loss configuration ``name`` into ``out_dir/model-<name>``: its model, seconds, steps."""
+    t0 = time.perf_counter()
+    config = TrainConfig(loss=name, **settings, **train_kw)
+    res = train(lib.paths, out_dir / f"model-{name}", config, progress=progress)
+    return dict(model=res.model_dir, seconds=time.perf_counter() - t0, steps=int(sum(r["steps"] for r in res.history)))
+
+
+def _write_table(out_dir: Path, table: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "table2.json") as tmp:
         tmp.write_text(json.dumps(table, indent=2, default=str) + "\n")
     with atomic_path(out_dir / "table2.csv") as tmp:
-        pd.DataFrame(rows_out).to_csv(tmp, index=False)
-    return table
+        pd.DataFrame(table["rows"]).to_csv(tmp, index=False)
 
 
 def _score(lib, test_tab: pd.DataFrame, medians: dict, runs: dict, device, batch_eval: int, progress: bool) -> Scores:

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from deepdark.evaluation.metrics import PooledRMSE
 from deepdark.io.atomic import atomic_path
+from deepdark.io.errors import InputError
 from deepdark.io.masters import Masters
-from deepdark.io.shards import Shard
+from deepdark.io.shards import Shard, printable
 from deepdark.io.strips import window_of
 from deepdark.io.tables import frame_setpoints, temp_label
 
@@ -74,6 +75,7 @@ class Scores:
         self.pooled = PooledRMSE()
         self.hists = DifferenceHistograms()
         self.per_image: list[dict] = []
+        self.unserved: list[dict] = []
         self.example: dict | None = None
 
     def add_shard(
@@ -102,13 +104,19 @@ class Scores:
     def _add_image(self, rec: pd.Series, setpoint: float, truth: np.ndarray, preds: dict[str, np.ndarray]) -> None:
         groups = ("total", temp_label(setpoint))
         entry = dict(
-            file=rec["file"],
+            file=printable(rec["file"]),
             night=rec["night"],
             camera=rec["camera"],
             channel=rec["channel"],
             setpoint=setpoint,
             exptime=rec["exptime"],
         )
+        missing = sorted(name for name, p in preds.items() if not np.isfinite(p).all())
+        if missing:
+            # A dark some method could not predict is left out for every method, so that all
+            # methods of the table are scored on the same images.
+            self.unserved.append(dict(entry, unserved_by=",".join(missing)))
+            return
         for name, p in preds.items():
             entry[name] = self.pooled.add(name, groups, p, truth)
             self.hists.add(name, groups, p - truth)
@@ -132,8 +140,9 @@ def evaluate(
 ) -> dict:
     """Score the median baselines (when ``masters_path``) and ``predictors`` on the test darks.
 
-    Writes ``table1.json``, ``table1.csv``, ``per_image.csv``, ``histograms.csv`` and (when
-    ``figures``) the paper's figures 6-8 as PNG into ``out_dir``; returns the table.
+    Writes ``table1.json``, ``table1.csv``, ``per_image.csv``, ``histograms.csv``, ``unserved.csv``
+    (darks some method could not predict, left out of every method's score; only when there are
+    any) and (when ``figures``) the paper's figures 6-8 as PNG into ``out_dir``; returns the table.
     """
     out_dir = Path(out_dir)
     methods: dict[str, Predictor] = {}
@@ -148,12 +157,14 @@ def evaluate(
             darks = np.flatnonzero((shard.table["imagetyp"] == "DARK").to_numpy())
             scores.add_shard(shard, darks, methods, batch_size, progress)
     if not scores.per_image:
-        raise ValueError("no DARK frames in the test shards: nothing to evaluate")
+        raise InputError("no DARK frames in the test shards: nothing to evaluate")
     table = ordered_table(scores.pooled.table())
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "table1.json", table)
     _write_csv(out_dir / "table1.csv", table_frame(table))
     _write_csv(out_dir / "per_image.csv", pd.DataFrame(scores.per_image))
+    if scores.unserved:
+        _write_csv(out_dir / "unserved.csv", pd.DataFrame(scores.unserved))
     _write_csv(out_dir / "histograms.csv", scores.hists.summary())
     if figures:
         from deepdark.evaluation.plots import difference_histograms, error_heatmap

@@ -109,11 +109,18 @@ def rmse_over_night(qa: pd.DataFrame, path: Path, night: str, methods: Sequence[
     _save(fig, path)
 
 
+# Up to this many guide frame-channels, one labelled bar each; beyond, points in a figure of
+# fixed size, so that neither memory nor drawing time grows with the night.
+MAX_GUIDE_BARS = 48
+
+
 def guide_background(qa: pd.DataFrame, path: Path, night: str, methods: Sequence[str]) -> None:
+    """Star-free background and noise of each guide frame-channel after each correction."""
     d = qa[qa["noise_model"].notna()].reset_index(drop=True)
-    labels = [f"{Path(f).name.split('.')[0]}:{c}" for f, c in zip(d["file"], d["channel"])]
+    bars = len(d) <= MAX_GUIDE_BARS
     x = np.arange(len(d))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.45 * len(d) + 4), 3.8))
+    width = max(8, 0.45 * len(d) + 4) if bars else 12
+    fig, axes = plt.subplots(1, 2, figsize=(width, 3.8))
     for ax, stat, title in (
         (axes[0], "bg", "star-free background: median (ADU)"),
         (axes[1], "madstd", "star-free noise: MAD std (ADU)"),
@@ -121,8 +128,16 @@ def guide_background(qa: pd.DataFrame, path: Path, night: str, methods: Sequence
         for k, m in enumerate(methods):
             col = f"{stat}_{m}"
             if col in d and d[col].notna().any():
-                ax.bar(x + (k - 0.5) * 0.4, d[col], width=0.4, color=_COLORS[m], label=f"after {m} dark")
-        ax.set_xticks(x, labels, rotation=90, fontsize=6)
+                label = f"after {m} dark"
+                if bars:
+                    ax.bar(x + (k - 0.5) * 0.4, d[col], width=0.4, color=_COLORS[m], label=label)
+                else:
+                    ax.plot(x, d[col], ".", ms=3, color=_COLORS[m], label=label)
+        if bars:
+            labels = [f"{Path(f).name.split('.')[0]}:{c}" for f, c in zip(d["file"], d["channel"])]
+            ax.set_xticks(x, labels, rotation=90, fontsize=6)
+        else:
+            ax.set_xlabel(f"frame-channel, in the night's order ({len(d)})")
         ax.set_title(title)
         ax.axhline(0, color="k", lw=0.5)
         ax.legend(fontsize=8)
@@ -146,7 +161,7 @@ def nights_summary(nights: pd.DataFrame, path: Path, methods: Sequence[str]) -> 
             s=60,
             facecolors="none",
             edgecolors="r",
-            label="model worse than median",
+            label="flagged night",
         )
     a1.set_ylabel("pooled RMSE of the night's darks (ADU)")
     if a1.get_legend_handles_labels()[0]:

@@ -124,82 +124,109 @@ def night_page(
         f"{len(quarantine)} quarantined.</p>",
         f'<p class="muted">darks from {_esc(prov)}</p>',
         *(f'<p class="note">{_esc(n)}</p>' for n in notes),
+        *_dark_section(qa, table1, figures),
+        *_guide_section(qa, figures),
+        "<h2>Quarantined files</h2>",
+        table_html(quarantine, text_columns=tuple(quarantine.columns)),
+    ]
+    return _page(f"deepdark QA: night {night}", "\n".join(parts))
+
+
+def _dark_section(qa: pd.DataFrame, table1: dict, figures: dict[str, Path]) -> list[str]:
+    """Table 1 of the night's darks, its figures and the per frame-channel RMSE."""
+    parts = [
         "<h2>Dark frames: RMSE against the real dark (ADU, model window)</h2>",
         "<p>Pooled over every pixel of the night's darks (the paper's Table 1); "
         "<em>floor</em> is the frames' own temporal noise, which no predictor can beat.</p>",
         table1_html(table1),
     ]
     darks = qa[qa["imagetyp"] == "DARK"]
-    if len(darks):
-        cols = [
-            "file",
-            "camera",
-            "channel",
-            "ccdtemp",
-            "setpoint",
-            "exptime",
-            *[c for c in ("rmse_model", "rmse_median_temp", "rmse_median_all", "rmse_floor") if darks[c].notna().any()],
-        ]
-        d = darks[cols].copy()
-        d["file"] = [Path(f).name for f in d["file"]]
-        for name, alt in (
-            ("rmse_vs_temperature.png", "RMSE against temperature and over the night"),
-            ("fig6_heatmap.png", "|prediction - real| of one dark (paper fig. 6)"),
-            ("fig7_histogram.png", "pixel differences, all darks (paper fig. 7)"),
-            ("fig8_histogram_by_temp.png", "pixel differences per temperature (paper fig. 8)"),
-        ):
-            if name in figures:
-                parts.append(image_html(figures[name], alt))
-        parts += ["<h3>Per frame and channel</h3>", table_html(d, text_columns=("file", "camera", "channel"))]
+    if not len(darks):
+        return parts
+    rmse = [c for c in ("rmse_model", "rmse_median_temp", "rmse_median_all", "rmse_floor") if darks[c].notna().any()]
+    d = darks[["file", "camera", "channel", "ccdtemp", "setpoint", "exptime", *rmse]].copy()
+    d["file"] = [Path(f).name for f in d["file"]]
+    for name, alt in (
+        ("rmse_vs_temperature.png", "RMSE against temperature and over the night"),
+        ("fig6_heatmap.png", "|prediction - real| of one dark (paper fig. 6)"),
+        ("fig7_histogram.png", "pixel differences, all darks (paper fig. 7)"),
+        ("fig8_histogram_by_temp.png", "pixel differences per temperature (paper fig. 8)"),
+    ):
+        if name in figures:
+            parts.append(image_html(figures[name], alt))
+    return [*parts, "<h3>Per frame and channel</h3>", table_html(d, text_columns=("file", "camera", "channel"))]
+
+
+_GUIDE_COLUMNS = (
+    "file",
+    "camera",
+    "channel",
+    "exptime",
+    "ccdtemp",
+    "bg_raw",
+    "bg_model",
+    "bg_median",
+    "noise_model",
+    "noise_median",
+    "madstd_model",
+    "madstd_median",
+    "median_kind",
+    "star_free_fraction",
+)
+
+
+def _guide_section(qa: pd.DataFrame, figures: dict[str, Path]) -> list[str]:
+    """The star-free background and noise of the night's guide frames after each correction."""
     guides = qa[qa["noise_model"].notna()] if "noise_model" in qa else qa.iloc[:0]
-    parts.append("<h2>Guide frames: star-free background after correction</h2>")
-    if len(guides):
-        parts.append(
-            "<p>Background = median, noise = standard deviation and MAD standard deviation of the "
-            "pixels that 3-sigma clipping keeps in both corrections (grown by 2 pixels around rejected "
-            "ones), in ADU. A better dark leaves a background nearer zero and less noise.</p>"
-        )
-        if "guide_background.png" in figures:
-            parts.append(image_html(figures["guide_background.png"], "guide frame background and noise"))
-        cols = [
-            "file",
-            "camera",
-            "channel",
-            "exptime",
-            "ccdtemp",
-            "bg_raw",
-            "bg_model",
-            "bg_median",
-            "noise_model",
-            "noise_median",
-            "madstd_model",
-            "madstd_median",
-            "median_kind",
-            "star_free_fraction",
-        ]
-        g = guides[[c for c in cols if c in guides]].copy()
-        g["file"] = [Path(f).name for f in g["file"]]
-        parts.append(table_html(g, text_columns=("file", "camera", "channel", "median_kind")))
-    else:
-        parts.append('<p class="muted">no guide frames</p>')
-    parts += ["<h2>Quarantined files</h2>", table_html(quarantine, text_columns=tuple(quarantine.columns))]
-    return _page(f"deepdark QA: night {night}", "\n".join(parts))
+    parts = ["<h2>Guide frames: star-free background after correction</h2>"]
+    if not len(guides):
+        return [*parts, '<p class="muted">no guide frames</p>']
+    parts.append(
+        "<p>Background = median, noise = standard deviation and MAD standard deviation of the "
+        "pixels that 3-sigma clipping keeps in both corrections (grown by 2 pixels around rejected "
+        "ones), in ADU. A better dark leaves a background nearer zero and less noise.</p>"
+    )
+    if "guide_background.png" in figures:
+        parts.append(image_html(figures["guide_background.png"], "guide frame background and noise"))
+    g = guides[[c for c in _GUIDE_COLUMNS if c in guides]].copy()
+    g["file"] = [Path(f).name for f in g["file"]]
+    return [*parts, table_html(g, text_columns=("file", "camera", "channel", "median_kind"))]
 
 
-def summary_page(nights: pd.DataFrame, table1: dict, figures: dict[str, Path], qa_links: dict[str, str]) -> str:
-    """The archive's page: Table 1 over every night, then one row per night (flagged rows red)."""
+def summary_page(
+    nights: pd.DataFrame,
+    table1: dict,
+    figures: dict[str, Path],
+    qa_links: dict[str, str],
+    totals: dict[str, int] | None = None,
+    max_failed_fraction: float | None = None,
+) -> str:
+    """The archive's page: Table 1 over every night, then one row per night (flagged rows red).
+
+    ``totals`` counts the archive's frames (``frames``, ``duplicates``, ``ok``, ``flagged``,
+    ``failed``, ``quarantined``); ``max_failed_fraction`` is the share of failed frames above
+    which a night is flagged.
+    """
     flagged = nights[nights["flag"] != ""]
+    totals = totals or {}
+    failed_rule = (
+        f", or more than {100 * max_failed_fraction:.3g}% of its frames failed correction"
+        if max_failed_fraction is not None
+        else ", or frames failed correction"
+    )
     parts = [
         f"<p>{len(nights)} nights, {int(nights['n_frames'].sum()) if len(nights) else 0} frames, "
         f"{int(nights['n_quarantined'].sum()) if len(nights) else 0} quarantined; "
         f"{len(flagged)} nights flagged.</p>",
+        *_totals_html(totals),
         "<h2>Table 1 over the archive: RMSE against the real darks (ADU)</h2>",
-        "<p>Pooled over every pixel of every dark of every night (squared errors summed, not RMSEs averaged).</p>",
+        "<p>Pooled over every pixel of every dark of every night (squared errors summed, not RMSEs averaged); "
+        "a frame that several nights hold counts once.</p>",
         table1_html(table1),
         *(image_html(p, "per-night RMSE and quarantine") for p in figures.values()),
         "<h2>Nights</h2>",
         "<p>Flagged (red): the model's dark was worse than a median dark on the night's darks, or left noisier "
-        "guide frames, or frames failed correction.</p>",
+        f"guide frames{_esc(failed_rule)}.</p>",
         table_html(
             nights.drop(columns=[c for c in ("guide_bg_model", "guide_bg_median") if c in nights]),
             text_columns=("night",),
@@ -209,3 +236,15 @@ def summary_page(nights: pd.DataFrame, table1: dict, figures: dict[str, Path], q
         ),
     ]
     return _page("deepdark: archive summary", "\n".join(parts))
+
+
+def _totals_html(totals: dict[str, int]) -> list[str]:
+    """The archive's frames per status, and the duplicates counted once."""
+    if not totals:
+        return []
+    counts = ", ".join(f"{totals.get(k, 0)} {k}" for k in ("ok", "flagged", "failed", "quarantined"))
+    return [
+        f"<p>Frames corrected and not: {_esc(counts)}.</p>",
+        f"<p>{totals.get('duplicates', 0)} duplicate frames (a frame that an earlier night also holds) "
+        "counted once.</p>",
+    ]

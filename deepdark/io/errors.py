@@ -11,8 +11,8 @@ class DeepdarkError(Exception):
     """A problem with the user's input that the message names in one line."""
 
 
-class InputError(DeepdarkError):
-    """An input that does not exist or cannot be used (a path, an option value, a key)."""
+class InputError(DeepdarkError, ValueError):
+    """An input that does not exist or cannot be used (a path, an option value, a key): a bad value."""
 
 
 class OutputError(DeepdarkError):

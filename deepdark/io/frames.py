@@ -41,6 +41,9 @@ MAX_SATURATED_FRACTION = 0.5
 FLOOR_KEY = "DDFLOOR{}"
 
 
+UNKNOWN_CAMERA = "unknown"  # the camera of a frame whose header names none
+
+
 @dataclass(frozen=True)
 class Keywords:
     """Header keyword names; configurable because camera software differs between eras."""
@@ -253,7 +256,7 @@ def parse_header(header: fits.Header, kw: Keywords, path: str | Path, geometry: 
     except ValueError:
         raise FrameError(path, f"header keyword {kw.date_obs}={date_obs!r} is not an ISO-8601 date") from None
     camera = _text(_card(header, kw.camera, path), kw.camera, path) if kw.camera in header else ""
-    camera = str(camera).strip() or "unknown"
+    camera = str(camera).strip() or UNKNOWN_CAMERA
     floor = {}
     if geometry is not None:
         for ch in geometry.channel_names():

@@ -160,6 +160,9 @@ def _flip(a: np.ndarray, channel: Channel) -> np.ndarray:
 # -- loading ---------------------------------------------------------------------------------
 
 
+DEFAULT_GEOMETRY = "lamost-kaf4320"  # the LAMOST guide cameras' layout: what a geometry defaults to
+
+
 def presets() -> list[str]:
     """Names of the geometries shipped with the package."""
     return sorted(p.name[:-5] for p in resources.files("deepdark.io.geometries").iterdir() if p.name.endswith(".yaml"))

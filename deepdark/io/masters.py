@@ -22,6 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from deepdark.io.atomic import atomic_path
+from deepdark.io.errors import InputError
 from deepdark.io.geometry import parse_geometry
 from deepdark.io.shards import Shard
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
@@ -43,7 +44,7 @@ class Masters:
         self.path = Path(path)
         self.f = h5py.File(self.path, "r")
         if int(self.f.attrs.get("schema_version", -1)) != MASTER_SCHEMA:
-            raise ValueError(f"{self.path}: not a deepdark master-dark file of schema {MASTER_SCHEMA}")
+            raise InputError(f"{self.path}: not a deepdark master-dark file of schema {MASTER_SCHEMA}")
         self.geometry = parse_geometry(self.f.attrs["geometry"], origin=f"{self.path}:geometry")
         self.setpoints = [float(x) for x in self.f.attrs["setpoints"]]
         grp = self.f["table"]
@@ -171,7 +172,7 @@ def write_masters(shards: Sequence[str | Path], out: str | Path, memory_mb: floa
         geometry = common_geometry(opened)
         frames = _with_bias(opened, library_table(opened))
         if frames.empty:
-            raise ValueError("no DARK frames in the library shards")
+            raise InputError("no DARK frames in the library shards")
         families = list(frames.groupby(["camera", "channel", "exptime"], sort=True))
         n_masters = sum(1 + sel["setpoint"].nunique() for _, sel in families)
         out = Path(out)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import h5py
+from astropy.io import fits
 
 from deepdark.io.errors import OutputError
 
@@ -32,12 +33,18 @@ _HDF5_SIGNATURES = {
     "physics": {"cameras"},
 }
 # Folders of deepdark, by a file only that kind holds. A folder output may also be empty.
+# A rerun under Snakemake finds its folder with the declared outputs removed, so a signature also
+# names files that only that kind leaves behind (a training log, the QA figures).
 _FOLDER_SIGNATURES = {
-    "model": {"model.json", "checkpoint.json"},
-    "corrected": {"manifest.csv"},
-    "qa": {"qa.csv"},
+    "model": {"model.json", "checkpoint.json", "training_log.csv"},
+    "corrected": {"manifest.csv", "status.json"},
+    "qa": {"qa.csv", "qa.html", "quarantine.csv", "rmse_vs_temperature.png", "guide_background.png"},
     "evaluation": {"table1.json"},
+    "ablation": {"table2.json", *(f"model-{loss}" for loss in ("deepdark", "pix2pix", "lsgan", "mixed"))},
 }
+# The header card every corrected frame carries: an interrupted `deepdark correct` leaves such
+# frames without its manifest.csv, and its rerun must be allowed to finish the folder.
+_CORRECTED_CARD = "DDMETHOD"
 FILE_KINDS = (*_HDF5_SIGNATURES, "text")
 FOLDER_KINDS = tuple(_FOLDER_SIGNATURES)
 
@@ -123,8 +130,20 @@ def _check_folder(out: Path, kind: str) -> None:
     if not out.is_dir():
         raise OutputError(f"refusing to write {out}: it exists and is a {file_kind(out)}, not a folder")
     names = {p.name for p in out.iterdir() if not p.name.endswith(".partial")}
+    if kind == "corrected" and names and all(_is_corrected_frame(out / name) for name in names):
+        return
     if names and not names & _FOLDER_SIGNATURES[kind]:
         raise OutputError(
             f"refusing to write {out}: it is a folder with other content, not a {kind} folder of deepdark "
             f"(it holds none of {', '.join(sorted(_FOLDER_SIGNATURES[kind]))})"
         )
+
+
+def _is_corrected_frame(path: Path) -> bool:
+    """Whether ``path`` is a FITS file written by ``deepdark correct`` (its primary header has the card)."""
+    if not path.is_file() or file_kind(path) != "FITS file":
+        return False
+    try:
+        return _CORRECTED_CARD in fits.getheader(path, 0)
+    except (OSError, ValueError):  # astropy's errors for a damaged header
+        return False

@@ -6,11 +6,19 @@ the whole active area of each frame-channel, in readout coordinates, row i for r
 the software, the geometry and the source shard. Written under a temporary name. Every chunk
 carries a checksum, verified on every read (as in shards, see ``deepdark.io.shards``): a damaged
 chunk raises a :class:`~deepdark.io.errors.CorruptFileError` naming the file and the dataset.
+
+The table also holds each row's verdict, ``table/status`` and ``table/reason`` (text, with the
+table's text checksums): ``"ok"`` (reason ""), ``"flagged"`` (predicted, but something about the
+frame is implausible; the reason says what, and which estimate the prediction used) or
+``"unserved"`` (the method cannot predict this frame, the reason says why; its ``dark`` is NaN).
+Files written before these columns existed read as every row ``"ok"``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -19,12 +27,54 @@ from tqdm import tqdm
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
-from deepdark.io.shards import CHECKED_COMPRESSION, Shard, open_versioned, read_checked, stored_table, write_table
+from deepdark.io.errors import CorruptFileError
+from deepdark.io.shards import (
+    CHECKED_COMPRESSION,
+    TEXT_CHECKSUM,  # the verdict columns carry the same text checksum as the rest of the table
+    Shard,
+    open_versioned,
+    read_checked,
+    stored_table,
+    text_digest,
+    write_table,
+)
 
+log = logging.getLogger(__name__)
+
+# Still 1 with the verdict columns: files without them read as every row served.
 SCHEMA_VERSION = 1
+OK, FLAGGED, UNSERVED = "ok", "flagged", "unserved"
+STATUSES = (OK, FLAGGED, UNSERVED)
+VERDICT_COLUMNS = {"status": OK, "reason": ""}  # column -> its value in files written without it
+
+
+@dataclass
+class Served:
+    """Predictions of k table rows with each row's verdict.
+
+    ``dark`` (k, rows, cols) float32 ADU, NaN where unserved; ``status`` (k,) one of
+    ``STATUSES``; ``reason`` (k,) "" for ok, else one line saying why.
+    """
+
+    dark: np.ndarray
+    status: np.ndarray
+    reason: np.ndarray
+
+    @classmethod
+    def all_ok(cls, dark: np.ndarray) -> Served:
+        k = len(dark)
+        return cls(dark, np.full(k, OK, dtype=object), np.full(k, "", dtype=object))
+
+    def unserved_reason(self) -> str | None:
+        """The reason of the first unserved row, None when every row is served."""
+        bad = np.flatnonzero(self.status == UNSERVED)
+        return str(self.reason[bad[0]]) if bad.size else None
+
 
 # Maps (shard, sorted table rows) to predicted darks over the active area, ADU, (k, rows, cols).
 ActivePredictor = Callable[[Shard, np.ndarray], np.ndarray]
+# The same with each row's verdict.
+ServingPredictor = Callable[[Shard, np.ndarray], Served]
 
 
 def write_predictions(
@@ -38,10 +88,14 @@ def write_predictions(
     """Run ``predict`` over every frame-channel of the shard, ``batch_size`` at a time.
 
     ``provenance`` must name at least ``method``; ``model_name`` and ``model_hash`` when a model
-    made the prediction.
+    made the prediction. A predictor with a ``serve`` attribute (a :data:`ServingPredictor`,
+    as ``physics_predictor`` and ``model_predictor`` have) gives each row's verdict: a frame it
+    cannot serve is written NaN with its reason and the rest of the night is predicted; any
+    other predictor's rows are all ``"ok"``. Only one batch is in memory at a time.
     """
     if "method" not in provenance:
         raise ValueError("provenance must name the method")
+    serve = getattr(predict, "serve", None) or (lambda shard, rows: Served.all_ok(predict(shard, rows)))
     out = Path(out)
     with Shard(shard_path) as shard, atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         g = shard.geometry
@@ -57,24 +111,57 @@ def write_predictions(
         layout = dict(chunks=(1, *g.active.shape), **CHECKED_COMPRESSION) if n else {}
         ds = f.create_dataset("dark", shape=(n, *g.active.shape), dtype=np.float32, **layout)
         bar = tqdm(total=n, desc=f"predict {Path(shard_path).name}", unit="channel", disable=None if progress else True)
+        status, reason = np.full(n, OK, dtype=object), np.full(n, "", dtype=object)
         for start in range(0, n, batch_size):
             rows = np.arange(start, min(n, start + batch_size))
-            dark = np.asarray(predict(shard, rows), dtype=np.float32)
+            served = serve(shard, rows)
+            dark = np.asarray(served.dark, dtype=np.float32)
             if dark.shape != (len(rows), *g.active.shape):
                 raise ValueError(f"predictor returned {dark.shape}, expected {(len(rows), *g.active.shape)}")
             ds[start : start + len(rows)] = dark
+            status[rows], reason[rows] = served.status, served.reason
             bar.update(len(rows))
         bar.close()
         write_table(f, stored_table(shard.f, shard.path))
+        _write_verdicts(f["table"], status, reason)
+        _log_verdicts(shard.table["file"].to_numpy(), status, reason)
     return out
 
 
+def _write_verdicts(table: h5py.Group, status: np.ndarray, reason: np.ndarray) -> None:
+    unknown = set(status) - set(STATUSES)
+    if unknown:
+        raise ValueError(f"predictor returned status {sorted(unknown)}, expected one of {', '.join(STATUSES)}")
+    for col, values in (("status", status), ("reason", reason)):
+        values = np.array([str(v) for v in values], dtype=h5py.string_dtype())
+        table.create_dataset(col, data=values).attrs[TEXT_CHECKSUM] = text_digest(values)
+
+
+def _log_verdicts(files: np.ndarray, status: np.ndarray, reason: np.ndarray) -> None:
+    """One warning per frame that is not plainly served (its channels share the verdict)."""
+    seen = set()
+    for file, st, why in zip(files, status, reason, strict=True):
+        if st != OK and file not in seen:
+            seen.add(file)
+            log.warning("%s: %s: %s", file, st, why)
+    counts = {st: int(np.sum(status == st)) for st in (FLAGGED, UNSERVED)}
+    if any(counts.values()):
+        log.warning("%d frame-channel(s) flagged, %d unserved", counts[FLAGGED], counts[UNSERVED])
+
+
 class Predictions:
-    """Read access to a predictions file."""
+    """Read access to a predictions file: ``table`` is the frame table plus each row's
+    ``status`` and ``reason`` (see the module's description)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.f, self.geometry, self.table = open_versioned(self.path, "predictions", SCHEMA_VERSION)
+        try:
+            for col, value in _read_verdicts(self.path, self.f["table"], len(self.table)).items():
+                self.table[col] = value
+        except CorruptFileError:
+            self.f.close()
+            raise
         self.attrs = {
             k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items() if k != "geometry"
         }
@@ -95,3 +182,20 @@ class Predictions:
     def rows_of(self, file: str) -> np.ndarray:
         """Table rows of one raw file, in channel order of the table."""
         return np.flatnonzero((self.table["file"] == file).to_numpy())
+
+
+def _read_verdicts(path: Path, table: h5py.Group, n: int) -> dict[str, np.ndarray]:
+    """``status`` and ``reason`` of every row, checksums verified; older files: all "ok", ""."""
+    out = {}
+    for col, default in VERDICT_COLUMNS.items():
+        if col not in table:
+            out[col] = np.full(n, default, dtype=object)
+            continue
+        values = read_checked(path, table[col])
+        stored = table[col].attrs.get(TEXT_CHECKSUM)
+        if stored is not None and text_digest(values) != stored:
+            raise CorruptFileError(
+                f"{path}: the strings of dataset {table[col].name} fail their checksum: the file is damaged"
+            )
+        out[col] = np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
+    return out

@@ -51,7 +51,7 @@ import xxhash
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
-from deepdark.io.errors import CorruptFileError
+from deepdark.io.errors import CorruptFileError, InputError
 from deepdark.io.geometry import Geometry, parse_geometry
 from deepdark.io.strips import STRIP_NAMES, channel_strips, strip_shapes, window_of, window_strips
 
@@ -217,7 +217,7 @@ def write_table(f: h5py.File, columns: dict[str, list | np.ndarray]) -> None:
     for col, dtype in TABLE_COLUMNS.items():
         values = np.array(columns[col], dtype=dtype)
         if values.dtype == object:
-            grp.create_dataset(col, data=values).attrs[_TEXT_CHECKSUM] = _text_digest(values)
+            grp.create_dataset(col, data=values).attrs[TEXT_CHECKSUM] = text_digest(values)
         else:
             grp.create_dataset(col, data=values, fletcher32=len(values) > 0)
 
@@ -233,18 +233,18 @@ def stored_table(f: h5py.File, path: str | Path) -> dict[str, np.ndarray]:
             table[col] = np.array([ADDED_COLUMNS[col]] * n, dtype=dtype)
             continue
         table[col] = values = read_checked(path, grp[col])
-        stored = grp[col].attrs.get(_TEXT_CHECKSUM)  # files written before it have none
-        if stored is not None and _text_digest(values) != stored:
+        stored = grp[col].attrs.get(TEXT_CHECKSUM)  # files written before it have none
+        if stored is not None and text_digest(values) != stored:
             raise CorruptFileError(
                 f"{path}: the strings of dataset {grp[col].name} fail their checksum: the file is damaged"
             )
     return table
 
 
-_TEXT_CHECKSUM = "xxh3_128"
+TEXT_CHECKSUM = "xxh3_128"
 
 
-def _text_digest(values: np.ndarray) -> str:
+def text_digest(values: np.ndarray) -> str:
     """xxh3-128 of strings (bytes as stored, str as UTF-8), each prefixed by its length."""
     h = xxhash.xxh3_128()
     for v in values:
@@ -273,10 +273,10 @@ def open_versioned(path: Path, kind: str, version: int) -> tuple[h5py.File, Geom
         f = h5py.File(path, "r")
         found = int(f.attrs["schema_version"])
     except (OSError, KeyError) as exc:
-        raise ValueError(f"{path}: not a deepdark {kind} file ({exc})") from None
+        raise InputError(f"{path}: not a deepdark {kind} file ({exc})") from None
     if found != version:
         f.close()
-        raise ValueError(f"{path}: {kind} schema {found}, this deepdark reads {version}")
+        raise InputError(f"{path}: {kind} schema {found}, this deepdark reads {version}")
     geometry = parse_geometry(f.attrs["geometry"], origin=f"{path}:geometry")
     try:
         table = pd.DataFrame({c: _decode(c, v) for c, v in stored_table(f, path).items()})

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from deepdark.io.errors import InputError
+
 # Without SETTEMP, a frame's setpoint is its CCDTEMP rounded to this grid (the paper's setpoints
 # -5, -10, -15, -25 C lie on it; control precision is +-1 C).
 SETPOINT_GRID = 5.0
@@ -56,5 +58,5 @@ def common_geometry(shards: Sequence):
     """The one geometry that all open ``shards`` share; ValueError when they mix geometries."""
     names = {s.geometry.name for s in shards}
     if len(names) != 1:
-        raise ValueError(f"shards mix geometries: {sorted(names)}")
+        raise InputError(f"shards mix geometries: {sorted(names)}")
     return shards[0].geometry

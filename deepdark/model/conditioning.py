@@ -20,7 +20,7 @@ The level is the frame-channel's bias, taken from the strips, not from the predi
 it is the same whichever crop or area (training crop, model window, whole active area) is fed to
 the network: a crop's plane is exactly the crop of the window's plane. What remains is the dark
 signal above bias (tens to a few thousand ADU), scaled to O(0.1-10), which the batch-norm
-running statistics (``deepdark.training.loop``'s ``bn="running"``) normalise like any other feature.
+running statistics (``deepdark.training.batchnorm``, ``bn="running"``) normalise like any other feature.
 
 The physics model file travels *inside* the model directory (``MODEL_DIR/physics.h5``, its
 SHA-256 on the card and checked on load): a model directory is self-contained.

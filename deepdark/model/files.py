@@ -4,7 +4,7 @@ Layout of ``MODEL_DIR``:
 
 * ``model.safetensors``: the generator's state dict (weights *and* batch-norm running statistics,
   which inference uses), nothing else. The discriminator is a training artefact: it lives in the
-  training checkpoint (``deepdark.training.loop``), never in the model file.
+  training checkpoint (``deepdark.training.checkpoint``), never in the model file.
 * ``model.json``: the card (``CARD_SCHEMA``): architecture (preset name + every
   ``GeneratorConfig`` field), the input channels (``"inputs": ["a1", "a2", "a3"]``, open to extra
   conditioning channels), the loss configuration, the geometry (name, YAML source, window size and

@@ -25,6 +25,11 @@ Physics-mode models (card inputs ``a1, a2, a3, physics``; ``deepdark.model.condi
 transparently: the runner opens the physics model stored in the model directory, computes the
 physics prediction of the same rows (window or whole active area), feeds its normalised plane as
 the fourth channel and returns physics + R tanh(h).
+
+Each row gets a verdict (:meth:`ModelRunner.serve_rows`, ``deepdark.io.predictions.Served``): a
+physics-mode model serves, and flags, exactly what its physics model does (a frame the physics
+cannot predict is not run through the network); a strips-only model serves every frame of its
+geometry and flags those of a camera it was not trained on.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepdark.io.errors import InputError
+from deepdark.io.predictions import FLAGGED, OK, UNSERVED, Served
 from deepdark.io.shards import Shard
 from deepdark.io.units import unit_to_adu
 from deepdark.model import conditioning as C
 from deepdark.model.files import LoadedModel, check_geometry, load_model
 from deepdark.model.nets import model_input
-from deepdark.model.runtime import autocast, fp32_head, resolve_device
+from deepdark.model.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DEVICE, autocast, fp32_head, resolve_device
 
 AREAS = ("window", "active")  # what a predictor covers: the model window, or the whole active area
 
@@ -50,9 +57,14 @@ AREAS = ("window", "active")  # what a predictor covers: the model window, or th
 class ModelRunner:
     """A loaded generator on a device: ``run(x)`` maps model inputs to ADU, ``batch_size`` at a time."""
 
-    def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", batch_size: int = 4):
+    def __init__(
+        self,
+        model: LoadedModel | str | Path,
+        device: str | torch.device = DEFAULT_DEVICE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
         self.generator = fp32_head(self.model.generator).to(self.device).eval()
@@ -69,27 +81,68 @@ class ModelRunner:
             self.physics_scale_adu = float(info.get("physics_scale_adu", C.PHYSICS_SCALE_ADU))
             exptimes = self.model.card.get("training", {}).get("exptimes") or [0.0, math.inf]
             self.exposure_range = (min(exptimes), max(exptimes))
+        self.cameras = tuple(self.model.card.get("training", {}).get("cameras") or ())
 
     def predict_rows(self, shard: Shard, rows: np.ndarray, window: bool) -> np.ndarray:
-        """Predicted darks (ADU) of table ``rows`` over the window or the whole active area.
+        """Predicted darks (ADU) of table ``rows`` over the window or the whole active area;
+        ``deepdark.physics.PhysicsError`` when the model cannot serve one (:meth:`serve_rows`)."""
+        served = self.serve_rows(shard, rows, window)
+        reason = served.unserved_reason()
+        if reason is not None:
+            from deepdark.physics import PhysicsError
+
+            raise PhysicsError(reason)
+        return served.dark
+
+    def serve_rows(self, shard: Shard, rows: np.ndarray, window: bool) -> Served:
+        """Predicted darks (ADU) of table ``rows`` with each row's verdict; NaN where unserved.
 
         A physics-mode model learned its residual on the library's exposure times only: for a
         frame exposed outside their range the network has never seen its input, so the physics
         prediction (which knows how dark current scales with exposure) answers alone.
         """
         self.check(shard)
-        x, phys = self.inputs(shard, rows, window=window)
-        out = self.run(x, phys)
-        if phys is not None:
+        rows = np.asarray(rows)
+        if self.physics is None:
+            x, _ = self.inputs(shard, rows, window=window)
+            return Served(self.run(x), *self._camera_verdicts(shard.table["camera"].to_numpy()[rows]))
+        phys = self.physics.serve_rows(shard, rows, window=window)
+        dark = np.full_like(phys.dark, np.nan)
+        served = phys.status != UNSERVED
+        if served.any():
+            x, base = self.inputs(shard, rows[served], window=window, phys=phys.dark[served])
+            out = self.run(x, base)
             lo, hi = self.exposure_range
-            exptime = shard.table["exptime"].to_numpy(float)[np.asarray(rows)]
+            exptime = shard.table["exptime"].to_numpy(float)[rows[served]]
             outside = (exptime < lo) | (exptime > hi)
-            out[outside] = phys[outside]
-        return out
+            out[outside] = base[outside]
+            dark[served] = out
+        return Served(dark, phys.status, phys.reason)
 
-    def inputs(self, shard: Shard, rows: np.ndarray, window: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+    def _camera_verdicts(self, cameras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A strips-only network reads only the frame's own strips, so it serves any camera of its
+        geometry; one it was not trained on is flagged (its dark may differ in ways never seen)."""
+        from deepdark.io.frames import UNKNOWN_CAMERA
+
+        status, reason = np.full(len(cameras), OK, dtype=object), np.full(len(cameras), "", dtype=object)
+        if self.cameras:
+            for i, cam in enumerate(cameras):
+                if cam not in self.cameras:
+                    unnamed = cam in ("", UNKNOWN_CAMERA)
+                    what = "no camera name in its header (no CAMERA card)" if unnamed else f"camera {cam!r}"
+                    status[i] = FLAGGED
+                    reason[i] = (
+                        f"{what}: not among the model's training cameras ({', '.join(self.cameras)}); predicted by"
+                        " the network all the same"
+                    )
+        return status, reason
+
+    def inputs(
+        self, shard: Shard, rows: np.ndarray, window: bool, phys: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
         """Model inputs of table ``rows`` of ``shard`` over the window or the whole active area,
-        and (physics-mode models) the physics prediction of the same pixels in ADU (else None)."""
+        and (physics-mode models) the physics prediction of the same pixels in ADU (else None);
+        pass ``phys`` when it is already known."""
         rows = np.asarray(rows)
         s = shard.strips(rows, window=window)
         if window:
@@ -102,9 +155,11 @@ class ModelRunner:
                     "(deepdark.model.nets.model_input) resizes strips to squares only"
                 )
             size = ar
-        phys = extra = None
-        if self.physics is not None:
-            phys = self.physics.predict_rows(shard, rows, window=window)
+        extra = None
+        if self.physics is None:
+            phys = None
+        else:
+            phys = self.physics.predict_rows(shard, rows, window=window) if phys is None else phys
             extra = C.physics_plane(phys, s["a1"], self.physics_scale_adu)
         return model_input(s["a1"], s["a2"], s["a3"], size, extra=extra), phys
 
@@ -149,8 +204,8 @@ class ModelRunner:
 def model_predictor(
     model_dir: str | Path | LoadedModel | ModelRunner,
     area: str = "window",
-    device: str | torch.device = "auto",
-    batch_size: int = 4,
+    device: str | torch.device = DEFAULT_DEVICE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> Callable[[Shard, np.ndarray], np.ndarray]:
     """A predictor ``(shard, sorted table rows) -> (k, rows, cols)`` ADU of a trained model.
 
@@ -165,7 +220,9 @@ def model_predictor(
         Where the generator runs and how many channels go in one forward pass (a given
         runner keeps its own).
 
-    The predictor's ``runner`` attribute is the :class:`ModelRunner` it uses.
+    The predictor's ``runner`` attribute is the :class:`ModelRunner` it uses; its ``serve``
+    attribute gives the same predictions with each row's verdict (:meth:`ModelRunner.serve_rows`;
+    ``write_predictions`` uses it), where the predictor raises.
     """
     window = _is_window(area)
     runner = model_dir if isinstance(model_dir, ModelRunner) else ModelRunner(model_dir, device, batch_size)
@@ -173,7 +230,11 @@ def model_predictor(
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
         return runner.predict_rows(shard, rows, window=window)
 
+    def serve(shard: Shard, rows: np.ndarray) -> Served:
+        return runner.serve_rows(shard, rows, window=window)
+
     predict.runner = runner
+    predict.serve = serve
     return predict
 
 

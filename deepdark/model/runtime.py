@@ -7,10 +7,14 @@ import contextlib
 import torch
 from torch import nn
 
+from deepdark.io.errors import InputError
 from deepdark.model.nets import Generator
 
+DEFAULT_DEVICE = "auto"  # CUDA when available, else the CPU (see resolve_device)
+DEFAULT_BATCH_SIZE = 4  # images per batch of inference
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+
+def resolve_device(device: str | torch.device = DEFAULT_DEVICE) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
     if isinstance(device, torch.device):
         return device
@@ -18,7 +22,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+        raise InputError("device 'cuda' asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
     return dev
 
 

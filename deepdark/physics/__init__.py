@@ -22,7 +22,9 @@ A frame's predicted dark, per channel in readout coordinates, is
   header's (CCDTEMP, else SETTEMP; its scatter is measured on the library) by inverse variance:
   the OB estimate rules whenever the dark signal is well above the glow, the header takes over
   as the OB signal fades (bias frames, short cold exposures, where T hardly matters for the
-  prediction); an OB estimate off the header by more than ``TEFF_MAX_OFFSET`` is not trusted.
+  prediction). A precise OB estimate off the header by more than ``TEFF_MAX_OFFSET`` means the
+  header is wrong: the frame is predicted at the OB estimate alone and flagged, with both values
+  in the reason, so that the correction is right and the disagreement is seen.
 * ``d1, d2``: two dark-current components with doubling temperatures tau1 > tau2 that are global
   per camera (depletion-like and diffusion-like; the map's *shape* changes with temperature,
   which a per-pixel log-linear law cannot follow), ``g``: what comes with every readout
@@ -66,8 +68,10 @@ darks of two exposure times, or darks plus bias frames (``separable``). A separa
 predicts any exposure from 0 to ``max_extrapolation`` (2) x its longest (the law is linear in t,
 the intercept g is measured); a library of one exposure time only predicts that exposure, and
 any other raises :class:`PhysicsError` ("library has only 30 s darks: cannot predict 10 s ...").
-Temperatures outside the library's range extrapolate the two-component law; expect the error
-to grow a few degrees beyond it.
+Temperatures outside the library's range extrapolate the two-component law up to a margin: the
+slow doubling temperature times log2(``max_extrapolation``), the same factor in dark current that
+exposures may be extrapolated by. A frame beyond it is not served (``predict`` lists it with the
+distance in its reason and predicts the rest of the night).
 
 Storage: one HDF5 file (float32 maps per camera and channel, the per-camera law as attributes,
 the library's frame table), written atomically. Read back with :meth:`PhysicsModel.load`.

@@ -23,7 +23,7 @@ from deepdark.io.tables import common_geometry, frame_setpoints, library_table
 from deepdark.io.units import SATURATED
 
 from .frame_state import MAD_SIGMA, OVERSCAN_SKIP, frame_state
-from .law import fit_law
+from .law import Law, fit_law
 from .pixelfit import IRREGULAR_P, _hot_fits, _pairs, _PixelFit, _robust_fit, smooth_prior
 
 log = logging.getLogger(__name__)
@@ -318,15 +318,49 @@ def fit_physics(
             s.close()
 
 
+@dataclass
+class _CameraFit:
+    """What the per-pixel fits of a camera's channels share: its library, its law and the design."""
+
+    cl: _Library
+    shards: Sequence[Shard]
+    mem: _Members
+    shape: tuple[int, int]  # the active area (R, C)
+    bs: int  # side of the law's blocks
+    params: dict
+    memory_mb: float
+    progress: bool
+    law: Law
+    T: np.ndarray  # (F,) every library frame's temperature (header's for biases)
+    block_beta: np.ndarray  # (K, channels x blocks): the law's block maps
+    X: np.ndarray  # (F, K) the design of the per-pixel fit
+    x_ref: np.ndarray  # (K,) the design at T0 and the longest exposure: the hot-pixel reference
+
+
 def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, bs, memory_mb, progress):
-    t, header_T, dark = cl.t, cl.header_T, cl.t > 0
+    """One camera into ``grp``: its law (stage 2) and exposure coverage as attributes, the maps of
+    every channel (stages 3 and 4) and the library's frame table."""
     per_frame = cl.members.drop_duplicates("file").sort_values("fp").reset_index(drop=True)
-    setpoints = frame_setpoints(per_frame[dark])
-    n_setpoints = len(set(np.round(setpoints, 1)))
-    dark_exptimes = sorted(set(np.round(t[dark], 6).tolist()))
-    has_bias = bool((~dark).any())
-    separable = len(dark_exptimes) >= 2 or has_bias
-    if not separable:
+    dark_exptimes = _exposure_coverage(cl)
+    law, T, block_beta = _camera_law(cl, mem, per_frame)
+    _write_camera_attrs(grp, cl, per_frame, law, T, dark_exptimes)
+    t_ref = max(dark_exptimes)
+    x_ref = law.design([law.T0], [t_ref])[0]
+    cam = _CameraFit(
+        cl, shards, mem, g.active.shape, bs, params, memory_mb, progress, law, T, block_beta, law.design(T, cl.t), x_ref
+    )
+    rows_tab = []
+    for j, ch in enumerate(cl.channels):
+        rows_tab += _fit_channel(grp, cam, j, ch)
+    _write_frame_table(grp.create_group("frames"), rows_tab)
+
+
+def _exposure_coverage(cl: _Library) -> list[float]:
+    """The library's dark exposure times (sorted), with a warning when glow cannot be told from
+    dark current (one exposure time and no bias frames)."""
+    dark = cl.t > 0
+    dark_exptimes = sorted(set(np.round(cl.t[dark], 6).tolist()))
+    if not _separable(cl, dark_exptimes):
         log.warning(
             "camera %s: library has only %g s darks and no bias frames: glow cannot be told from dark"
             " current; only %g s can be predicted",
@@ -334,9 +368,22 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
             dark_exptimes[0],
             dark_exptimes[0],
         )
-    # stage 2: the law, from the block means of all channels (one temperature per frame)
-    R, C = g.active.shape
-    nbr, nbc = R // bs, C // bs
+    return dark_exptimes
+
+
+def _has_bias(cl: _Library) -> bool:
+    return bool((~(cl.t > 0)).any())
+
+
+def _separable(cl: _Library, dark_exptimes: list[float]) -> bool:
+    """Exposure-scaled and per-readout signals are told apart by two exposure times or by biases."""
+    return len(dark_exptimes) >= 2 or _has_bias(cl)
+
+
+def _camera_law(cl: _Library, mem: _Members, per_frame: pd.DataFrame) -> tuple[Law, np.ndarray, np.ndarray]:
+    """Stage 2: the law and every frame's temperature from the block means of all channels (a
+    frame has one temperature); biases keep their header's."""
+    t, header_T, dark = cl.t, cl.header_T, cl.t > 0
     Y = np.concatenate(
         [
             mem.blocks[cl.members[cl.members["channel"] == ch].sort_values("fp").index].reshape(len(cl.files), -1)
@@ -354,6 +401,14 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
         law.tau2,
         len(cl.files),
     )
+    return law, T, block_beta
+
+
+def _write_camera_attrs(grp, cl: _Library, per_frame: pd.DataFrame, law: Law, T: np.ndarray, dark_exptimes) -> None:
+    """The camera's law, the headers' scatter about the fitted temperatures and what the library
+    covers."""
+    header_T, dark = cl.header_T, cl.t > 0
+    setpoints = frame_setpoints(per_frame[dark])
     hdr = header_T[dark] - T[dark]
     header_sigma = float(np.sqrt(np.mean(hdr**2))) if dark.sum() > 2 else float("nan")
     grp.attrs.update(
@@ -364,118 +419,184 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
         components=law.components,
         header_sigma=header_sigma,
         dark_exptimes=np.asarray(dark_exptimes, float),
-        has_bias=has_bias,
-        separable=separable,
+        has_bias=_has_bias(cl),
+        separable=_separable(cl, dark_exptimes),
         n_frames=len(cl.files),
-        n_setpoints=n_setpoints,
+        n_setpoints=len(set(np.round(setpoints, 1))),
         channels=json.dumps(cl.channels),
     )
-    X = law.design(T, t)
-    K = law.K
-    t_ref = max(dark_exptimes)
-    x_ref = law.design([law.T0], [t_ref])[0]
-    rows_tab = []
-    for j, ch in enumerate(cl.channels):
-        sel = cl.members[cl.members["channel"] == ch].sort_values("fp").copy()
-        sel["pos"] = np.arange(len(sel))
-        N, mi = len(sel), sel.index.to_numpy()
-        bias, read_var, row_var = mem.bias[mi], mem.read_var[mi], mem.row_var[mi]
-        # the dark at (T0, longest exposure) of the blocks: the reference of the hot-pixel test
-        bb = block_beta[:, j * nbr * nbc : (j + 1) * nbr * nbc].reshape(K, nbr, nbc)
-        typ_b = np.einsum("k,kij->ij", x_ref[:-1], bb[:-1])
-        typ = typ_b[np.minimum(np.arange(R) // bs, nbr - 1)][:, np.minimum(np.arange(C) // bs, nbc - 1)].ravel()
-        step = _chunk_rows(N, C, memory_mb)
-        chunks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
-        cache: dict = {}
 
-        single_chunk = len(chunks) == 1
 
-        def get_chunk(chunk, sel=sel, bias=bias, cache=cache, single=single_chunk, N=N):
-            if chunk in cache:
-                return cache[chunk]
-            r0, r1 = chunk
-            raw = _read_rows(shards, sel, r0, r1)
-            Yc = (raw.astype(np.float32) - bias[:, r0:r1, None]).reshape(N, -1)
-            res = (Yc, ((raw < SATURATED) & (raw > 0)).reshape(N, -1))
-            if single:
-                cache[chunk] = res
-            return res
+class _ChunkReader:
+    """Bias-subtracted active rows of one channel's library frames, a chunk of rows at a time, with
+    their validity (neither saturated nor zero). When one chunk holds every row, it is read once
+    and kept for both passes."""
 
-        bar = tqdm(
-            total=2 * len(chunks),
-            desc=f"physics: {cl.camera} channel {ch}",
-            unit="block",
-            disable=None if progress else True,
+    def __init__(self, shards, sel: pd.DataFrame, bias: np.ndarray, single: bool):
+        self.shards, self.sel, self.bias, self.single = shards, sel, bias, single
+        self.cache: dict = {}
+
+    def __call__(self, chunk: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        if chunk in self.cache:
+            return self.cache[chunk]
+        r0, r1 = chunk
+        N = len(self.sel)
+        raw = _read_rows(self.shards, self.sel, r0, r1)
+        Yc = (raw.astype(np.float32) - self.bias[:, r0:r1, None]).reshape(N, -1)
+        res = (Yc, ((raw < SATURATED) & (raw > 0)).reshape(N, -1))
+        if self.single:
+            self.cache[chunk] = res
+        return res
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+
+@dataclass
+class _PassB:
+    """The weighted per-pixel fit of a channel: maps, their normal equations, the hot pixels' laws."""
+
+    A: np.ndarray | None  # packed normal matrices (pairs, P); None once the smooth prior used them
+    b0: np.ndarray | None  # (P,) d1's right side (all the smooth prior needs of b)
+    beta: np.ndarray  # (K, P) float32
+    chi2: np.ndarray  # (P,) float32
+    hot: np.ndarray  # (P,) bool
+    hot_index: np.ndarray  # (n,) pixels with a hot-pixel fit
+    hot_tau: np.ndarray  # (n,) their doubling temperatures (NaN: no fit)
+    hot_coef: np.ndarray  # (n, K)
+
+
+def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
+    """Stages 3 and 4 for channel ``ch`` (the ``j``-th): pass A (the frames' noise), pass B (the
+    weighted maps, hot pixels), the smooth prior, the OB maps; written to ``channel_j`` of
+    ``grp``. Returns the channel's rows of the library frame table."""
+    (R, C), K = cam.shape, cam.law.K
+    sel = cam.cl.members[cam.cl.members["channel"] == ch].sort_values("fp").copy()
+    sel["pos"] = np.arange(len(sel))
+    N, mi = len(sel), sel.index.to_numpy()
+    read_var, row_var = cam.mem.read_var[mi], cam.mem.row_var[mi]
+    typ = _hot_reference(cam, j)
+    step = _chunk_rows(N, C, cam.memory_mb)
+    chunks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
+    read = _ChunkReader(cam.shards, sel, cam.mem.bias[mi], single=len(chunks) == 1)
+    bar = tqdm(
+        total=2 * len(chunks),
+        desc=f"physics: {cam.cl.camera} channel {ch}",
+        unit="block",
+        disable=None if cam.progress else True,
+    )
+    frame_var = _pass_a(chunks, read, cam.X, cam.params["clip"], bar)
+    mean_sig = np.median(cam.mem.blocks[mi].reshape(N, -1), axis=1)  # the typical pixel's signal
+    noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
+    fit = _pass_b(cam, chunks, read, noise, typ, read_var, bar)
+    bar.close()
+    read.clear()
+    maps, irregular = _smoothed_maps(fit, cam.shape, K, cam.params)
+    fit.A = fit.b0 = None  # the normal equations are large and no longer needed
+    cg = grp.create_group(f"channel_{j}")
+    _write_channel(cg, ch, noise, fit, maps, irregular, K, cam.shape)
+    _fit_ob(cg.create_group("ob"), cam.mem, mi, cam.X, noise, row_var, cam.x_ref, read_var, cam.params, K, cam.shape)
+    return _frame_rows(cam, sel, ch, frame_var, read_var, row_var)
+
+
+def _hot_reference(cam: _CameraFit, j: int) -> np.ndarray:
+    """(R*C,): the dark at (T0, longest exposure) of the law's blocks of channel ``j``, per pixel:
+    the reference of the hot-pixel test."""
+    (R, C), K, bs = cam.shape, cam.law.K, cam.bs
+    nbr, nbc = R // bs, C // bs
+    bb = cam.block_beta[:, j * nbr * nbc : (j + 1) * nbr * nbc].reshape(K, nbr, nbc)
+    typ_b = np.einsum("k,kij->ij", cam.x_ref[:-1], bb[:-1])
+    return typ_b[np.minimum(np.arange(R) // bs, nbr - 1)][:, np.minimum(np.arange(C) // bs, nbc - 1)].ravel()
+
+
+def _pass_b(cam: _CameraFit, chunks, read: _ChunkReader, noise: _Noise, typ, read_var, bar) -> _PassB:
+    """Pass B over all chunks: the noise-weighted clipped fit of every pixel, and a law of their
+    own for pixels whose dark at the reference exceeds ``HOT_FACTOR`` times their block's."""
+    (R, C), K = cam.shape, cam.law.K
+    A = np.zeros((len(_pairs(K)), R * C))
+    b0 = np.zeros(R * C)  # only d1's right side is needed later
+    beta = np.zeros((K, R * C), np.float32)
+    chi2 = np.zeros(R * C, np.float32)
+    hot = np.zeros(R * C, bool)
+    hot_idx, hot_tau, hot_coef = [], [], []
+    for chunk in chunks:
+        Yc, valid = read(chunk)
+        fit = _weighted_fit(Yc, valid, cam.X, noise, cam.params["clip"])
+        sl = slice(chunk[0] * C, chunk[1] * C)
+        A[:, sl], b0[sl], beta[:, sl], chi2[sl] = fit.A, fit.b[0], fit.beta, fit.chi2
+        S_ref = cam.x_ref[:-1] @ fit.beta[:-1]
+        h = np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + 10 * math.sqrt(float(np.mean(read_var))))
+        if h.size:
+            hot[sl.start + h] = True
+            tau, coef = _hot_fits(Yc, valid, fit, h, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"])
+            hot_idx.append(sl.start + h), hot_tau.append(tau), hot_coef.append(coef)
+        bar.update(1)
+    return _PassB(
+        A,
+        b0,
+        beta,
+        chi2,
+        hot,
+        np.concatenate(hot_idx) if hot_idx else np.zeros(0, np.int64),
+        np.concatenate(hot_tau) if hot_tau else np.zeros(0),
+        np.concatenate(hot_coef) if hot_coef else np.zeros((0, K)),
+    )
+
+
+def _smoothed_maps(fit: _PassB, shape, K: int, params) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 4, the smooth prior (``smooth_px`` > 0): the maps and which pixels keep their own fit."""
+    R, C = shape
+    if params["smooth_px"] > 0:
+        return smooth_prior(
+            fit.A, fit.b0, fit.beta, fit.chi2, fit.hot, (R, C), K, params["smooth_px"], params["irregular_p"]
         )
-        frame_var = _pass_a(chunks, get_chunk, X, params["clip"], bar)
-        mean_sig = np.median(mem.blocks[mi].reshape(N, -1), axis=1)  # the typical pixel's signal
-        noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
-        A = np.zeros((len(_pairs(K)), R * C))
-        b0 = np.zeros(R * C)  # only d1's right side is needed later
-        beta = np.zeros((K, R * C), np.float32)
-        chi2 = np.zeros(R * C, np.float32)
-        hot = np.zeros(R * C, bool)
-        hot_idx, hot_tau, hot_coef = [], [], []
-        for chunk in chunks:
-            Yc, valid = get_chunk(chunk)
-            fit = _weighted_fit(Yc, valid, X, noise, params["clip"])
-            sl = slice(chunk[0] * C, chunk[1] * C)
-            A[:, sl], b0[sl], beta[:, sl], chi2[sl] = fit.A, fit.b[0], fit.beta, fit.chi2
-            S_ref = x_ref[:-1] @ fit.beta[:-1]
-            h = np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + 10 * math.sqrt(float(np.mean(read_var))))
-            if h.size:
-                hot[sl.start + h] = True
-                tau, coef = _hot_fits(Yc, valid, fit, h, T, t, law, noise, params["clip"])
-                hot_idx.append(sl.start + h), hot_tau.append(tau), hot_coef.append(coef)
-            bar.update(1)
-        bar.close()
-        cache.clear()
-        if params["smooth_px"] > 0:
-            maps, irregular = smooth_prior(
-                A, b0, beta, chi2, hot, (R, C), K, params["smooth_px"], params["irregular_p"]
-            )
-        else:
-            maps, irregular = beta, np.ones(R * C, bool)
-        del A, b0
-        cg = grp.create_group(f"channel_{j}")
-        cg.attrs.update(
+    return fit.beta, np.ones(R * C, bool)
+
+
+def _write_channel(cg, ch: str, noise: _Noise, fit: _PassB, maps, irregular, K: int, shape) -> None:
+    """A channel's maps, flags (1: hot, 2: irregular), reduced chi-square and hot-pixel laws."""
+    R, C = shape
+    cg.attrs.update(
+        channel=ch,
+        inv_gain=np.nan if noise.inv_gain is None else noise.inv_gain,
+        noise_offset=noise.offset,
+        irregular_fraction=float(irregular.mean()),
+        hot_pixels=int(fit.hot.sum()),
+    )
+    _write_maps(cg, maps, K, (R, C))
+    flags = (fit.hot.astype(np.uint8) | (irregular.astype(np.uint8) << 1)).reshape(R, C)
+    cg.create_dataset("flags", data=flags, compression="gzip", shuffle=True)
+    cg.create_dataset("chi2", data=fit.chi2.reshape(R, C).astype(np.float16), compression="gzip", shuffle=True)
+    good = np.isfinite(fit.hot_tau)
+    cg.create_dataset("hot_index", data=fit.hot_index[good].astype(np.int64))
+    cg.create_dataset("hot_tau", data=fit.hot_tau[good].astype(np.float32))
+    cg.create_dataset("hot_coef", data=fit.hot_coef[good].astype(np.float32))
+
+
+def _frame_rows(cam: _CameraFit, sel: pd.DataFrame, ch: str, frame_var, read_var, row_var) -> list[dict]:
+    """The channel's rows of the library frame table: headers, fitted temperature, noise."""
+    mi = sel.index.to_numpy()
+    return [
+        dict(
+            file=r["file"],
             channel=ch,
-            inv_gain=np.nan if noise.inv_gain is None else noise.inv_gain,
-            noise_offset=noise.offset,
-            irregular_fraction=float(irregular.mean()),
-            hot_pixels=int(hot.sum()),
+            night=r["night"],
+            imagetyp=r["imagetyp"],
+            exptime=float(cam.cl.t[r["fp"]]),
+            ccdtemp=float(r["ccdtemp"]),
+            settemp=float(r["settemp"]),
+            teff=float(cam.T[r["fp"]]),
+            noise_var=float(frame_var[i]),
+            read_var=float(read_var[i]),
+            row_var=float(row_var[i]),
+            bias_level=float(cam.mem.level[mi[i]]),
         )
-        _write_maps(cg, maps, K, (R, C))
-        flags = (hot.astype(np.uint8) | (irregular.astype(np.uint8) << 1)).reshape(R, C)
-        cg.create_dataset("flags", data=flags, compression="gzip", shuffle=True)
-        cg.create_dataset("chi2", data=chi2.reshape(R, C).astype(np.float16), compression="gzip", shuffle=True)
-        hi = np.concatenate(hot_idx) if hot_idx else np.zeros(0, np.int64)
-        ht = np.concatenate(hot_tau) if hot_tau else np.zeros(0)
-        hc = np.concatenate(hot_coef) if hot_coef else np.zeros((0, K))
-        good = np.isfinite(ht)
-        cg.create_dataset("hot_index", data=hi[good].astype(np.int64))
-        cg.create_dataset("hot_tau", data=ht[good].astype(np.float32))
-        cg.create_dataset("hot_coef", data=hc[good].astype(np.float32))
-        _fit_ob(cg.create_group("ob"), mem, mi, X, noise, row_var, x_ref, read_var, params, K, (R, C))
-        for i, (_, r) in enumerate(sel.iterrows()):
-            rows_tab.append(
-                dict(
-                    file=r["file"],
-                    channel=ch,
-                    night=r["night"],
-                    imagetyp=r["imagetyp"],
-                    exptime=float(t[r["fp"]]),
-                    ccdtemp=float(r["ccdtemp"]),
-                    settemp=float(r["settemp"]),
-                    teff=float(T[r["fp"]]),
-                    noise_var=float(frame_var[i]),
-                    read_var=float(read_var[i]),
-                    row_var=float(row_var[i]),
-                    bias_level=float(mem.level[mi[i]]),
-                )
-            )
-    tab = pd.DataFrame(rows_tab)
-    tg = grp.create_group("frames")
+        for i, (_, r) in enumerate(sel.iterrows())
+    ]
+
+
+def _write_frame_table(tg, rows: list[dict]) -> None:
+    tab = pd.DataFrame(rows)
     for col in tab:
         v = tab[col].to_numpy()
         tg.create_dataset(col, data=v.astype(h5py.string_dtype()) if v.dtype == object else v)

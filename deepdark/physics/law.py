@@ -147,6 +147,131 @@ def _levenberg_marquardt(fun, p0: np.ndarray, lo: np.ndarray, hi: np.ndarray, it
     return p
 
 
+@dataclass(frozen=True)
+class _Groups:
+    """A library's frames by (setpoint, exposure), biases one group: the means the law is fitted on."""
+
+    member: np.ndarray  # (frames,) the group of each frame
+    n: np.ndarray  # (groups,) frames per group (float: the groups' weights)
+    Y: np.ndarray  # (groups, blocks) mean block means
+    t: np.ndarray  # (groups,) exposure, 0 for the biases
+    dark: np.ndarray  # (groups,) dark groups (biases have no temperature)
+    T0: float  # the law's reference temperature: the darks' median header temperature
+    header_T: np.ndarray  # (groups,) mean header temperature (T0 for the biases)
+    n_setpoints: int
+
+    @property
+    def sw(self) -> np.ndarray:
+        """(groups, 1): square-root weights of the group means (a mean of n frames counts n times)."""
+        return np.sqrt(self.n)[:, None]
+
+    def maps(self, law: Law, Tg: np.ndarray) -> np.ndarray:
+        """(K, blocks): the block maps that best fit the group means at group temperatures ``Tg``."""
+        sw = self.sw
+        return np.linalg.lstsq(law.design(Tg, self.t) * sw, self.Y * sw, rcond=None)[0]
+
+
+def _group_frames(Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints, dark: np.ndarray) -> _Groups:
+    """Group the frames by (setpoint, exposure) and average their block means and headers."""
+    sp = np.where(dark, np.round(np.asarray(setpoints, float), 1), np.nan)
+    keys = [(s, round(float(x), 6)) if d else ("bias", 0.0) for s, x, d in zip(sp, t, dark)]
+    groups = sorted(set(keys), key=str)
+    member = np.array([groups.index(k) for k in keys])
+    ng = np.bincount(member, minlength=len(groups)).astype(float)
+    Yg = np.stack([Y[member == i].mean(axis=0) for i in range(len(groups))])
+    tg = np.array([k[1] for k in groups])
+    gd = tg > 0
+    T0 = float(np.round(np.median(header_T[dark]), 1))
+    Ag = np.array([header_T[member == i].mean() if gd[i] else T0 for i in range(len(groups))])
+    return _Groups(member, ng, Yg, tg, gd, T0, Ag, len(set(sp[dark])))
+
+
+def _first_law(g: _Groups, components: int, tau_ratio: float | None) -> Law:
+    """The law at the groups' header temperatures: grid-searched doubling temperatures, or the
+    paper's with a single setpoint."""
+    if g.n_setpoints < 2:
+        log.warning(
+            "library darks at a single setpoint: the dark current is assumed to double every %.1f C"
+            " (the paper's); other temperatures are extrapolations",
+            DEFAULT_TAU,
+        )
+        return Law(g.T0, DEFAULT_TAU)
+    return _best_taus(g.Y, g.header_T, g.t, g.T0, components, g.n, tau_ratio)
+
+
+def _block_weights(r: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weights of the blocks, 1 / their misfit^2 (mean 1), and the weighted noise variance, from
+    the residuals ``r`` (dark frames, blocks) of the frames about the law."""
+    misfit = MAD_SIGMA * np.median(np.abs(r), axis=0)
+    wb = 1.0 / np.maximum(misfit, 1e-3 * max(float(np.median(misfit)), 1e-12)) ** 2
+    wb /= wb.mean()
+    noise2 = float(np.median(wb[None, :] * r * r)) / 0.4549  # median of chi2(1) = 0.4549
+    return wb, noise2
+
+
+def _header_scatter(header_T: np.ndarray, T: np.ndarray, dark: np.ndarray, g: _Groups) -> float:
+    """The headers' own scatter: CCDTEMP about the frames' fitted temperatures, within each group
+    (at least 0.05 C)."""
+    member = g.member
+    within = (header_T - T)[dark] - np.array([np.mean((header_T - T)[member == m]) for m in member[dark]])
+    n_per = g.n[member[dark]]
+    return max(float(np.sqrt(np.sum(within**2) / max(np.sum(1 - 1 / n_per), 1))), 0.05)
+
+
+def _lm_starts(law: Law, n_tau: int) -> list[list[float]]:
+    """Starting doubling temperatures of the joint fit: the grid's, then a spread of others
+    (the joint fit has local minima)."""
+    taus0 = [law.tau1] if n_tau == 1 else [law.tau1 - law.tau2, law.tau2]
+    return [taus0] + (
+        [[g1 - g2, g2] for g1 in (6.0, 8.0, 11.0) for g2 in (2.5, 3.5, 5.0)]
+        if n_tau == 2
+        else [[x] for x in (4.0, 6.0, 9.0, 14.0)]
+    )
+
+
+def _fit_group_temperatures(
+    g: _Groups,
+    law: Law,
+    components: int,
+    tau_ratio: float | None,
+    wb: np.ndarray,
+    noise2: float,
+    sigma_h: float,
+) -> tuple[np.ndarray, Law]:
+    """The doubling temperatures and the dark groups' temperatures, fitted jointly on the group
+    means (block maps projected out; blocks weighted by ``wb`` / ``noise2``), the temperatures held
+    to their headers' mean by a prior of the headers' scatter ``sigma_h`` / sqrt(n)."""
+    gd, Ag = g.dark, g.header_T
+    sw = g.sw
+    sa = sigma_h / np.sqrt(g.n[gd])
+    sqw = np.sqrt(wb)[None, :] * sw / math.sqrt(noise2)
+    n_tau = 1 if components == 1 or tau_ratio else 2
+
+    def unpack(p):
+        Tg = Ag.copy()
+        Tg[gd] = p[: gd.sum()]
+        taus = p[gd.sum() :]
+        if n_tau == 1:
+            return Tg, Law(g.T0, taus[0], taus[0] / tau_ratio if tau_ratio and components == 2 else float("nan"))
+        return Tg, Law(g.T0, taus[0] + taus[1], taus[1])  # tau1 = tau2 + gap
+
+    def residuals(p):
+        Tg, lw = unpack(p)
+        X = lw.design(Tg, g.t)
+        b = np.linalg.lstsq(X * sw, g.Y * sw, rcond=None)[0]
+        return np.concatenate([((g.Y - X @ b) * sqw).ravel(), (Tg[gd] - Ag[gd]) / sa])
+
+    lo = np.concatenate([Ag[gd] - 5, [1.0] if n_tau == 1 else [0.5, 0.5]])
+    hi = np.concatenate([Ag[gd] + 5, [40.0] if n_tau == 1 else [30.0, 20.0]])
+    best = None
+    for start in _lm_starts(law, n_tau):
+        p = _levenberg_marquardt(residuals, np.concatenate([Ag[gd], start]), lo, hi)
+        c = float(np.sum(residuals(p) ** 2))
+        if best is None or c < best[0]:
+            best = (c, p)
+    return unpack(best[1])
+
+
 def fit_law(
     Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.ndarray, tau_ratio: float | None = None
 ) -> tuple[Law, np.ndarray, np.ndarray]:
@@ -172,82 +297,21 @@ def fit_law(
     dark = t > 0
     if not dark.any():
         raise ValueError("no dark frames (exposure > 0) in the library")
-    sp = np.where(dark, np.round(np.asarray(setpoints, float), 1), np.nan)
-    keys = [(s, round(float(x), 6)) if d else ("bias", 0.0) for s, x, d in zip(sp, t, dark)]
-    groups = sorted(set(keys), key=str)
-    member = np.array([groups.index(k) for k in keys])
-    ng = np.bincount(member, minlength=len(groups)).astype(float)
-    Yg = np.stack([Y[member == i].mean(axis=0) for i in range(len(groups))])
-    tg = np.array([k[1] for k in groups])
-    gd = tg > 0  # dark groups (biases have no temperature)
-    T0 = float(np.round(np.median(header_T[dark]), 1))
-    Ag = np.array([header_T[member == i].mean() if gd[i] else T0 for i in range(len(groups))])
-    n_setpoints = len(set(sp[dark]))
+    g = _group_frames(Y, t, header_T, setpoints, dark)
     # two components need >= 3 setpoints and, per block, a residual degree of freedom beyond its
     # K = 3 maps (the doubling temperatures are shared by all blocks)
-    components = 2 if n_setpoints >= 3 and len(groups) >= 4 else 1
-    sw = np.sqrt(ng)[:, None]
-
-    def maps(law, Tg):
-        return np.linalg.lstsq(law.design(Tg, tg) * sw, Yg * sw, rcond=None)[0]
-
-    if n_setpoints < 2:
-        log.warning(
-            "library darks at a single setpoint: the dark current is assumed to double every %.1f C"
-            " (the paper's); other temperatures are extrapolations",
-            DEFAULT_TAU,
-        )
-        law = Law(T0, DEFAULT_TAU)
-    else:
-        law = _best_taus(Yg, Ag, tg, T0, components, ng, tau_ratio)
+    components = 2 if g.n_setpoints >= 3 and len(g.n) >= 4 else 1
+    law = _first_law(g, components, tau_ratio)
     # frames about the anchored law: block misfit weights, block noise, the headers' scatter
-    beta = maps(law, Ag)
+    beta = g.maps(law, g.header_T)
     T = header_T.astype(np.float64).copy()
     T[dark] = _newton_T(Y[dark], t[dark], T[dark], beta, law)
-    r = Y[dark] - law.design(T[dark], t[dark]) @ beta
-    misfit = MAD_SIGMA * np.median(np.abs(r), axis=0)
-    wb = 1.0 / np.maximum(misfit, 1e-3 * max(float(np.median(misfit)), 1e-12)) ** 2
-    wb /= wb.mean()
-    noise2 = float(np.median(wb[None, :] * r * r)) / 0.4549  # median of chi2(1) = 0.4549
-    within = (header_T - T)[dark] - np.array([np.mean((header_T - T)[member == m]) for m in member[dark]])
-    n_per = ng[member[dark]]
-    sigma_h = max(float(np.sqrt(np.sum(within**2) / max(np.sum(1 - 1 / n_per), 1))), 0.05)
-    if n_setpoints >= 2:
-        sa = sigma_h / np.sqrt(ng[gd])
-        sqw = np.sqrt(wb)[None, :] * sw / math.sqrt(noise2)
-        n_tau = 1 if components == 1 or tau_ratio else 2
-
-        def unpack(p):
-            Tg = Ag.copy()
-            Tg[gd] = p[: gd.sum()]
-            taus = p[gd.sum() :]
-            if n_tau == 1:
-                return Tg, Law(T0, taus[0], taus[0] / tau_ratio if tau_ratio and components == 2 else float("nan"))
-            return Tg, Law(T0, taus[0] + taus[1], taus[1])  # tau1 = tau2 + gap
-
-        def residuals(p):
-            Tg, lw = unpack(p)
-            X = lw.design(Tg, tg)
-            b = np.linalg.lstsq(X * sw, Yg * sw, rcond=None)[0]
-            return np.concatenate([((Yg - X @ b) * sqw).ravel(), (Tg[gd] - Ag[gd]) / sa])
-
-        taus0 = [law.tau1] if n_tau == 1 else [law.tau1 - law.tau2, law.tau2]
-        lo = np.concatenate([Ag[gd] - 5, [1.0] if n_tau == 1 else [0.5, 0.5]])
-        hi = np.concatenate([Ag[gd] + 5, [40.0] if n_tau == 1 else [30.0, 20.0]])
-        best = None
-        starts = [taus0] + (
-            [[g1 - g2, g2] for g1 in (6.0, 8.0, 11.0) for g2 in (2.5, 3.5, 5.0)]
-            if n_tau == 2
-            else [[x] for x in (4.0, 6.0, 9.0, 14.0)]
-        )
-        for start in starts:
-            p = _levenberg_marquardt(residuals, np.concatenate([Ag[gd], start]), lo, hi)
-            c = float(np.sum(residuals(p) ** 2))
-            if best is None or c < best[0]:
-                best = (c, p)
-        Tg, law = unpack(best[1])
-        beta = maps(law, Tg)
-        log.debug("law: group temperatures moved %s C from their headers", np.round(Tg[gd] - Ag[gd], 3))
+    wb, noise2 = _block_weights(Y[dark] - law.design(T[dark], t[dark]) @ beta)
+    sigma_h = _header_scatter(header_T, T, dark, g)
+    if g.n_setpoints >= 2:
+        Tg, law = _fit_group_temperatures(g, law, components, tau_ratio, wb, noise2, sigma_h)
+        beta = g.maps(law, Tg)
+        log.debug("law: group temperatures moved %s C from their headers", np.round(Tg[g.dark] - g.header_T[g.dark], 3))
     T = header_T.astype(np.float64).copy()
     T[dark] = _newton_T(Y[dark], t[dark], T[dark], beta, law, w=wb)
     return law, T, beta

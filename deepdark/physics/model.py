@@ -14,7 +14,10 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from deepdark.io.errors import DeepdarkError
+from deepdark.io.frames import UNKNOWN_CAMERA
 from deepdark.io.geometry import Geometry, parse_geometry
+from deepdark.io.predictions import FLAGGED, OK, UNSERVED, Served
 from deepdark.io.shards import Shard
 from deepdark.io.units import SATURATED
 
@@ -25,13 +28,13 @@ from .law import LN2, Law
 log = logging.getLogger(__name__)
 
 TEFF_MAX_SIGMA = 2.0  # C: an OB temperature less certain than this is not used at all
-TEFF_MAX_OFFSET = 5.0  # C: an OB temperature this far from CCDTEMP is not trusted
+TEFF_MAX_OFFSET = 5.0  # C: a header temperature this far from a precise OB one is not trusted (flagged)
 GLOW_SYS = 0.01  # relative uncertainty of the OB pixels' per-readout level (systematic)
 AREAS = ("window", "active")  # what a predictor covers: the model window, or the whole active area
 
 
-class PhysicsError(ValueError):
-    """A request the physics model cannot serve (exposure, camera, geometry); one line."""
+class PhysicsError(DeepdarkError, ValueError):
+    """A request the physics model cannot serve (exposure, camera, temperature, geometry); one line."""
 
 
 # -- the fitted model: effective temperature and prediction -------------------------------------
@@ -67,11 +70,24 @@ class CameraInfo:
 
 @dataclass
 class Temperatures:
-    """Effective temperature of each frame-channel row: value, 1-sigma (C) and its source."""
+    """Effective temperature of each frame-channel row: value, 1-sigma (C), its source, and a
+    note ("" unless the frame's header temperature was not trusted: what and why)."""
 
     teff: np.ndarray
     sigma: np.ndarray
-    source: np.ndarray  # "ob", "ccdtemp", "settemp" or "exposure 0" per row
+    source: np.ndarray  # "ob", "ob+ccdtemp", "ccdtemp", "settemp" or "exposure 0" per row
+    note: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.note is None:
+            self.note = np.full(len(self.teff), "", dtype=object)
+
+    @classmethod
+    def unknown(cls, n: int) -> Temperatures:
+        return cls(np.full(n, np.nan), np.full(n, np.inf), np.full(n, "none", dtype=object))
+
+    def take(self, index) -> Temperatures:
+        return Temperatures(self.teff[index], self.sigma[index], self.source[index], self.note[index])
 
 
 class PhysicsModel:
@@ -105,7 +121,7 @@ class PhysicsModel:
             )
         self._channels: OrderedDict = OrderedDict()
         self._cache_size = cache_channels
-        self._tcache: OrderedDict = OrderedDict()
+        self._temperature_ranges: dict[str, tuple[float, float]] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> PhysicsModel:
@@ -123,9 +139,13 @@ class PhysicsModel:
     # -- lookups --------------------------------------------------------------------------------
     def camera(self, camera: str) -> CameraInfo:
         if camera not in self.cameras:
+            what = (
+                "a frame with no camera name in its header (no CAMERA card)"
+                if camera in ("", UNKNOWN_CAMERA)
+                else f"camera {camera!r}"
+            )
             raise PhysicsError(
-                f"{self.path.name}: no physics model for camera {camera!r}"
-                f" (library cameras: {', '.join(sorted(self.cameras))})"
+                f"{self.path.name}: no physics model for {what} (library cameras: {', '.join(sorted(self.cameras))})"
             )
         return self.cameras[camera]
 
@@ -188,6 +208,43 @@ class PhysicsModel:
                 f" exposure ({longest:g} s): the library cannot support it"
             )
 
+    def temperature_range(self, camera: str) -> tuple[float, float]:
+        """The coldest and warmest effective temperature (C) of the library's darks of ``camera``:
+        where the law was measured."""
+        if camera not in self._temperature_ranges:
+            frames = self.library_frames(camera)
+            teff = frames.loc[frames["exptime"] > 0, "teff"].to_numpy(float)
+            self._temperature_ranges[camera] = (float(teff.min()), float(teff.max()))
+        return self._temperature_ranges[camera]
+
+    def temperature_margin(self, camera: str) -> float:
+        """How far (C) beyond its library's temperatures the model predicts for ``camera``.
+
+        As far as the dark current of the law's slow component changes by ``max_extrapolation``,
+        the factor by which the model extrapolates exposure times: beyond, the two-component
+        law is a guess (its fast component, and the per-pixel shape of the map, diverge first).
+        """
+        return self.camera(camera).law.tau1 * math.log2(self.params["max_extrapolation"])
+
+    def check_temperature(self, camera: str, teff: float, exptime: float) -> None:
+        """Raise :class:`PhysicsError` when a frame at ``teff`` C is further outside the library's
+        temperatures than :meth:`temperature_margin`; the message says by how much."""
+        if exptime <= 0:  # a bias has no dark current: its temperature does not enter the prediction
+            return
+        lo, hi = self.temperature_range(camera)
+        margin = self.temperature_margin(camera)
+        if teff < lo - margin:
+            outside, where = lo - teff, f"below the library's coldest {lo:.1f} C"
+        elif teff > hi + margin:
+            outside, where = teff - hi, f"above the library's warmest {hi:.1f} C"
+        else:
+            return
+        raise PhysicsError(
+            f"camera {camera}: effective temperature {teff:.1f} C is {outside:.1f} C {where}; the model extrapolates"
+            f" at most {margin:.1f} C beyond its library (a {self.params['max_extrapolation']:g}x change of the"
+            " dark current)"
+        )
+
     def _check_geometry(self, g: Geometry) -> None:
         if g.name != self.geometry.name or g.active.shape != self.geometry.active.shape:
             raise PhysicsError(f"{self.path.name}: fitted on geometry {self.geometry.name}, data is {g.name}")
@@ -206,46 +263,60 @@ class PhysicsModel:
         max_offset: float = TEFF_MAX_OFFSET,
     ) -> Temperatures:
         """Effective temperature of every row of ``table`` (one per frame: all rows of a file share
-        it, estimated from the OB pixels of all of its rows present), with the header fallback."""
+        it, estimated from the OB pixels of all of its rows present), with the header fallback.
+
+        A header temperature more than ``max_offset`` from a precise OB estimate (a sensor that
+        reads 0.0 on a cold frame) is not used: the OB estimate alone is, and the rows' ``note``
+        names both. Raises :class:`PhysicsError` for a frame without any temperature."""
         table = table.reset_index(drop=True)
-        n = len(table)
-        teff, sigma, source = np.full(n, np.nan), np.full(n, np.inf), np.empty(n, dtype=object)
+        temps = Temperatures.unknown(len(table))
         for _, rows in table.groupby("file", sort=False).indices.items():
-            r0 = table.iloc[rows[0]]
-            header, hsrc = _header_temperature(r0)
-            exptime = float(r0["exptime"]) if r0["imagetyp"] != "BIAS" else 0.0
-            if exptime <= 0:
-                teff[rows], sigma[rows], source[rows] = (header if np.isfinite(header) else 0.0), 0.0, "exposure 0"
-                continue
-            info = self.camera(r0["camera"])
-            T, s = self._ob_temperature(
-                state, table, rows, info, exptime, header if np.isfinite(header) else info.law.T0
+            T, s, src, note = self._frame_temperature(state, table, rows, max_sigma, max_offset)
+            temps.teff[rows], temps.sigma[rows], temps.source[rows], temps.note[rows] = T, s, src, note
+        return temps
+
+    def _frame_temperature(
+        self, state: FrameState, table: pd.DataFrame, rows, max_sigma: float, max_offset: float
+    ) -> tuple[float, float, str, str]:
+        """(T, sigma, source, note) of the frame of table ``rows``: see :meth:`temperatures`."""
+        r0 = table.iloc[rows[0]]
+        header, hsrc = _header_temperature(r0)
+        exptime = float(r0["exptime"]) if r0["imagetyp"] != "BIAS" else 0.0
+        if exptime <= 0:
+            return (header if np.isfinite(header) else 0.0), 0.0, "exposure 0", ""
+        info = self.camera(r0["camera"])
+        T, s = self._ob_temperature(state, table, rows, info, exptime, header if np.isfinite(header) else info.law.T0)
+        precise = np.isfinite(T) and s <= max_sigma
+        if precise and np.isfinite(header) and abs(T - header) > max_offset:
+            # The GLS started at the header; its cosmic-ray cut was made far from the answer.
+            T, s = self._ob_temperature(state, table, rows, info, exptime, T)
+            note = (
+                f"header {hsrc.upper()} {header:.2f} C disagrees with the optical-black estimate {T:.2f} C by"
+                f" {abs(T - header):.1f} C (more than the {max_offset:g} C the physics model trusts): predicted at"
+                " the optical-black estimate"
             )
-            if np.isfinite(T) and s <= max_sigma and not (np.isfinite(header) and abs(T - header) > max_offset):
-                hs = info.header_sigma
-                if np.isfinite(header) and np.isfinite(hs) and hs > 0:
-                    w_ob, w_h = 1.0 / s**2, 1.0 / hs**2
-                    T, s = (w_ob * T + w_h * header) / (w_ob + w_h), 1.0 / math.sqrt(w_ob + w_h)
-                    src = "ob" if w_h < 0.1 * w_ob else "ob+" + hsrc
-                else:
-                    src = "ob"
-                teff[rows], sigma[rows], source[rows] = T, s, src
-                continue
-            if np.isfinite(T) and np.isfinite(header) and abs(T - header) > max_offset:
-                log.warning(
-                    "%s: OB temperature %.2f C is %.1f C from the header's %.2f C: using the header",
-                    r0["file"],
-                    T,
-                    T - header,
-                    header,
-                )
-            if np.isfinite(header):
-                teff[rows], sigma[rows], source[rows] = header, info.header_sigma, hsrc
-            elif np.isfinite(T):
-                teff[rows], sigma[rows], source[rows] = T, s, "ob"
-            else:
-                raise PhysicsError(f"{r0['file']}: no temperature (OB signal too weak, no CCDTEMP or SETTEMP)")
-        return Temperatures(teff, sigma, source)
+            return T, s, "ob", note
+        if precise:
+            hs = info.header_sigma
+            if not (np.isfinite(header) and np.isfinite(hs) and hs > 0):
+                return T, s, "ob", ""
+            w_ob, w_h = 1.0 / s**2, 1.0 / hs**2
+            src = "ob" if w_h < 0.1 * w_ob else "ob+" + hsrc
+            return (w_ob * T + w_h * header) / (w_ob + w_h), 1.0 / math.sqrt(w_ob + w_h), src, ""
+        if np.isfinite(T) and np.isfinite(header) and abs(T - header) > max_offset:
+            log.warning(
+                "%s: imprecise OB temperature %.2f C (+-%.1f C) is %.1f C from the header's %.2f C: using the header",
+                r0["file"],
+                T,
+                s,
+                T - header,
+                header,
+            )
+        if np.isfinite(header):
+            return header, info.header_sigma, hsrc, ""
+        if np.isfinite(T):
+            return T, s, "ob", ""
+        raise PhysicsError(f"{r0['file']}: no temperature (OB signal too weak, no CCDTEMP or SETTEMP)")
 
     def _ob_temperature(
         self, state: FrameState, table, rows, info: CameraInfo, t: float, T_start: float, clip: float = PIXEL_CLIP
@@ -325,6 +396,34 @@ class PhysicsModel:
             S.reshape(-1)[ch.hot_index] = hot
         return S
 
+    def verdicts(self, state: FrameState, table: pd.DataFrame) -> tuple[Temperatures, np.ndarray, np.ndarray]:
+        """Every row's temperature and verdict, frame by frame: (temperatures, status, reason).
+
+        A frame is ``"unserved"`` when the model cannot predict it (no model for its camera or a
+        channel, an exposure the library cannot support, no temperature, a temperature further
+        outside the library than :meth:`temperature_margin`), ``"flagged"`` when its header
+        temperature was not trusted (the reason names both temperatures), else ``"ok"``."""
+        table = table.reset_index(drop=True)
+        n = len(table)
+        temps = Temperatures.unknown(n)
+        status, reason = np.full(n, OK, dtype=object), np.full(n, "", dtype=object)
+        for _, rows in table.groupby("file", sort=False).indices.items():
+            r0 = table.iloc[rows[0]]
+            exptime = 0.0 if r0["imagetyp"] == "BIAS" else float(r0["exptime"])
+            try:
+                for i in rows:
+                    self.check_exposure(table.iloc[i]["camera"], exptime)
+                    self.channel(table.iloc[i]["camera"], table.iloc[i]["channel"])
+                T, s, src, note = self._frame_temperature(state, table, rows, TEFF_MAX_SIGMA, TEFF_MAX_OFFSET)
+                self.check_temperature(r0["camera"], T, exptime)
+            except PhysicsError as exc:
+                status[rows], reason[rows] = UNSERVED, str(exc)
+                continue
+            temps.teff[rows], temps.sigma[rows], temps.source[rows], temps.note[rows] = T, s, src, note
+            if note:
+                status[rows], reason[rows] = FLAGGED, note
+        return temps, status, reason
+
     def predict(
         self,
         strips: dict[str, np.ndarray],
@@ -337,12 +436,15 @@ class PhysicsModel:
         (k, active rows, active cols), or the model window when ``window``.
 
         The effective temperature of a frame uses the OB pixels of all of its rows given here; pass
-        ``temps`` to reuse temperatures estimated from more channels (:meth:`predict_rows` does)."""
+        ``temps`` to reuse temperatures estimated from more channels (:meth:`serve_rows` does).
+        Without ``temps``, a frame the model cannot serve (:meth:`verdicts`) raises
+        :class:`PhysicsError`."""
         table = table.reset_index(drop=True)
-        for _, r in table.iterrows():
-            self.check_exposure(r["camera"], 0.0 if r["imagetyp"] == "BIAS" else float(r["exptime"]))
         state = self.state(strips) if state is None else state
-        temps = self.temperatures(state, table) if temps is None else temps
+        if temps is None:
+            temps, status, reason = self.verdicts(state, table)
+            if (status == UNSERVED).any():
+                raise PhysicsError(reason[np.flatnonzero(status == UNSERVED)[0]])
         rows, cols = self.geometry.window_in_active if window else (slice(None), slice(None))
         out = []
         for i, r in table.iterrows():
@@ -352,25 +454,39 @@ class PhysicsModel:
             out.append(np.minimum(pred, np.float32(SATURATED)))
         return np.stack(out) if out else np.zeros((0, *self.geometry.active.shape), np.float32)
 
-    def predict_rows(self, shard: Shard, rows, window: bool = False) -> np.ndarray:
-        """Predicted darks of table rows ``rows`` of ``shard`` (whole active area, or the window).
+    def serve_rows(self, shard: Shard, rows, window: bool = False) -> Served:
+        """Predicted darks of table rows ``rows`` of ``shard`` (whole active area, or the window)
+        with each row's verdict (:meth:`verdicts`); an unserved row's dark is NaN.
 
         Every frame's temperature comes from the OB pixels of all of its channels in the shard."""
         self._check_geometry(shard.geometry)
         rows = np.asarray(rows)
         tab = shard.table
-        for _, r in tab.iloc[rows].iterrows():
-            self.check_exposure(r["camera"], 0.0 if r["imagetyp"] == "BIAS" else float(r["exptime"]))
         files = pd.unique(tab["file"].to_numpy()[rows])
         all_rows = np.flatnonzero(tab["file"].isin(files).to_numpy())
         strips = shard.strips(all_rows)
-        sub = tab.iloc[all_rows]
+        sub = tab.iloc[all_rows].reset_index(drop=True)
         state = self.state(strips)
-        temps = self.temperatures(state, sub)
+        temps, status, reason = self.verdicts(state, sub)
         where = np.searchsorted(all_rows, rows)
-        pick = FrameState(*(getattr(state, k)[where] for k in FrameState.__dataclass_fields__))
-        picked = Temperatures(temps.teff[where], temps.sigma[where], temps.source[where])
-        return self.predict({s: strips[s][where] for s in strips}, sub.iloc[where], window, picked, pick)
+        shape = (self.geometry.window_size,) * 2 if window else self.geometry.active.shape
+        dark = np.full((len(rows), *shape), np.nan, dtype=np.float32)
+        served = status[where] != UNSERVED
+        if served.any():
+            pick = where[served]
+            picked_state = FrameState(*(getattr(state, k)[pick] for k in FrameState.__dataclass_fields__))
+            picked_strips = {s: strips[s][pick] for s in strips}
+            dark[served] = self.predict(picked_strips, sub.iloc[pick], window, temps.take(pick), picked_state)
+        return Served(dark, status[where], reason[where])
+
+    def predict_rows(self, shard: Shard, rows, window: bool = False) -> np.ndarray:
+        """Predicted darks of table rows ``rows`` of ``shard`` (whole active area, or the window);
+        :class:`PhysicsError` when the model cannot serve one of them (:meth:`serve_rows`)."""
+        served = self.serve_rows(shard, rows, window)
+        reason = served.unserved_reason()
+        if reason is not None:
+            raise PhysicsError(reason)
+        return served.dark
 
 
 def _header_temperature(row) -> tuple[float, str]:
@@ -393,7 +509,9 @@ def physics_predictor(path: str | Path, area: str = "window") -> Callable[[Shard
         ``"active"``: the whole active area (k, AR, AC), for
         ``deepdark.io.predictions.write_predictions``.
 
-    The predictor's ``model`` attribute is the open :class:`PhysicsModel`.
+    The predictor's ``model`` attribute is the open :class:`PhysicsModel`; its ``serve``
+    attribute gives the same predictions with each row's verdict (:meth:`PhysicsModel.serve_rows`;
+    ``write_predictions`` uses it), where the predictor raises :class:`PhysicsError`.
     """
     if area not in AREAS:
         raise ValueError(f"area must be one of {', '.join(AREAS)}, got {area!r}")
@@ -402,5 +520,9 @@ def physics_predictor(path: str | Path, area: str = "window") -> Callable[[Shard
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
         return model.predict_rows(shard, rows, window=area == "window")
 
+    def serve(shard: Shard, rows: np.ndarray) -> Served:
+        return model.serve_rows(shard, rows, window=area == "window")
+
     predict.model = model
+    predict.serve = serve
     return predict

@@ -12,7 +12,9 @@ master darks:
   correction and after median-dark correction, on the same pixels, side by side.
 * The night's quarantine (files that could not be used, and why).
 
-Outputs in the night's QA folder: ``qa.csv`` (one row per frame-channel, for machines),
+Outputs in the night's QA folder: ``qa.csv`` (one row per frame-channel, for machines; with the
+frame's ``frame_hash``, so that the summary counts a frame that two nights hold once; names
+that are not UTF-8 with their odd bytes as ``\\xNN``),
 ``qa.html`` (for people, figures embedded), ``quarantine.csv`` (a copy of the night's), and the
 files of ``evaluate`` (``table1.*``, ``per_image.csv``, ``histograms.csv``, ``fig*.png``).
 
@@ -38,10 +40,11 @@ from deepdark.evaluation import plots, report
 from deepdark.evaluation.evaluate import evaluate, ordered_table
 from deepdark.evaluation.metrics import PooledRMSE
 from deepdark.io.atomic import atomic_path
+from deepdark.io.errors import InputError
 from deepdark.io.frames import FrameError, Keywords, read_frame
 from deepdark.io.masters import Masters
 from deepdark.io.predictions import Predictions
-from deepdark.io.shards import Shard, quarantine_path, read_quarantine
+from deepdark.io.shards import Shard, printable, quarantine_path, read_quarantine
 from deepdark.io.strips import window_of
 from deepdark.io.tables import frame_setpoints, temp_label
 from deepdark.pipeline.correct import active_areas, corrected_actives
@@ -66,6 +69,7 @@ QA_COLUMNS = (
     *(f"{s}_{m}" for m in GUIDE_METHODS for s in ("bg", "noise", "madstd")),
     "median_kind",
     "star_free_fraction",
+    "frame_hash",
 )
 EVALUATE_FILES = (
     "table1.json",
@@ -106,8 +110,12 @@ def night_qa(
         _check_same_rows(shard, preds)
         table = shard.table
         setpoints = frame_setpoints(table, masters.setpoints if masters else None)
-        qa = table[["night", "file", "camera", "channel", "imagetyp", "exptime", "ccdtemp", "date_obs"]].copy()
+        qa = table[
+            ["night", "file", "camera", "channel", "imagetyp", "exptime", "ccdtemp", "date_obs", "frame_hash"]
+        ].copy()
         qa["setpoint"] = setpoints
+        # UTF-8 text for every tool and page: a name that is not UTF-8 shows its odd bytes as \\xNN
+        qa["file"] = qa["file"].map(printable)
         selected = np.ones(len(table), bool) if not cameras else table["camera"].isin(list(cameras)).to_numpy()
         if cameras and not selected.all():
             notes.append(
@@ -115,6 +123,7 @@ def night_qa(
                 f"{int((~selected).sum())} frame-channels of other cameras left out of the tables "
                 "(the evaluate figures cover every camera of the night)"
             )
+        notes += _verdict_notes(preds.table[selected])
         darks = (table["imagetyp"] == "DARK").to_numpy()
         if darks.any():
             per_image = _evaluate_darks(shard_path, preds, masters_path, out_dir, notes, progress)
@@ -124,37 +133,57 @@ def night_qa(
             qa = _merge_guide_stats(qa, _guide_stats(preds, masters, table, guides, keywords, notes, progress))
         attrs = preds.attrs
     qa = qa[selected].reindex(columns=list(QA_COLUMNS))
-    quarantine = read_quarantine(shard_path)
-    night = _night_name(shard_path, table)
+    _write_night_outputs(qa, shard_path, out_dir, _night_name(shard_path, table), attrs, [printable(n) for n in notes])
+    return qa
+
+
+def _write_night_outputs(
+    qa: pd.DataFrame, shard_path, out_dir: Path, night: str, attrs: dict, notes: list[str]
+) -> None:
+    """``quarantine.csv``, ``qa.csv``, the night's figures and ``qa.html``."""
     with atomic_path(out_dir / "quarantine.csv") as tmp:
         shutil.copyfile(quarantine_path(shard_path), tmp)
     with atomic_path(out_dir / "qa.csv") as tmp:
-        qa.to_csv(tmp, index=False)
-    figures = {}
+        qa.to_csv(tmp, index=False, encoding="utf-8")
     if qa["rmse_model"].notna().any():
         plots.rmse_over_night(qa, out_dir / "rmse_vs_temperature.png", night, RMSE_METHODS)
     if qa["noise_model"].notna().any():
         plots.guide_background(qa, out_dir / "guide_background.png", night, GUIDE_METHODS)
-    for name in (*QA_FIGURES, "fig6_heatmap.png", "fig7_histogram.png", "fig8_histogram_by_temp.png"):
-        if (out_dir / name).exists():
-            figures[name] = out_dir / name
+    names = (*QA_FIGURES, "fig6_heatmap.png", "fig7_histogram.png", "fig8_histogram_by_temp.png")
+    figures = {name: out_dir / name for name in names if (out_dir / name).exists()}
     page = report.night_page(
         night=night,
         qa=qa,
         table1=pooled_table(qa),
-        quarantine=quarantine,
+        quarantine=read_quarantine(shard_path),
         figures=figures,
         provenance=attrs,
         notes=notes,
     )
     with atomic_path(out_dir / "qa.html") as tmp:
-        tmp.write_text(page)
-    return qa
+        tmp.write_text(page, encoding="utf-8")
 
 
 def _night_name(shard_path, table: pd.DataFrame) -> str:
     nights = sorted(set(table["night"]) - {""})
     return nights[0] if len(nights) == 1 else Path(shard_path).name.removesuffix(".h5")
+
+
+def _verdict_notes(table: pd.DataFrame, listed: int = 10) -> list[str]:
+    """A line for the frames the predictions could not serve (their model columns stay empty)
+    and one for those they flagged, naming the first ``listed`` of each."""
+    if "status" not in table:  # predictions written before verdicts: every frame served
+        return []
+    notes = []
+    for status, meaning in (
+        ("unserved", "no dark predicted: the model is not scored on them"),
+        ("flagged", "predicted, but flagged as implausible"),
+    ):
+        files = table.loc[table["status"] == status, "file"].unique()
+        if len(files):
+            names = ", ".join(Path(f).name for f in files[:listed]) + (", ..." if len(files) > listed else "")
+            notes.append(f"{len(files)} frame(s) {status} ({meaning}): {names}")
+    return notes
 
 
 def _check_same_rows(shard: Shard, preds: Predictions) -> None:
@@ -163,7 +192,7 @@ def _check_same_rows(shard: Shard, preds: Predictions) -> None:
         (a[c].to_numpy() == b[c].to_numpy()).all() for c in ("file", "channel", "file_hash")
     )
     if not same:
-        raise ValueError(f"{preds.path} was not predicted from {shard.path} (its rows differ): predict again")
+        raise InputError(f"{preds.path} was not predicted from {shard.path} (its rows differ): predict again")
 
 
 def _evaluate_darks(
@@ -193,11 +222,13 @@ def _evaluate_darks(
 def _merge_dark_rmse(qa: pd.DataFrame, per_image: pd.DataFrame, geometry) -> pd.DataFrame:
     cols = {m: f"rmse_{m}" for m in RMSE_METHODS if m in per_image}
     part = per_image[["file", "channel", *cols]].rename(columns=cols)
+    part["file"] = part["file"].map(printable)  # as in the QA table
     part["n_pixels"] = geometry.window_size**2
     return qa.merge(part, on=["file", "channel"], how="left")
 
 
 def _merge_guide_stats(qa: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
+    stats = stats.assign(file=stats["file"].map(printable))  # as in the QA table
     return qa.merge(stats, on=["file", "channel"], how="left")
 
 
@@ -249,6 +280,8 @@ def _guide_stats(
     for f in tqdm(files, desc="guide frames", unit="frame", disable=None if progress else True):
         frows = np.sort(preds.rows_of(f))
         t = table.iloc[frows]
+        if "status" in preds.table and (preds.table["status"].iloc[frows] == "unserved").any():
+            continue  # no dark to measure it with; named in the night's notes
         try:
             raw = read_frame(f, g, keywords)
             if set(t["file_hash"]) != {raw.hash}:

@@ -52,7 +52,7 @@ from astropy.io import fits
 from tqdm import tqdm
 
 from deepdark.io.frames import FLOOR_KEY, Keywords, write_raw_frame
-from deepdark.io.geometry import Geometry, load_geometry
+from deepdark.io.geometry import DEFAULT_GEOMETRY, Geometry, load_geometry
 from deepdark.io.units import SATURATED
 
 F32 = np.float32
@@ -178,56 +178,19 @@ class CameraModel:
     params: dict = field(default_factory=dict)  # the drawn scalars, for reports
 
     @classmethod
-    def build(cls, camera: str, seed: int = 0, geometry: str | Geometry = "lamost-kaf4320") -> CameraModel:
+    def build(cls, camera: str, seed: int = 0, geometry: str | Geometry = DEFAULT_GEOMETRY) -> CameraModel:
+        """Draw a camera's physics from ``seed`` and its id: the same pair gives the same camera."""
         g = _geometry(geometry)
         rng = np.random.default_rng(np.random.SeedSequence([_MODEL_TAG, seed, camera_code(camera)]))
         n, (R, C) = len(g.channels), g.channel_shape
         reg, act = g.regions, g.active
-        scale = act.shape[1] / FULL_ACTIVE  # lengths shrink with the active area in test geometries
-        H, W = g.mosaic_shape
-        p = dict(
-            gain=_u(rng, GAIN, n),
-            read_noise_e=_u(rng, READ_NOISE_E) * _u(rng, (0.95, 1.05), n),
-            bias=_u(rng, BIAS_ADU, n),
-            row_noise_adu=float(_u(rng, ROW_NOISE_ADU)),
-            diffusion_share=float(_u(rng, DIFF_SHARE)),
-            ring_centre=(float(_u(rng, RING_CENTRE) * H), float(_u(rng, RING_CENTRE) * W)),
-            ring_period=float(_u(rng, RING_PERIOD_PX) * scale),
-            ring_amplitude=float(_u(rng, RING_AMPLITUDE)),
-            ring_phase=rng.uniform(0, 2 * np.pi, 2),
-            dep_gradient=rng.uniform(-DEP_GRADIENT, DEP_GRADIENT, 2),
-            diff_gradient=float(_u(rng, DIFF_GRADIENT)),
-            diff_angle=float(rng.uniform(0, 2 * np.pi)),
-            dsnu_sigma=float(_u(rng, DSNU_SIGMA)),
-            glow_e=_u(rng, GLOW_E) * _u(rng, (1 - GLOW_CHANNEL_SPREAD, 1 + GLOW_CHANNEL_SPREAD), n),
-            glow_length=max(GLOW_MIN_LENGTH_PX, float(_u(rng, GLOW_LENGTH_PX) * scale)),
-            prescan_pull=_u(rng, PRESCAN_PULL_ADU, n),
-            residue=_u(rng, AMP_RESIDUE, n),
-            hot_fraction=float(_u(rng, HOT_FRACTION)),
-            rts_fraction=float(_u(rng, RTS_FRACTION)),
-        )
+        p = _draw_params(rng, g)
         real = np.zeros((n, R, C), bool)
         for name in ("ob_cols", "ob_rows", "active"):
             real[(slice(None),) + reg[name].slices] = True
-        dep, diff = np.empty((n, R, C), F32), np.empty((n, R, C), F32)
-        cy, cx = p["ring_centre"]
+        dep, diff = _dark_current_maps(g, p, rng, real)
         amp_r = np.hypot(np.arange(R, dtype=F32)[:, None], np.arange(C, dtype=F32)[None, :])
         corner_r = math.hypot(act.r0, act.c0)  # glow_e is the level at the active corner nearest the amp
-        for i, ch in enumerate(g.channels):
-            y, x = _sensor_coords(g, ch)
-            yn, xn = 2 * y / H - 1, 2 * x / W - 1  # -1..1 across the sensor
-            ring = 2 * np.pi * np.hypot(y - cy, x - cx) / p["ring_period"]
-            a = p["ring_amplitude"]
-            dep[i] = 1 + a * (0.8 * np.sin(ring + p["ring_phase"][0]) + 0.2 * np.sin(2 * ring + p["ring_phase"][1]))
-            dep[i] *= 1 + p["dep_gradient"][0] * yn + p["dep_gradient"][1] * xn
-            th = p["diff_angle"]
-            diff[i] = 1 + p["diff_gradient"] * (np.cos(th) * xn + np.sin(th) * yn) + 0.2 * (xn**2 + yn**2)
-        s = p["dsnu_sigma"]
-        dep *= np.exp(rng.standard_normal((n, R, C), dtype=F32) * F32(s) - F32(s * s / 2))
-        actv = (slice(None),) + act.slices
-        dep *= F32(DARK_RATE_REF * (1 - p["diffusion_share"]) / dep[actv].mean(dtype=np.float64))
-        diff *= F32(DARK_RATE_REF * p["diffusion_share"] / diff[actv].mean(dtype=np.float64))
-        dep[~real], diff[~real] = 0, 0
         glow = (p["glow_e"][:, None, None] * np.exp(-(amp_r - corner_r) / p["glow_length"])).astype(F32)
         glow[~real] = 0
         # hot and RTS pixels: disjoint random real pixels
@@ -277,11 +240,67 @@ class CameraModel:
         return e
 
 
+def _draw_params(rng: np.random.Generator, g: Geometry) -> dict:
+    """A camera's scalar physics (per channel where channels differ), each drawn from its range."""
+    n = len(g.channels)
+    scale = g.active.shape[1] / FULL_ACTIVE  # lengths shrink with the active area in test geometries
+    H, W = g.mosaic_shape
+    return dict(
+        gain=_u(rng, GAIN, n),
+        read_noise_e=_u(rng, READ_NOISE_E) * _u(rng, (0.95, 1.05), n),
+        bias=_u(rng, BIAS_ADU, n),
+        row_noise_adu=float(_u(rng, ROW_NOISE_ADU)),
+        diffusion_share=float(_u(rng, DIFF_SHARE)),
+        ring_centre=(float(_u(rng, RING_CENTRE) * H), float(_u(rng, RING_CENTRE) * W)),
+        ring_period=float(_u(rng, RING_PERIOD_PX) * scale),
+        ring_amplitude=float(_u(rng, RING_AMPLITUDE)),
+        ring_phase=rng.uniform(0, 2 * np.pi, 2),
+        dep_gradient=rng.uniform(-DEP_GRADIENT, DEP_GRADIENT, 2),
+        diff_gradient=float(_u(rng, DIFF_GRADIENT)),
+        diff_angle=float(rng.uniform(0, 2 * np.pi)),
+        dsnu_sigma=float(_u(rng, DSNU_SIGMA)),
+        glow_e=_u(rng, GLOW_E) * _u(rng, (1 - GLOW_CHANNEL_SPREAD, 1 + GLOW_CHANNEL_SPREAD), n),
+        glow_length=max(GLOW_MIN_LENGTH_PX, float(_u(rng, GLOW_LENGTH_PX) * scale)),
+        prescan_pull=_u(rng, PRESCAN_PULL_ADU, n),
+        residue=_u(rng, AMP_RESIDUE, n),
+        hot_fraction=float(_u(rng, HOT_FRACTION)),
+        rts_fraction=float(_u(rng, RTS_FRACTION)),
+    )
+
+
+def _dark_current_maps(
+    g: Geometry, p: dict, rng: np.random.Generator, real: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dark current (e-/s, (n, R, C)) at T_REF: the depletion part (rings across the sensor, a
+    gradient, lognormal DSNU) and the diffusion part (a broad gradient), together DARK_RATE_REF on
+    average over the active pixels; 0 on the virtual pixels."""
+    n, (R, C) = len(g.channels), g.channel_shape
+    H, W = g.mosaic_shape
+    dep, diff = np.empty((n, R, C), F32), np.empty((n, R, C), F32)
+    cy, cx = p["ring_centre"]
+    for i, ch in enumerate(g.channels):
+        y, x = _sensor_coords(g, ch)
+        yn, xn = 2 * y / H - 1, 2 * x / W - 1  # -1..1 across the sensor
+        ring = 2 * np.pi * np.hypot(y - cy, x - cx) / p["ring_period"]
+        a = p["ring_amplitude"]
+        dep[i] = 1 + a * (0.8 * np.sin(ring + p["ring_phase"][0]) + 0.2 * np.sin(2 * ring + p["ring_phase"][1]))
+        dep[i] *= 1 + p["dep_gradient"][0] * yn + p["dep_gradient"][1] * xn
+        th = p["diff_angle"]
+        diff[i] = 1 + p["diff_gradient"] * (np.cos(th) * xn + np.sin(th) * yn) + 0.2 * (xn**2 + yn**2)
+    s = p["dsnu_sigma"]
+    dep *= np.exp(rng.standard_normal((n, R, C), dtype=F32) * F32(s) - F32(s * s / 2))
+    actv = (slice(None),) + g.active.slices
+    dep *= F32(DARK_RATE_REF * (1 - p["diffusion_share"]) / dep[actv].mean(dtype=np.float64))
+    diff *= F32(DARK_RATE_REF * p["diffusion_share"] / diff[actv].mean(dtype=np.float64))
+    dep[~real], diff[~real] = 0, 0
+    return dep, diff
+
+
 _MODELS: OrderedDict = OrderedDict()
 _MODEL_CACHE_SIZE = 2  # a full-size model is ~100 MB; archives loop cameras outermost
 
 
-def camera_model(camera: str, seed: int = 0, geometry: str | Geometry = "lamost-kaf4320") -> CameraModel:
+def camera_model(camera: str, seed: int = 0, geometry: str | Geometry = DEFAULT_GEOMETRY) -> CameraModel:
     """The (cached) :class:`CameraModel` of ``camera`` for ``seed`` and ``geometry``."""
     g = _geometry(geometry)
     key = (camera, seed, g.name, g.source)
@@ -453,7 +472,7 @@ def _night_plan(temperatures, darks_per_temp, dark_exptimes, bias_per_night, gui
 
 def simulate_archive(
     out: str | Path,
-    geometry: str | Geometry = "lamost-kaf4320",
+    geometry: str | Geometry = DEFAULT_GEOMETRY,
     nights: int = 2,
     seed: int = 0,
     cameras=("GS1",),

@@ -32,6 +32,7 @@ from torch import nn
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
+from deepdark.io.errors import InputError
 from deepdark.model.files import (
     check_state,
     file_sha256,
@@ -131,12 +132,12 @@ def read_checkpoint(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]] | Non
     try:
         state = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable checkpoint state ({exc}); remove it or train with resume=False") from None
+        raise InputError(f"{path}: unreadable checkpoint state ({exc}); remove it or train with resume=False") from None
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a deepdark checkpoint")
+        raise InputError(f"{path}: not a deepdark checkpoint")
     tpath = out_dir / state["tensors"]
     if not tpath.is_file() or file_sha256(tpath) != state["sha256"]:
-        raise ValueError(f"{path}: its tensors file {state['tensors']} is missing or does not match its hash")
+        raise InputError(f"{path}: its tensors file {state['tensors']} is missing or does not match its hash")
     return state, read_safetensors(tpath)
 
 
@@ -159,7 +160,7 @@ def check_signature(out_dir: Path, state: dict, signature: dict) -> None:
     diff = {k: (state["signature"].get(k), v) for k, v in signature.items() if state["signature"].get(k) != v}
     if diff:
         detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(
+        raise InputError(
             f"{out_dir / CHECKPOINT_JSON} was made with other settings ({detail}); "
             "use another output directory, or resume=False (--no-resume) to start over"
         )

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deepdark.io.errors import InputError
+
 BN_MODES = ("running", "batch")
 CROP_MODES = ("window", "strips")
 LR_SCHEDULES = ("constant", "linear", "pix2pix")
@@ -156,14 +158,14 @@ class TrainConfig:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("crop_mode", self.crop_mode, CROP_MODES)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)} or cuda:N")
+            raise InputError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)} or cuda:N")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if len(self.betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {self.betas}")
+            raise InputError(f"betas must be two numbers, got {self.betas}")
         if self.physics is not None and self.preset not in PHYSICS_PRESETS:
-            raise ValueError(
+            raise InputError(
                 f"preset {self.preset!r} takes strips only; a physics model is used by the "
                 f"{', '.join(sorted(PHYSICS_PRESETS))} preset"
             )
@@ -219,7 +221,7 @@ class TrainConfig:
 
 def _check_choice(name: str, value, valid: tuple, optional: bool = False) -> None:
     if not (value in valid or (optional and value is None)):
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        raise InputError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from deepdark.io.errors import InputError
 from deepdark.io.geometry import Geometry
 from deepdark.io.shards import Shard
 from deepdark.io.tables import common_geometry, library_table
@@ -61,7 +62,7 @@ def split_nights(nights: Sequence[str], val_nights: int | Sequence[str] | None =
     if isinstance(val_nights, (int, np.integer)) and not isinstance(val_nights, bool):
         k = int(val_nights)
         if k < 0:
-            raise ValueError(f"val_nights must be >= 0, got {k}")
+            raise InputError(f"val_nights must be >= 0, got {k}")
         val = nights[len(nights) - k :] if k else []
     elif val_nights is None:
         val = nights[-max(1, round(len(nights) / 5)) :] if len(nights) >= 2 else []
@@ -69,10 +70,10 @@ def split_nights(nights: Sequence[str], val_nights: int | Sequence[str] | None =
         val = sorted({str(v) for v in val_nights})
         unknown = [v for v in val if v not in nights]
         if unknown:
-            raise ValueError(f"validation night(s) {unknown} not in the shards' nights {nights}")
+            raise InputError(f"validation night(s) {unknown} not in the shards' nights {nights}")
     train = [n for n in nights if n not in val]
     if not train:
-        raise ValueError(f"no training night left: nights {nights}, validation {val}")
+        raise InputError(f"no training night left: nights {nights}, validation {val}")
     return train, val
 
 
@@ -102,7 +103,7 @@ def open_library(
     """Open ``shards`` and list their DARK frame-channels (optionally only ``setpoints`` / ``nights``)."""
     paths = [Path(p) for p in shards]
     if not paths:
-        raise ValueError("no shards given")
+        raise InputError("no shards given")
     opened: list[Shard] = []
     try:
         for p in paths:
@@ -118,7 +119,7 @@ def open_library(
         if nights is not None:
             table = table[table["night"].isin([str(n) for n in nights])]
         if table.empty:
-            raise ValueError(
+            raise InputError(
                 f"no DARK frames in {', '.join(map(str, paths))}"
                 + (f" at setpoints {list(setpoints)}" if setpoints is not None else "")
                 + (f" in nights {list(nights)}" if nights is not None else "")

@@ -11,8 +11,8 @@ Validation
 ----------
 Validation is run on whole windows, or, when ``crop`` is set, on the centre c x c crop of each
 window (cropped from the whole-window input, as ``crop_mode="window"``); the card and the log
-say which. It reports the RMSE in ADU, pooled over pixels (``deepdark.evaluation.metrics``;
-:func:`validate`).
+say which. It reports the RMSE in ADU pooled over pixels (:func:`deepdark.io.units.pooled_rmse`,
+the definition the evaluation uses too; :func:`validate`).
 
 Physics-mode presets
 --------------------
@@ -50,7 +50,8 @@ from torch import nn
 from tqdm import tqdm
 
 from deepdark.io.atomic import atomic_path
-from deepdark.io.units import unit_to_adu
+from deepdark.io.errors import InputError, MissingInputError
+from deepdark.io.units import pooled_rmse, unit_to_adu
 from deepdark.model import conditioning as C
 from deepdark.model.files import DEFAULT_INPUTS, file_sha256, json_default, save_model
 from deepdark.model.losses import LossConfig, discriminator_loss, generator_loss
@@ -207,7 +208,7 @@ def _samples(lib: Library, config: TrainConfig, multiple: int, physics) -> tuple
     if crop is not None:
         crop = int(crop)
         if crop <= 0 or crop % multiple or crop > size:
-            raise ValueError(f"crop {crop} must be a positive multiple of {multiple} and at most the window {size}")
+            raise InputError(f"crop {crop} must be a positive multiple of {multiple} and at most the window {size}")
         if crop == size:
             crop = None
     train_nights, val_list = split_nights(lib.table["night"], config.val_nights)
@@ -506,7 +507,7 @@ def validate(
             n += d.numel()
     finally:
         G.train(was)
-    return math.sqrt(se / n)
+    return pooled_rmse(se, n)
 
 
 def _val_region(run: _Run) -> str:
@@ -584,7 +585,7 @@ def _physics_file(shards, out_dir: Path, physics, memory_mb: float, progress: bo
     if physics is not None:
         src = Path(physics)
         if not src.is_file():
-            raise FileNotFoundError(f"physics model {src} not found")
+            raise MissingInputError(f"physics model {src} not found")
         same_file = dest.exists() and dest.resolve() == src.resolve()
         if not same_file and not (dest.is_file() and file_sha256(dest) == file_sha256(src)):
             with atomic_path(dest) as tmp:

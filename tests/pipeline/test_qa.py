@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import tracemalloc
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from deepdark.io.frames import write_raw_frame
 from deepdark.io.masters import Masters
 from deepdark.io.predictions import Predictions, write_predictions
-from deepdark.io.shards import Shard
+from deepdark.io.shards import Shard, printable
 from deepdark.io.tables import frame_setpoints
 from deepdark.pipeline.baseline import build_masters
 from deepdark.pipeline.extract import extract
 from deepdark.pipeline.qa import _grow, background_stats, night_qa, pooled_table
 from deepdark.pipeline.summary import summarize
 from deepdark.sim.simulate import simulate_archive
+from tests.conftest import header, random_frame
 
 NIGHTS = ("20240101", "20240102")
 
@@ -160,3 +164,81 @@ def test_grow():
     assert g.sum() == 9 and g[2:5, 2:5].all()
     m[0, 6] = True
     assert _grow(m, 2)[0:3, 4:7].all() and not _grow(m, 2)[6, 0]
+
+
+# -- names, duplicates and memory ------------------------------------------------------------------
+
+
+def _zero_predictions(night, tmp_path, mini, name):
+    shard = extract([night], tmp_path / f"{name}.h5", mini, progress=False).shard
+    pred = write_predictions(
+        shard,
+        tmp_path / f"pred_{name}.h5",
+        lambda s, rows: np.zeros((len(rows), *mini.active.shape), np.float32),
+        {"method": "model"},
+        progress=False,
+    )
+    return shard, pred
+
+
+def test_qa_csv_carries_frame_hash_and_odd_names(write_night, tmp_path, mini):
+    night = write_night(n_dark=1, n_guide=1)
+    write_raw_frame(night / "café_dark.fits", random_frame(mini, 7), header())
+    latin1 = os.fsdecode(os.path.join(os.fsencode(night), b"guide_\xe9.fits"))  # not UTF-8
+    write_raw_frame(latin1, random_frame(mini, 8), header("OBJECT"))
+    shard, pred = _zero_predictions(night, tmp_path, mini, "odd")
+    night_qa(shard, pred, None, tmp_path / "qa", progress=False)
+    qa = pd.read_csv(tmp_path / "qa" / "qa.csv", encoding="utf-8", dtype=str, keep_default_na=False)
+    assert str(night / "café_dark.fits") in set(qa["file"])
+    guide = qa[qa["file"] == str(night / "guide_\\xe9.fits")]
+    assert len(guide) == 4 and (guide["bg_model"] != "").all()
+    with Shard(shard) as s:
+        want = dict(zip(s.table["file"].map(printable), s.table["frame_hash"]))
+    assert all(want[f] == h and h for f, h in zip(qa["file"], qa["frame_hash"]))
+    assert "guide_\\xe9.fits" in (tmp_path / "qa" / "qa.html").read_text(encoding="utf-8")
+
+
+def _qa_peak(night, tmp_path, mini, name) -> int:
+    shard, pred = _zero_predictions(night, tmp_path, mini, name)
+    tracemalloc.start()
+    try:
+        night_qa(shard, pred, None, tmp_path / f"qa_{name}", progress=False)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_qa_memory_does_not_grow_with_the_nights_frames(write_night, tmp_path, mini):
+    """Peak memory (Python and numpy allocations) at 4x the guide frames: about the same. Both
+    nights have more frame-channels than the guide figure draws as bars, so both draw points."""
+    _qa_peak(write_night(night="20240100", n_dark=1, n_guide=2), tmp_path, mini, "warm")  # imports, caches
+    small = _qa_peak(write_night(night="20240101", n_dark=1, n_guide=14), tmp_path, mini, "small")
+    large = _qa_peak(write_night(night="20240102", n_dark=1, n_guide=56), tmp_path, mini, "large")
+    assert large - small < 1e6, f"peak {small / 1e6:.1f} MB at 14 guide frames, {large / 1e6:.1f} MB at 56"
+
+
+def test_frames_the_predictions_did_not_serve_are_named_not_scored(write_night, tmp_path, mini):
+    from tests.pipeline.test_correct_faults import set_status
+
+    night = write_night(n_dark=2, n_guide=1)
+    shard, pred = _zero_predictions(night, tmp_path, mini, "unserved")
+    set_status(pred, {"GS1_dark_0001.fits": ("unserved", "no model"), "GS1_object_0002.fits": ("unserved", "no")})
+    qa = night_qa(shard, pred, None, tmp_path / "qa", progress=False)
+    served = qa["file"] == str(night / "GS1_dark_0000.fits")
+    assert qa.loc[served, "rmse_model"].notna().all() and qa.loc[~served, ["rmse_model", "bg_model"]].isna().all().all()
+    assert np.isfinite(pooled_table(qa)["total"]["model"])
+    page = (tmp_path / "qa" / "qa.html").read_text(encoding="utf-8")
+    assert "2 frame(s) unserved" in page and "GS1_object_0002.fits" in page
+
+
+def test_evaluate_scores_every_method_on_the_same_darks_and_lists_the_unserved(tmp_path):
+    from deepdark.evaluation.evaluate import Scores
+
+    scores = Scores()
+    rec = pd.Series(dict(file="a.fits", night="20240101", camera="GS1", channel="1", exptime=30.0, floor=np.nan))
+    truth = np.zeros((4, 4), np.float32)
+    scores._add_image(rec, -15.0, truth, {"model": truth + 1, "physics": truth + 2})
+    scores._add_image(rec, -15.0, truth, {"model": np.full_like(truth, np.nan), "physics": truth + 2})
+    table = scores.pooled.table()
+    assert table["total"]["model"] == 1.0 and table["total"]["physics"] == 2.0
+    assert [u["unserved_by"] for u in scores.unserved] == ["model"]

@@ -1,4 +1,4 @@
-"""Fault injection: what clusters and old archives do to the workflow (issue 5), on the `mini` geometry.
+"""Fault injection: what clusters and old archives do to the workflow, on the `mini` geometry.
 
 One reference workflow run (module fixture) over a night planted with every kind of bad input;
 everything else reuses its archive, model, masters and outputs:

@@ -1,13 +1,16 @@
 """The Snakemake workflow end to end on the `mini` geometry, through the local executor.
 
 One run (module fixture): a real-archive layout of three simulated nights, one with a planted
-truncated file, a dark library simulated by the workflow itself, a model trained for a few steps.
-Then: the corrected frames, the quarantine, the QA numbers against numpy, a second run that has
-nothing to do, a SLURM-profile dry run that asks for a GPU, lint, and config errors.
+truncated file, a dark library simulated by the workflow itself, a model trained for a few steps;
+the results folder and the archive have spaces and shell metacharacters in their names. Then: the
+corrected frames, the quarantine, the QA numbers against numpy, a second run that has nothing to
+do, a SLURM-profile dry run that asks for a GPU, lint, config errors, and last a run that redoes
+what was deleted (a shard, a predictions file, the masters) and takes up the completed file.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -20,6 +23,7 @@ import xxhash
 import yaml
 from astropy.io import fits
 
+from deepdark.io.frames import write_raw_frame
 from deepdark.io.predictions import Predictions
 from deepdark.io.shards import Shard
 from deepdark.model.files import model_hash
@@ -30,6 +34,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 NIGHTS = ("20240101", "20240102", "20240103")
 BROKEN = ("20240102", "GS1_dark_9999.fits")
+# Paths that a shell would split or run if a rule left one unquoted.
+RESULTS = "res ults;x"
+ARCHIVE = "raw archive;$(touch pwned)"
 
 TEST_CONFIG = {
     "geometry": "mini",
@@ -60,7 +67,7 @@ def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.Compl
 def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("workflow")
     simulate_archive(
-        work / "archive",
+        work / ARCHIVE,
         geometry="mini",
         nights=len(NIGHTS),
         darks_per_temp=1,
@@ -68,22 +75,29 @@ def run(tmp_path_factory):
         first_night=NIGHTS[0],
         progress=False,
     )
-    good = work / "archive" / BROKEN[0] / "GS1_dark_0001.fits"
-    (work / "archive" / BROKEN[0] / BROKEN[1]).write_bytes(good.read_bytes()[:20000])  # truncated
-    (work / "test.yaml").write_text(yaml.safe_dump(TEST_CONFIG))
+    # a frame of its own (one pixel differs from another frame's), still being transferred
+    with fits.open(work / ARCHIVE / BROKEN[0] / "GS1_dark_0001.fits") as hdul:
+        data, hdr = hdul[0].data.copy(), hdul[0].header.copy()
+    for k in ("BZERO", "BSCALE"):
+        hdr.remove(k, ignore_missing=True)
+    data[0, 0] ^= 1
+    write_raw_frame(work / "complete.fits", data, hdr)
+    (work / ARCHIVE / BROKEN[0] / BROKEN[1]).write_bytes((work / "complete.fits").read_bytes()[:20000])  # truncated
+    (work / "test.yaml").write_text(yaml.safe_dump({**TEST_CONFIG, "results": RESULTS, "archive": {"path": ARCHIVE}}))
     res = snakemake(work, "--cores", "2", "--profile", str(REPO / "workflow/profiles/local"))
     assert res.returncode == 0, res.stderr[-5000:]
+    assert not (work / "pwned").exists()
     return work
 
 
 def good_frames(work: Path, night: str) -> list[Path]:
-    return sorted(p for p in (work / "archive" / night).glob("*.fits") if p.name != BROKEN[1])
+    return sorted(p for p in (work / ARCHIVE / night).glob("*.fits") if p.name != BROKEN[1])
 
 
 def test_corrected_fits_for_every_good_frame(run):
-    mhash = model_hash(run / "results/model")
+    mhash = model_hash(run / RESULTS / "model")
     for night in NIGHTS:
-        out = run / "results/corrected" / night
+        out = run / RESULTS / "corrected" / night
         frames = good_frames(run, night)
         assert sorted(p.name for p in out.glob("*.fits")) == [p.name for p in frames]
         assert not list(out.glob(".*partial"))  # no temporary leftovers
@@ -103,14 +117,14 @@ def test_corrected_fits_for_every_good_frame(run):
 
 
 def test_corrupt_file_quarantined_with_reason(run):
-    q = pd.read_csv(run / "results/shards" / f"{BROKEN[0]}.quarantine.csv")
+    q = pd.read_csv(run / RESULTS / "shards" / f"{BROKEN[0]}.quarantine.csv")
     assert [Path(p).name for p in q["path"]] == [BROKEN[1]]
     assert q["reason"].str.contains("truncated").all()
     for night in NIGHTS:
-        q2 = pd.read_csv(run / "results/qa" / night / "quarantine.csv")
+        q2 = pd.read_csv(run / RESULTS / "qa" / night / "quarantine.csv")
         assert len(q2) == (1 if night == BROKEN[0] else 0)
-    assert BROKEN[1] in (run / "results/qa" / BROKEN[0] / "qa.html").read_text()
-    s = pd.read_csv(run / "results/summary.csv", dtype={"night": str})
+    assert BROKEN[1] in (run / RESULTS / "qa" / BROKEN[0] / "qa.html").read_text()
+    s = pd.read_csv(run / RESULTS / "summary.csv", dtype={"night": str})
     assert dict(zip(s["night"], s["n_quarantined"])) == {n: int(n == BROKEN[0]) for n in NIGHTS}
     assert (s["n_correct_failed"] == 0).all()
 
@@ -120,10 +134,10 @@ def test_qa_numbers_equal_numpy(run):
     predictions; the archive's Table 1 recomputed over every night."""
     g_se, g_n = 0.0, 0
     for night in NIGHTS:
-        qa = pd.read_csv(run / "results/qa" / night / "qa.csv", dtype={"channel": str})
+        qa = pd.read_csv(run / RESULTS / "qa" / night / "qa.csv", dtype={"channel": str})
         with (
-            Shard(run / "results/shards" / f"{night}.h5") as s,
-            Predictions(run / "results/predictions" / f"{night}.h5") as p,
+            Shard(run / RESULTS / "shards" / f"{night}.h5") as s,
+            Predictions(run / RESULTS / "predictions" / f"{night}.h5") as p,
         ):
             w = s.geometry.window_in_active
             se, n = 0.0, 0
@@ -132,10 +146,10 @@ def test_qa_numbers_equal_numpy(run):
                 row = qa[(qa["file"] == s.table["file"].iloc[r]) & (qa["channel"] == s.table["channel"].iloc[r])]
                 assert row["rmse_model"].item() == pytest.approx(np.sqrt(np.mean(d * d)), rel=1e-9)
                 se, n = se + float((d * d).sum()), n + d.size
-        summary = pd.read_csv(run / "results/summary.csv", dtype={"night": str}).set_index("night")
+        summary = pd.read_csv(run / RESULTS / "summary.csv", dtype={"night": str}).set_index("night")
         assert summary.loc[night, "rmse_model"] == pytest.approx(np.sqrt(se / n), rel=1e-9)
         g_se, g_n = g_se + se, g_n + n
-    t1 = pd.read_csv(run / "results/summary_table1.csv", dtype={"temperature": str}).set_index("temperature")
+    t1 = pd.read_csv(run / RESULTS / "summary_table1.csv", dtype={"temperature": str}).set_index("temperature")
     assert t1.loc["total", "model"] == pytest.approx(np.sqrt(g_se / g_n), rel=1e-9)
     assert {"median_temp", "median_all", "floor"} <= set(t1.columns)
 
@@ -164,10 +178,10 @@ def test_slurm_profile_dry_run_requests_gpu_for_predict(run):
 def test_existing_model_skips_training(run):
     import shutil
 
-    shutil.copytree(run / "results/model", run / "given_model", dirs_exist_ok=True)
+    shutil.copytree(run / RESULTS / "model", run / "given_model", dirs_exist_ok=True)
     cfg = yaml.safe_load((run / "test.yaml").read_text())
     cfg["model"]["dir"] = "given_model"
-    cfg["library"] = {"masters": "results/masters.h5"}
+    cfg["library"] = {"masters": f"{RESULTS}/masters.h5"}
     (run / "given.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [
         sys.executable,
@@ -259,3 +273,74 @@ def test_dag_of_many_nights_builds_fast(tmp_path):
     )
     assert counts == {"extract": "300", "predict": "300", "correct": "300", "qa": "300"}, counts
     assert elapsed < 90, f"dry run of 300 nights took {elapsed:.0f} s"
+
+
+# -- recovery: last, on the finished run ------------------------------------------------------------
+
+
+def job_counts(out: str) -> dict[str, int]:
+    """{rule: jobs} of the first job table Snakemake printed."""
+    lines = out.split("Job stats:", 1)[1].split("\n\n", 1)[0].splitlines()
+    return {w[0]: int(w[1]) for w in map(str.split, lines) if len(w) == 2 and w[1].isdigit() and w[0] != "total"}
+
+
+@pytest.fixture(scope="module")
+def recovered(run):
+    """The finished run, then: the first night's shard, the last night's predictions and the
+    masters deleted, and the truncated file completed in place (appended, as a resumed transfer
+    does: its folder's modification time stays, and the file keeps its source's old time); then
+    one more run. Returns its output and the deleted files' bytes."""
+    results = run / RESULTS
+    deleted = [results / "shards" / f"{NIGHTS[0]}.h5", results / "predictions" / f"{NIGHTS[2]}.h5"]
+    before = {p: p.read_bytes() for p in deleted}
+    for p in [*deleted, results / "masters.h5"]:
+        p.unlink()
+    broken = run / ARCHIVE / BROKEN[0] / BROKEN[1]
+    folder_time = broken.parent.stat().st_mtime_ns
+    with open(broken, "ab") as fh:
+        fh.write((run / "complete.fits").read_bytes()[broken.stat().st_size :])
+    os.utime(broken, (1e9, 1e9))  # 2001: older than every result
+    assert broken.parent.stat().st_mtime_ns == folder_time
+    res = snakemake(run, "--cores", "2", "--profile", str(REPO / "workflow/profiles/local"))
+    assert res.returncode == 0, res.stderr[-5000:]
+    return res.stdout + res.stderr, before
+
+
+def test_deleted_results_are_made_again_and_what_they_feed_reruns(run, recovered):
+    out, before = recovered
+    counts = job_counts(out)
+    assert counts.pop("extract") == 2  # the deleted shard's night and the completed file's
+    assert counts.pop("baseline") == 1
+    for rule in ("predict", "correct", "qa"):
+        assert counts.pop(rule) == len(NIGHTS), rule
+    assert counts == {"summary": 1, "all": 1}, counts  # no simulation, no training
+    for path, content in before.items():
+        assert path.read_bytes() == content, f"{path}: made again, but not as before"
+    assert (run / RESULTS / "masters.h5").is_file()
+
+
+def test_a_completed_file_is_taken_up(run, recovered):
+    q = pd.read_csv(run / RESULTS / "shards" / f"{BROKEN[0]}.quarantine.csv")
+    assert q.empty, q
+    assert (run / RESULTS / "corrected" / BROKEN[0] / BROKEN[1]).is_file()
+    s = pd.read_csv(run / RESULTS / "summary.csv", dtype={"night": str})
+    assert (s["n_quarantined"] == 0).all()
+    res = snakemake(run, "-n", "--cores", "2", "--profile", str(REPO / "workflow/profiles/local"))
+    assert res.returncode == 0 and "Nothing to be done" in res.stdout + res.stderr, res.stdout[-3000:]
+
+
+def test_a_rerun_that_quarantines_a_whole_night_keeps_its_corrected_frames(run, recovered):
+    """Every file of a night damaged after it was corrected: the rerun extracts, predicts and
+    quarantines them all, and then refuses to replace the night's corrected frames with nothing
+    (the job fails and says how to ask for it); the frames stay as they were."""
+    night = NIGHTS[1]
+    corrected = run / RESULTS / "corrected" / night
+    before = {p.name: p.read_bytes() for p in corrected.glob("*.fits")}
+    assert before
+    for raw in (run / ARCHIVE / night).glob("*.fits"):
+        raw.write_bytes(raw.read_bytes()[:2880])  # header only: truncated
+    res = snakemake(run, "--cores", "2", "--profile", str(REPO / "workflow/profiles/local"))
+    assert res.returncode != 0
+    log = (run / RESULTS / "logs" / "correct" / f"{night}.log").read_text()
+    assert "--replace-with-empty" in log, log[-2000:]
+    assert {p.name: p.read_bytes() for p in corrected.glob("*.fits")} == before
