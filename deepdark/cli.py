@@ -422,67 +422,30 @@ def _geometry_option() -> argparse.ArgumentParser:
     return parent
 
 
+# The simulator's options: flag, argparse keywords, help; each defaults to the simulator's own.
+_SIMULATE_OPTIONS = (
+    ("--nights", dict(type=int), "nights to write"),
+    ("--seed", dict(type=int), "seed of the camera physics and every frame"),
+    ("--cameras", dict(nargs="+"), "camera ids, each with its own physics"),
+    ("--temperatures", dict(nargs="+", type=float), "dark setpoints, C"),
+    ("--darks-per-temp", dict(type=int), "darks per setpoint, night and camera"),
+    ("--dark-exptimes", dict(nargs="+", type=float), "dark exposure times, s"),
+    ("--bias-per-night", dict(type=int), "BIAS frames per night and camera"),
+    ("--guide-per-night", dict(type=int), "guide (OBJECT) frames per night and camera"),
+    ("--first-night", {}, "YYYYMMDD of the first night"),
+)
+
+
 def _simulate_command(sub) -> None:
     """simulate: every option defaults to the simulator's own default."""
     s = sub.add_parser(
         "simulate", parents=[_geometry_option()], help="write a simulated raw archive (ARCHIVE/YYYYMMDD/*.fits)"
     )
     s.add_argument("out", type=Path, help="archive folder to create")
-    s.add_argument(
-        "--nights",
-        type=int,
-        default=FunctionDefault(SIMULATOR, "nights"),
-        help="nights to write (default: %(default)s)",
-    )
-    s.add_argument(
-        "--seed",
-        type=int,
-        default=FunctionDefault(SIMULATOR, "seed"),
-        help="seed of the camera physics and every frame (default: %(default)s)",
-    )
-    s.add_argument(
-        "--cameras",
-        nargs="+",
-        default=FunctionDefault(SIMULATOR, "cameras"),
-        help="camera ids, each with its own physics (default: %(default)s)",
-    )
-    s.add_argument(
-        "--temperatures",
-        nargs="+",
-        type=float,
-        default=FunctionDefault(SIMULATOR, "temperatures"),
-        help="dark setpoints, C (default: %(default)s)",
-    )
-    s.add_argument(
-        "--darks-per-temp",
-        type=int,
-        default=FunctionDefault(SIMULATOR, "darks_per_temp"),
-        help="darks per setpoint, night and camera (default: %(default)s)",
-    )
-    s.add_argument(
-        "--dark-exptimes",
-        nargs="+",
-        type=float,
-        default=FunctionDefault(SIMULATOR, "dark_exptimes"),
-        help="dark exposure times, s (default: %(default)s)",
-    )
-    s.add_argument(
-        "--bias-per-night",
-        type=int,
-        default=FunctionDefault(SIMULATOR, "bias_per_night"),
-        help="BIAS frames per night and camera (default: %(default)s)",
-    )
-    s.add_argument(
-        "--guide-per-night",
-        type=int,
-        default=FunctionDefault(SIMULATOR, "guide_per_night"),
-        help="guide (OBJECT) frames per night and camera (default: %(default)s)",
-    )
-    s.add_argument(
-        "--first-night",
-        default=FunctionDefault(SIMULATOR, "first_night"),
-        help="YYYYMMDD of the first night (default: %(default)s)",
-    )
+    for flag, kwargs, text in _SIMULATE_OPTIONS:
+        parameter = flag[2:].replace("-", "_")
+        default = FunctionDefault(SIMULATOR, parameter)
+        s.add_argument(flag, default=default, help=f"{text} (default: %(default)s)", **kwargs)
     s.add_argument("--compress", action="store_true", help="write .fits.gz")
     s.set_defaults(func=cmd_simulate)
 
