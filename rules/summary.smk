@@ -40,6 +40,7 @@ rule summary:
         corrected=results("corrected"),
         # comma-separated nights: 9 bytes a night, far below the shell's 128 kB per argument
         nights=lambda wildcards: ",".join(nights("archive")),
+        max_failed=config["summary"]["max_failed_fraction"],
     shell:
         "python3 -m deepdark summary --qa-dir {params.qa:q} --corrected-dir {params.corrected:q} --nights {params.nights:q}"
-        " --csv {output.csv:q} --html {output.html:q} --table {output.table:q} > {log:q} 2>&1"
+        " --max-failed-fraction {params.max_failed} --csv {output.csv:q} --html {output.html:q} --table {output.table:q} > {log:q} 2>&1"
