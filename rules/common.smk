@@ -95,7 +95,12 @@ def scan_nights(root, which):
     read permission) is skipped with a warning naming it; a night folder that is also linked under
     another name is used once, under the first of its names in sorted order."""
     with os.scandir(root) as it:
-        candidates = sorted((e.name, e.path) for e in it if NIGHT_RE.match(e.name))
+        entries = sorted((e.name, e.path) for e in it if not e.name.startswith("."))
+    candidates = [(name, path) for name, path in entries if NIGHT_RE.match(name)]
+    others = [name for name, _ in entries if not NIGHT_RE.match(name)]
+    if others:
+        shown = ", ".join(map(repr, others[:5])) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        logger.warning(f"{which}.path: {len(others)} entries that are not YYYYMMDD night folders left out: {shown}")
     chosen, first_name = [], {}
     for name, path in candidates:
         try:
@@ -388,8 +393,8 @@ def train_args():
 # The header keywords every raw frame must carry (deepdark.io.frames.parse_header).
 REQUIRED_KEYWORDS = ("imagetyp", "exptime", "ccdtemp", "date_obs")
 SAMPLED_NIGHTS = 3  # the first, the middle and the last selected night
-SAMPLED_FRAMES = 3  # readable frames per sampled night
-TRIED_FRAMES = 10  # files tried per sampled night to find them
+SAMPLED_FRAMES = 12  # readable frames per sampled night, spread over its sorted file names
+TRIED_FRAMES = 24  # files tried per sampled night to find them
 
 
 def deepdark_importable():
@@ -446,9 +451,9 @@ def geometry_problems():
     return problems
 
 
-def header_keys(path):
-    """The keywords of a raw frame's header (of HDU 1 too for a tile-compressed file); None when
-    it cannot be read (extract quarantines it)."""
+def frame_header(path):
+    """The header of a raw frame as a plain dict (HDU 1's cards over HDU 0's for a tile-compressed
+    file, where the image lies); None when it cannot be read (extract quarantines it)."""
     import warnings
 
     from astropy.io import fits
@@ -456,16 +461,24 @@ def header_keys(path):
     try:
         with warnings.catch_warnings(), fits.open(path, memmap=False) as hdul:
             warnings.simplefilter("ignore")
-            keys = set(hdul[0].header)
+            header = dict(hdul[0].header)
             if hdul[0].header.get("NAXIS", 0) == 0 and len(hdul) > 1:
-                keys |= set(hdul[1].header)
-            return keys
+                header.update(hdul[1].header)
+            return header
     except Exception:  # astropy raises many types for a damaged file; it is only left out here
         return None
 
 
+def spread(items, n):
+    """``n`` items spread evenly over ``items`` (all of them when there are fewer)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[round(k * (len(items) - 1) / (n - 1))] for k in range(n)]
+
+
 def sampled_headers(which):
-    """{path: header keywords} of a few readable frames of the selected nights of ``which``."""
+    """{path: header} of a few readable frames of the first, middle and last selected night of
+    ``which``, spread over each night's sorted file names (so that every camera is likely met)."""
     from deepdark.io.frames import is_fits_name
 
     selected = nights(which)
@@ -473,12 +486,12 @@ def sampled_headers(which):
     headers = {}
     for night in picks:
         folder = os.path.join(root_of(which), night)
-        names = sorted(n for n in os.listdir(folder) if is_fits_name(n))[:TRIED_FRAMES]
+        names = spread(sorted(n for n in os.listdir(folder) if is_fits_name(n)), TRIED_FRAMES)
         found = 0
         for name in names:
-            keys = header_keys(os.path.join(folder, name))
-            if keys is not None and found < SAMPLED_FRAMES:
-                headers[os.path.join(folder, name)] = keys
+            header = frame_header(os.path.join(folder, name))
+            if header is not None and found < SAMPLED_FRAMES:
+                headers[os.path.join(folder, name)] = header
                 found += 1
     return headers
 
@@ -509,6 +522,49 @@ def keyword_problems():
     return problems
 
 
+def frame_problems():
+    """The sampled frames of each configured raw set have the geometry's shape, and each camera
+    that ``archive.cameras`` names is the camera of at least one of them."""
+    from deepdark.io.frames import Keywords
+    from deepdark.io.geometry import load_geometry
+
+    rows, cols = load_geometry(config["geometry"]).frame_shape
+    camera_key = Keywords(**config["keywords"]).camera
+    problems = []
+    for which in ("archive", "library") if needs_library() else ("archive",):
+        if not config[which]["path"]:
+            continue  # simulated with this geometry
+        headers = sampled_headers(which)
+        shapes = {(h.get("NAXIS2"), h.get("NAXIS1")) for h in headers.values()}
+        if headers and (rows, cols) not in shapes:
+            seen = ", ".join(f"{r} x {c}" for r, c in sorted(shapes, key=str))
+            problems.append(
+                f"geometry: {config['geometry']!r} describes {rows} x {cols} frames; the {len(headers)} sampled "
+                f"frames of {which}.path are {seen}"
+            )
+        wanted = config[which].get("cameras", "all")
+        if headers and wanted != "all":
+            seen = {str(h.get(camera_key, "")).strip() for h in headers.values()}
+            missing = [str(c) for c in wanted if str(c) not in seen]
+            if missing:
+                problems.append(
+                    f"{which}.cameras: {', '.join(missing)} is the camera of none of {len(headers)} sampled frames "
+                    f"(cameras seen: {', '.join(sorted(seen)) or 'none'})"
+                )
+    return problems
+
+
+def results_problems():
+    """The results folder lies outside every raw set: deepdark never writes into an archive."""
+    out = os.path.realpath(config["results"])
+    problems = []
+    for which in ("archive", "library"):
+        raw = config[which]["path"]
+        if raw and (out == os.path.realpath(raw) or out.startswith(os.path.realpath(raw) + os.sep)):
+            problems.append(f"results: {config['results']!r} lies inside {which}.path {raw!r}")
+    return problems
+
+
 def train_options_problems():
     """The options of the train job parse as `deepdark train` parses them."""
     if config["model"]["dir"]:
@@ -531,9 +587,11 @@ def train_options_problems():
 
 def check_values():
     """Stop with every problem, one line each naming its key, when a value cannot work."""
-    problems = []
+    problems = results_problems()
     if deepdark_importable():
-        problems = geometry_problems() + keyword_problems() + train_options_problems()
+        geometry = geometry_problems()
+        problems += geometry + keyword_problems() + (frame_problems() if not geometry else [])
+        problems += train_options_problems()
     if problems:
         raise WorkflowError("invalid configuration:\n  " + "\n  ".join(problems))
 

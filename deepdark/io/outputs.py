@@ -45,6 +45,7 @@ _FOLDER_SIGNATURES = {
 # The header card every corrected frame carries: an interrupted `deepdark correct` leaves such
 # frames without its manifest.csv, and its rerun must be allowed to finish the folder.
 _CORRECTED_CARD = "DDMETHOD"
+_MANIFEST_HEADER = "file,output,status,"  # the first columns of a correct manifest
 FILE_KINDS = (*_HDF5_SIGNATURES, "text")
 FOLDER_KINDS = tuple(_FOLDER_SIGNATURES)
 
@@ -130,8 +131,17 @@ def _check_folder(out: Path, kind: str) -> None:
     if not out.is_dir():
         raise OutputError(f"refusing to write {out}: it exists and is a {file_kind(out)}, not a folder")
     names = {p.name for p in out.iterdir() if not p.name.endswith(".partial")}
+    # A folder holding any FITS file deepdark did not write (a raw frame) is never an output
+    # folder, whatever else it holds: a stray manifest.csv must not make a raw night look ours.
+    foreign = sorted(
+        n for n in names if file_kind(out / n) in ("FITS file", "gzip file") and not _is_corrected_frame(out / n)
+    )
+    if foreign:
+        raise OutputError(f"refusing to write {out}: it holds {foreign[0]}, a FITS file that deepdark did not write")
     if kind == "corrected" and names and all(_is_corrected_frame(out / name) for name in names):
         return
+    if kind == "corrected" and "manifest.csv" in names and not _is_manifest(out / "manifest.csv"):
+        raise OutputError(f"refusing to write {out}: its manifest.csv was not written by deepdark correct")
     if names and not names & _FOLDER_SIGNATURES[kind]:
         raise OutputError(
             f"refusing to write {out}: it is a folder with other content, not a {kind} folder of deepdark "
@@ -139,11 +149,22 @@ def _check_folder(out: Path, kind: str) -> None:
         )
 
 
+def _is_manifest(path: Path) -> bool:
+    """Whether ``path`` starts with the header line of a ``deepdark correct`` manifest."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.readline().startswith(_MANIFEST_HEADER)
+    except OSError:
+        return False
+
+
 def _is_corrected_frame(path: Path) -> bool:
-    """Whether ``path`` is a FITS file written by ``deepdark correct`` (its primary header has the card)."""
+    """Whether ``path`` is a FITS file written by ``deepdark correct`` (the card is in its primary
+    header, or in HDU 1's where the image is tile-compressed)."""
     if not path.is_file() or file_kind(path) != "FITS file":
         return False
     try:
-        return _CORRECTED_CARD in fits.getheader(path, 0)
+        with fits.open(path) as hdul:
+            return any(_CORRECTED_CARD in hdu.header for hdu in hdul[:2])
     except (OSError, ValueError):  # astropy's errors for a damaged header
         return False

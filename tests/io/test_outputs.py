@@ -54,13 +54,17 @@ def test_an_hdf5_file_of_another_deepdark_kind_is_refused(tmp_path):
 
 
 def test_a_folder_output_must_be_new_empty_or_of_its_kind(night, tmp_path):
-    with pytest.raises(OutputError, match="not a corrected folder"):
+    with pytest.raises(OutputError, match="a FITS file that deepdark did not write"):
         check_output(night, [], "corrected")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine\n")
+    with pytest.raises(OutputError, match="not a corrected folder"):
+        check_output(tmp_path / "other", [], "corrected")
     (tmp_path / "empty").mkdir()
     check_output(tmp_path / "empty", [], "corrected")
     done = tmp_path / "done"
     done.mkdir()
-    (done / "manifest.csv").write_text("file,status\n")
+    (done / "manifest.csv").write_text("file,output,status,reason,camera,imagetyp,file_hash\n")
     check_output(done, [], "corrected")
     check_output(tmp_path / "new", [], "corrected")
 
@@ -69,3 +73,22 @@ def test_a_file_output_may_not_be_a_folder(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(OutputError, match="is a folder"):
         check_output(tmp_path / "d", [], "predictions")
+
+
+def test_a_stray_manifest_does_not_make_a_raw_night_an_output_folder(night):
+    (night / "manifest.csv").write_text("frame,seeing\n")
+    with pytest.raises(OutputError, match="a FITS file that deepdark did not write"):
+        check_output(night, [], "corrected")
+
+
+def test_a_folder_with_a_foreign_manifest_is_refused(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "manifest.csv").write_text("frame,seeing\n")
+    with pytest.raises(OutputError, match="not written by deepdark correct"):
+        check_output(tmp_path / "notes", [], "corrected")
+
+
+def test_no_output_folder_of_any_kind_may_hold_raw_frames(night):
+    for kind in ("model", "qa", "evaluation", "corrected"):
+        with pytest.raises(OutputError, match="did not write"):
+            check_output(night, [], kind)

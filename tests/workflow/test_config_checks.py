@@ -91,7 +91,7 @@ def config(**changes) -> dict:
         ({"geometry": "geometries/none.yaml"}, "geometry: geometry 'geometries/none.yaml'"),
         (
             {"keywords": {"ccdtemp": "CCD_TEMP"}},
-            "keywords.ccdtemp: 'CCD_TEMP' is in none of 6 sampled frame headers of archive.path 'archive'",
+            "keywords.ccdtemp: 'CCD_TEMP' is in none of 10 sampled frame headers of archive.path 'archive'",
         ),
         (
             {"keywords": {"camera": "INSTRUME"}, "library": {"path": None}},
@@ -105,8 +105,23 @@ def config(**changes) -> dict:
         ({"library": {"masters": "no/masters.h5"}}, "library.masters: 'no/masters.h5' is not a file"),
         ({"model": {"extra_args": "--val-nights 1 --bogus 3"}}, "model.extra_args: '--val-nights 1 --bogus 3': "),
         ({"model": {"extra_args": "--note 'unclosed"}}, 'model.extra_args: "--note \'unclosed": No closing quotation'),
+        ({"archive": {"cameras": ["GS9"]}}, "archive.cameras: GS9 is the camera of none of"),
+        ({"geometry": "lamost-kaf4320"}, "geometry: 'lamost-kaf4320' describes 2094 x 2200 frames; the"),
+        ({"results": "archive/results"}, "results: 'archive/results' lies inside archive.path 'archive'"),
     ],
-    ids=["geometry", "geometry-file", "keyword", "keyword-simulated", "keyword-default", "masters", "options", "quote"],
+    ids=[
+        "geometry",
+        "geometry-file",
+        "keyword",
+        "keyword-simulated",
+        "keyword-default",
+        "masters",
+        "options",
+        "quote",
+        "cameras",
+        "geometry-of-other-frames",
+        "results-in-archive",
+    ],
 )
 def test_a_bad_value_stops_the_run_before_any_job(work, changes, message):
     before = snapshot(work / "results")
@@ -124,7 +139,7 @@ def test_the_library_keyword_checked_and_the_model_geometry(work):
     master-dark file of another geometry does not."""
     res = snakemake(work, config(keywords={"ccdtemp": "TEMP"}), "-n")
     # the archive's frames call it CCDTEMP: one name for both sets cannot fit
-    assert res.returncode != 0 and "keywords.ccdtemp: 'TEMP' is in none of 6 sampled" in res.stdout + res.stderr
+    assert res.returncode != 0 and "keywords.ccdtemp: 'TEMP' is in none of 10 sampled" in res.stdout + res.stderr
     model = work / "given_model"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"weights")
