@@ -516,10 +516,18 @@ def keyword_problems():
             continue
         for field in fields:
             name = getattr(names, field)
+            if field == "ccdtemp" and field not in config["keywords"] and zero_second_only(headers, names):
+                continue  # bias frames may have no temperature card (a bias hardly depends on it)
             if not any(name in keys for keys in headers.values()):
                 default = "" if field in config["keywords"] else f" (the default; set keywords.{field})"
                 problems.append(f"keywords.{field}: {name!r}{default} is in none of {where}")
     return problems
+
+
+def zero_second_only(headers, names):
+    """Whether every sampled header is of a zero-second readout (a bias-only set)."""
+    exptimes = [h.get(names.exptime) for h in headers.values() if isinstance(h, dict)]
+    return bool(exptimes) and all(isinstance(t, (int, float)) and t == 0 for t in exptimes)
 
 
 def frame_problems():

@@ -239,15 +239,22 @@ def _as_adu(data: np.ndarray | None, path: Path) -> np.ndarray:
 def parse_header(header: fits.Header, kw: Keywords, path: str | Path, geometry: Geometry | None = None) -> FrameInfo:
     """The header facts of a frame, validated: a :class:`FrameError` naming the keyword and its
     value for a value that is missing, unparsable, of the wrong FITS type (a logical where a
-    number or text belongs, text such as ``'30 s'`` where a number belongs) or out of range."""
+    number or text belongs, text such as ``'30 s'`` where a number belongs) or out of range.
+
+    A dark of zero seconds is a bias readout (cameras that name every closed-shutter frame DARK
+    write them so), and a zero-second readout needs no temperature: without the temperature card
+    its ``ccdtemp`` is NaN. Every other frame must carry one."""
     imagetyp = str(_text(_required(header, kw.imagetyp, path), kw.imagetyp, path)).strip().upper()
     if imagetyp not in IMAGE_TYPES:
         raise FrameError(path, f"header keyword {kw.imagetyp}={imagetyp!r} is not one of {', '.join(IMAGE_TYPES)}")
     exptime = _number(_required(header, kw.exptime, path), kw.exptime, path)
-    if exptime <= 0 and imagetyp != "BIAS":
+    if exptime <= 0 and imagetyp != "BIAS" and not (exptime == 0 and imagetyp == "DARK"):
         raise FrameError(path, f"header keyword {kw.exptime}={exptime} must be > 0")
-    ccdtemp = _number(_required(header, kw.ccdtemp, path), kw.ccdtemp, path)
-    if not -150.0 <= ccdtemp <= 60.0:
+    if imagetyp == "BIAS" or exptime == 0:
+        ccdtemp = _number(_card(header, kw.ccdtemp, path), kw.ccdtemp, path) if kw.ccdtemp in header else math.nan
+    else:
+        ccdtemp = _number(_required(header, kw.ccdtemp, path), kw.ccdtemp, path)
+    if not -150.0 <= ccdtemp <= 60.0 and not math.isnan(ccdtemp):
         raise FrameError(path, f"header keyword {kw.ccdtemp}={ccdtemp} is not a sensor temperature in deg C")
     settemp = _number(_card(header, kw.settemp, path), kw.settemp, path) if kw.settemp in header else math.nan
     date_obs = str(_text(_required(header, kw.date_obs, path), kw.date_obs, path)).strip()

@@ -4,7 +4,8 @@ Layout of a shard (``SCHEMA_VERSION``):
 
 * one row per frame-channel in ``table/<column>`` (see ``TABLE_COLUMNS``);
 * ``a1``, ``a2``, ``a3``: uint16 strips along the whole active area (N, ...), one chunk per
-  frame-channel (see ``deepdark.io.strips``: the window's strips are slices of them);
+  frame-channel (see ``deepdark.io.strips``: the window's strips are slices of them); a geometry
+  without optical black has no ``a2`` and ``a3`` (they read back without pixels);
 * ``active``: uint16 active areas (M, rows, cols) of the frame-channels whose image type is
   in ``TARGET_TYPES`` (darks and biases: the targets of training and evaluation); the table's
   ``active_index`` points into it, -1 elsewhere. Guide frames keep their pixels in the raw file,
@@ -158,6 +159,7 @@ class ShardWriter:
                 **CHECKED_COMPRESSION,
             )
             for name in (*STRIP_NAMES, "active")
+            if all(shapes[name])  # strips without pixels (no optical black) are not stored
         }
         self.rows: list[dict] = []
 
@@ -166,7 +168,8 @@ class ShardWriter:
         strips = channel_strips(frame.data, self.g)
         names = list(strips)
         for s in STRIP_NAMES:  # one write per dataset and frame: h5py's per-call cost is not small
-            self._append(s, np.stack([strips[c][s] for c in names]))
+            if s in self.ds:
+                self._append(s, np.stack([strips[c][s] for c in names]))
         active_index = [-1] * len(names)
         if info.imagetyp in TARGET_TYPES:
             first = self._append("active", np.stack([strips[c]["active"] for c in names]))
@@ -314,7 +317,10 @@ class Shard:
         """``a1``, ``a2``, ``a3`` of table rows ``rows`` (sorted indices): along the whole active
         area, or cut to the model window (the paper's A1, A2, A3) when ``window``."""
         rows = np.asarray(rows)
-        strips = {s: self.read(s, rows) for s in STRIP_NAMES}
+        shapes = strip_shapes(self.geometry)
+        strips = {
+            s: self.read(s, rows) if s in self.f else np.zeros((len(rows), *shapes[s]), np.uint16) for s in STRIP_NAMES
+        }
         return window_strips(strips, self.geometry) if window else strips
 
     def active(self, rows: np.ndarray) -> np.ndarray:

@@ -10,7 +10,11 @@ A frame's predicted dark, per channel in readout coordinates, is
   settling in real cameras), then shrunk towards the frame's mean bias by the empirical-Bayes
   factor row_var / (row_var + estimate_var), both variances measured on the frame itself. A
   clipped mean, not a median: overscan pixels are integers with a read noise of a few ADU, and
-  the median of 42 integers is both quantised and 1.57x noisier than the mean.
+  the median of 42 integers is both quantised and 1.57x noisier than the mean. How far the
+  overscan's row offsets are trusted is the library's to say (``transfer``): where its frames show
+  that they reach the active rows only partly, or not at all, the row bias is the frame's level
+  plus the library's transfer coefficient times the overscan row offset instead (one level per
+  frame when the coefficient is 0); ``FrameState.bias_source`` says which rule made each row.
 * ``T``: the frame's effective temperature from its optical-black pixels minus its overscan (the
   masked-minus-virtual method of Kepler and TESS, :meth:`PhysicsModel.temperatures`): T is the
   value at which the library's per-pixel model of the OB pixels best matches them (generalised
@@ -24,7 +28,9 @@ A frame's predicted dark, per channel in readout coordinates, is
   as the OB signal fades (bias frames, short cold exposures, where T hardly matters for the
   prediction). A precise OB estimate off the header by more than ``TEFF_MAX_OFFSET`` means the
   header is wrong: the frame is predicted at the OB estimate alone and flagged, with both values
-  in the reason, so that the correction is right and the disagreement is seen.
+  in the reason, so that the correction is right and the disagreement is seen. A geometry
+  without optical black takes the header's temperature, and its source says so
+  (:meth:`PhysicsModel.frame_report`); a zero-second frame needs none.
 * ``d1, d2``: two dark-current components with doubling temperatures tau1 > tau2 that are global
   per camera (depletion-like and diffusion-like; the map's *shape* changes with temperature,
   which a per-pixel log-linear law cannot follow), ``g``: what comes with every readout
@@ -33,8 +39,10 @@ A frame's predicted dark, per channel in readout coordinates, is
 
 Fitting a library (:func:`fit_physics`), per camera:
 
-1. *Frame state* of every DARK/BIAS frame-channel (per-row bias, OB signals) and clipped block
-   means of its bias-subtracted active area.
+1. *Frame state* of every DARK/BIAS frame-channel (per-row bias, OB signals), clipped block
+   means of its bias-subtracted active area and clipped means of its active rows. After the law
+   (2), the *overscan transfer* per channel (:func:`measure_transfer`); where the library uses it,
+   its frames' row bias is remade with it and the law fitted again.
 2. *The law* (:func:`fit_law`): tau1, tau2 and every library frame's temperature, from clipped
    block means of all channels (a frame has one temperature): the active area's 10^6 pixels give
    each frame's temperature relative to the others of its (setpoint, exposure) group to a few
@@ -63,6 +71,10 @@ Fitting a library (:func:`fit_physics`), per camera:
    (near a sharp glow peak, hot pixels, defects) keep their own full fit: the data decide, per
    camera, how much the prior is used.
 
+A library of bias frames only (zero-second readouts, BIAS or DARK with EXPTIME = 0) has no dark
+current to fit: its law has no component, its maps the per-pixel readout pattern ``g`` alone,
+and it predicts bias frames (the per-row bias plus ``g``) and nothing else.
+
 Exposure times: scaling with ``t`` and arriving with each readout are told apart only by
 darks of two exposure times, or darks plus bias frames (``separable``). A separable library
 predicts any exposure from 0 to ``max_extrapolation`` (2) x its longest (the law is linear in t,
@@ -83,7 +95,7 @@ Predictors: :func:`physics_predictor` (``area="window"``: the model window, for
 conditioning input of a learned generator).
 
 This package exports its public API; the fitting constants and helpers are in its modules
-(``fit``, ``frame_state``, ``law``, ``model``, ``pixelfit``).
+(``fit``, ``frame_state``, ``law``, ``model``, ``pixelfit``, ``transfer``).
 """
 
 from __future__ import annotations
@@ -92,15 +104,18 @@ from .fit import fit_physics
 from .frame_state import FrameState, frame_state, row_bias
 from .law import Law, fit_law
 from .model import PhysicsError, PhysicsModel, physics_predictor
+from .transfer import Transfer, measure_transfer
 
 __all__ = [
     "FrameState",
     "Law",
     "PhysicsError",
     "PhysicsModel",
+    "Transfer",
     "fit_law",
     "fit_physics",
     "frame_state",
+    "measure_transfer",
     "physics_predictor",
     "row_bias",
 ]

@@ -22,9 +22,10 @@ from deepdark.io.shards import Shard
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
 from deepdark.io.units import SATURATED
 
-from .frame_state import MAD_SIGMA, OVERSCAN_SKIP, frame_state
+from .frame_state import MAD_SIGMA, OVERSCAN_SKIP, active_row_offsets, frame_state, transferred_bias
 from .law import Law, fit_law
 from .pixelfit import IRREGULAR_P, _hot_fits, _pairs, _PixelFit, _robust_fit, smooth_prior
+from .transfer import Transfer, measure_transfer
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class _Members:
     ob_rows: np.ndarray  # (n, 4, C) float32
     ob_cols_raw: np.ndarray  # uint16, for the saturation mask
     ob_rows_raw: np.ndarray
+    active_rows: np.ndarray  # (n, R): the active rows' offsets from the level (the transfer's data)
 
 
 def _library(shards: Sequence[Shard]) -> pd.DataFrame:
@@ -86,8 +88,7 @@ def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progr
         read_var=np.empty(n),
         row_var=np.empty(n),
         blocks=np.empty((n, R // bs, C // bs)),
-        ob_cols=None,
-        ob_rows=None,
+        active_rows=np.empty((n, R)),
     )
     ob_c, ob_r, ob_c_raw, ob_r_raw = [], [], [], []
     pos_all = []
@@ -103,6 +104,7 @@ def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progr
             out["bias"][pos], out["level"][pos] = st.bias, st.level
             out["read_var"][pos], out["row_var"][pos] = st.read_var, st.row_var
             out["blocks"][pos] = _block_means(act, bs)
+            out["active_rows"][pos] = active_row_offsets(act, st.bias, st.level)
             ob_c.append(st.ob_cols), ob_r.append(st.ob_rows)
             ob_c_raw.append(strips["a2"]), ob_r_raw.append(strips["a3"])
             pos_all.append(pos)
@@ -120,6 +122,7 @@ def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progr
         np.concatenate(ob_r)[order],
         np.concatenate(ob_c_raw)[order],
         np.concatenate(ob_r_raw)[order],
+        out["active_rows"],
     )
 
 
@@ -257,8 +260,9 @@ def _camera_library(mem: _Members, camera: str, g: Geometry) -> _Library:
     header_T = first["ccdtemp"].to_numpy(float)
     header_T = np.where(np.isfinite(header_T), header_T, first["settemp"].to_numpy(float))
     dark = t > 0
-    if not dark.any():
-        raise ValueError(f"camera {camera}: no dark frames (exposure > 0) in the library")
+    if not dark.any():  # biases only: a model of bias frames, which need no temperature
+        log.info("camera %s: a bias-only library (%d frames): it predicts bias frames only", camera, len(files))
+        return _Library(camera, channels, files, t, header_T, members)
     if not np.isfinite(header_T[dark]).all():
         raise ValueError(f"camera {camera}: library darks without CCDTEMP or SETTEMP")
     header_T = np.where(np.isfinite(header_T), header_T, np.median(header_T[dark]))
@@ -335,6 +339,7 @@ class _CameraFit:
     block_beta: np.ndarray  # (K, channels x blocks): the law's block maps
     X: np.ndarray  # (F, K) the design of the per-pixel fit
     x_ref: np.ndarray  # (K,) the design at T0 and the longest exposure: the hot-pixel reference
+    transfers: dict[str, Transfer]  # per channel: how far the overscan's row offsets are trusted
 
 
 def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, bs, memory_mb, progress):
@@ -343,11 +348,16 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
     per_frame = cl.members.drop_duplicates("file").sort_values("fp").reset_index(drop=True)
     dark_exptimes = _exposure_coverage(cl)
     law, T, block_beta = _camera_law(cl, mem, per_frame)
+    transfers = _library_transfers(cl, mem, law.design(T, cl.t))
+    if any(tr.used for tr in transfers.values()):
+        _apply_transfers(cl, mem, transfers, bs)
+        law, T, block_beta = _camera_law(cl, mem, per_frame)  # on the blocks of the new row bias
     _write_camera_attrs(grp, cl, per_frame, law, T, dark_exptimes)
-    t_ref = max(dark_exptimes)
+    t_ref = max(dark_exptimes, default=0.0)
     x_ref = law.design([law.T0], [t_ref])[0]
+    X = law.design(T, cl.t)
     cam = _CameraFit(
-        cl, shards, mem, g.active.shape, bs, params, memory_mb, progress, law, T, block_beta, law.design(T, cl.t), x_ref
+        cl, shards, mem, g.active.shape, bs, params, memory_mb, progress, law, T, block_beta, X, x_ref, transfers
     )
     rows_tab = []
     for j, ch in enumerate(cl.channels):
@@ -382,7 +392,8 @@ def _separable(cl: _Library, dark_exptimes: list[float]) -> bool:
 
 def _camera_law(cl: _Library, mem: _Members, per_frame: pd.DataFrame) -> tuple[Law, np.ndarray, np.ndarray]:
     """Stage 2: the law and every frame's temperature from the block means of all channels (a
-    frame has one temperature); biases keep their header's."""
+    frame has one temperature); biases keep their header's. A bias-only library has a law without
+    dark components (:class:`Law`)."""
     t, header_T, dark = cl.t, cl.header_T, cl.t > 0
     Y = np.concatenate(
         [
@@ -391,6 +402,10 @@ def _camera_law(cl: _Library, mem: _Members, per_frame: pd.DataFrame) -> tuple[L
         ],
         axis=1,
     )
+    if not dark.any():
+        known = header_T[np.isfinite(header_T)]
+        T0 = float(np.round(np.median(known), 1)) if known.size else math.nan
+        return Law(T0, math.nan), header_T.astype(np.float64), Y.mean(axis=0, keepdims=True)
     law, T, block_beta = fit_law(Y, t, header_T, frame_setpoints(per_frame))
     T[~dark] = header_T[~dark]
     log.info(
@@ -402,6 +417,39 @@ def _camera_law(cl: _Library, mem: _Members, per_frame: pd.DataFrame) -> tuple[L
         len(cl.files),
     )
     return law, T, block_beta
+
+
+def _channel_members(cl: _Library, ch: str) -> np.ndarray:
+    """Indices (into the members' arrays) of channel ``ch``'s library frames, in frame order."""
+    return cl.members[cl.members["channel"] == ch].sort_values("fp").index.to_numpy()
+
+
+def _library_transfers(cl: _Library, mem: _Members, X: np.ndarray) -> dict[str, Transfer]:
+    """Per channel: how much of the overscan's per-row offset appears in the active rows
+    (:func:`measure_transfer` on the library frames, the per-pixel design ``X`` projected out)."""
+    out = {}
+    for ch in cl.channels:
+        mi = _channel_members(cl, ch)
+        offsets = mem.bias[mi].astype(np.float64) - mem.level[mi][:, None]
+        out[ch] = measure_transfer(mem.active_rows[mi], offsets, X, float(np.mean(mem.read_var[mi])))
+        log.info("camera %s channel %s: overscan row transfer %s", cl.camera, ch, out[ch].describe())
+    return out
+
+
+def _apply_transfers(cl: _Library, mem: _Members, transfers: dict[str, Transfer], bs: int) -> None:
+    """The library frames' row bias (and what stage 1 derived from it: the OB columns minus the
+    bias, the block means) by the transfer coefficient of each channel that uses it."""
+    for ch, tr in transfers.items():
+        if not tr.used:
+            continue
+        mi = _channel_members(cl, ch)
+        old = mem.bias[mi]
+        new = transferred_bias(old, mem.level[mi], np.full(len(mi), tr.coefficient))
+        mem.bias[mi] = new
+        mem.ob_cols[mi] += (old - new)[:, :, None]
+        nbr = mem.blocks.shape[1]
+        shift = (new - old)[:, : nbr * bs].reshape(len(mi), nbr, bs).mean(axis=2)
+        mem.blocks[mi] -= shift[:, :, None]
 
 
 def _write_camera_attrs(grp, cl: _Library, per_frame: pd.DataFrame, law: Law, T: np.ndarray, dark_exptimes) -> None:
@@ -486,8 +534,11 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
         disable=None if cam.progress else True,
     )
     frame_var = _pass_a(chunks, read, cam.X, cam.params["clip"], bar)
-    mean_sig = np.median(cam.mem.blocks[mi].reshape(N, -1), axis=1)  # the typical pixel's signal
-    noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
+    if cam.law.components:
+        mean_sig = np.median(cam.mem.blocks[mi].reshape(N, -1), axis=1)  # the typical pixel's signal
+        noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
+    else:  # biases carry no signal whose shot noise a photon transfer curve could measure
+        noise = _Noise(frame_var, read_var)
     fit = _pass_b(cam, chunks, read, noise, typ, read_var, bar)
     bar.close()
     read.clear()
@@ -495,8 +546,23 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
     fit.A = fit.b0 = None  # the normal equations are large and no longer needed
     cg = grp.create_group(f"channel_{j}")
     _write_channel(cg, ch, noise, fit, maps, irregular, K, cam.shape)
-    _fit_ob(cg.create_group("ob"), cam.mem, mi, cam.X, noise, row_var, cam.x_ref, read_var, cam.params, K, cam.shape)
+    _write_transfer(cg, cam.transfers[ch])
+    if cam.mem.ob_cols.shape[-1]:  # a geometry without optical black has no OB maps
+        og = cg.create_group("ob")
+        _fit_ob(og, cam.mem, mi, cam.X, noise, row_var, cam.x_ref, read_var, cam.params, K, cam.shape)
     return _frame_rows(cam, sel, ch, frame_var, read_var, row_var)
+
+
+def _write_transfer(cg, tr: Transfer) -> None:
+    """The channel's overscan row transfer (:mod:`deepdark.physics.transfer`) as attributes."""
+    cg.attrs.update(
+        transfer=tr.coefficient,
+        transfer_sigma=tr.sigma,
+        transfer_residual_var=tr.residual_var,
+        transfer_used=tr.used,
+        transfer_frames=tr.frames,
+        transfer_gain=tr.gain,
+    )
 
 
 def _hot_reference(cam: _CameraFit, j: int) -> np.ndarray:
@@ -546,7 +612,7 @@ def _pass_b(cam: _CameraFit, chunks, read: _ChunkReader, noise: _Noise, typ, rea
 def _smoothed_maps(fit: _PassB, shape, K: int, params) -> tuple[np.ndarray, np.ndarray]:
     """Stage 4, the smooth prior (``smooth_px`` > 0): the maps and which pixels keep their own fit."""
     R, C = shape
-    if params["smooth_px"] > 0:
+    if params["smooth_px"] > 0 and K > 1:  # a bias-only library has nothing to smooth towards
         return smooth_prior(
             fit.A, fit.b0, fit.beta, fit.chi2, fit.hot, (R, C), K, params["smooth_px"], params["irregular_p"]
         )
@@ -566,7 +632,8 @@ def _write_channel(cg, ch: str, noise: _Noise, fit: _PassB, maps, irregular, K: 
     _write_maps(cg, maps, K, (R, C))
     flags = (fit.hot.astype(np.uint8) | (irregular.astype(np.uint8) << 1)).reshape(R, C)
     cg.create_dataset("flags", data=flags, compression="gzip", shuffle=True)
-    cg.create_dataset("chi2", data=fit.chi2.reshape(R, C).astype(np.float16), compression="gzip", shuffle=True)
+    chi2 = np.minimum(fit.chi2, np.finfo(np.float16).max)  # a dead pixel's misfit would overflow float16
+    cg.create_dataset("chi2", data=chi2.reshape(R, C).astype(np.float16), compression="gzip", shuffle=True)
     good = np.isfinite(fit.hot_tau)
     cg.create_dataset("hot_index", data=fit.hot_index[good].astype(np.int64))
     cg.create_dataset("hot_tau", data=fit.hot_tau[good].astype(np.float32))
@@ -635,4 +702,4 @@ def _write_maps(grp, maps: np.ndarray, K: int, shape):
 
 
 def _map_names(K: int) -> list[str]:
-    return ["d1", "d2", "g"] if K == 3 else ["d1", "g"]
+    return {3: ["d1", "d2", "g"], 2: ["d1", "g"], 1: ["g"]}[K]

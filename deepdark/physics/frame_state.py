@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -22,6 +22,19 @@ class FrameState:
     bias_var: np.ndarray  # (k, active rows): variance of the error of ``bias``
     ob_cols: np.ndarray  # (k, active rows, n): OB columns minus the per-row bias (float32)
     ob_rows: np.ndarray  # (k, n, active cols): OB rows minus the frame's mean bias (float32)
+    # (k,): how ``bias`` was made from the overscan (see :func:`bias_rule`, :func:`with_transfer`)
+    bias_source: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        if self.bias_source is None:
+            self.bias_source = np.full(len(self.level), "overscan", dtype=object)
+
+
+def bias_rule(shrink: bool, smooth: int) -> str:
+    """How :func:`row_bias` makes the per-row bias with these options, in words."""
+    if smooth > 1:
+        return f"overscan, running mean of {smooth} rows"
+    return "overscan, shrunk per frame" if shrink else "overscan"
 
 
 def row_bias(
@@ -79,4 +92,48 @@ def frame_state(
     bias, level, read_var, row_var, bias_var = row_bias(a1, skip, shrink, smooth)
     ob_cols = a2.astype(np.float32) - bias[:, :, None].astype(np.float32)
     ob_rows = a3.astype(np.float32) - level[:, None, None].astype(np.float32)
-    return FrameState(bias, level, read_var, row_var, bias_var, ob_cols, ob_rows)
+    source = np.full(len(level), bias_rule(shrink, smooth), dtype=object)
+    return FrameState(bias, level, read_var, row_var, bias_var, ob_cols, ob_rows, source)
+
+
+def transferred_bias(bias: np.ndarray, level: np.ndarray, coefficient: np.ndarray) -> np.ndarray:
+    """Row bias ``level + coefficient x (bias - level)`` of k rows (k, R); the dtype of ``bias``.
+
+    ``coefficient`` (k,): how much of the overscan's per-row offset appears in the active rows,
+    as the library measured it (:func:`deepdark.physics.transfer.measure_transfer`)."""
+    lv = np.asarray(level, np.float64)[:, None]
+    return (lv + np.asarray(coefficient, np.float64)[:, None] * (bias - lv)).astype(bias.dtype)
+
+
+def with_transfer(state: FrameState, coefficient: np.ndarray, residual_var: np.ndarray) -> FrameState:
+    """``state`` with the row bias of the rows whose ``coefficient`` (k,) is finite made by the
+    library's transfer coefficient instead (:func:`transferred_bias`); their bias error variance
+    becomes the library's ``residual_var`` (k,) (active-row offsets the overscan does not predict)
+    plus the coefficient's share of the frame's own. NaN rows keep the frame state as it is."""
+    use = np.isfinite(coefficient)
+    if not use.any():
+        return state
+    bias, bias_var, ob_cols = state.bias.copy(), state.bias_var.copy(), state.ob_cols.copy()
+    source = state.bias_source.copy()
+    g = coefficient[use]
+    bias[use] = transferred_bias(state.bias[use], state.level[use], g)
+    bias_var[use] = g[:, None] ** 2 * state.bias_var[use] + residual_var[use][:, None]
+    ob_cols[use] += (state.bias[use] - bias[use])[:, :, None].astype(ob_cols.dtype)
+    source[use] = [f"overscan x {x:.3f} (library transfer)" for x in g]
+    return replace(state, bias=bias, bias_var=bias_var, ob_cols=ob_cols, bias_source=source)
+
+
+def active_row_offsets(active_minus_bias: np.ndarray, bias: np.ndarray, level: np.ndarray, clip: float = 5.0):
+    """(k, R) float64: each active row's offset from its frame-channel's bias level, from the
+    active area minus the row bias (k, R, C) and that bias (k, R): a mean of the row clipped at
+    ``clip`` robust sigmas of its median (cosmic rays, defects), plus the row's bias offset.
+
+    The sigma is the frame's own (median absolute deviation over every 8th row), not the row's:
+    one row's deviations are too few to be robust on a narrow active area."""
+    x = np.asarray(active_minus_bias, np.float32)
+    med = np.median(x, axis=-1, keepdims=True)
+    dev = x - med
+    sigma = MAD_SIGMA * np.median(np.abs(dev[:, ::8]).reshape(len(x), -1), axis=1)
+    keep = np.abs(dev) <= clip * np.maximum(sigma, 0.5)[:, None, None]
+    mean = med[..., 0] + np.where(keep, dev, 0).sum(-1, dtype=np.float64) / np.maximum(keep.sum(-1), 1)
+    return mean + (np.asarray(bias, np.float64) - np.asarray(level, np.float64)[:, None])

@@ -21,7 +21,8 @@ DEFAULT_TAU = 6.4  # C: the paper's halving temperature, used when one setpoint 
 
 @dataclass(frozen=True)
 class Law:
-    """A camera's dark-vs-temperature law: components 2^((T-T0)/tau) (tau2 NaN: one component)."""
+    """A camera's dark-vs-temperature law: components 2^((T-T0)/tau) (tau2 NaN: one component;
+    tau1 NaN too: none, the law of a bias-only library, whose design is the readout term alone)."""
 
     T0: float
     tau1: float
@@ -29,6 +30,8 @@ class Law:
 
     @property
     def components(self) -> int:
+        if math.isnan(self.tau1):
+            return 0
         return 1 if math.isnan(self.tau2) else 2
 
     @property
@@ -37,6 +40,8 @@ class Law:
 
     def factors(self, T) -> list[np.ndarray]:
         T = np.asarray(T, dtype=np.float64)
+        if self.components == 0:
+            return []
         f = [np.exp2((T - self.T0) / self.tau1)]
         if self.components == 2:
             f.append(np.exp2((T - self.T0) / self.tau2))
@@ -45,11 +50,13 @@ class Law:
     def design(self, T, t) -> np.ndarray:
         """(n, K): t * factor per component, then 1 (glow, per readout)."""
         t = np.asarray(t, dtype=np.float64)
+        if self.components == 0:  # T may be unknown (NaN): nothing depends on it
+            return np.ones((len(t), 1))
         return np.stack([t * f for f in self.factors(T)] + [np.ones_like(t)], axis=1)
 
     def design_dT(self, T, t) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64)
-        taus = [self.tau1] + ([self.tau2] if self.components == 2 else [])
+        taus = [self.tau1, self.tau2][: self.components]
         return np.stack([t * f * LN2 / tau for f, tau in zip(self.factors(T), taus)] + [np.zeros_like(t)], axis=1)
 
 

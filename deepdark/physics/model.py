@@ -22,8 +22,9 @@ from deepdark.io.shards import Shard
 from deepdark.io.units import SATURATED
 
 from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, _map_names
-from .frame_state import FrameState, frame_state
+from .frame_state import FrameState, frame_state, with_transfer
 from .law import LN2, Law
+from .transfer import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ TEFF_MAX_SIGMA = 2.0  # C: an OB temperature less certain than this is not used 
 TEFF_MAX_OFFSET = 5.0  # C: a header temperature this far from a precise OB one is not trusted (flagged)
 GLOW_SYS = 0.01  # relative uncertainty of the OB pixels' per-readout level (systematic)
 AREAS = ("window", "active")  # what a predictor covers: the model window, or the whole active area
+NO_OB = " (no optical black)"  # how a temperature source says the header had to be used
 
 
 class PhysicsError(DeepdarkError, ValueError):
@@ -54,6 +56,7 @@ class ChannelModel:
     ob_rows_use: np.ndarray
     inv_gain: float  # 1/gain (ADU of variance per ADU of signal), NaN if unknown
     noise_offset: float
+    transfer: Transfer  # how far the overscan's row offsets are trusted (deepdark.physics.transfer)
 
 
 @dataclass
@@ -71,11 +74,16 @@ class CameraInfo:
 @dataclass
 class Temperatures:
     """Effective temperature of each frame-channel row: value, 1-sigma (C), its source, and a
-    note ("" unless the frame's header temperature was not trusted: what and why)."""
+    note ("" unless the frame's header temperature was not trusted: what and why).
+
+    A geometry without optical black takes the temperature from the header; the source says so
+    ("ccdtemp (no optical black)"). A zero-second frame has no dark signal, so its temperature
+    does not enter its prediction: "exposure 0", the header's value (0 without one)."""
 
     teff: np.ndarray
     sigma: np.ndarray
-    source: np.ndarray  # "ob", "ob+ccdtemp", "ccdtemp", "settemp" or "exposure 0" per row
+    # "ob", "ob+ccdtemp", "ccdtemp", "settemp", either with " (no optical black)", or "exposure 0"
+    source: np.ndarray
     note: np.ndarray | None = None
 
     def __post_init__(self):
@@ -88,6 +96,19 @@ class Temperatures:
 
     def take(self, index) -> Temperatures:
         return Temperatures(self.teff[index], self.sigma[index], self.source[index], self.note[index])
+
+
+@dataclass
+class _Frames:
+    """Whole frames of a shard as a prediction sees them (:meth:`PhysicsModel.serve_rows`)."""
+
+    strips: dict[str, np.ndarray]
+    table: pd.DataFrame  # their rows of the shard's table
+    state: FrameState
+    temps: Temperatures
+    status: np.ndarray
+    reason: np.ndarray
+    where: np.ndarray  # positions of the requested rows among them
 
 
 class PhysicsModel:
@@ -122,6 +143,7 @@ class PhysicsModel:
         self._channels: OrderedDict = OrderedDict()
         self._cache_size = cache_channels
         self._temperature_ranges: dict[str, tuple[float, float]] = {}
+        self._transfers: dict[tuple[str, str], Transfer] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> PhysicsModel:
@@ -157,22 +179,46 @@ class PhysicsModel:
                 raise PhysicsError(f"{self.path.name}: camera {camera} has no channel {channel!r}")
             cg = self.f[f"{info.group}/channel_{info.channels.index(channel)}"]
             names = _map_names(info.law.K)
+            maps = np.stack([cg[n][()] for n in names])
+            ob = _ob_maps(cg, names, maps.shape[1:])
             self._channels[key] = ChannelModel(
-                maps=np.stack([cg[n][()] for n in names]),
+                maps=maps,
                 hot_index=cg["hot_index"][()],
                 hot_tau=cg["hot_tau"][()].astype(np.float64),
                 hot_coef=cg["hot_coef"][()].astype(np.float64),
-                ob_cols=np.stack([cg[f"ob/cols/{n}"][()] for n in names]),
-                ob_cols_use=cg["ob/cols/use"][()],
-                ob_rows=np.stack([cg[f"ob/rows/{n}"][()] for n in names]),
-                ob_rows_use=cg["ob/rows/use"][()],
+                **ob,
                 inv_gain=float(cg.attrs["inv_gain"]),
                 noise_offset=float(cg.attrs["noise_offset"]),
+                transfer=self.transfer(camera, channel),
             )
             while len(self._channels) > self._cache_size:
                 self._channels.popitem(last=False)
         self._channels.move_to_end(key)
         return self._channels[key]
+
+    def transfer(self, camera: str, channel: str) -> Transfer:
+        """How much of the overscan's per-row offset the library saw in the active rows of
+        ``camera``'s ``channel`` (:mod:`deepdark.physics.transfer`), and whether the frame state
+        uses it; "not measured" for models fitted before it was."""
+        key = (camera, channel)
+        if key not in self._transfers:
+            info = self.camera(camera)
+            if channel not in info.channels:
+                raise PhysicsError(f"{self.path.name}: camera {camera} has no channel {channel!r}")
+            a = self.f[f"{info.group}/channel_{info.channels.index(channel)}"].attrs
+            self._transfers[key] = (
+                Transfer(
+                    float(a["transfer"]),
+                    float(a["transfer_sigma"]),
+                    float(a["transfer_residual_var"]),
+                    bool(a["transfer_used"]),
+                    int(a["transfer_frames"]),
+                    float(a["transfer_gain"]),
+                )
+                if "transfer" in a
+                else Transfer.unmeasured()
+            )
+        return self._transfers[key]
 
     def library_frames(self, camera: str) -> pd.DataFrame:
         """The library's frame-channels with their fitted temperature and noise (diagnostics)."""
@@ -189,9 +235,15 @@ class PhysicsModel:
     def check_exposure(self, camera: str, exptime: float) -> None:
         """Raise :class:`PhysicsError` unless the library can predict ``exptime`` for ``camera``."""
         info = self.camera(camera)
-        longest = max(info.dark_exptimes)
         if not np.isfinite(exptime) or exptime < 0:
             raise PhysicsError(f"exposure time {exptime} s: not a valid exposure")
+        if not info.dark_exptimes:
+            if exptime > 0:
+                raise PhysicsError(
+                    f"camera {camera}: library has only bias frames (exposure 0): cannot predict a {exptime:g} s dark"
+                )
+            return
+        longest = max(info.dark_exptimes)
         if not info.separable:
             only = info.dark_exptimes[0]
             if not math.isclose(exptime, only, rel_tol=1e-3, abs_tol=1e-3):
@@ -250,10 +302,24 @@ class PhysicsModel:
             raise PhysicsError(f"{self.path.name}: fitted on geometry {self.geometry.name}, data is {g.name}")
 
     # -- frame state and temperature ----------------------------------------------------------------
-    def state(self, strips: dict[str, np.ndarray]) -> FrameState:
-        """:func:`frame_state` with the options the model was fitted with."""
+    def state(self, strips: dict[str, np.ndarray], table: pd.DataFrame | None = None) -> FrameState:
+        """:func:`frame_state` with the options the model was fitted with; with the strips' table
+        rows, each row's bias made as the library decided for its camera and channel (by the
+        transfer coefficient where the library measured one that differs from 1, see
+        :mod:`deepdark.physics.transfer`; ``bias_source`` says which)."""
         p = self.params
-        return frame_state(strips, p["overscan_skip"], p["shrink"], p["smooth_rows"])
+        state = frame_state(strips, p["overscan_skip"], p["shrink"], p["smooth_rows"])
+        if table is None:
+            return state
+        coefficient, residual_var = np.full(len(table), np.nan), np.zeros(len(table))
+        for i, (camera, channel) in enumerate(zip(table["camera"], table["channel"])):
+            try:
+                tr = self.transfer(camera, channel)
+            except PhysicsError:  # no model for it: the frame is not served, its state does not matter
+                continue
+            if tr.used:
+                coefficient[i], residual_var[i] = tr.coefficient, tr.residual_var
+        return with_transfer(state, coefficient, residual_var)
 
     def temperatures(
         self,
@@ -285,6 +351,10 @@ class PhysicsModel:
         if exptime <= 0:
             return (header if np.isfinite(header) else 0.0), 0.0, "exposure 0", ""
         info = self.camera(r0["camera"])
+        if not self.geometry.has_ob:  # nothing to measure it on: the header's, and the source says so
+            if not np.isfinite(header):
+                raise PhysicsError(f"{r0['file']}: no temperature (no optical black, no CCDTEMP or SETTEMP)")
+            return header, info.header_sigma, hsrc + NO_OB, ""
         T, s = self._ob_temperature(state, table, rows, info, exptime, header if np.isfinite(header) else info.law.T0)
         precise = np.isfinite(T) and s <= max_sigma
         if precise and np.isfinite(header) and abs(T - header) > max_offset:
@@ -440,7 +510,7 @@ class PhysicsModel:
         Without ``temps``, a frame the model cannot serve (:meth:`verdicts`) raises
         :class:`PhysicsError`."""
         table = table.reset_index(drop=True)
-        state = self.state(strips) if state is None else state
+        state = self.state(strips, table) if state is None else state
         if temps is None:
             temps, status, reason = self.verdicts(state, table)
             if (status == UNSERVED).any():
@@ -459,6 +529,42 @@ class PhysicsModel:
         with each row's verdict (:meth:`verdicts`); an unserved row's dark is NaN.
 
         Every frame's temperature comes from the OB pixels of all of its channels in the shard."""
+        frames = self._frames_of(shard, rows)
+        strips, state, sub, where = frames.strips, frames.state, frames.table, frames.where
+        shape = self.geometry.window_shape if window else self.geometry.active.shape
+        dark = np.full((len(where), *shape), np.nan, dtype=np.float32)
+        served = frames.status[where] != UNSERVED
+        if served.any():
+            pick = where[served]
+            picked_state = FrameState(*(getattr(state, k)[pick] for k in FrameState.__dataclass_fields__))
+            picked_strips = {s: strips[s][pick] for s in strips}
+            dark[served] = self.predict(picked_strips, sub.iloc[pick], window, frames.temps.take(pick), picked_state)
+        return Served(dark, frames.status[where], frames.reason[where])
+
+    def frame_report(self, shard: Shard, rows) -> pd.DataFrame:
+        """What the prediction of each of table rows ``rows`` of ``shard`` rests on, for a reader
+        to report: ``status`` and ``reason`` (:meth:`verdicts`), the effective temperature
+        ``teff`` (C), its 1-sigma ``teff_sigma`` and ``temperature_source`` (the header's, marked
+        "(no optical black)", on a geometry without optical black), and ``bias_source``: how the
+        row bias was made (the overscan shrunk per frame, or by the library's transfer
+        coefficient)."""
+        frames = self._frames_of(shard, rows)
+        w = frames.where
+        return pd.DataFrame(
+            dict(
+                file=frames.table["file"].to_numpy()[w],
+                channel=frames.table["channel"].to_numpy()[w],
+                status=frames.status[w],
+                reason=frames.reason[w],
+                teff=frames.temps.teff[w],
+                teff_sigma=frames.temps.sigma[w],
+                temperature_source=frames.temps.source[w],
+                bias_source=frames.state.bias_source[w],
+            )
+        )
+
+    def _frames_of(self, shard: Shard, rows) -> _Frames:
+        """The strips, state and verdicts of every row of the frames of table ``rows``."""
         self._check_geometry(shard.geometry)
         rows = np.asarray(rows)
         tab = shard.table
@@ -466,18 +572,9 @@ class PhysicsModel:
         all_rows = np.flatnonzero(tab["file"].isin(files).to_numpy())
         strips = shard.strips(all_rows)
         sub = tab.iloc[all_rows].reset_index(drop=True)
-        state = self.state(strips)
+        state = self.state(strips, sub)
         temps, status, reason = self.verdicts(state, sub)
-        where = np.searchsorted(all_rows, rows)
-        shape = (self.geometry.window_size,) * 2 if window else self.geometry.active.shape
-        dark = np.full((len(rows), *shape), np.nan, dtype=np.float32)
-        served = status[where] != UNSERVED
-        if served.any():
-            pick = where[served]
-            picked_state = FrameState(*(getattr(state, k)[pick] for k in FrameState.__dataclass_fields__))
-            picked_strips = {s: strips[s][pick] for s in strips}
-            dark[served] = self.predict(picked_strips, sub.iloc[pick], window, temps.take(pick), picked_state)
-        return Served(dark, status[where], reason[where])
+        return _Frames(strips, sub, state, temps, status, reason, np.searchsorted(all_rows, rows))
 
     def predict_rows(self, shard: Shard, rows, window: bool = False) -> np.ndarray:
         """Predicted darks of table rows ``rows`` of ``shard`` (whole active area, or the window);
@@ -487,6 +584,25 @@ class PhysicsModel:
         if reason is not None:
             raise PhysicsError(reason)
         return served.dark
+
+
+def _ob_maps(cg, names: list[str], shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The channel's optical-black maps and masks; without pixels for a geometry without OB."""
+    if "ob" not in cg:
+        R, C = shape
+        K = len(names)
+        return dict(
+            ob_cols=np.zeros((K, R, 0), np.float32),
+            ob_cols_use=np.zeros((R, 0), bool),
+            ob_rows=np.zeros((K, 0, C), np.float32),
+            ob_rows_use=np.zeros((0, C), bool),
+        )
+    return dict(
+        ob_cols=np.stack([cg[f"ob/cols/{n}"][()] for n in names]),
+        ob_cols_use=cg["ob/cols/use"][()],
+        ob_rows=np.stack([cg[f"ob/rows/{n}"][()] for n in names]),
+        ob_rows_use=cg["ob/rows/use"][()],
+    )
 
 
 def _header_temperature(row) -> tuple[float, str]:

@@ -223,7 +223,7 @@ def _merge_dark_rmse(qa: pd.DataFrame, per_image: pd.DataFrame, geometry) -> pd.
     cols = {m: f"rmse_{m}" for m in RMSE_METHODS if m in per_image}
     part = per_image[["file", "channel", *cols]].rename(columns=cols)
     part["file"] = part["file"].map(printable)  # as in the QA table
-    part["n_pixels"] = geometry.window_size**2
+    part["n_pixels"] = int(np.prod(geometry.window_shape))  # the scored area: the window, else all
     return qa.merge(part, on=["file", "channel"], how="left")
 
 

@@ -3,6 +3,7 @@ import pytest
 import yaml
 
 from deepdark.io.geometry import GeometryError, load_geometry, parse_geometry, presets
+from deepdark.io.strips import channel_strips, window_of, window_strips
 
 
 def test_presets_ship_spec_geometries():
@@ -81,3 +82,159 @@ def test_malformed_geometry_names_the_field(path, value, field):
 def test_unknown_preset_lists_presets():
     with pytest.raises(GeometryError, match="lamost-kaf4320"):
         load_geometry("no-such-camera")
+
+
+# -- layouts beyond the LAMOST guide cameras ------------------------------------------------------
+
+
+def test_shipped_layouts_keep_their_digests():
+    """The resolved layout of the LAMOST presets is what model cards were made with."""
+    assert load_geometry("mini").digest == "f5d15d79f6b1bbbf1204c355842dbd6c0b7af01d815241b0c868dbf974080fce"
+    assert load_geometry("lamost-kaf4320").digest == (
+        "af3d211d092394ed5c79ef162e2670c4ebaa9d6f7fbd343b9f179d0633b7ac21"
+    )
+
+
+def test_presets_of_real_cameras():
+    assert {"nickel-direct", "kast-blue"} <= set(presets())
+    nickel = load_geometry("nickel-direct")
+    assert nickel.frame_shape == (1024, 1056) and len(nickel.channels) == 1
+    assert nickel.active.shape == (1024, 1023) and nickel.regions["overscan"].shape == (1024, 30)
+    assert not nickel.has_ob and not nickel.has_window and not nickel.own_regions
+    kast = load_geometry("kast-blue")
+    assert kast.own_regions and kast.channel_names() == ["left", "right"]
+    assert kast.active.shape == (350, 1023) and kast.regions["overscan"].shape == (350, 32)
+    assert kast.mosaic_shape == (350, 2046)
+
+
+def test_own_regions_read_each_amplifier_in_its_readout_order():
+    g = load_geometry("kast-blue")
+    frame = np.arange(np.prod(g.frame_shape)).reshape(g.frame_shape) % g.frame_shape[1]  # = column
+    left, right = g.channels
+    # The left amplifier reads its image from column 1 and its overscan from column 2048; the right
+    # one, mirrored, from 2046 and from 2111: the overscan skip drops the first columns read.
+    assert g.region(frame, left, "active")[0, :2].tolist() == [1, 2]
+    assert g.region(frame, left, "overscan")[0, :2].tolist() == [2048, 2049]
+    assert g.region(frame, right, "active")[0, :2].tolist() == [2046, 2045]
+    assert g.region(frame, right, "overscan")[0, :2].tolist() == [2111, 2110]
+    for ch in g.channels:  # the assembled readout block holds the same strips where the regions say
+        block = g.readout(frame, ch)
+        for name in ("active", "overscan"):
+            np.testing.assert_array_equal(block[g.regions[name].slices], g.region(frame, ch, name))
+    mosaic = g.mosaic({ch.name: g.region(frame, ch, "active") for ch in g.channels})
+    np.testing.assert_array_equal(mosaic, frame[:, 1:2047])
+
+
+def test_both_forms_of_one_layout_cut_the_same_strips():
+    shared = load_geometry("nickel-direct")
+    own = parse_geometry(
+        """
+name: nickel-own
+frame: {rows: 1024, cols: 1056}
+channels:
+  - name: "1"
+    flip_rows: false
+    flip_cols: false
+    regions:
+      active:   {rows: [0, 1024], cols: [0, 1023]}
+      overscan: {rows: [0, 1024], cols: [1026, 1056]}
+"""
+    )
+    frame = np.random.default_rng(0).integers(0, 2**16, shared.frame_shape, dtype=np.uint16)
+    a, b = channel_strips(frame, shared)["1"], channel_strips(frame, own)["1"]
+    for name in ("a1", "a2", "a3", "active"):
+        np.testing.assert_array_equal(a[name], b[name])
+    assert a["a2"].shape == (1024, 0) and a["a3"].shape == (0, 1023)  # no optical black: strips without pixels
+    assert own.frame_regions(own.channels[0]) == {
+        k: v for k, v in shared.frame_regions(shared.channels[0]).items() if k != "invalid"
+    }
+    np.testing.assert_array_equal(shared.mosaic({"1": a["active"]}), own.mosaic({"1": b["active"]}))
+
+
+def test_frame_regions_of_the_shared_form_follow_the_flips():
+    g = load_geometry("mini")
+    frame = np.arange(np.prod(g.frame_shape)).reshape(g.frame_shape)
+    for ch in g.channels:
+        for name, reg in g.frame_regions(ch).items():
+            np.testing.assert_array_equal(
+                np.sort(frame[reg.slices], axis=None), np.sort(g.region(frame, ch, name), axis=None)
+            )
+
+
+def test_a_geometry_without_a_window_evaluates_the_whole_active_area():
+    g = load_geometry("nickel-direct")
+    active = np.zeros((2, *g.active.shape))
+    assert window_of(active, g).shape == active.shape and g.window == g.active
+    assert g.window_shape == g.active.shape
+    with pytest.raises(GeometryError, match="no model window: the learned model"):
+        window_strips({"a1": active, "a2": active[..., :0], "a3": active[..., :0, :]}, g)
+
+
+_OWN = """
+name: two
+frame: {rows: 10, cols: 40}
+channels:
+  - name: a
+    flip_rows: false
+    flip_cols: false
+    regions:
+      active: {rows: [0, 10], cols: [0, 15]}
+      overscan: {rows: [0, 10], cols: [30, 35]}
+  - name: b
+    flip_rows: false
+    flip_cols: true
+    regions:
+      active: {rows: [0, 10], cols: [15, 30]}
+      overscan: {rows: [0, 10], cols: [35, 40]}
+"""
+
+
+@pytest.mark.parametrize(
+    "text,field",
+    [
+        (_OWN.replace("cols: [35, 40]", "cols: [36, 40]"), r"channels\[1\].regions.overscan"),  # shapes differ
+        (_OWN.replace("cols: [30, 35]", "cols: [10, 15]"), r"channels\[0\].regions.overscan"),  # overlaps its active
+        (_OWN.replace("cols: [15, 30]", "cols: [14, 29]"), r"channels\[1\].regions.active"),  # overlaps a's active
+        (_OWN.replace("cols: [35, 40]", "cols: [35, 41]"), r"channels\[1\].regions.overscan"),  # outside the frame
+        (
+            _OWN.replace("overscan: {rows: [0, 10]", "overscan: {rows: [0, 9]"),
+            r"channels\[0\].regions.overscan: rows 0..9 do not pair",
+        ),
+        (
+            _OWN.replace("overscan: {rows: [0, 10], cols: [30, 35]}", "invalid: {rows: [0, 10], cols: [30, 35]}"),
+            "overscan",
+        ),
+        (_OWN + "regions: {active: {rows: [0, 1], cols: [0, 1]}}\n", r"channels\[0\].regions: regions are given once"),
+        (_OWN.replace("    regions:", "    where:"), "regions: missing"),
+    ],
+)
+def test_malformed_own_regions_name_the_field(text, field):
+    with pytest.raises(GeometryError, match=field):
+        parse_geometry(text)
+
+
+def test_own_regions_parse():
+    g = parse_geometry(_OWN)
+    assert g.channel_shape == (10, 20) and g.active.shape == (10, 15) and g.mosaic_shape == (10, 30)
+
+
+@pytest.mark.parametrize(
+    "drop,field",
+    [("overscan", "regions.overscan"), ("ob_rows", "both optical-black strips"), ("active", "regions.active")],
+)
+def test_optional_and_required_regions(drop, field):
+    doc = yaml.safe_load(load_geometry("mini").source)
+    del doc["regions"][drop]
+    with pytest.raises(GeometryError, match=field):
+        parse_geometry(yaml.safe_dump(doc))
+
+
+def test_strips_and_window_are_optional():
+    doc = yaml.safe_load(load_geometry("mini").source)
+    for name in ("prescan", "invalid", "amplifier", "middle", "ob_cols", "ob_rows"):
+        del doc["regions"][name]
+    del doc["window"]
+    g = parse_geometry(yaml.safe_dump(doc))
+    assert not g.has_ob and not g.has_window and set(g.regions) == {"active", "overscan"}
+    with pytest.raises(GeometryError, match="has no model window"):
+        g.require_window("the learned model")

@@ -1,4 +1,4 @@
-"""The default model (issue 6, part 4): a generator conditioned on the physics prediction that
+"""The default model: a generator conditioned on the physics prediction that
 predicts a bounded residual on it. Mini geometry, CPU, a few steps."""
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tracemalloc
@@ -200,6 +201,7 @@ def test_qa_csv_carries_frame_hash_and_odd_names(write_night, tmp_path, mini):
 
 def _qa_peak(night, tmp_path, mini, name) -> int:
     shard, pred = _zero_predictions(night, tmp_path, mini, name)
+    gc.collect()  # garbage of earlier figures would be freed at a moment that varies
     tracemalloc.start()
     try:
         night_qa(shard, pred, None, tmp_path / f"qa_{name}", progress=False)
@@ -214,7 +216,9 @@ def test_qa_memory_does_not_grow_with_the_nights_frames(write_night, tmp_path, m
     _qa_peak(write_night(night="20240100", n_dark=1, n_guide=2), tmp_path, mini, "warm")  # imports, caches
     small = _qa_peak(write_night(night="20240101", n_dark=1, n_guide=14), tmp_path, mini, "small")
     large = _qa_peak(write_night(night="20240102", n_dark=1, n_guide=56), tmp_path, mini, "large")
-    assert large - small < 1e6, f"peak {small / 1e6:.1f} MB at 14 guide frames, {large / 1e6:.1f} MB at 56"
+    # What a figure leaves to the garbage collector varies the peak by about a megabyte; a table
+    # or image kept per frame would add ~1 MB per 4 frames here (0.8 MB a frame at full size).
+    assert large - small < 3e6, f"peak {small / 1e6:.1f} MB at 14 guide frames, {large / 1e6:.1f} MB at 56"
 
 
 def test_frames_the_predictions_did_not_serve_are_named_not_scored(write_night, tmp_path, mini):
