@@ -73,7 +73,7 @@ def cmd_extract(a: argparse.Namespace) -> None:
 def cmd_baseline(a: argparse.Namespace) -> None:
     from deepdark.pipeline.baseline import build_masters
 
-    out = build_masters(a.shards, a.out, memory_mb=a.memory_mb, progress=not a.quiet)
+    out = build_masters(a.shards, a.out, memory_mb=a.memory_mb, progress=not a.quiet, scratch=a.scratch)
     log.info("master darks written to %s", out)
 
 
@@ -180,6 +180,8 @@ def cmd_physics_fit(a: argparse.Namespace) -> None:
 def cmd_correct(a: argparse.Namespace) -> None:
     from deepdark.pipeline.correct import correct_night
 
+    if not a.quantize_level > 0:
+        raise UserError(f"--quantize-level must be > 0, got {a.quantize_level:g}")
     res = correct_night(
         a.source,
         a.out,
@@ -190,6 +192,8 @@ def cmd_correct(a: argparse.Namespace) -> None:
         keywords=_keywords(a),
         replace_with_empty=a.replace_with_empty,
         progress=not a.quiet,
+        compression=a.compression,
+        quantize_level=a.quantize_level,
     )
     log.info(
         "%s: %d frames corrected (%d flagged), %d failed, %d skipped (%s)",
@@ -468,7 +472,12 @@ def _data_commands(sub) -> None:
         "--memory-mb",
         type=int,
         default=FunctionDefault("deepdark.pipeline.baseline:build_masters", "memory_mb"),
-        help="memory budget of the streamed median (default: %(default)s)",
+        help="memory budget of the streamed median, MB (default: %(default)s)",
+    )
+    s.add_argument(
+        "--scratch",
+        type=Path,
+        help="folder for the scratch file of a library larger than the budget (default: the folder of --out)",
     )
     s.set_defaults(func=cmd_baseline)
 
@@ -563,6 +572,20 @@ def _workflow_commands(sub) -> None:
     )
     s.add_argument("--masters", type=Path, help="master-dark file from `deepdark baseline`")
     s.add_argument("--include-dark", action="store_true", help="append the removed dark as extension DARK")
+    s.add_argument(
+        "--compression",
+        default=FunctionDefault("deepdark.pipeline.correct:correct_night", "compression"),
+        choices=["RICE_1", "GZIP_2", "none"],
+        help="tile compression of the corrected FITS: RICE_1 (quantised to the frame's noise), GZIP_2 "
+        "(lossless) or none (default: %(default)s)",
+    )
+    s.add_argument(
+        "--quantize-level",
+        type=float,
+        default=FunctionDefault("deepdark.pipeline.correct:correct_night", "quantize_level"),
+        help="RICE_1: the frame's noise over the quantisation step; adds noise of 1/(level sqrt 12) of the "
+        "frame's (default: %(default)s)",
+    )
     s.add_argument("--strict", action="store_true", help="exit 2 when any frame fails (default: only when all fail)")
     s.add_argument(
         "--replace-with-empty",

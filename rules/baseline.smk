@@ -19,5 +19,8 @@ if not config["library"]["masters"]:
         resources:
             mem_mb=job_mem_mb("baseline"),
             runtime=job_runtime("baseline"),
+        params:
+            memory_mb=config["baseline"]["memory_mb"],
         shell:
-            "python3 -m deepdark baseline {input.shards:q} --out {output:q} --memory-mb 1024 > {log:q} 2>&1"
+            "python3 -m deepdark baseline {input.shards:q} --out {output:q} --memory-mb {params.memory_mb}"
+            " > {log:q} 2>&1"

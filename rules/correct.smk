@@ -1,5 +1,6 @@
 # Dark-corrected float32 FITS of every frame of a night (the active mosaic minus the predicted
-# dark, provenance in the header, checksums), and the night's manifest.csv. One job per night.
+# dark, provenance in the header, checksums; tile-compressed as correct.compression says), and
+# the night's manifest.csv. One job per night.
 
 
 rule correct:
@@ -25,6 +26,9 @@ rule correct:
         options=correct_args(),
         keywords=keywords_args(),
         cameras=cameras_args(),
+        compression=config["correct"]["compression"],
+        quantize_level=config["correct"]["quantize_level"],
     shell:
         "python3 -m deepdark correct {input.predictions:q} --out {params.out:q} {params.options:q} {params.cameras:q}"
+        " --compression {params.compression:q} --quantize-level {params.quantize_level:q}"
         " {params.keywords:q} > {log:q} 2>&1"

@@ -13,8 +13,15 @@ from pathlib import Path
 from deepdark.io.masters import write_masters
 
 
-def build_masters(shards: Sequence[str | Path], out: str | Path, memory_mb: float = 512, progress: bool = True) -> Path:
-    """Median master darks of the DARK frames in ``shards``, written atomically to ``out``.
+def build_masters(
+    shards: Sequence[str | Path],
+    out: str | Path,
+    memory_mb: float = 512,
+    progress: bool = True,
+    scratch: str | Path | None = None,
+) -> Path:
+    """Median master darks of the DARK frames in ``shards``, written atomically to ``out``, with
+    the record of the frames that went in (:attr:`deepdark.io.masters.Masters.frames`).
 
     Parameters
     ----------
@@ -26,5 +33,8 @@ def build_masters(shards: Sequence[str | Path], out: str | Path, memory_mb: floa
         Memory budget of the streamed medians.
     progress
         Draw a progress bar (on a terminal).
+    scratch
+        Folder of the scratch file of a library too large for ``memory_mb`` (default: the
+        folder of ``out``); read once, it costs the library's active areas uncompressed.
     """
-    return write_masters(shards, out, memory_mb=memory_mb, progress=progress)
+    return write_masters(shards, out, memory_mb=memory_mb, progress=progress, scratch=scratch)

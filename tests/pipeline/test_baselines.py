@@ -1,11 +1,12 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from deepdark.cli import main
 from deepdark.evaluation.evaluate import evaluate
-from deepdark.io.masters import Masters
+from deepdark.io.masters import Masters, _BlockPlan
 from deepdark.io.shards import Shard
 from deepdark.io.tables import frame_setpoints
 from deepdark.pipeline.baseline import build_masters
@@ -40,6 +41,74 @@ def test_streamed_median_equals_numpy_median(sim):
             rows = np.flatnonzero((t["imagetyp"] == "DARK") & (t["channel"] == "3") & (t["settemp"] == -15.0))
             stack.append(s.active(rows))
     np.testing.assert_array_equal(got, np.median(np.concatenate(stack), axis=0).astype(np.float32))
+
+
+def numpy_masters(library) -> dict[tuple, np.ndarray]:
+    """Every master as np.median of its frames read plainly: {(kind, channel, setpoint): master}."""
+    tables, stacks = [], []
+    for path in library:
+        with Shard(path) as s:
+            rows = np.flatnonzero(s.table["imagetyp"] == "DARK")
+            tables.append(s.table.iloc[rows])
+            stacks.append(s.active(rows))
+    t, stack = pd.concat(tables, ignore_index=True), np.concatenate(stacks)
+    out = {}
+    for ch in sorted(set(t["channel"])):
+        mine = (t["channel"] == ch).to_numpy()
+        out[("all", ch, None)] = np.median(stack[mine], axis=0).astype(np.float32)
+        for sp in sorted(set(t["settemp"])):
+            sel = mine & (t["settemp"] == sp).to_numpy()
+            out[("temp", ch, sp)] = np.median(stack[sel], axis=0).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("memory_mb", [512, 0.3, 0], ids=["one-block", "scratch-file", "one-row"])
+def test_masters_equal_numpy_median_whatever_the_budget(sim, tmp_path, memory_mb):
+    """One block, blocks through the scratch file, one row a block: np.median's masters to the bit,
+    and no scratch file left behind."""
+    root, library, _ = sim
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    build_masters(library, tmp_path / "m.h5", memory_mb=memory_mb, progress=False, scratch=scratch)
+    want = numpy_masters(library)
+    with Masters(tmp_path / "m.h5") as m:
+        assert len(m.table) == len(want)
+        for i, rec in m.table.iterrows():
+            key = (rec["kind"], rec["channel"], None if rec["kind"] == "all" else rec["setpoint"])
+            np.testing.assert_array_equal(m.f["master"][i], want[key], err_msg=str(key))
+    assert not list(scratch.iterdir())
+
+
+def test_block_plan_keeps_to_the_budget():
+    n_frames, height, width, groups = 500, 1042, 1042, 4
+    for memory_mb in (64, 512, 4096):
+        plan = _BlockPlan.make(memory_mb, n_frames, height, width, groups)
+        row = n_frames * width * 2
+        fixed = (1 + groups) * height * width * 4 + height * width * 2
+        assert 1 <= plan.slab_rows <= plan.block <= height
+        assert fixed + plan.block * row + plan.slab_rows * row <= memory_mb * 2**20
+    assert _BlockPlan.make(512, 20, height, width, groups).block == height  # a small library: one block
+
+
+def test_masters_record_their_frames(sim):
+    """The masters file names every library frame that went in, with its hashes; each master's
+    inputs are as many as its n_frames."""
+    root, library, _ = sim
+    build_masters(library, root / "rec.h5", progress=False)
+    want = []
+    for path in library:
+        with Shard(path) as s:
+            t = s.table[s.table["imagetyp"] == "DARK"].drop_duplicates("file")
+            want += [(f, h, fh, path.name) for f, h, fh in zip(t["file"], t["file_hash"], t["frame_hash"])]
+    with Masters(root / "rec.h5") as m:
+        got = m.frames
+        assert sorted(zip(got["file"], got["file_hash"], got["frame_hash"], got["shard"])) == sorted(want)
+        assert got["file_hash"].str.fullmatch("[0-9a-f]{32}").all()
+        for i, rec in m.table.iterrows():
+            inputs = m.inputs(i)
+            assert len(inputs) == rec["n_frames"] and (inputs["camera"] == rec["camera"]).all()
+            if rec["kind"] == "temp":
+                assert np.allclose(inputs["setpoint"], rec["setpoint"])
 
 
 def test_per_temperature_median_beats_all_temperature_median_and_floor_is_lowest(sim):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,21 +99,35 @@ def expected_mosaic(raw: np.ndarray, dark_readout: dict, g) -> np.ndarray:
     return out
 
 
-def test_corrected_frame_pixels_header_checksum(night, mini, tmp_path):
+@pytest.mark.parametrize("compression, image_hdu", [("none", 0), ("GZIP_2", 1)])
+def test_corrected_frame_pixels_header_checksum(night, mini, tmp_path, compression, image_hdu):
+    """The lossless storages give the corrected arithmetic exactly (RICE_1: test_compression)."""
     with PredictedDarks(night["preds"]) as preds:
         guide = next(f for f in preds.table["file"] if "guide" in f)
         rows = preds.rows_of(guide)
-        out = correct_frame(guide, preds, rows, tmp_path / "g.fits", include_dark=True)
+        out = correct_frame(guide, preds, rows, tmp_path / "g.fits", include_dark=True, compression=compression)
         darks = preds.dark(rows)
         channels = list(preds.table["channel"].iloc[rows])
     raw = read_frame(guide, mini)
-    with fits.open(out, checksum=True) as hdul:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checksum mismatch is a warning in astropy
+        hdul = fits.open(out, checksum=True)
+    with hdul:
         hdul.verify("exception")
-        data = hdul[0].data
-        h = hdul[0].header
-        assert data.dtype == np.dtype(">f4") and data.shape == (136, 136) == mini.mosaic_shape
+        data = hdul[image_hdu].data
+        h = hdul[image_hdu].header
+        assert data.dtype.kind == "f" and data.dtype.itemsize == 4 and data.shape == (136, 136) == mini.mosaic_shape
         assert h["BITPIX"] == -32 and "BZERO" not in h and "BSCALE" not in h
-        assert "CHECKSUM" in h and "DATASUM" in h and "CHECKSUM" in hdul[1].header
+        assert h["DDCOMPR"] == compression
+        if compression == "none":
+            assert "CHECKSUM" in h and "DATASUM" in h and "CHECKSUM" in hdul[1].header
+        else:
+            # the checksums of a compressed image are those of the table that holds it
+            with fits.open(out, disable_image_compression=True) as tables:
+                assert all("CHECKSUM" in hdu.header and "DATASUM" in hdu.header for hdu in tables)
+            assert hdul[0].data is None and isinstance(hdul[1], fits.CompImageHDU)
+            assert isinstance(hdul["DARK"], fits.CompImageHDU)
+            np.testing.assert_array_equal(fits.getdata(out), data)  # astropy finds the image
         want = expected_mosaic(raw.data, dict(zip(channels, darks)), mini)
         np.testing.assert_array_equal(data, want)
         # original header kept, provenance added
@@ -128,16 +143,17 @@ def test_corrected_frame_pixels_header_checksum(night, mini, tmp_path):
         np.testing.assert_allclose(hdul["DARK"].data, mini.mosaic(dict(zip(channels, darks))))
 
 
-def test_corrected_checksum_detects_tampering(night, tmp_path):
+@pytest.mark.parametrize("compression, image_hdu", [("none", 0), ("RICE_1", 1)])
+def test_corrected_checksum_detects_tampering(night, tmp_path, compression, image_hdu):
     with PredictedDarks(night["preds"]) as preds:
         f = preds.table["file"].iloc[0]
-        out = correct_frame(f, preds, preds.rows_of(f), tmp_path / "a.fits")
+        out = correct_frame(f, preds, preds.rows_of(f), tmp_path / "a.fits", compression=compression)
     blob = bytearray(out.read_bytes())
     blob[-100] ^= 0xFF  # flip a data byte
     bad = tmp_path / "bad.fits"
     bad.write_bytes(bytes(blob))
     with pytest.warns(Warning, match="[Cc]hecksum"), fits.open(bad, checksum=True) as hdul:
-        hdul[0].data.sum()
+        hdul[image_hdu].data.sum()
 
 
 def test_changed_raw_file_is_refused_and_night_goes_on(night, tmp_path):
@@ -179,8 +195,8 @@ def test_median_method_and_camera_filter(night, tmp_path):
     )
     assert res.n_failed == 0 and res.n_ok > 0
     f = next((tmp_path / "median").glob("*.fits"))
-    with fits.open(f) as h:
-        assert h[0].header["DDMETHOD"] == "median_temp" and h[0].header["DDMODEL"] == "none"
+    with fits.open(f) as h:  # RICE_1 by default: the image and its header in HDU 1
+        assert h[1].header["DDMETHOD"] == "median_temp" and h[1].header["DDMODEL"] == "none"
     res = correct_night(night["preds"], tmp_path / "none", cameras=["GS9"], progress=False)
     assert res.n_ok == 0 and res.n_skipped > 0 and not list((tmp_path / "none").glob("*.fits"))
     with pytest.raises(ValueError, match="masters"):

@@ -93,10 +93,10 @@ def test_flagged_frame_is_corrected_listed_as_flagged_and_marked_in_its_header(n
     assert row["status"] == "flagged" and row["reason"] == "dark outside the library's range"
     assert (man.drop(index=str(folder / "GS1_object_0002.fits"))["status"] == "ok").all()
     with fits.open(tmp_path / "out" / "GS1_object_0002.fits") as h:
-        assert h[0].header["DDSTATUS"] == "flagged"
-        assert h[0].header["DDREASON"] == "dark outside the library's range"
+        assert h[1].header["DDSTATUS"] == "flagged"
+        assert h[1].header["DDREASON"] == "dark outside the library's range"
     with fits.open(tmp_path / "out" / "GS1_object_0003.fits") as h:
-        assert h[0].header["DDSTATUS"] == "ok" and "DDREASON" not in h[0].header
+        assert h[1].header["DDSTATUS"] == "ok" and "DDREASON" not in h[1].header
 
 
 # -- names that are not ASCII, or not UTF-8 --------------------------------------------------------------
@@ -121,18 +121,18 @@ def test_frames_with_names_that_are_not_ascii_or_not_utf8_are_corrected(tmp_path
     # the header is ASCII, and the full name comes back from it
     for raw in (str(cafe), latin1):
         with fits.open(tmp_path / "out" / (Path(raw).name.removesuffix(".fits") + ".fits")) as h:
-            assert source_name(h[0].header) == Path(raw).name
-            assert h[0].header["DDSRC"] == urllib.parse.quote(os.fsencode(Path(raw).name), safe="")
+            assert source_name(h[1].header) == Path(raw).name
+            assert h[1].header["DDSRC"] == urllib.parse.quote(os.fsencode(Path(raw).name), safe="")
     with fits.open(tmp_path / "out" / "café.fits") as h:
-        assert h[0].header["DDSRCENC"] == "percent"
+        assert h[1].header["DDSRCENC"] == "percent"
 
 
 def test_plain_names_keep_their_header_card(night, tmp_path):
     _, pred = night
     correct_night(pred, tmp_path / "out", progress=False)
     with fits.open(tmp_path / "out" / "GS1_dark_0000.fits") as h:
-        assert h[0].header["DDSRC"] == "GS1_dark_0000.fits" and "DDSRCENC" not in h[0].header
-        assert source_name(h[0].header) == "GS1_dark_0000.fits"
+        assert h[1].header["DDSRC"] == "GS1_dark_0000.fits" and "DDSRCENC" not in h[1].header
+        assert source_name(h[1].header) == "GS1_dark_0000.fits"
 
 
 # -- the night's status ----------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def fits_data(path: Path) -> np.ndarray:
         warnings.simplefilter("error")  # a checksum mismatch (an incomplete file) is a warning in astropy
         with fits.open(path, checksum=True) as hdul:
             hdul.verify("exception")
-            return hdul[0].data.copy()
+            return hdul[1].data.copy()  # tile-compressed (correct.compression: RICE_1)
 
 
 def assert_same_corrected(a: Path, b: Path) -> None:

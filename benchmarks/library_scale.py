@@ -1,0 +1,182 @@
+"""How the cost of building from a dark library grows with the library: N and 4N full-size
+darks, against a bare read of the same shards in the same run. Not a test.
+
+    .venv/bin/python benchmarks/library_scale.py --step baseline [--darks 16] [--memory-mb 512]
+
+Simulates 4N full-size darks (``deepdark.sim.simulate``: four nights of N, two setpoints),
+extracts each night into a shard, warms the page cache, then for the first night's shard (N
+darks) and all four (4N):
+
+* the bare read: every stored active area read chunk by chunk (``ds[i]``: each chunk decoded
+  once, nothing else), per dark;
+* the step, in a child process (its peak resident memory above what it held before the
+  step, VmHWM), per dark, and its ratio to the bare read;
+* the scaling ratio time(4N) / time(N) (linear: 4).
+
+For ``baseline`` it also runs 4N with a budget that gives the blocks the library of the
+projection would get at ``--memory-mb``, so that the projection for ``--project`` darks (default
+20,000) uses the path such a library takes (through the scratch file), not the one-block path of
+a small library.
+
+Steps: ``baseline`` (median master darks). A step is a function ``(shards, out, memory_mb) ->
+None`` in ``STEPS``, timed the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deepdark.io.geometry import load_geometry  # noqa: E402
+from deepdark.io.masters import _BlockPlan  # noqa: E402
+from deepdark.pipeline.extract import extract  # noqa: E402
+from deepdark.sim.simulate import simulate_archive  # noqa: E402
+
+# step -> (module, function) called as function(shards, out, memory_mb=..., progress=False).
+STEPS = {
+    "baseline": ("deepdark.pipeline.baseline", "build_masters"),
+    # "physics-fit": ("deepdark.physics.fit", "fit_physics"),  # the per-pixel physics fit, same signature
+}
+SETPOINTS = (-5, -15)
+
+# The child's peak resident memory is its VmHWM (Linux; ru_maxrss would carry the parent's peak
+# across fork and exec).
+CHILD = """
+import importlib, json, sys, time
+def peak_kb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+module, name, out, memory_mb, *shards = sys.argv[1:]
+step = getattr(importlib.import_module(module), name)
+from deepdark.io.shards import Shard
+with Shard(shards[0]) as s:  # load HDF5's filters and caches first: the step's own memory is measured
+    s.f["active"][0], s.f["a1"][0]
+before = peak_kb()
+t = time.perf_counter()
+step(shards, out, memory_mb=float(memory_mb), progress=False)
+elapsed = time.perf_counter() - t
+print(json.dumps({"seconds": elapsed, "peak_rise_mb": (peak_kb() - before) / 1024}))
+"""
+
+
+def bare_read(shards: list[Path]) -> int:
+    """Read every stored active area chunk by chunk; return how many."""
+    n = 0
+    for path in shards:
+        with h5py.File(path, "r") as f:
+            ds = f["active"]
+            for i in range(ds.shape[0]):
+                ds[i]
+                n += 1
+    return n
+
+
+def timed_bare(shards: list[Path], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        bare_read(shards)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_step(step: str, shards: list[Path], out: Path, memory_mb: float) -> dict:
+    module, name = STEPS[step]
+    cmd = [sys.executable, "-c", CHILD, module, name, str(out), str(memory_mb), *map(str, shards)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def library(root: Path, darks: int) -> list[Path]:
+    """Four nights of ``darks`` full-size darks each, extracted: one shard per night."""
+    g = load_geometry("lamost-kaf4320")
+    simulate_archive(
+        root / "library",
+        geometry=g,
+        nights=4,
+        temperatures=SETPOINTS,
+        darks_per_temp=darks // len(SETPOINTS),
+        guide_per_night=0,
+        first_night="20230101",
+        progress=False,
+    )
+    return [
+        extract([night], root / f"{night.name}.h5", g, progress=False).shard
+        for night in sorted((root / "library").iterdir())
+    ]
+
+
+def equivalent_budget(memory_mb: float, n_big: int, n_small: int) -> float:
+    """The budget (MB) at which ``n_small`` darks get the blocks of rows that ``n_big`` get at
+    ``memory_mb``: the same path (the scratch file) and the same reads per block."""
+    height, width = load_geometry("lamost-kaf4320").active.shape
+    groups = len(SETPOINTS)
+    block = _BlockPlan.make(memory_mb, n_big, height, width, groups).block
+    lo, hi = 0.0, memory_mb
+    for _ in range(60):  # the smallest budget that gives n_small darks blocks of that many rows
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _BlockPlan.make(mid, n_small, height, width, groups).block < block else (lo, mid)
+    return hi
+
+
+def report(step: str, darks: int, bare: dict, runs: dict, memory_mb: float, project: int, spill: dict | None):
+    n, n4 = darks, 4 * darks
+    print(f"step {step}, memory budget {memory_mb:g} MB, full-size darks (4 channels of 1042 x 1042)")
+    print(f"{'darks':>6} {'bare ms/dark':>13} {'step ms/dark':>13} {'ratio':>6} {'peak rise MB':>13}")
+    for k in (n, n4):
+        per, b = runs[k]["seconds"] / k * 1e3, bare[k] / k * 1e3
+        print(f"{k:>6} {b:13.1f} {per:13.1f} {per / b:6.1f} {runs[k]['peak_rise_mb']:13.0f}")
+    print(f"scaling: time({n4}) / time({n}) = {runs[n4]['seconds'] / runs[n]['seconds']:.2f} (linear: 4)")
+    per_dark = runs[n4]["seconds"] / n4
+    if spill is not None:
+        per_spill = spill["run"]["seconds"] / n4
+        print(
+            f"{n4} darks through the scratch file (budget {spill['budget']:.1f} MB: the blocks {project} darks "
+            f"get at {memory_mb:g} MB): {per_spill * 1e3:.1f} ms/dark, ratio {per_spill / (bare[n4] / n4):.1f}, "
+            f"peak rise {spill['run']['peak_rise_mb']:.0f} MB"
+        )
+        per_dark = per_spill
+        scratch_gb = project * 1042 * 1042 * 2 / 1e9
+        print(
+            f"  (its scratch file holds one channel's darks uncompressed: {scratch_gb:.0f} GB for {project} darks, "
+            "written and read once; here it stayed in the page cache)"
+        )
+    print(f"projection, {project} darks: {project * per_dark / 60:.1f} min ({per_dark * 1e3:.1f} ms/dark)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--step", choices=sorted(STEPS), default="baseline")
+    p.add_argument("--darks", type=int, default=16, help="N: darks per night, even (default: %(default)s)")
+    p.add_argument("--memory-mb", type=float, default=512, help="the step's budget (default: %(default)s)")
+    p.add_argument("--project", type=int, default=20_000, help="library size to project to (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="bare reads, median taken (default: %(default)s)")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        shards = library(tmp, a.darks)
+        print(f"simulated and extracted {4 * a.darks} darks in {time.perf_counter() - t:.0f} s")
+        sets = {a.darks: shards[:1], 4 * a.darks: shards}
+        bare_read(shards)  # the page cache holds every shard from here on
+        bare = {k: timed_bare(s, a.repeats) for k, s in sets.items()}
+        runs = {k: run_step(a.step, s, tmp / f"out{k}.h5", a.memory_mb) for k, s in sets.items()}
+        spill = None
+        if a.step == "baseline":
+            budget = equivalent_budget(a.memory_mb, a.project, 4 * a.darks)
+            spill = {"budget": budget, "run": run_step(a.step, shards, tmp / "spill.h5", budget)}
+        report(a.step, a.darks, bare, runs, a.memory_mb, a.project, spill)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
