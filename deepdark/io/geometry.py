@@ -292,7 +292,9 @@ def parse_geometry(text: str, origin: str = "<text>") -> Geometry:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise GeometryError(f"{origin}: not valid YAML: {exc}") from None
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        raise GeometryError(f"{origin}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(doc, dict):
         raise GeometryError(f"{origin}: expected a mapping at the top level")
     field = _Fields(doc, origin)

@@ -36,6 +36,7 @@ before the shard; a name that is not UTF-8 shows its odd bytes as ``\\xNN``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -52,7 +53,7 @@ import xxhash
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
-from deepdark.io.errors import CorruptFileError, InputError
+from deepdark.io.errors import CorruptFileError, DeepdarkError, InputError
 from deepdark.io.geometry import Geometry, parse_geometry
 from deepdark.io.strips import STRIP_NAMES, channel_strips, strip_shapes, window_of, window_strips
 
@@ -75,6 +76,10 @@ TABLE_COLUMNS = {  # name -> numpy dtype in the file
     "floor": np.float64,  # RMS noise floor in the window (ADU), NaN unless simulated
     "active_index": np.int64,
 }
+# The HDF5 file format of every deepdark HDF5 file: the newest layouts carry a checksum on every
+# piece of metadata (object headers, chunk indexes), so a flipped bit that would send a read to
+# another chunk is an error too, not other pixels read back in silence (chunk data have theirs).
+HDF5_FORMAT = "latest"
 # Fast, lossless and shuffle-friendly for 16-bit pixels; shards and prediction files share it.
 COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
 # Shards and prediction files: the same, plus a checksum per chunk (verified before decompression).
@@ -145,9 +150,11 @@ class ShardWriter:
 
     def __init__(self, path: Path, geometry: Geometry):
         self.g = geometry
-        self.f = h5py.File(path, "w")
+        self.f = h5py.File(path, "w", libver=HDF5_FORMAT)
         # No creation time: the same inputs give a byte-identical shard (reruns are checkable).
-        self.f.attrs.update(schema_version=SCHEMA_VERSION, geometry=geometry.source, software=f"deepdark {__version__}")
+        self.f.attrs.update(
+            schema_version=SCHEMA_VERSION, software=f"deepdark {__version__}", **geometry_attrs(geometry)
+        )
         shapes = strip_shapes(geometry)
         self.ds = {
             name: self.f.create_dataset(
@@ -247,6 +254,21 @@ def stored_table(f: h5py.File, path: str | Path) -> dict[str, np.ndarray]:
 TEXT_CHECKSUM = "xxh3_128"
 
 
+GEOMETRY_CHECKSUM = "geometry_xxh3_128"
+
+
+def geometry_attrs(geometry: Geometry) -> dict[str, str]:
+    """The geometry's YAML text as a file attribute, with the checksum that guards it."""
+    return {"geometry": geometry.source, GEOMETRY_CHECKSUM: text_digest([geometry.source])}
+
+
+def check_text(path: str | Path, name: str, text: str, stored: str | None) -> None:
+    """A :class:`CorruptFileError` naming the file when ``text`` no longer matches its stored
+    checksum (files written before checksums have none)."""
+    if stored is not None and text_digest([text]) != stored:
+        raise CorruptFileError(f"{path}: attribute {name!r} fails its checksum: the file is damaged; make it again")
+
+
 def text_digest(values: np.ndarray) -> str:
     """xxh3-128 of strings (bytes as stored, str as UTF-8), each prefixed by its length."""
     h = xxhash.xxh3_128()
@@ -255,6 +277,29 @@ def text_digest(values: np.ndarray) -> str:
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
     return h.hexdigest()
+
+
+def _raised_in_hdf5(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside h5py (HDF5 reading a file), not by deepdark's own code."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if "h5py" in Path(tb.tb_frame.f_code.co_filename).parts:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+@contextlib.contextmanager
+def damage_named(path: str | Path):
+    """Turn an error that HDF5 raises while reading ``path`` (a damaged header, object or
+    chunk: h5py raises OSError, KeyError, RuntimeError or ValueError, naming no file) into a
+    :class:`CorruptFileError` naming the file. Errors of deepdark's own code pass unchanged."""
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, DeepdarkError) or not _raised_in_hdf5(exc):
+            raise
+        raise CorruptFileError(f"{path}: cannot be read ({exc}): the file is damaged; make it again") from None
 
 
 def read_checked(path: str | Path, ds: h5py.Dataset, index=()) -> np.ndarray:
@@ -280,10 +325,12 @@ def open_versioned(path: Path, kind: str, version: int) -> tuple[h5py.File, Geom
     if found != version:
         f.close()
         raise InputError(f"{path}: {kind} schema {found}, this deepdark reads {version}")
-    geometry = parse_geometry(f.attrs["geometry"], origin=f"{path}:geometry")
     try:
-        table = pd.DataFrame({c: _decode(c, v) for c, v in stored_table(f, path).items()})
-    except CorruptFileError:
+        with damage_named(path):
+            check_text(path, "geometry", f.attrs["geometry"], f.attrs.get(GEOMETRY_CHECKSUM))
+            geometry = parse_geometry(f.attrs["geometry"], origin=f"{path}:geometry")
+            table = pd.DataFrame({c: _decode(c, v) for c, v in stored_table(f, path).items()})
+    except DeepdarkError:
         f.close()
         raise
     return f, geometry, table
@@ -311,7 +358,8 @@ class Shard:
     def read(self, name: str, index=()) -> np.ndarray:
         """``f[name][index]`` with its checksums verified: a damaged chunk raises a
         :class:`CorruptFileError` that names this shard and the dataset."""
-        return read_checked(self.path, self.f[name], index)
+        with damage_named(self.path):
+            return read_checked(self.path, self.f[name], index)
 
     def strips(self, rows: np.ndarray, window: bool = False) -> dict[str, np.ndarray]:
         """``a1``, ``a2``, ``a3`` of table rows ``rows`` (sorted indices): along the whole active

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
 from deepdark.io.geometry import Geometry
-from deepdark.io.shards import Shard
+from deepdark.io.shards import HDF5_FORMAT, Shard
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
 from deepdark.io.units import SATURATED
 
@@ -303,7 +303,7 @@ def fit_physics(
         bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
         mem = _stage1(opened, lib, g, params, bs, progress)
         out = Path(out)
-        with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:
             f.attrs.update(
                 schema_version=PHYSICS_SCHEMA,
                 geometry=g.source,
