@@ -124,6 +124,11 @@ def night_qa(
                 "(the evaluate figures cover every camera of the night)"
             )
         notes += _verdict_notes(preds.table[selected])
+        if not shard.geometry.has_ob:
+            notes.append(
+                f"geometry {shard.geometry.name!r} has no optical black: each frame's temperature is its "
+                "header's (CCDTEMP, else the setpoint), not measured on the frame"
+            )
         darks = (table["imagetyp"] == "DARK").to_numpy()
         if darks.any():
             per_image = _evaluate_darks(shard_path, preds, masters_path, out_dir, notes, progress)

@@ -134,3 +134,22 @@ def test_a_shard_without_optical_black_stores_no_ob_strips(tmp_path):
         assert strips["a1"].shape == (2, R, 32) and strips["a2"].shape == (2, R, 0) and strips["a3"].shape == (2, 0, C)
         frame = read_frame(_files("kast-blue")[0], g, KEYWORDS["kast-blue"]).data
         np.testing.assert_array_equal(s.active([1])[0], frame[:, 256:512][:, ::-1])  # right amplifier, mirrored
+
+
+def test_qa_of_a_camera_without_optical_black_says_where_the_temperature_comes_from(tmp_path):
+    from deepdark.io.predictions import write_predictions
+    from deepdark.physics import physics_predictor
+    from deepdark.pipeline.qa import night_qa
+
+    camera = "nickel-direct"
+    g = _geometry(camera)
+    files = _files(camera)
+    library = extract(files[1:], tmp_path / "library.h5", g, KEYWORDS[camera], progress=False).shard
+    night = extract(files[:1], tmp_path / "night.h5", g, KEYWORDS[camera], progress=False).shard
+    model = fit_physics([library], tmp_path / "physics.h5", progress=False)
+    pred = write_predictions(
+        night, tmp_path / "pred.h5", physics_predictor(model, area="active"), {"method": "physics"}, progress=False
+    )
+    night_qa(night, pred, None, tmp_path / "qa", progress=False)
+    page = (tmp_path / "qa" / "qa.html").read_text(encoding="utf-8")
+    assert "has no optical black: each frame&#x27;s temperature is its header&#x27;s" in page
