@@ -139,7 +139,7 @@ def draw_workflow(ax) -> None:
     ext_lib = rule(ax, lib_x, 2.1, "extract_library", "pipeline", "pipeline.extract")
     ext = rule(ax, arc_x, 2.1, "extract", "pipeline", "pipeline.extract")
     lib_shard = file(ax, lib_x, 3.1, "library/NIGHT.h5")
-    shard = file(ax, arc_x, 3.15, "shards/NIGHT.h5\nNIGHT.quarantine.csv", width=2.6)
+    shard = file(ax, arc_x, 3.15, "shards/NIGHT.h5\n.quarantine.csv  .ignored.csv", width=3.0)
     for a, b in ((raw_lib, ext_lib), (ext_lib, lib_shard), (raw_arc, ext), (ext, shard)):
         arrow(ax, a, b)
     baseline = rule(ax, left_x, 4.2, "baseline", "pipeline", "pipeline.baseline")
@@ -173,7 +173,7 @@ def draw_outputs(ax, raw_arc: Box, shard: Box, masters: Box, preds: Box) -> None
     arrow(ax, Box(x_side, correct.y, 0.0, 0.0), correct, dotted=True)
     ax.text(x_side + 0.08, 4.6, "raw frames re-read,\nhash checked", fontsize=FONT - 2.5, rotation=90, va="center")
     qa_out = file(ax, 2.3, 9.45, "qa/NIGHT/qa.html  qa.csv\nquarantine.csv  fig*.png", width=3.0)
-    corrected = file(ax, 5.4, 9.45, "corrected/NIGHT/*.fits\nmanifest.csv", width=2.6)
+    corrected = file(ax, 5.4, 9.45, "corrected/NIGHT/*.fits\nmanifest.csv  status.json", width=2.9)
     summary = rule(ax, 3.85, 10.55, "summary", "pipeline", "pipeline.summary")
     out = file(ax, 3.85, 11.5, "summary.html  summary.csv  summary_table1.csv", width=5.4)
     for a, b in ((qa, qa_out), (correct, corrected), (qa_out, summary), (corrected, summary), (summary, out)):
