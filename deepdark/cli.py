@@ -44,6 +44,7 @@ def cmd_simulate(a: argparse.Namespace) -> None:
         cameras=a.cameras,
         temperatures=a.temperatures,
         darks_per_temp=a.darks_per_temp,
+        effects=a.effects,
         dark_exptimes=a.dark_exptimes,
         bias_per_night=a.bias_per_night,
         guide_per_night=a.guide_per_night,
@@ -121,8 +122,9 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.physics is not None and a.preset not in PHYSICS_PRESETS:
         raise UserError(f"--physics conditions the physics preset; --preset {a.preset} takes strips only")
     res = train(a.shards, a.out, config_from_args(a, val_nights=_val_nights(a.val_nights)), progress=not a.quiet)
+    best = "" if res.best_epoch is None else f" (best epoch {res.best_epoch}{', stopped early' * res.stopped_early})"
     print(
-        f"{res.model_dir}: {res.epochs} epochs in {res.seconds:.0f} s, trained on nights "
+        f"{res.model_dir}: {res.epochs} epochs{best} in {res.seconds:.0f} s, trained on nights "
         f"{','.join(res.train_nights)}; validation RMSE {res.val_rmse_adu:.2f} ADU on "
         f"{','.join(res.val_nights) or 'no night'}"
     )
@@ -131,7 +133,9 @@ def cmd_train(a: argparse.Namespace) -> None:
 def cmd_predict(a: argparse.Namespace) -> None:
     from deepdark.pipeline.predict import predict_shard
 
-    out = predict_shard(a.model, a.shard, a.out, batch_size=a.batch_size, device=a.device, progress=not a.quiet)
+    out = predict_shard(
+        a.model, a.shard, a.out, batch_size=a.batch_size, device=a.device, progress=not a.quiet, margin=a.margin
+    )
     log.info("predicted darks written to %s", out)
 
 
@@ -437,6 +441,7 @@ _SIMULATE_OPTIONS = (
     ("--bias-per-night", dict(type=int), "BIAS frames per night and camera"),
     ("--guide-per-night", dict(type=int), "guide (OBJECT) frames per night and camera"),
     ("--first-night", {}, "YYYYMMDD of the first night"),
+    ("--effects", dict(nargs="*"), "effects the physics model cannot describe (amp_glow, pickup), none by default"),
 )
 
 
@@ -517,6 +522,14 @@ def _model_commands(sub) -> None:
         type=int,
         default=FunctionDefault(predict, "batch_size"),
         help="channels per forward pass (default: %(default)s)",
+    )
+    s.add_argument(
+        "--margin",
+        type=float,
+        default=FunctionDefault(predict, "margin"),
+        help="physics-mode models: run the network only for the cameras and (setpoint, exposure) groups where it "
+        "lowered the validation RMSE of physics alone by at least this fraction (recorded on the model card); "
+        "elsewhere physics alone (default: %(default)s)",
     )
     s.set_defaults(func=cmd_predict)
 

@@ -1,5 +1,6 @@
 # Predicted darks of every frame and channel of a night (whole active area), batched; on the
-# GPU when the job has one.
+# GPU when the job has one. A physics-mode model runs its network only where it beat physics alone
+# on validation by predict.margin (the predictions' `method` column says which, per frame).
 
 
 rule predict:
@@ -22,7 +23,8 @@ rule predict:
     params:
         model=lambda wildcards, input: os.path.dirname(input.weights),
         batch_size=config["predict"]["batch_size"],
+        margin=config["predict"]["margin"],
         device=config["device"],
     shell:
         "python3 -m deepdark predict --model {params.model:q} {input.shard:q} --out {output:q}"
-        " --batch-size {params.batch_size:q} --device {params.device:q} > {log:q} 2>&1"
+        " --batch-size {params.batch_size:q} --margin {params.margin:q} --device {params.device:q} > {log:q} 2>&1"

@@ -1,5 +1,6 @@
-# Deep-Dark-Net trained on the library's darks (once). Skipped when model.dir names an existing
-# model directory.
+# Deep-Dark-Net trained on the library's darks (once): it stops when the validation night stops
+# improving (model.epochs is a cap) and its card records where the network beats physics alone.
+# Skipped when model.dir names an existing model directory.
 
 
 if not config["model"]["dir"]:

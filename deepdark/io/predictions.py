@@ -12,6 +12,13 @@ table's text checksums): ``"ok"`` (reason ""), ``"flagged"`` (predicted, but som
 frame is implausible; the reason says what, and which estimate the prediction used) or
 ``"unserved"`` (the method cannot predict this frame, the reason says why; its ``dark`` is NaN).
 Files written before these columns existed read as every row ``"ok"``.
+
+``table/method`` says what predicted each row: ``"physics"`` or ``"physics+network"`` for a
+physics-mode model (its network runs only where it beat physics alone on validation,
+``deepdark.model.selection``), ``"network"`` for a strips-only model, the file's ``method``
+attribute for a predictor that does not say, "" for an unserved row. The attribute ``methods``
+lists the distinct methods used. Files written before the column existed read as the file's
+``method`` attribute on every row.
 """
 
 from __future__ import annotations
@@ -53,12 +60,14 @@ class Served:
     """Predictions of k table rows with each row's verdict.
 
     ``dark`` (k, rows, cols) float32 ADU, NaN where unserved; ``status`` (k,) one of
-    ``STATUSES``; ``reason`` (k,) "" for ok, else one line saying why.
+    ``STATUSES``; ``reason`` (k,) "" for ok, else one line saying why; ``method`` (k,) what
+    predicted each row ("" where unserved), or None when the predictor does not say.
     """
 
     dark: np.ndarray
     status: np.ndarray
     reason: np.ndarray
+    method: np.ndarray | None = None
 
     @classmethod
     def all_ok(cls, dark: np.ndarray) -> Served:
@@ -84,6 +93,7 @@ def write_predictions(
     provenance: dict[str, str],
     batch_size: int = 8,
     progress: bool = True,
+    final_attrs: Callable[[], dict] | None = None,
 ) -> Path:
     """Run ``predict`` over every frame-channel of the shard, ``batch_size`` at a time.
 
@@ -92,6 +102,7 @@ def write_predictions(
     as ``physics_predictor`` and ``model_predictor`` have) gives each row's verdict: a frame it
     cannot serve is written NaN with its reason and the rest of the night is predicted; any
     other predictor's rows are all ``"ok"``. Only one batch is in memory at a time.
+    ``final_attrs``: file attributes known only once every row is predicted (called then).
     """
     if "method" not in provenance:
         raise ValueError("provenance must name the method")
@@ -112,6 +123,7 @@ def write_predictions(
         ds = f.create_dataset("dark", shape=(n, *g.active.shape), dtype=np.float32, **layout)
         bar = tqdm(total=n, desc=f"predict {Path(shard_path).name}", unit="channel", disable=None if progress else True)
         status, reason = np.full(n, OK, dtype=object), np.full(n, "", dtype=object)
+        method = np.full(n, "", dtype=object)
         for start in range(0, n, batch_size):
             rows = np.arange(start, min(n, start + batch_size))
             served = serve(shard, rows)
@@ -120,19 +132,33 @@ def write_predictions(
                 raise ValueError(f"predictor returned {dark.shape}, expected {(len(rows), *g.active.shape)}")
             ds[start : start + len(rows)] = dark
             status[rows], reason[rows] = served.status, served.reason
+            method[rows] = _row_methods(served, provenance["method"])
             bar.update(len(rows))
         bar.close()
         write_table(f, stored_table(shard.f, shard.path))
-        _write_verdicts(f["table"], status, reason)
+        _write_verdicts(f["table"], {"status": status, "reason": reason, "method": method})
+        f.attrs["methods"] = ",".join(sorted({str(m) for m in method if m}))
+        if final_attrs is not None:
+            f.attrs.update(final_attrs())
         _log_verdicts(shard.table["file"].to_numpy(), status, reason)
     return out
 
 
-def _write_verdicts(table: h5py.Group, status: np.ndarray, reason: np.ndarray) -> None:
-    unknown = set(status) - set(STATUSES)
+def _row_methods(served: Served, default: str) -> np.ndarray:
+    """What predicted each row: the predictor's ``method``, else ``default``; "" where unserved."""
+    k = len(served.status)
+    method = np.full(k, default, dtype=object) if served.method is None else np.asarray(served.method, dtype=object)
+    if method.shape != (k,):
+        raise ValueError(f"predictor returned {method.shape} methods for {k} rows")
+    return np.where(np.asarray(served.status) == UNSERVED, "", method)
+
+
+def _write_verdicts(table: h5py.Group, columns: dict[str, np.ndarray]) -> None:
+    """The text columns of each row's verdict (``status``, ``reason``, ``method``), checksummed."""
+    unknown = set(columns["status"]) - set(STATUSES)
     if unknown:
         raise ValueError(f"predictor returned status {sorted(unknown)}, expected one of {', '.join(STATUSES)}")
-    for col, values in (("status", status), ("reason", reason)):
+    for col, values in columns.items():
         values = np.array([str(v) for v in values], dtype=h5py.string_dtype())
         table.create_dataset(col, data=values).attrs[TEXT_CHECKSUM] = text_digest(values)
 
@@ -151,20 +177,21 @@ def _log_verdicts(files: np.ndarray, status: np.ndarray, reason: np.ndarray) -> 
 
 class Predictions:
     """Read access to a predictions file: ``table`` is the frame table plus each row's
-    ``status`` and ``reason`` (see the module's description)."""
+    ``status``, ``reason`` and ``method`` (see the module's description)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.f, self.geometry, self.table = open_versioned(self.path, "predictions", SCHEMA_VERSION)
+        self.attrs = {
+            k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items() if k != "geometry"
+        }
+        defaults = {**VERDICT_COLUMNS, "method": str(self.attrs.get("method", ""))}
         try:
-            for col, value in _read_verdicts(self.path, self.f["table"], len(self.table)).items():
+            for col, value in _read_verdicts(self.path, self.f["table"], len(self.table), defaults).items():
                 self.table[col] = value
         except CorruptFileError:
             self.f.close()
             raise
-        self.attrs = {
-            k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items() if k != "geometry"
-        }
 
     def __len__(self) -> int:
         return len(self.table)
@@ -184,10 +211,11 @@ class Predictions:
         return np.flatnonzero((self.table["file"] == file).to_numpy())
 
 
-def _read_verdicts(path: Path, table: h5py.Group, n: int) -> dict[str, np.ndarray]:
-    """``status`` and ``reason`` of every row, checksums verified; older files: all "ok", ""."""
+def _read_verdicts(path: Path, table: h5py.Group, n: int, defaults: dict[str, str]) -> dict[str, np.ndarray]:
+    """The verdict columns (``defaults``: column -> its value in files written without it) of
+    every row, checksums verified."""
     out = {}
-    for col, default in VERDICT_COLUMNS.items():
+    for col, default in defaults.items():
         if col not in table:
             out[col] = np.full(n, default, dtype=object)
             continue

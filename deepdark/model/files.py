@@ -9,7 +9,8 @@ Layout of ``MODEL_DIR``:
   ``GeneratorConfig`` field), the input channels (``"inputs": ["a1", "a2", "a3"]``, open to extra
   conditioning channels), the loss configuration, the geometry (name, YAML source, window size and
   offset), the training data (nights, setpoints, cameras, frame count), epochs, validation RMSE in
-  ADU, the code version and the SHA-256 of ``model.safetensors``.
+  ADU, where the network is used (``selection``, ``deepdark.model.selection``), the code version
+  and the SHA-256 of ``model.safetensors``.
 
 Writing is atomic per file and ordered: an old card is removed first, the weights are renamed into
 place, the card last. A directory with a card therefore always has the weights the card
@@ -56,12 +57,22 @@ class ModelError(DeepdarkError, ValueError):
 
 @dataclass
 class LoadedModel:
-    """A generator ready for inference (eval mode) and the card it came with."""
+    """A generator ready for inference (eval mode) and the card it came with; ``generator`` is
+    None when it was not loaded (``load_model(..., generator=False)``): :meth:`load_generator`."""
 
-    generator: Generator
+    generator: Generator | None
     card: dict
     path: Path
     hash: str  # SHA-256 of model.safetensors
+
+    def load_generator(self, device: str | torch.device = "cpu") -> Generator:
+        """The generator (eval mode on ``device``), read now if it was not loaded; its weights
+        must still be the ones hashed when the card was read."""
+        if self.generator is None:
+            if model_hash(self.path) != self.hash:
+                raise ModelError(f"{self.path / MODEL_FILE}: replaced since the model was opened")
+            self.generator = _read_generator(self.path, self.card)
+        return self.generator.to(device).eval()
 
     @property
     def name(self) -> str:
@@ -149,12 +160,14 @@ def save_model(
     validation: dict | None = None,
     inputs: Sequence[str] = DEFAULT_INPUTS,
     extra: dict | None = None,
+    selection: dict | None = None,
 ) -> Path:
     """Write ``model.safetensors`` then ``model.json`` into ``model_dir``; return the directory.
 
     ``loss``: ``{"name", "l1_weight"}``; ``training``: a summary of the training data and run
     (nights, setpoints, cameras, n_frames, ...); ``validation``: ``{"rmse_adu", "region", ...}``;
-    ``extra``: anything else worth keeping on the card.
+    ``selection``: where the network is used (``deepdark.model.selection``); ``extra``: anything
+    else worth keeping on the card.
     """
     from safetensors.torch import save_file
 
@@ -192,6 +205,8 @@ def save_model(
         "validation": dict(validation or {}),
         "weights": {"file": MODEL_FILE, "sha256": file_sha256(weights), "n_tensors": len(tensors)},
     }
+    if selection is not None:
+        card["selection"] = selection
     if extra:
         card["extra"] = extra
     with atomic_path(card_path) as tmp:
@@ -358,12 +373,17 @@ def check_geometry(card: dict, geometry: Geometry, where: str = "") -> None:
 
 
 def load_model(
-    model_dir: str | Path, geometry: Geometry | None = None, device: str | torch.device = "cpu", check_hash: bool = True
+    model_dir: str | Path,
+    geometry: Geometry | None = None,
+    device: str | torch.device = "cpu",
+    check_hash: bool = True,
+    generator: bool = True,
 ) -> LoadedModel:
     """Load a model directory for inference (generator in eval mode on ``device``).
 
     ``geometry``: when given, it must be the card's (name, window size and offset), else
-    :class:`ModelError` says which differs.
+    :class:`ModelError` says which differs. ``generator=False``: everything is read and checked
+    but the weights, which :meth:`LoadedModel.load_generator` reads when they are needed.
     """
     model_dir = Path(model_dir)
     card = read_card(model_dir)
@@ -391,9 +411,15 @@ def load_model(
             raise ModelError(f"{model_dir}: physics-mode model without its physics file {info['path'].name}")
         if check_hash and info.get("sha256") and file_sha256(info["path"]) != info["sha256"]:
             raise ModelError(f"{info['path']}: SHA-256 differs from the card's (physics model replaced)")
+    net = _read_generator(model_dir, card).to(device).eval() if generator else None
+    return LoadedModel(generator=net, card=card, path=model_dir, hash=digest)
+
+
+def _read_generator(model_dir: Path, card: dict) -> Generator:
+    """The generator of a model directory whose card has been checked (:func:`load_model`)."""
+    weights = model_dir / MODEL_FILE
     state = read_safetensors(weights)
-    generator = Generator(cfg)
-    check_state(generator.state_dict(), state, f"{weights}")
-    generator.load_state_dict(state, strict=True)
-    generator.to(device).eval()
-    return LoadedModel(generator=generator, card=card, path=model_dir, hash=digest)
+    net = Generator(generator_config(card))
+    check_state(net.state_dict(), state, f"{weights}")
+    net.load_state_dict(state, strict=True)
+    return net.eval()

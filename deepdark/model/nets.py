@@ -8,7 +8,9 @@ Input step
 (B, size, 46), A2 (B, size, 4) and A3 (B, 4, size) are scaled to [0, 1] with
 ``deepdark.io.units.adu_to_unit``, each *whole 2-D strip* is resized bilinearly to (size, size)
 (``align_corners=False``), as the paper does, and the three planes are stacked as channels.
-Optional extra conditioning planes (B, k, size, size) are concatenated after them.
+Optional extra conditioning planes (B, k, size, size) are concatenated after them. A physics-mode
+model measures each strip from its own median in units of a few ADU instead
+(``strip_offsets``, ``strip_scale``; ``deepdark.model.conditioning``).
 
 Generator (paper 2.4.2, Figure 5)
 ---------------------------------
@@ -94,8 +96,10 @@ def _as_float_tensor(x, name: str, device=None) -> torch.Tensor:
     return t
 
 
-def model_input(a1, a2, a3, size: int, extra=None, *, device=None) -> torch.Tensor:
-    """Raw ADU strips -> model input (B, 3 + k, size, size), float32 in [0, 1].
+def model_input(
+    a1, a2, a3, size: int, extra=None, *, device=None, strip_offsets=None, strip_scale: float | None = None
+) -> torch.Tensor:
+    """Raw ADU strips -> model input (B, 3 + k, size, size), float32 (the strips in [0, 1]).
 
     ``a1`` (B, size, 46), ``a2`` (B, size, 4), ``a3`` (B, 4, size): numpy arrays or tensors of raw
     ADU (any numeric dtype, normally uint16); strip widths are taken from the arrays. Each strip
@@ -103,6 +107,10 @@ def model_input(a1, a2, a3, size: int, extra=None, *, device=None) -> torch.Tens
     interpolation (``align_corners=False``). ``extra``: optional (B, k, size, size) float planes
     of additional conditioning, concatenated after the three strip channels. ``device``: where to
     build the input (default: where the tensors are; CPU for numpy arrays).
+
+    ``strip_scale`` (ADU): the strips are scaled as ``(strip - offset) / strip_scale`` instead,
+    ``strip_offsets`` the three strips' offsets, each (B,) ADU per sample (the physics-mode
+    models' inputs, ``deepdark.model.conditioning``).
     """
     size = int(size)
     if size <= 0:
@@ -110,11 +118,12 @@ def model_input(a1, a2, a3, size: int, extra=None, *, device=None) -> torch.Tens
     strips = [_as_float_tensor(a, n, device) for a, n in ((a1, "a1"), (a2, "a2"), (a3, "a3"))]
     dev = strips[0].device
     batch = strips[0].shape[0]
+    scales = _strip_scaling(strip_offsets, strip_scale, batch, dev)
     planes = []
-    for name, s in zip(("a1", "a2", "a3"), strips):
+    for name, s, scale in zip(("a1", "a2", "a3"), strips, scales):
         if s.shape[0] != batch:
             raise ValueError(f"strip {name} has batch {s.shape[0]}, a1 has {batch}")
-        s = adu_to_unit(s.to(dev)).unsqueeze(1)  # (B, 1, rows, cols)
+        s = scale(s.to(dev)).unsqueeze(1)  # (B, 1, rows, cols)
         planes.append(F.interpolate(s, size=(size, size), mode="bilinear", align_corners=False))
     if extra is not None:
         e = extra if isinstance(extra, torch.Tensor) else torch.from_numpy(np.asarray(extra))
@@ -123,6 +132,24 @@ def model_input(a1, a2, a3, size: int, extra=None, *, device=None) -> torch.Tens
             raise ValueError(f"extra must be (B={batch}, k, {size}, {size}), got {tuple(e.shape)}")
         planes.append(e)
     return torch.cat(planes, dim=1)
+
+
+def _strip_scaling(offsets, scale: float | None, batch: int, dev) -> list:
+    """The maps of the three raw ADU strips (B, rows, cols) to the network's units
+    (:func:`model_input`)."""
+    if scale is None:
+        return [adu_to_unit] * 3
+    if offsets is None or len(offsets) != 3:
+        raise ValueError("strip_scale needs the three strips' offsets (strip_offsets)")
+    inv = 1.0 / float(scale)
+
+    def scaling(offset):
+        off = torch.as_tensor(np.asarray(offset, dtype=np.float32)).to(device=dev).reshape(-1)
+        if off.shape[0] != batch:
+            raise ValueError(f"a strip offset has {off.shape[0]} values for a batch of {batch}")
+        return lambda s: (s - off[:, None, None]) * inv
+
+    return [scaling(o) for o in offsets]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,11 @@ Each row gets a verdict (:meth:`ModelRunner.serve_rows`, ``deepdark.io.predictio
 physics-mode model serves, and flags, exactly what its physics model does (a frame the physics
 cannot predict is not run through the network); a strips-only model serves every frame of its
 geometry and flags those of a camera it was not trained on.
+
+A physics-mode model runs its network only for the frames of the cameras and (setpoint,
+exposure) groups where it beat physics alone on validation by ``margin``
+(``deepdark.model.selection``); the others get the physics prediction alone, and the network is
+not even read when no frame needs it. Each row records which (``Served.method``).
 """
 
 from __future__ import annotations
@@ -50,25 +55,33 @@ from deepdark.model import conditioning as C
 from deepdark.model.files import LoadedModel, check_geometry, load_model
 from deepdark.model.nets import model_input
 from deepdark.model.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DEVICE, autocast, fp32_head, resolve_device
+from deepdark.model.selection import DEFAULT_MARGIN, NETWORK, PHYSICS, PHYSICS_NETWORK, Selection
 
 AREAS = ("window", "active")  # what a predictor covers: the model window, or the whole active area
 
 
 class ModelRunner:
-    """A loaded generator on a device: ``run(x)`` maps model inputs to ADU, ``batch_size`` at a time."""
+    """A model on a device: ``run(x)`` maps model inputs to ADU, ``batch_size`` at a time.
+
+    ``margin``: a physics-mode model uses its network only where it beat physics alone on
+    validation by this fraction (``deepdark.model.selection``). The generator is read on first
+    use (:attr:`generator`); :attr:`network_loaded` says whether it was.
+    """
 
     def __init__(
         self,
         model: LoadedModel | str | Path,
         device: str | torch.device = DEFAULT_DEVICE,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        margin: float = DEFAULT_MARGIN,
     ):
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
-        self.generator = fp32_head(self.model.generator).to(self.device).eval()
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, device="cpu", generator=False)
+        self._generator = None
         self.batch_size = int(batch_size)
+        self.margin = float(margin)
         self._checked: set[str] = set()
         info = self.model.physics
         self.physics = None
@@ -79,9 +92,23 @@ class ModelRunner:
             self.physics = PhysicsModel.load(info["path"])
             self.residual_range_adu = float(info.get("residual_range_adu", C.RESIDUAL_RANGE_ADU))
             self.physics_scale_adu = float(info.get("physics_scale_adu", C.PHYSICS_SCALE_ADU))
+            self.strip_scale_adu = info["strip_scale_adu"]
             exptimes = self.model.card.get("training", {}).get("exptimes") or [0.0, math.inf]
             self.exposure_range = (min(exptimes), max(exptimes))
         self.cameras = tuple(self.model.card.get("training", {}).get("cameras") or ())
+        # physics-mode models: where the network is used (None: everywhere, a card without one)
+        self.selection = None if self.physics is None else Selection.from_card(self.model.card, self.margin)
+
+    @property
+    def generator(self):
+        """The generator on the device, in eval mode, read when first needed."""
+        if self._generator is None:
+            self._generator = fp32_head(self.model.load_generator()).to(self.device).eval()
+        return self._generator
+
+    @property
+    def network_loaded(self) -> bool:
+        return self._generator is not None
 
     def predict_rows(self, shard: Shard, rows: np.ndarray, window: bool) -> np.ndarray:
         """Predicted darks (ADU) of table ``rows`` over the window or the whole active area;
@@ -99,25 +126,44 @@ class ModelRunner:
 
         A physics-mode model learned its residual on the library's exposure times only: for a
         frame exposed outside their range the network has never seen its input, so the physics
-        prediction (which knows how dark current scales with exposure) answers alone.
+        prediction (which knows how dark current scales with exposure) answers alone; so it does
+        where the network did not beat it on validation (:attr:`selection`). ``Served.method``
+        says which, per row ("" for an unserved row).
         """
         self.check(shard)
         rows = np.asarray(rows)
         if self.physics is None:
             x, _ = self.inputs(shard, rows, window=window)
-            return Served(self.run(x), *self._camera_verdicts(shard.table["camera"].to_numpy()[rows]))
+            status, reason = self._camera_verdicts(shard.table["camera"].to_numpy()[rows])
+            return Served(self.run(x), status, reason, np.full(len(rows), NETWORK, dtype=object))
         phys = self.physics.serve_rows(shard, rows, window=window)
         dark = np.full_like(phys.dark, np.nan)
+        method = np.full(len(rows), "", dtype=object)
         served = phys.status != UNSERVED
-        if served.any():
-            x, base = self.inputs(shard, rows[served], window=window, phys=phys.dark[served])
-            out = self.run(x, base)
-            lo, hi = self.exposure_range
-            exptime = shard.table["exptime"].to_numpy(float)[rows[served]]
-            outside = (exptime < lo) | (exptime > hi)
-            out[outside] = base[outside]
-            dark[served] = out
-        return Served(dark, phys.status, phys.reason)
+        dark[served] = phys.dark[served]
+        method[served] = PHYSICS
+        net = served & self._network_rows(shard, rows)
+        if net.any():
+            x, base = self.inputs(shard, rows[net], window=window, phys=phys.dark[net])
+            dark[net] = self.run(x, base)
+            method[net] = PHYSICS_NETWORK
+        return Served(dark, phys.status, phys.reason, method)
+
+    def _network_rows(self, shard: Shard, rows: np.ndarray) -> np.ndarray:
+        """Which table ``rows`` a physics-mode model runs its network for: exposures inside the
+        library's, in a camera or group where it beat physics alone (:attr:`selection`)."""
+        from deepdark.io.tables import frame_setpoints
+
+        tab = shard.table.iloc[rows]
+        exptime = tab["exptime"].to_numpy(float)
+        if "imagetyp" in tab:
+            exptime = np.where(tab["imagetyp"].to_numpy() == "BIAS", 0.0, exptime)
+        lo, hi = self.exposure_range
+        inside = (exptime >= lo) & (exptime <= hi)
+        if self.selection is None:
+            return inside
+        setpoints = frame_setpoints(tab, self.model.card.get("training", {}).get("setpoints"))
+        return inside & self.selection.decisions(tab["camera"].to_numpy(), setpoints, exptime)
 
     def _camera_verdicts(self, cameras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A strips-only network reads only the frame's own strips, so it serves any camera of its
@@ -155,13 +201,19 @@ class ModelRunner:
                     "(deepdark.model.nets.model_input) resizes strips to squares only"
                 )
             size = ar
-        extra = None
         if self.physics is None:
-            phys = None
-        else:
-            phys = self.physics.predict_rows(shard, rows, window=window) if phys is None else phys
-            extra = C.physics_plane(phys, s["a1"], self.physics_scale_adu)
-        return model_input(s["a1"], s["a2"], s["a3"], size, extra=extra), phys
+            return model_input(s["a1"], s["a2"], s["a3"], size), None
+        phys = self.physics.predict_rows(shard, rows, window=window) if phys is None else phys
+        x = C.physics_input(
+            s["a1"],
+            s["a2"],
+            s["a3"],
+            size,
+            phys,
+            strip_scale=self.strip_scale_adu,
+            physics_scale=self.physics_scale_adu,
+        )
+        return x, phys
 
     def check(self, shard: Shard) -> None:
         key = f"{shard.path}"
@@ -206,6 +258,7 @@ def model_predictor(
     area: str = "window",
     device: str | torch.device = DEFAULT_DEVICE,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    margin: float = DEFAULT_MARGIN,
 ) -> Callable[[Shard, np.ndarray], np.ndarray]:
     """A predictor ``(shard, sorted table rows) -> (k, rows, cols)`` ADU of a trained model.
 
@@ -219,13 +272,16 @@ def model_predictor(
     device, batch_size
         Where the generator runs and how many channels go in one forward pass (a given
         runner keeps its own).
+    margin
+        A physics-mode model runs its network only where it beat physics alone on validation by
+        this fraction (``deepdark.model.selection``; a given runner keeps its own).
 
     The predictor's ``runner`` attribute is the :class:`ModelRunner` it uses; its ``serve``
     attribute gives the same predictions with each row's verdict (:meth:`ModelRunner.serve_rows`;
     ``write_predictions`` uses it), where the predictor raises.
     """
     window = _is_window(area)
-    runner = model_dir if isinstance(model_dir, ModelRunner) else ModelRunner(model_dir, device, batch_size)
+    runner = model_dir if isinstance(model_dir, ModelRunner) else ModelRunner(model_dir, device, batch_size, margin)
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
         return runner.predict_rows(shard, rows, window=window)

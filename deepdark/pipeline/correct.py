@@ -582,6 +582,14 @@ def _provenance_header(
     return hdr
 
 
+def frame_method(table: pd.DataFrame, method: str) -> str:
+    """How this frame's dark was made: the predictions' per-frame ``method`` (``physics`` or
+    ``physics+network``: a model runs its network only where it helped) when they record one,
+    else the file's ``method``."""
+    per_frame = sorted({str(m) for m in table.get("method", pd.Series(dtype=object)) if m})
+    return "/".join(per_frame) if per_frame else method
+
+
 def correct_frame(
     raw_path: str | Path,
     predictions: DarkSource,
@@ -624,7 +632,7 @@ def correct_frame(
     if not np.isfinite(darks).all():  # a NaN dark would pass for a corrected frame
         raise CorrectionError(f"{raw_path}: the dark from {predictions.path} is not finite everywhere")
     corrected = g.mosaic(corrected_actives(raw, g, channels, darks))
-    method = method or predictions.attrs.get("method", "unknown")
+    method = frame_method(t, method or predictions.attrs.get("method", "unknown"))
     hdr = _provenance_header(raw, raw_path, predictions, t, method, (status, reason), provenance, corrected.shape)
     dark = g.mosaic(dict(zip(channels, darks))).astype(np.float32, copy=False) if include_dark else None
     return _write_corrected(

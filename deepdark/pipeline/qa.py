@@ -26,6 +26,7 @@ model did worse than the median baseline flagged, and the quarantine counts.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -137,6 +138,7 @@ def night_qa(
         if guides.size:
             qa = _merge_guide_stats(qa, _guide_stats(preds, masters, table, guides, keywords, notes, progress))
         attrs = preds.attrs
+        notes += _transfer_notes(attrs)
     qa = qa[selected].reindex(columns=list(QA_COLUMNS))
     _write_night_outputs(qa, shard_path, out_dir, _night_name(shard_path, table), attrs, [printable(n) for n in notes])
     return qa
@@ -172,6 +174,15 @@ def _write_night_outputs(
 def _night_name(shard_path, table: pd.DataFrame) -> str:
     nights = sorted(set(table["night"]) - {""})
     return nights[0] if len(nights) == 1 else Path(shard_path).name.removesuffix(".h5")
+
+
+def _transfer_notes(attrs) -> list[str]:
+    """What the predictions say of the library's overscan-to-image row transfer, per channel."""
+    try:
+        transfer = json.loads(attrs.get("transfer", "{}"))
+    except (TypeError, ValueError):
+        return []
+    return [f"overscan row transfer of {key}: {text}" for key, text in transfer.items()]
 
 
 def _verdict_notes(table: pd.DataFrame, listed: int = 10) -> list[str]:

@@ -23,6 +23,25 @@ Physics (each channel built in readout coordinates, amplifier at local (0, 0); e
   row (overscan and OB included: the overscan reveals it); Poisson shot noise; Gaussian read
   noise; cosmic rays; floor to integer ADU; saturation at 65535.
 
+Effects the physics model does not describe (``EFFECTS``; off by default, so that an archive
+simulated without them is byte-identical to one from before they existed). Each changes from frame
+to frame and shows in that frame's own strips, so a learned model can follow what a per-pixel law
+with a constant glow and a per-row bias cannot:
+
+* ``"amp_glow"``: the glow of each channel's output amplifier follows the amplifier's state, which
+  changes between readouts: the channel's glow is multiplied by exp(s z - s^2/2), z ~ N(0, 1) per
+  frame and channel (mean factor 1), s per camera in ``AMP_GLOW_SIGMA``. Glow is charge in the
+  silicon: the optical-black columns and rows next to the amplifier show the frame's factor.
+* ``"pickup"``: interference in the readout chain locked to the pixel clock: every pixel read in
+  column c gets a (z1 sin(2 pi c / P) + z2 cos(2 pi c / P)) ADU, the same in every row of the
+  frame, so a stripe pattern along the columns whose amplitude and phase change from frame to
+  frame (z1, z2 ~ N(0, 1) per frame and channel); the period P per channel in
+  ``PICKUP_PERIOD_PX``, a per camera in ``PICKUP_ADU``. The optical-black rows, read above the
+  same columns, show the frame's stripes.
+
+A frame's draw (:class:`EffectState`) is recorded in its header (``SIMEFF``, ``SIMGLOW<ch>``,
+``SIMPICK<ch>``) and enters the expected dark, so DDFLOOR stays the noise no predictor can remove.
+
 Expected dark (``expected_dark``) = E[ADU] without light: bias + drift + row offsets + (dark at the
 *actual* temperature x exptime + glow + RTS mean)/gain + prescan transient + amplifier residue
 - 0.5 (the floor's mean). Shot, read noise, cosmic rays, RTS state and quantisation are the noise
@@ -35,7 +54,8 @@ per cent of sqrt(read^2 + shot)/gain. Shot noise is exact (``rng.poisson``, no n
 approximation): ~0.2 s for a full 2094 x 2200 frame on one core; a full-size model is ~60 MB.
 
 API: ``camera_model`` (cached ``CameraModel.build``), ``simulate_frame`` -> ``SimFrame``,
-``expected_dark``, ``render_light``, ``frame_rng``, ``simulate_archive``.
+``expected_dark``, ``render_light``, ``frame_rng``, ``simulate_archive``; ``EFFECTS``,
+``effect_params``, ``draw_effects`` -> ``EffectState``.
 """
 
 from __future__ import annotations
@@ -51,6 +71,7 @@ import numpy as np
 from astropy.io import fits
 from tqdm import tqdm
 
+from deepdark.io.errors import InputError
 from deepdark.io.frames import FLOOR_KEY, Keywords, write_raw_frame
 from deepdark.io.geometry import DEFAULT_GEOMETRY, Geometry, load_geometry
 from deepdark.io.units import SATURATED
@@ -105,8 +126,13 @@ STAR_FLUX = (100.0, 2e5)  # e-/s: faintest, brightest
 STAR_SLOPE = 0.8  # N(>F) ~ F^-0.8: power-law star counts
 FWHM_PX = (3.0, 5.0)  # seeing-limited PSF, Gaussian
 GUIDE_EXPTIMES = (5.0, 10.0, 30.0, 60.0)
+# -- effects the physics model does not describe (off by default) -----------------------------
+EFFECTS = ("amp_glow", "pickup")
+AMP_GLOW_SIGMA = (0.3, 0.5)  # sd of ln(glow factor) between readouts, per camera
+PICKUP_ADU = (4.0, 8.0)  # sd of each quadrature of the pickup between frames, ADU, per camera
+PICKUP_PERIOD_PX = (6.0, 16.0)  # columns per pickup cycle, per channel
 # -- rng domains: distinct first words keep model and frame streams apart ----------------------
-_MODEL_TAG, _FRAME_TAG = 0x5EED_CA3E, 0x5EED_F4A3
+_MODEL_TAG, _FRAME_TAG, _EFFECT_TAG = 0x5EED_CA3E, 0x5EED_F4A3, 0x5EED_EFEC
 _KIND_CODE = {"dark": 1, "bias": 2, "guide": 3}
 _IMAGETYP = {"dark": "DARK", "bias": "BIAS", "guide": "OBJECT"}
 
@@ -312,8 +338,69 @@ def camera_model(camera: str, seed: int = 0, geometry: str | Geometry = DEFAULT_
     return _MODELS[key]
 
 
-def _to_adu(m: CameraModel, e: np.ndarray, bias_offsets, row_offsets) -> np.ndarray:
-    """Electrons (n, R, C) -> ADU (float32, in place): gain, bias, drift, row offsets, strip effects."""
+@dataclass(frozen=True)
+class EffectParams:
+    """A camera's fixed parameters of the effects (``EFFECTS``), drawn from its own rng stream."""
+
+    glow_sigma: float  # sd of ln(glow factor) between readouts
+    pickup_adu: float  # sd of each quadrature of the pickup between frames, ADU
+    pickup_pattern: np.ndarray  # (n_channels, 2, cols) float32: sin and cos of 2 pi c / P per channel
+
+
+@dataclass(frozen=True)
+class EffectState:
+    """One frame's draw of the enabled effects (neutral values for those not enabled)."""
+
+    names: tuple[str, ...]
+    glow_factor: np.ndarray  # (n_channels,): the channel's glow is multiplied by this
+    pickup_adu: np.ndarray  # (n_channels, 2): the pickup's sine and cosine amplitudes, ADU
+
+    def pickup(self, params: EffectParams) -> np.ndarray:
+        """The frame's pickup, ADU, (n_channels, cols) float32: added to every row."""
+        return np.einsum("nk,nkc->nc", self.pickup_adu, params.pickup_pattern).astype(F32)
+
+
+def check_effects(effects) -> tuple[str, ...]:
+    """``effects`` as a tuple of known names (in ``EFFECTS`` order); ValueError naming an unknown one."""
+    names = (effects,) if isinstance(effects, str) else tuple(effects or ())
+    unknown = sorted(set(names) - set(EFFECTS))
+    if unknown:
+        raise InputError(f"unknown simulator effect(s) {unknown}; valid: {', '.join(EFFECTS)}")
+    return tuple(e for e in EFFECTS if e in names)
+
+
+def effect_params(m: CameraModel) -> EffectParams:
+    """The effects' parameters of camera ``m``: a function of its seed and id only, drawn from a
+    stream of their own so that the camera's other physics does not change."""
+    rng = np.random.default_rng(np.random.SeedSequence([_EFFECT_TAG, m.seed, camera_code(m.camera)]))
+    n, cols = len(m.geometry.channels), m.geometry.channel_shape[1]
+    period = _u(rng, PICKUP_PERIOD_PX, n)
+    angle = 2 * np.pi * np.arange(cols)[None, :] / period[:, None]
+    return EffectParams(
+        glow_sigma=float(_u(rng, AMP_GLOW_SIGMA)),
+        pickup_adu=float(_u(rng, PICKUP_ADU)),
+        pickup_pattern=np.stack([np.sin(angle), np.cos(angle)], axis=1).astype(F32),
+    )
+
+
+def draw_effects(m: CameraModel, rng: np.random.Generator, effects) -> EffectState | None:
+    """One frame's state of ``effects`` (None when there are none: nothing is drawn from ``rng``)."""
+    names = check_effects(effects)
+    if not names:
+        return None
+    p, n = effect_params(m), len(m.geometry.channels)
+    glow, pickup = np.ones(n), np.zeros((n, 2))
+    if "amp_glow" in names:
+        s = p.glow_sigma
+        glow = np.exp(s * rng.standard_normal(n) - s * s / 2)
+    if "pickup" in names:
+        pickup = p.pickup_adu * rng.standard_normal((n, 2))
+    return EffectState(names, glow, pickup)
+
+
+def _to_adu(m: CameraModel, e: np.ndarray, bias_offsets, row_offsets, pickup=None) -> np.ndarray:
+    """Electrons (n, R, C) -> ADU (float32, in place): gain, bias, drift, row offsets, strip
+    effects and ``pickup`` ((n, C) ADU added to every row, or None)."""
     reg = m.geometry.regions
     act, amp, pre = m.geometry.active, reg["amplifier"], reg["prescan"]
     row_signal = e[:, :, act.c0 : act.c1].mean(axis=2) / m.gain[:, None]  # ADU, before the offsets
@@ -322,6 +409,16 @@ def _to_adu(m: CameraModel, e: np.ndarray, bias_offsets, row_offsets) -> np.ndar
     e += (level[:, None] + (0 if row_offsets is None else row_offsets)).astype(F32)[:, :, None]
     e[:, :, pre.c0 : pre.c1] += m.prescan[:, None, :]
     e[:, 1:, amp.c0 : amp.c1] += (m.residue[:, None] * row_signal[:, :-1]).astype(F32)[:, :, None]
+    if pickup is not None:
+        e += pickup[:, None, :]
+    return e
+
+
+def _mean_electrons(m: CameraModel, temperature, exptime, rts_high, state: EffectState | None) -> np.ndarray:
+    """Mean dark electrons of a readout, the glow scaled by the frame's amplifier state."""
+    e = m.mean_electrons(temperature, exptime, rts_high)
+    if state is not None and "amp_glow" in state.names:
+        e += m.glow * (state.glow_factor - 1).astype(F32)[:, None, None]
     return e
 
 
@@ -331,14 +428,18 @@ def expected_dark(
     exptime: float,
     bias_offsets: np.ndarray | None = None,
     row_offsets: np.ndarray | None = None,
+    effects: EffectState | None = None,
 ) -> np.ndarray:
     """Noise-free expected dark frame, E[ADU] (float32, (n_channels, rows, cols), readout coordinates).
 
     ``temperature`` is the *actual* sensor temperature; ``bias_offsets`` (n,) and ``row_offsets``
-    (n, rows), the frame's drift and row noise, default to zero. Includes the -0.5 ADU mean of the
-    floor quantisation; capped at saturation.
+    (n, rows), the frame's drift and row noise, default to zero; ``effects``, the frame's draw of
+    the effects (:func:`draw_effects`), to none. Includes the -0.5 ADU mean of the floor
+    quantisation; capped at saturation.
     """
-    adu = _to_adu(model, model.mean_electrons(temperature, exptime), bias_offsets, row_offsets)
+    pickup = None if effects is None or "pickup" not in effects.names else effects.pickup(effect_params(model))
+    e = _mean_electrons(model, temperature, exptime, None, effects)
+    adu = _to_adu(model, e, bias_offsets, row_offsets, pickup)
     adu -= F32(0.5)
     return np.minimum(adu, F32(SATURATED), out=adu)
 
@@ -399,8 +500,12 @@ def simulate_frame(
     exptime: float = 30.0,
     date_obs: str = "2024-01-01T11:00:00.000",
     keywords: Keywords = Keywords(),
+    effects=(),
 ) -> SimFrame:
-    """One raw frame of ``model``'s camera; ``imagetyp`` DARK, BIAS (exptime 0) or OBJECT (sky and stars)."""
+    """One raw frame of ``model``'s camera; ``imagetyp`` DARK, BIAS (exptime 0) or OBJECT (sky and stars).
+
+    ``effects``: names of ``EFFECTS`` to add (default none: the frame is the same as without the
+    parameter)."""
     m, g = model, model.geometry
     imagetyp = imagetyp.upper()
     exptime = 0.0 if imagetyp == "BIAS" else float(exptime)
@@ -410,16 +515,18 @@ def simulate_frame(
     drift = rng.normal(0, BIAS_DRIFT_ADU, n)
     rows = rng.normal(0, m.row_noise_adu, (n, R))
     rts_high = rng.random(m.rts_idx.size) < m.rts_p
-    mean = m.mean_electrons(temp, exptime, rts_high)
+    state = draw_effects(m, rng, effects)  # draws nothing without effects: the same frame as before
+    pickup = None if state is None or "pickup" not in state.names else state.pickup(effect_params(m))
+    mean = _mean_electrons(m, temp, exptime, rts_high, state)
     if imagetyp == "OBJECT":
         mean[(slice(None),) + g.active.slices] += render_light(m, rng, exptime)
     e = rng.poisson(mean).astype(F32)
     del mean
     n_cr = _add_cosmic_rays(m, rng, e, exptime + READOUT_S)
     e += rng.standard_normal(e.shape, dtype=F32) * m.read_noise_e.astype(F32)[:, None, None]
-    obs = np.floor(_to_adu(m, e, drift, rows))
+    obs = np.floor(_to_adu(m, e, drift, rows, pickup))
     np.clip(obs, 0, SATURATED, out=obs)
-    expected = expected_dark(m, temp, exptime, drift, rows)
+    expected = expected_dark(m, temp, exptime, drift, rows, state)
     data = np.empty(g.frame_shape, np.uint16)
     for i, ch in enumerate(g.channels):
         g.readout(data, ch)[...] = obs[i]
@@ -435,6 +542,8 @@ def simulate_frame(
     hdr["SIMCAM"] = (m.camera, "simulated camera model")
     hdr["SIMSEED"] = (m.seed, "simulation seed")
     hdr["SIMGEOM"] = (g.name, "geometry")
+    if state is not None:
+        _effect_cards(hdr, g, state)
     floor = {}
     if imagetyp in ("DARK", "BIAS"):
         w = g.window.slices
@@ -443,6 +552,17 @@ def simulate_frame(
             floor[ch.name] = float(np.sqrt(np.mean(d * d)))
             hdr[FLOOR_KEY.format(ch.name)] = (round(floor[ch.name], 4), "ADU rms, frame - expected dark, window")
     return SimFrame(data, hdr, expected, temp, drift, rows, floor, n_cr)
+
+
+def _effect_cards(hdr: fits.Header, g: Geometry, state: EffectState) -> None:
+    """The frame's draw of the effects, in its header (only for frames simulated with effects)."""
+    hdr["SIMEFF"] = (",".join(state.names), "simulated effects the physics model lacks")
+    for i, ch in enumerate(g.channels):
+        if "amp_glow" in state.names:
+            hdr[f"SIMGLOW{ch.name}"] = (round(float(state.glow_factor[i]), 5), f"glow factor, channel {ch.name}")
+        if "pickup" in state.names:
+            amplitude = float(np.hypot(*state.pickup_adu[i]))
+            hdr[f"SIMPICK{ch.name}"] = (round(amplitude, 4), f"pickup amplitude ADU, channel {ch.name}")
 
 
 def frame_rng(seed: int, camera: str, night: str, kind: str, index: int) -> np.random.Generator:
@@ -486,9 +606,13 @@ def simulate_archive(
     night_step_days: int = 1,
     compress: bool = False,
     progress: bool = True,
+    effects=(),
 ) -> list[Path]:
-    """Write ``out/YYYYMMDD/{camera}_{dark|bias|guide}_{NNNN}.fits[.gz]``; same arguments, same bytes."""
+    """Write ``out/YYYYMMDD/{camera}_{dark|bias|guide}_{NNNN}.fits[.gz]``; same arguments, same bytes.
+
+    ``effects``: names of ``EFFECTS`` added to every frame (default none)."""
     out, g = Path(out), _geometry(geometry)
+    effects = check_effects(effects)
     day0 = datetime.strptime(first_night, "%Y%m%d").replace(tzinfo=timezone.utc)
     night_days = [day0 + timedelta(days=k * night_step_days) for k in range(nights)]
     plan = _night_plan(temperatures, darks_per_temp, dark_exptimes, bias_per_night, guide_per_night)
@@ -507,7 +631,13 @@ def simulate_archive(
                         exptime = float(rng.choice(np.asarray(guide_exptimes, float)))
                     date_obs = (day + timedelta(hours=10, seconds=t)).replace(tzinfo=None)
                     frame = simulate_frame(
-                        model, rng, _IMAGETYP[kind], setpoint, exptime, date_obs.isoformat(timespec="milliseconds")
+                        model,
+                        rng,
+                        _IMAGETYP[kind],
+                        setpoint,
+                        exptime,
+                        date_obs.isoformat(timespec="milliseconds"),
+                        effects=effects,
                     )
                     path = out / night / f"{camera}_{kind}_{counters[kind]:04d}{suffix}"
                     write_raw_frame(path, frame.data, frame.header)

@@ -4,7 +4,9 @@
 * ``data``: the library's samples, their split by night (:func:`split_nights`), batches;
 * ``batchnorm``: the generator's batch norm while training, its initial output level;
 * ``checkpoint``: checkpoints, resume and the training log;
-* ``loop``: :func:`train`, its epochs, steps and validation.
+* ``validation``: the generator's and physics alone's errors on the validation nights;
+* ``stopping``: early stopping and the best epoch's weights;
+* ``loop``: :func:`train`, its epochs and steps, and the model file with where its network is used.
 
 The names from ``data`` and ``loop`` are imported on first use, so that importing
 :class:`TrainConfig` (the command line does) does not import torch.

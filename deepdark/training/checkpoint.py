@@ -15,8 +15,9 @@ killed mid-epoch loses only that epoch) and gives the weights of an uninterrupte
 may be raised to continue (with ``lr_schedule="constant"``: a decaying schedule depends on the
 epoch count; ``deepdark.training.config.TrainConfig.signature``). ``training_log.csv`` (epoch,
 losses, val RMSE in ADU, seconds) is rewritten from the checkpoint's history each epoch
-(:func:`write_log`). The model file (``deepdark.model.files``) is written when the last epoch is
-done.
+(:func:`write_log`). The checkpoint also carries the early-stopping state (``extra["stopping"]``,
+``deepdark.training.stopping``). The model file (``deepdark.model.files``) is written when training
+is done, with the best epoch's weights.
 """
 
 from __future__ import annotations

@@ -51,7 +51,34 @@ class TrainConfig:
         {},
         resume=True,
     )
-    epochs: int = _setting(40, "passes over the training samples", {"type": int})
+    epochs: int = _setting(
+        40,
+        "at most this many passes over the training samples (training stops earlier when the validation "
+        "RMSE stops improving: --patience)",
+        {"type": int},
+    )
+    patience: int = _setting(
+        10,
+        "stop after this many epochs without an improvement of the validation RMSE by --min-improvement, and "
+        "keep the best epoch's weights (physics preset: the untrained model, physics alone, is epoch 0); "
+        "0: never stop early",
+        {"type": int},
+        card=True,
+    )
+    min_improvement: float = _setting(
+        0.001,
+        "the fraction of the best validation RMSE by which an epoch must lower it to count as an improvement",
+        {"type": float},
+        card=True,
+    )
+    margin: float = _setting(
+        0.005,
+        "physics preset: the network is used for a camera or (setpoint, exposure) group only where it lowered "
+        "the validation RMSE of physics alone by at least this fraction (the card records both; `deepdark "
+        "predict --margin` may apply another)",
+        {"type": float},
+        card=True,
+    )
     # the command line's choices; the API also takes "cuda:N"
     device: str = _setting("auto", "auto: CUDA when available, else the CPU", {"choices": list(DEVICES)})
     l1_weight: float = _setting(100.0, "weight of the L1 term (pix2pix: 100)", {"type": float}, resume=True)
@@ -139,6 +166,12 @@ class TrainConfig:
     init_level: bool = _setting(
         True, "start the generator's output at the training targets' mean level", resume=True, card=True
     )
+    threads: int | None = _setting(
+        None,
+        "CPU threads of torch (default: 1 when a step sees at most 256 x 256 pixels, where more threads wait "
+        "on each other more than they compute, above all on a busy machine; else torch's default)",
+        {"type": int},
+    )
 
     def __post_init__(self):
         from deepdark.model.nets import PHYSICS_PRESETS, PRESETS
@@ -162,6 +195,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0 or self.min_improvement < 0:
+            raise InputError(
+                f"patience and min_improvement must be >= 0, got {self.patience} and {self.min_improvement}"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be >= 1, got {self.threads}")
         if len(self.betas) != 2:
             raise InputError(f"betas must be two numbers, got {self.betas}")
         if self.physics is not None and self.preset not in PHYSICS_PRESETS:

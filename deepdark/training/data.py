@@ -212,7 +212,8 @@ def build_batch(
 
     ``corners``: the (row, col) of each crop in the window (ignored without ``crop``). Items with a
     fifth element (the physics prediction of the window, ``SampleSource(physics=...)``) add the
-    physics plane (``deepdark.model.conditioning.physics_plane``) as a fourth input channel; with
+    physics plane (``deepdark.model.conditioning.physics_plane``) as a fourth input channel, and
+    their strips are measured from their medians (``deepdark.model.conditioning``); with
     ``return_base`` the physics prediction of the same pixels ([0, 1] units, (B, 1, c, c)) is
     returned third: ``(x, target, base)``.
     """
@@ -222,15 +223,18 @@ def build_batch(
     y = np.stack([it[3] for it in items])
     phys = np.stack([it[4] for it in items]) if len(items[0]) > 4 else None
     extra = None if phys is None else C.physics_plane(phys, a1)
+    # physics-mode inputs: each strip measured from its median over the window
+    offsets = None if phys is None else C.strip_offsets(a1, a2, a3)
+    scaling = {} if phys is None else {"strip_offsets": offsets, "strip_scale": C.STRIP_SCALE_ADU}
     cropped = bool(crop) and crop != size
 
     def cut(arr):
         return np.stack([arr[k, ..., r : r + crop, c : c + crop] for k, (r, c) in enumerate(corners)])
 
     if not cropped:
-        x = model_input(a1, a2, a3, size, extra=extra, device=device)
+        x = model_input(a1, a2, a3, size, extra=extra, device=device, **scaling)
     elif crop_mode == "window":
-        full = model_input(a1, a2, a3, size, extra=extra, device=device)
+        full = model_input(a1, a2, a3, size, extra=extra, device=device, **scaling)
         x = torch.stack([full[k, :, r : r + crop, c : c + crop] for k, (r, c) in enumerate(corners)])
     elif crop_mode == "strips":
         x = torch.cat(
@@ -242,6 +246,7 @@ def build_batch(
                     crop,
                     device=device,
                     extra=None if extra is None else extra[k : k + 1, :, r : r + crop, c : c + crop],
+                    **({} if offsets is None else {**scaling, "strip_offsets": [o[k : k + 1] for o in offsets]}),
                 )
                 for k, (r, c) in enumerate(corners)
             ]

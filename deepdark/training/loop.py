@@ -5,14 +5,29 @@
 :func:`_train_step` (the pix2pix reference's ``optimize_parameters``). Its parts live beside it:
 the samples, their split by night and the crops in ``deepdark.training.data``, batch norm and
 the initial output level in ``deepdark.training.batchnorm``, checkpoints, resume and the training
-log in ``deepdark.training.checkpoint``.
+log in ``deepdark.training.checkpoint``, the validation in ``deepdark.training.validation``, early
+stopping and the best epoch in ``deepdark.training.stopping``.
 
-Validation
-----------
-Validation is run on whole windows, or, when ``crop`` is set, on the centre c x c crop of each
-window (cropped from the whole-window input, as ``crop_mode="window"``); the card and the log
-say which. It reports the RMSE in ADU pooled over pixels (:func:`deepdark.io.units.pooled_rmse`,
-the definition the evaluation uses too; :func:`validate`).
+Validation and stopping
+-----------------------
+After every epoch the generator is scored on the validation nights (whole windows, or the centre
+crop of each; :func:`~deepdark.training.validation.validate`). Training stops after ``patience``
+epochs without an improvement of at least ``min_improvement``, and the model file gets the best
+epoch's weights (``deepdark.training.stopping``); ``epochs`` is a cap.
+
+Where the network is used
+-------------------------
+A physics-mode model's card records the validation RMSE of physics alone and of physics + network
+per camera and per (camera, setpoint, exposure) group, and the decision taken with ``margin``
+(``deepdark.model.selection``); inference runs the network only where it helps. A strips-only
+preset has no physics prediction to fall back on: its card and log say so.
+
+Threads
+-------
+On the CPU a step of a small window or crop is too little work to share: torch's threads spin
+waiting on each other, on a busy machine ten times slower than one thread (measured: 22 against
+230 ms a step of a 64 x 64 window with another job on the two cores). ``threads`` None uses one
+thread when a step sees at most ``SMALL_STEP_PIXELS``, torch's default otherwise.
 
 Physics-mode presets
 --------------------
@@ -51,8 +66,8 @@ from tqdm import tqdm
 
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError, MissingInputError
-from deepdark.io.units import pooled_rmse, unit_to_adu
 from deepdark.model import conditioning as C
+from deepdark.model import selection as S
 from deepdark.model.files import DEFAULT_INPUTS, file_sha256, json_default, save_model
 from deepdark.model.losses import LossConfig, discriminator_loss, generator_loss
 from deepdark.model.nets import PRESETS, Discriminator, Generator
@@ -81,16 +96,21 @@ from deepdark.training.data import (
     open_library,
     split_nights,
 )
+from deepdark.training.stopping import EarlyStopping, remove_best, remove_stale_best, restore_best, save_best
+from deepdark.training.validation import spread, validate, validation_errors
 
 log = logging.getLogger(__name__)
 
 LOSS_PARTS = ("d_loss", "g_loss", "g_bce", "g_mse", "g_l1")  # the losses of a step, averaged per epoch
+SMALL_STEP_PIXELS = 256 * 256  # a CPU step seeing at most this many pixels runs on one thread
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train` made: the model directory, the number of epochs, the last validation RMSE
-    (ADU; NaN without a validation night), the epochs' history, the nights and the seconds taken."""
+    """What :func:`train` made: the model directory, the number of epochs run, the validation RMSE
+    of the model file (ADU, its best epoch's; NaN without a validation night), the epochs' history,
+    the nights, the seconds taken, the best epoch (0: the untrained model; None without
+    validation) and whether training stopped before ``epochs``."""
 
     model_dir: Path
     epochs: int
@@ -99,6 +119,8 @@ class TrainResult:
     train_nights: list[str] = field(default_factory=list)
     val_nights: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    best_epoch: int | None = None
+    stopped_early: bool = False
 
 
 @dataclass
@@ -128,6 +150,7 @@ class _Run:
     samples: _Samples
     residual_range_adu: float | None  # physics-mode models: the bound of the learned residual
     progress: bool
+    stopping: EarlyStopping = field(default_factory=lambda: EarlyStopping(0, 0.0))
 
 
 def train(
@@ -146,8 +169,10 @@ def train(
         Shards of the dark library (``deepdark.io.shards``); samples are split by night
         (``config.val_nights``, :func:`~deepdark.training.data.split_nights`).
     out_dir : path
-        Model directory: ``model.safetensors`` + ``model.json`` when the last epoch is done, the
-        checkpoint and ``training_log.csv`` after every epoch (``deepdark.training.checkpoint``).
+        Model directory: ``model.safetensors`` + ``model.json`` (the best epoch's weights) when
+        training is done; the checkpoint, the best epoch's ``best-eNNNN.safetensors`` and
+        ``training_log.csv`` after every epoch (``deepdark.training.checkpoint``,
+        ``deepdark.training.stopping``).
     config : TrainConfig, optional
         The settings (default: ``TrainConfig()``).
     progress : bool
@@ -170,23 +195,49 @@ def train(
         with open_library(shards, setpoints=config.setpoints, nights=config.nights) as lib:
             config, samples = _samples(lib, config, 2**gen_cfg.n_down, phys_model)
             signature = _signature(config, gen_cfg, inputs, lib, samples, phys_card)
-            run = _new_run(config, gen_cfg, dev, samples, progress)
-            history, start_epoch = _start(run, out_dir, signature, 2**gen_cfg.n_down)
-            _run_epochs(run, out_dir, signature, history, start_epoch)
-            _save_model(run, out_dir, lib, history, inputs, phys_card)
-            final_val = history[-1]["val_rmse_adu"]
-            return TrainResult(
-                out_dir,
-                len(history),
-                float("nan") if final_val is None else final_val,
-                history,
-                samples.train_nights,
-                samples.val_nights,
-                time.perf_counter() - t_start,
-            )
+            with _torch_threads(config, dev, samples.size):
+                run = _new_run(config, gen_cfg, dev, samples, progress)
+                history, start_epoch = _start(run, out_dir, signature, 2**gen_cfg.n_down)
+                _run_epochs(run, out_dir, signature, history, start_epoch)
+                _save_model(run, out_dir, lib, history, inputs, phys_card)
+            return _result(run, out_dir, history, time.perf_counter() - t_start)
     finally:
         if phys_model is not None:
             phys_model.close()
+
+
+def _result(run: _Run, out_dir: Path, history: list[dict], seconds: float) -> TrainResult:
+    stop = run.stopping
+    last = history[-1]["val_rmse_adu"]
+    val = stop.best_rmse_adu if stop.best_rmse_adu is not None else last
+    return TrainResult(
+        out_dir,
+        len(history),
+        float("nan") if val is None else float(val),
+        history,
+        run.samples.train_nights,
+        run.samples.val_nights,
+        seconds,
+        stop.best_epoch,
+        len(history) < run.config.epochs,
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(config: TrainConfig, dev: torch.device, size: int):
+    """torch's CPU threads while training: ``config.threads``, or one for small steps (module docstring)."""
+    n = config.threads
+    if n is None and dev.type == "cpu" and config.batch_size * (config.crop or size) ** 2 <= SMALL_STEP_PIXELS:
+        n = 1
+    if n is None or dev.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _generator_config(preset: str, norm: str | None, in_channels: int):
@@ -215,8 +266,7 @@ def _samples(lib: Library, config: TrainConfig, multiple: int, physics) -> tuple
     tab = lib.table
     train_idx = np.flatnonzero(tab["night"].isin(train_nights).to_numpy())
     val_idx = np.flatnonzero(tab["night"].isin(val_list).to_numpy())
-    if config.max_val_samples is not None:
-        val_idx = val_idx[: config.max_val_samples]
+    val_idx = spread(val_idx, config.max_val_samples)
     assert not set(tab["night"].iloc[train_idx]) & set(tab["night"].iloc[val_idx])
     if not val_list:
         log.warning("one night only: no validation night, validation RMSE will be NaN")
@@ -242,7 +292,7 @@ def _signature(config: TrainConfig, gen_cfg, inputs: list[str], lib: Library, sa
             "n_val": len(samples.val_idx),
             "physics": None
             if phys_card is None
-            else {k: phys_card[k] for k in ("sha256", "residual_range_adu", "physics_scale_adu")},
+            else {k: phys_card[k] for k in ("sha256", "residual_range_adu", "physics_scale_adu", "strip_scale_adu")},
         }
     )
 
@@ -268,13 +318,15 @@ def _new_run(config: TrainConfig, gen_cfg, dev: torch.device, samples: _Samples,
         samples,
         float(config.residual_range_adu) if config.physics_mode else None,
         progress,
+        EarlyStopping(config.patience, config.min_improvement),
     )
 
 
 def _start(run: _Run, out_dir: Path, signature: dict, multiple: int) -> tuple[list[dict], int]:
-    """(history of the epochs done, first epoch to run): a checkpoint's, whose networks and
-    optimisers are restored (when resuming and one is there), or none (any checkpoint removed; the
-    output level and the batch-norm statistics initialised from one batch of training crops)."""
+    """(history of the epochs done, first epoch to run): a checkpoint's, whose networks, optimisers
+    and early-stopping state are restored (when resuming and one is there), or none (any checkpoint
+    removed; the output level and the batch-norm statistics initialised from one batch of training
+    crops; a physics-mode generator, physics alone, validated as epoch 0)."""
     config, samples = run.config, run.samples
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = read_checkpoint(out_dir) if config.resume else None
@@ -282,9 +334,13 @@ def _start(run: _Run, out_dir: Path, signature: dict, multiple: int) -> tuple[li
         state, tensors = ckpt
         check_signature(out_dir, state, signature)
         restore_checkpoint(state, tensors, run.G, run.D, run.opt_g, run.opt_d, run.scaler)
+        run.stopping = EarlyStopping.from_state(
+            (state.get("extra") or {}).get("stopping"), config.patience, config.min_improvement
+        )
         log.info("resuming %s from epoch %d", out_dir, int(state["epoch"]))
         return list(state["history"]), int(state["epoch"]) + 1
     remove_checkpoint(out_dir)
+    remove_best(out_dir)
     xc, yc = calibration_batch(
         samples.source,
         samples.train_idx,
@@ -301,28 +357,42 @@ def _start(run: _Run, out_dir: Path, signature: dict, multiple: int) -> tuple[li
         init_output_level(run.G, float(yc.mean()))
     if config.bn == "running":
         calibrate_batchnorm(run.G, xc)
+    if config.physics_mode:
+        physics = _validate(run)  # the untrained model is physics alone: epoch 0, the one to beat
+        run.stopping.physics_rmse_adu = None if math.isnan(physics) else physics
+        if run.stopping.improves(physics):
+            save_best(out_dir, run.G, run.stopping, 0, physics)
+            log.info("epoch 0 (physics alone): val RMSE %.2f ADU (%s)", physics, _val_region(run))
     return [], 1
 
 
+def _validate(run: _Run) -> float:
+    config, samples = run.config, run.samples
+    return validate(
+        run.G,
+        samples.source,
+        samples.val_idx,
+        samples.size,
+        config.crop,
+        max(1, config.batch_size),
+        run.device,
+        residual_range_adu=run.residual_range_adu,
+    )
+
+
 def _run_epochs(run: _Run, out_dir: Path, signature: dict, history: list[dict], start_epoch: int) -> None:
-    """The epochs from ``start_epoch`` on, each followed by validation, checkpoint and log."""
-    config = run.config
+    """The epochs from ``start_epoch`` on, each followed by validation, checkpoint and log, until
+    the cap or early stopping (``deepdark.training.stopping``)."""
+    config, stopping = run.config, run.stopping
     n_steps = math.ceil(len(run.samples.train_idx) / config.batch_size)
     if config.max_steps_per_epoch:
         n_steps = min(n_steps, int(config.max_steps_per_epoch))
     for epoch in range(start_epoch, config.epochs + 1):
+        if stopping.should_stop(epoch - 1):
+            break
         t0 = time.perf_counter()
         steps, sums = _train_epoch(run, epoch, n_steps)
-        val = validate(
-            run.G,
-            run.samples.source,
-            run.samples.val_idx,
-            run.samples.size,
-            config.crop,
-            max(1, config.batch_size),
-            run.device,
-            residual_range_adu=run.residual_range_adu,
-        )
+        val = _validate(run)
         row = {
             "epoch": epoch,
             "steps": steps,
@@ -331,18 +401,24 @@ def _run_epochs(run: _Run, out_dir: Path, signature: dict, history: list[dict], 
             "seconds": round(time.perf_counter() - t0, 3),
         }
         history.append(row)
-        save_checkpoint(out_dir, epoch, run.G, run.D, run.opt_g, run.opt_d, run.scaler, signature, history)
+        best = stopping.improves(val)
+        if best:
+            save_best(out_dir, run.G, stopping, epoch, val)
+        nets = (run.G, run.D, run.opt_g, run.opt_d, run.scaler)
+        save_checkpoint(out_dir, epoch, *nets, signature, history, extra={"stopping": stopping.state()})
+        remove_stale_best(out_dir, stopping)  # only once the checkpoint names the new one
         write_log(out_dir, history)
-        d_part = f"d {row['d_loss']:.4g} " if math.isfinite(row["d_loss"]) else ""
-        msg = (
-            f"epoch {epoch}/{config.epochs}: {d_part}g {row['g_loss']:.4g} "
-            f"(l1 {row['g_l1']:.4g}), val RMSE {val:.2f} ADU ({_val_region(run)}), {row['seconds']:.1f} s"
-        )
-        log.info(msg)
-        if run.progress:
-            tqdm.write(msg)
+        _log_epoch(run, row, best)
     if not history:
         raise ValueError(f"{out_dir}: nothing trained")
+    if stopping.should_stop(len(history)) and len(history) < config.epochs:
+        log.info(
+            "stopped after epoch %d: no improvement of %.3g %% in %d epochs; the model is epoch %d's",
+            len(history),
+            100 * config.min_improvement,
+            config.patience,
+            stopping.best_epoch,
+        )
     if len(history) > config.epochs:
         log.warning(
             "%s: the checkpoint already holds %d epochs (more than the %d asked for); the model is written from it",
@@ -350,6 +426,18 @@ def _run_epochs(run: _Run, out_dir: Path, signature: dict, history: list[dict], 
             len(history),
             config.epochs,
         )
+
+
+def _log_epoch(run: _Run, row: dict, best: bool) -> None:
+    d_part = f"d {row['d_loss']:.4g} " if math.isfinite(row["d_loss"]) else ""
+    msg = (
+        f"epoch {row['epoch']}/{run.config.epochs}: {d_part}g {row['g_loss']:.4g} (l1 {row['g_l1']:.4g}), "
+        f"val RMSE {row['val_rmse_adu']:.2f} ADU ({_val_region(run)}){' best' if best else ''}, "
+        f"{row['seconds']:.1f} s"
+    )
+    log.info(msg)
+    if run.progress:
+        tqdm.write(msg)
 
 
 def _train_epoch(run: _Run, epoch: int, n_steps: int) -> tuple[int, dict[str, float]]:
@@ -471,55 +559,16 @@ def lr_factor(schedule: str, epoch: int, step: int, n_steps: int, epochs: int) -
     raise ValueError(f"unknown lr_schedule {schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
 
 
-@torch.no_grad()
-def validate(
-    G: Generator,
-    source: SampleSource,
-    indices: Sequence[int],
-    size: int,
-    crop: int | None,
-    batch_size: int,
-    device: torch.device,
-    residual_range_adu: float | None = None,
-) -> float:
-    """Pooled RMSE (ADU) of the generator (eval mode) on whole windows or their centre crop."""
-    if not len(indices):
-        return float("nan")
-    was = G.training
-    G.eval()
-    se, n = 0.0, 0
-    c = crop if crop and crop < size else None
-    corner = ((size - c) // 2,) * 2 if c else None
-    try:
-        for start in range(0, len(indices), batch_size):
-            items = [source.get(i) for i in indices[start : start + batch_size]]
-            corners = [corner] * len(items) if c else None
-            if residual_range_adu is None:
-                x, y = build_batch(items, size, c, corners, "window", device)
-                with autocast(device):
-                    pred = G(x)
-            else:
-                x, y, base = build_batch(items, size, c, corners, "window", device, return_base=True)
-                with autocast(device):
-                    pred = C.compose(G(x), base, residual_range_adu)
-            d = unit_to_adu(pred.float().double()) - unit_to_adu(y.double())
-            se += float((d * d).sum())
-            n += d.numel()
-    finally:
-        G.train(was)
-    return pooled_rmse(se, n)
-
-
 def _val_region(run: _Run) -> str:
     crop, size = run.config.crop, run.samples.size
     return f"centre {crop}x{crop} crop of the window" if crop else f"whole {size}x{size} window"
 
 
 def _save_model(run: _Run, out_dir: Path, lib: Library, history: list[dict], inputs: list[str], phys_card) -> None:
-    """The model file of the trained generator, its card recording the data, settings and validation."""
-    samples = run.samples
-    final_val = history[-1]["val_rmse_adu"]
-    final_val = None if final_val is None or math.isnan(final_val) else final_val
+    """The model file of the best epoch's generator, its card recording the data, settings,
+    validation and where the network is used (``deepdark.model.selection``)."""
+    samples, stopping = run.samples, run.stopping
+    restore_best(out_dir, run.G, stopping)
     train_tab = lib.table.iloc[samples.train_idx]
     val_tab = lib.table.iloc[samples.val_idx]
     training = {
@@ -548,16 +597,64 @@ def _save_model(run: _Run, out_dir: Path, lib: Library, history: list[dict], inp
         geometry=lib.geometry,
         training=training,
         epochs=len(history),
-        validation={
-            "rmse_adu": final_val,
-            "region": _val_region(run),
-            "n_samples": len(samples.val_idx),
-            "nights": samples.val_nights,
-            "history": [None if math.isnan(r["val_rmse_adu"]) else r["val_rmse_adu"] for r in history],
-        },
+        validation=_validation_card(run, history),
         inputs=inputs,
         extra=None if phys_card is None else {"physics": phys_card},
+        selection=_selection(run, lib),
     )
+
+
+def _validation_card(run: _Run, history: list[dict]) -> dict:
+    """The card's validation section: the model file's RMSE (its best epoch's), physics alone's
+    (physics mode), every epoch's and why training stopped."""
+    stopping, config = run.stopping, run.config
+    final = history[-1]["val_rmse_adu"]
+    rmse = stopping.best_rmse_adu if stopping.best_rmse_adu is not None else final
+    if len(history) < config.epochs and stopping.should_stop(len(history)):
+        stop = f"no improvement of {100 * config.min_improvement:g} % in {config.patience} epochs"
+    else:
+        stop = f"epoch cap ({config.epochs})"
+    return {
+        "rmse_adu": None if rmse is None or math.isnan(rmse) else rmse,
+        "region": _val_region(run),
+        "n_samples": len(run.samples.val_idx),
+        "nights": run.samples.val_nights,
+        "history": [None if math.isnan(r["val_rmse_adu"]) else r["val_rmse_adu"] for r in history],
+        "best_epoch": stopping.best_epoch,
+        "physics_rmse_adu": stopping.physics_rmse_adu,
+        "stopped": stop,
+    }
+
+
+def _selection(run: _Run, lib: Library) -> dict:
+    """The card's selection section: physics alone against physics + network on the validation
+    samples, per camera and group, and the decision (logged); strips-only: nothing to fall back on."""
+    config, samples = run.config, run.samples
+    if not config.physics_mode:
+        log.warning("%s", S.strips_only_note(config.preset))
+        return S.strips_only_record(config.preset)
+    errors = validation_errors(
+        run.G,
+        samples.source,
+        samples.val_idx,
+        samples.size,
+        config.crop,
+        max(1, config.batch_size),
+        run.device,
+        run.residual_range_adu,
+    )
+    errors = errors.join(lib.table[["camera", "setpoint", "exptime"]])
+    record = S.selection_record(
+        errors,
+        config.margin,
+        region=_val_region(run),
+        nights=samples.val_nights,
+        best_epoch=run.stopping.best_epoch,
+    )
+    selection = S.Selection.from_card({"selection": record}, config.margin)
+    record["decision"] = "no validation night: physics alone" if selection is None else selection.describe()
+    log.info("where the network is used (margin %g): %s", config.margin, record["decision"])
+    return record
 
 
 def _physics_model(shards, out_dir: Path, config: TrainConfig, progress: bool):
@@ -571,6 +668,7 @@ def _physics_model(shards, out_dir: Path, config: TrainConfig, progress: bool):
         "source": phys_source,
         "residual_range_adu": float(config.residual_range_adu),
         "physics_scale_adu": C.PHYSICS_SCALE_ADU,
+        "strip_scale_adu": C.STRIP_SCALE_ADU,
         "normalisation": C.NORMALISATION,
     }
     return PhysicsModel.load(phys_path), card

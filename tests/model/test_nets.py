@@ -94,6 +94,21 @@ def test_model_input_extra_channels_and_errors():
         model_input(a1[0], a2, a3, 16)
 
 
+def test_model_input_can_measure_the_strips_from_offsets():
+    """The physics-mode input: each strip as (ADU - its offset) / scale, resized as the paper's."""
+    a1, a2, a3 = _strips(b=2, size=16)
+    offsets = [np.median(s.reshape(2, -1), axis=1) for s in (a1, a2, a3)]
+    x = model_input(a1, a2, a3, 16, strip_offsets=offsets, strip_scale=16.0)
+    paper = model_input(a1, a2, a3, 16)
+    for k in range(3):  # bilinear resizing is linear: the same planes, shifted and scaled
+        want = (paper[:, k] * 65535.0 - torch.tensor(offsets[k], dtype=torch.float32)[:, None, None]) / 16.0
+        torch.testing.assert_close(x[:, k], want, rtol=0, atol=2e-3)
+    with pytest.raises(ValueError, match="three strips' offsets"):
+        model_input(a1, a2, a3, 16, strip_scale=16.0)
+    with pytest.raises(ValueError, match="a strip offset has 1 values for a batch of 2"):
+        model_input(a1, a2, a3, 16, strip_offsets=[o[:1] for o in offsets], strip_scale=16.0)
+
+
 # --- generator -------------------------------------------------------------------------------
 
 

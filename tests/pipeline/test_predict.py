@@ -56,6 +56,8 @@ def test_predict_covers_every_active_pixel_via_cli(setup):
         assert len(p) == len(s)  # every frame-channel, guide frames too
         assert p.attrs["method"] == "model" and p.attrs["model_hash"] == model_io.model_hash(model)
         assert p.attrs["model_name"] == "model"
+        # a strips-only model: its network predicts every frame, nothing to fall back on
+        assert set(p.table["method"]) == {"network"} and p.attrs["methods"] == "network" and p.attrs["network_loaded"]
         dark = p.dark(np.arange(len(p)))
         assert dark.shape == (len(s), *MINI.active.shape) == (len(s), 68, 68)
         assert np.isfinite(dark).all() and (dark >= 0).all() and (dark <= 65535).all()

@@ -117,6 +117,9 @@ def test_physics_predictions_list_what_cannot_be_served_and_predict_the_rest(sim
     table, dark = _check_verdicts(out, sim["shard"])
     rmse, floor = _flagged_rmse(table, dark, sim["shard"])
     assert rmse <= 1.1 * floor, (rmse, floor)
+    # a predictor that does not say what predicted a row: the file's method, "" where unserved
+    unserved = table["status"].eq("unserved").to_numpy()
+    assert set(table["method"][unserved]) == {""} and set(table["method"][~unserved]) == {"physics"}
     ok = np.flatnonzero(table["status"].eq("ok").to_numpy())
     with Shard(sim["shard"]) as s:  # served frames: the prediction the model gives them alone
         np.testing.assert_allclose(dark[ok], P.PhysicsModel.load(sim["phys"]).predict_rows(s, ok), rtol=1e-6)
@@ -129,6 +132,8 @@ def test_model_predict_lists_what_cannot_be_served_and_predicts_the_rest(sim):
     table, dark = _check_verdicts(out, sim["shard"])
     rmse, floor = _flagged_rmse(table, dark, sim["shard"])
     assert rmse <= 1.2 * floor, (rmse, floor)
+    served = ~table["status"].eq("unserved").to_numpy()
+    assert set(table["method"][~served]) == {""} and set(table["method"][served]) <= {"physics", "physics+network"}
 
 
 def test_a_strips_only_model_serves_every_frame_and_flags_foreign_cameras(sim, tmp_path):
@@ -140,7 +145,7 @@ def test_a_strips_only_model_serves_every_frame_and_flags_foreign_cameras(sim, t
         assert np.isfinite(p.dark(np.arange(len(p)))).all()
         foreign = p.table["file"].str.endswith(("/nocam_dark_0001.fits", "/GS9_dark_0001.fits")).to_numpy()
         assert set(p.table["status"][~foreign]) == {"ok"} and set(p.table["reason"][~foreign]) == {""}
-        assert set(p.table["status"][foreign]) == {"flagged"}
+        assert set(p.table["status"][foreign]) == {"flagged"} and set(p.table["method"]) == {"network"}
         reason = p.table["reason"][foreign]
         assert reason.str.contains("not among the model's training cameras (GS1)", regex=False).all()
         assert reason.str.contains("no CAMERA card", regex=False).sum() == 4
@@ -153,10 +158,11 @@ def test_an_older_predictions_file_reads_as_all_served(sim, tmp_path):
     with Predictions(out) as p:
         assert set(p.table["status"]) == {"ok"} and set(p.table["reason"]) == {""}
     with h5py.File(out, "r+") as f:  # a file written before the columns existed
-        del f["table/status"], f["table/reason"]
+        del f["table/status"], f["table/reason"], f["table/method"]
     with Predictions(out) as p:
         assert len(p.table) == 4 * len(NIGHT)
         assert set(p.table["status"]) == {"ok"} and set(p.table["reason"]) == {""}
+        assert set(p.table["method"]) == {"x"}  # the file's method
 
 
 def test_predict_reads_the_night_a_batch_at_a_time(sim, monkeypatch, tmp_path):

@@ -110,6 +110,8 @@ def test_config_refuses_bad_settings_naming_the_field_and_its_values():
         ({"device": "tpu"}, "unknown device 'tpu'; valid: auto, cpu, cuda"),
         ({"epochs": 0}, "epochs must be >= 1, got 0"),
         ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"patience": -1}, "patience and min_improvement must be >= 0, got -1 and 0.001"),
+        ({"threads": 0}, "threads must be >= 1, got 0"),
         ({"preset": "compact", "physics": "phys.h5"}, "preset 'compact' takes strips only"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -140,7 +142,8 @@ def test_train_options_are_the_config_fields():
         **dict(lr_schedule="constant", crop=None, max_steps_per_epoch=None, seed=0, resume=True, loss=None),
         **dict(physics=None, residual_range_adu=64.0, physics_memory_mb=512, betas=(0.5, 0.999), val_nights=None),
         **dict(bn="running", bn_momentum=0.01, norm=None, crop_mode="window", setpoints=None, max_val_samples=None),
-        **dict(nights=None, cache_mb=1024, init_level=True),
+        **dict(nights=None, cache_mb=1024, init_level=True, patience=10, min_improvement=0.001, margin=0.005),
+        **dict(threads=None),
     }
     args = parser.parse_args(
         ["train", "a.h5", "--out", "m", "--max-steps", "5", "--residual-range", "32", "--no-resume"]
@@ -160,7 +163,12 @@ def test_signature_and_card_record_the_settings_that_apply():
         *("crop_mode", "bn", "bn_momentum", "init_level", "seed", "max_steps_per_epoch", "setpoints"),
     }
     assert sig["loss"] == "deepdark" and sig["betas"] == [0.5, 0.999] and sig["schedule_epochs"] is None
-    assert set(QUICK_CONFIG.card()) == set(sig) - {"preset", "loss", "l1_weight", "schedule_epochs", "setpoints"}
+    # ... and, on the card, when training stops and where the network is used
+    assert set(QUICK_CONFIG.card()) == set(sig) - {"preset", "loss", "l1_weight", "schedule_epochs", "setpoints"} | {
+        "patience",
+        "min_improvement",
+        "margin",
+    }
     # settings that do not apply are recorded as None
     whole = dataclasses.replace(QUICK_CONFIG, crop=None, bn="batch", lr_schedule="linear", setpoints=[-15, -25.0])
     assert (whole.signature()["crop_mode"], whole.card()["bn_momentum"]) == (None, None)
