@@ -1,4 +1,4 @@
-"""Issue 6's ablation of the default model: strips only (the paper) / physics only / both, each
+"""Ablation of the default model: strips only (the paper) / physics only / both, each
 learned variant with and without the adversarial terms (``deepdark`` loss vs ``l1``).
 
     python benchmarks/ablation_physics.py --lib LIB_SHARDS... --test TEST_SHARDS... \\

@@ -6,7 +6,7 @@ Simulates full-size frames (darks and guide frames) unless --dir names a night f
 the page cache, then alternates: a bare ``astropy.io.fits`` read of every file (pixels
 materialised as uint16) and ``deepdark.pipeline.extract.extract`` of the same files. Prints the median
 time per frame of each and their ratio, for dark frames (whose active area the shard keeps) and
-guide frames (strips only) separately. The issue's target is a ratio of at most 1.5.
+guide frames (strips only) separately. The target is a ratio of at most 1.5.
 """
 
 from __future__ import annotations

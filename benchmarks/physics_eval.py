@@ -1,4 +1,4 @@
-"""The physics predictor's full-size check (issue 6, parts 1-3 and 5) and its cost.
+"""The physics predictor's full-size check (frame state, law, per-pixel maps, exposures) and its cost.
 
     python benchmarks/physics_eval.py --out /tmp/physics-eval [--cameras GS1 GS2] [--nights 4] [--reuse]
 

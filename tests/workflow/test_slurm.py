@@ -10,7 +10,7 @@ not come up, the module is skipped -- except under CI (CI=true) as root, where t
 failure. Every snakemake call is wrapped in `timeout`: a status-check misconfiguration hangs
 rather than fails.
 
-What is checked (issue 5):
+What is checked:
 - jobs really run as SLURM jobs (their SLURM_JOB_ID in outputs and logs, the same ids that the
   executor reports, and SLURM's own record of them);
 - a job that fails inside SLURM fails the run, with the rule named;
