@@ -16,7 +16,7 @@ import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, FuncFormatter, MaxNLocator  # noqa: E402
 
 from deepdark.io.atomic import atomic_path  # noqa: E402
 
@@ -163,7 +163,13 @@ def nights_summary(nights: pd.DataFrame, path: Path, methods: Sequence[str]) -> 
             edgecolors="r",
             label="flagged night",
         )
-    a1.set_ylabel("pooled RMSE of the night's darks (ADU)")
+    # Log scale: the model sits a few per cent above the floor while the median darks lie 2-15x
+    # higher; on a linear axis the model's line hides behind the floor's.
+    a1.set_yscale("log")
+    # Plain numbers, not powers of ten; between decades only 2, 3 and 5 are labelled.
+    a1.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    a1.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
+    a1.set_ylabel("pooled RMSE of the night's darks (ADU, log scale)")
     if a1.get_legend_handles_labels()[0]:
         a1.legend(fontsize=8)
     a2.bar(d["date"], d["n_quarantined"], color="C3", width=0.8)
