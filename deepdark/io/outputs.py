@@ -130,15 +130,15 @@ def _check_folder(out: Path, kind: str) -> None:
         return
     if not out.is_dir():
         raise OutputError(f"refusing to write {out}: it exists and is a {file_kind(out)}, not a folder")
-    names = {p.name for p in out.iterdir() if not p.name.endswith(".partial")}
+    # Each entry's kind, read once: a night folder holds thousands of frames.
+    kinds = {p.name: _entry_kind(p) for p in out.iterdir() if not p.name.endswith(".partial")}
+    names = set(kinds)
     # A folder holding any FITS file deepdark did not write (a raw frame) is never an output
     # folder, whatever else it holds: a stray manifest.csv must not make a raw night look ours.
-    foreign = sorted(
-        n for n in names if file_kind(out / n) in ("FITS file", "gzip file") and not _is_corrected_frame(out / n)
-    )
+    foreign = sorted(n for n, k in kinds.items() if k in ("FITS file", "gzip file"))
     if foreign:
         raise OutputError(f"refusing to write {out}: it holds {foreign[0]}, a FITS file that deepdark did not write")
-    if kind == "corrected" and names and all(_is_corrected_frame(out / name) for name in names):
+    if kind == "corrected" and names and all(k == _CORRECTED_FRAME for k in kinds.values()):
         return
     if kind == "corrected" and "manifest.csv" in names and not _is_manifest(out / "manifest.csv"):
         raise OutputError(f"refusing to write {out}: its manifest.csv was not written by deepdark correct")
@@ -158,13 +158,19 @@ def _is_manifest(path: Path) -> bool:
         return False
 
 
-def _is_corrected_frame(path: Path) -> bool:
-    """Whether ``path`` is a FITS file written by ``deepdark correct`` (the card is in its primary
-    header, or in HDU 1's where the image is tile-compressed)."""
-    if not path.is_file() or file_kind(path) != "FITS file":
-        return False
+_CORRECTED_FRAME = "corrected frame"
+
+
+def _entry_kind(path: Path) -> str:
+    """:func:`file_kind` of a folder entry, with a FITS file written by ``deepdark correct`` (the
+    card is in its primary header, or in HDU 1's where the image is tile-compressed) told apart."""
+    if not path.is_file():
+        return "folder or link"
+    found = file_kind(path)
+    if found != "FITS file":
+        return found
     try:
         with fits.open(path) as hdul:
-            return any(_CORRECTED_CARD in hdu.header for hdu in hdul[:2])
+            return _CORRECTED_FRAME if any(_CORRECTED_CARD in hdu.header for hdu in hdul[:2]) else found
     except (OSError, ValueError):  # astropy's errors for a damaged header
-        return False
+        return found
