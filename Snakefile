@@ -4,7 +4,8 @@
 #   snakemake --profile workflow/profiles/slurm                      # a SLURM cluster
 #
 # Stages (one job per night unless said): simulate (embedded default only) -> extract ->
-# baseline + train (once, from the dark library) -> predict -> correct, qa -> summary (once).
+# baseline (once) + physics fit (one job per camera) -> train (once, from the dark library) ->
+# predict -> correct, qa -> summary (once).
 # The rules are thin calls of the `deepdark` command; the logic lives in the package. The
 # helpers, the config validation (defaults: workflow/schema/config.schema.yaml) and the wildcard
 # constraints are in rules/common.smk.
@@ -26,6 +27,7 @@ include: "rules/common.smk"
 include: "rules/simulate.smk"
 include: "rules/extract.smk"
 include: "rules/baseline.smk"
+include: "rules/physics.smk"
 include: "rules/train.smk"
 include: "rules/predict.smk"
 include: "rules/correct.smk"

@@ -173,9 +173,33 @@ def cmd_physics_fit(a: argparse.Namespace) -> None:
         memory_mb=a.memory_mb,
         overscan_skip=a.overscan_skip,
         smooth_px=a.smooth_px,
+        cameras=a.cameras,
         progress=not a.quiet,
     )
     log.info("physics model written to %s", out)
+
+
+def cmd_physics_merge(a: argparse.Namespace) -> None:
+    from deepdark.physics import merge_physics
+
+    log.info("physics model of %d part(s) written to %s", len(a.parts), merge_physics(a.parts, a.out))
+
+
+def cmd_cameras(a: argparse.Namespace) -> None:
+    from deepdark.io.atomic import atomic_path
+    from deepdark.io.shards import Shard
+    from deepdark.io.tables import library_cameras
+
+    shards = [Shard(p) for p in a.shards]
+    try:
+        table = library_cameras(shards)
+    finally:
+        for s in shards:
+            s.close()
+    if a.out is not None:
+        with atomic_path(a.out) as tmp:
+            table.to_csv(tmp, index=False)
+    print(table.to_string(index=False) if len(table) else "no DARK or BIAS frames")
 
 
 # -- workflow subcommands (correct, qa, summary) --
@@ -507,7 +531,7 @@ def _data_commands(sub) -> None:
 
 
 def _model_commands(sub) -> None:
-    """predict, ablation, physics-fit."""
+    """predict, ablation, physics-fit, physics-merge, cameras."""
     predict = "deepdark.pipeline.predict:predict_shard"
     s = sub.add_parser(
         "predict",
@@ -565,7 +589,23 @@ def _model_commands(sub) -> None:
         default=FunctionDefault(fit, "smooth_px"),
         help="radius of the smooth prior on glow and the fast component (0: per-pixel only; default: %(default)s)",
     )
+    s.add_argument(
+        "--cameras",
+        nargs="+",
+        metavar="CAMERA",
+        help="fit only these cameras (CAMERA header values; default: every camera of the library)",
+    )
     s.set_defaults(func=cmd_physics_fit)
+
+    s = sub.add_parser("physics-merge", help="one physics model from per-camera fits (`physics-fit --cameras`)")
+    s.add_argument("parts", nargs="+", type=Path, help="physics models of disjoint cameras")
+    s.add_argument("--out", required=True, type=Path, help="physics model to write (.h5)")
+    s.set_defaults(func=cmd_physics_merge)
+
+    s = sub.add_parser("cameras", help="the cameras of a dark library: frames, darks, biases, nights, setpoints")
+    s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
+    s.add_argument("--out", type=Path, help="also write the table here (CSV)")
+    s.set_defaults(func=cmd_cameras)
 
 
 def _workflow_commands(sub) -> None:
@@ -679,6 +719,8 @@ READS = {
     "extract": (("inputs", None),),
     "baseline": (("shards", None),),
     "physics-fit": (("shards", None),),
+    "physics-merge": (("parts", None),),
+    "cameras": (("shards", None),),
     "train": (("shards", None), ("physics", "--physics")),
     "predict": (("shard", None), ("model", "--model")),
     "evaluate": (("test", "--test"), ("baseline", "--baseline"), ("model", "--model"), ("physics", "--physics")),
@@ -691,6 +733,8 @@ WRITES = {
     "extract": (("out", "shard"),),
     "baseline": (("out", "masters"),),
     "physics-fit": (("out", "physics"),),
+    "physics-merge": (("out", "physics"),),
+    "cameras": (("out", "text"),),
     "train": (("out", "model"),),
     "predict": (("out", "predictions"),),
     "evaluate": (("out", "evaluation"),),

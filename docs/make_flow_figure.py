@@ -143,22 +143,29 @@ def draw_workflow(ax) -> None:
     for a, b in ((raw_lib, ext_lib), (ext_lib, lib_shard), (raw_arc, ext), (ext, shard)):
         arrow(ax, a, b)
     baseline = rule(ax, left_x, 4.2, "baseline", "pipeline", "pipeline.baseline")
-    train = rule(ax, mid_x, 4.2, "train", "training", "training + physics fit")
+    physics = rule(ax, mid_x + 0.45, 4.2, "physics_fit", "physics", "physics.fit, one job per camera", width=2.4)
     masters = file(ax, left_x, 5.25, "masters.h5", width=1.5)
-    model = file(ax, mid_x, 5.3, "model/  model.safetensors\nmodel.json  physics.h5", width=2.6)
-    for a, b in ((lib_shard, baseline), (lib_shard, train), (baseline, masters), (train, model)):
+    phys = file(ax, mid_x + 0.45, 5.3, "physics/CAMERA.h5\n-> physics_merge -> physics.h5", width=2.8)
+    train = rule(ax, mid_x + 0.45, 6.4, "train", "training", "training.loop (+ library shards)", width=2.6)
+    model = file(ax, mid_x + 0.45, 7.45, "model/  model.safetensors\nmodel.json  physics.h5", width=2.6)
+    for a, b in ((lib_shard, baseline), (lib_shard, physics), (baseline, masters), (physics, phys)):
         arrow(ax, a, b)
-    predict = rule(ax, arc_x, 6.3, "predict", "pipeline", "pipeline.predict + model")
-    preds = file(ax, arc_x, 7.3, "predictions/NIGHT.h5")
+    for a, b in ((phys, train), (train, model)):
+        arrow(ax, a, b)
+    predict = rule(ax, arc_x + 0.5, 7.45, "predict", "pipeline", "pipeline.predict + model")
+    preds = file(ax, arc_x + 0.5, 8.45, "predictions/NIGHT.h5")
     for a, b in ((shard, predict), (model, predict), (predict, preds)):
         arrow(ax, a, b)
     draw_outputs(ax, raw_arc, shard, masters, preds)
 
 
+DY = 1.15  # the lower half sits below the library's fits
+
+
 def draw_outputs(ax, raw_arc: Box, shard: Box, masters: Box, preds: Box) -> None:
     """Correction, QA and the summary (the lower half of the workflow)."""
-    qa = rule(ax, 2.3, 8.4, "qa", "pipeline", "pipeline.qa + evaluation")
-    correct = rule(ax, 5.4, 8.4, "correct", "pipeline", "pipeline.correct")
+    qa = rule(ax, 2.3, 8.4 + DY, "qa", "pipeline", "pipeline.qa + evaluation")
+    correct = rule(ax, 5.4, 8.4 + DY, "correct", "pipeline", "pipeline.correct")
     for a, b in ((shard, qa), (masters, qa), (preds, qa), (preds, correct)):
         arrow(ax, a, b)
     # correct re-reads the raw frames (guide frames keep only their strips in the shard)
@@ -171,11 +178,13 @@ def draw_outputs(ax, raw_arc: Box, shard: Box, masters: Box, preds: Box) -> None
         linestyle=(0, (2, 2)),
     )
     arrow(ax, Box(x_side, correct.y, 0.0, 0.0), correct, dotted=True)
-    ax.text(x_side + 0.08, 4.6, "raw frames re-read,\nhash checked", fontsize=FONT - 2.5, rotation=90, va="center")
-    qa_out = file(ax, 2.3, 9.45, "qa/NIGHT/qa.html  qa.csv\nquarantine.csv  fig*.png", width=3.0)
-    corrected = file(ax, 5.4, 9.45, "corrected/NIGHT/*.fits\nmanifest.csv  status.json", width=2.9)
-    summary = rule(ax, 3.85, 10.55, "summary", "pipeline", "pipeline.summary")
-    out = file(ax, 3.85, 11.5, "summary.html  summary.csv  summary_table1.csv", width=5.4)
+    ax.text(
+        x_side + 0.08, 4.6 + DY / 2, "raw frames re-read,\nhash checked", fontsize=FONT - 2.5, rotation=90, va="center"
+    )
+    qa_out = file(ax, 2.3, 9.45 + DY, "qa/NIGHT/qa.html  qa.csv\nquarantine.csv  fig*.png", width=3.0)
+    corrected = file(ax, 5.4, 9.45 + DY, "corrected/NIGHT/*.fits\nmanifest.csv  status.json", width=2.9)
+    summary = rule(ax, 3.85, 10.55 + DY, "summary", "pipeline", "pipeline.summary")
+    out = file(ax, 3.85, 11.5 + DY, "summary.html  summary.csv  summary_table1.csv", width=5.4)
     for a, b in ((qa, qa_out), (correct, corrected), (qa_out, summary), (corrected, summary), (summary, out)):
         arrow(ax, a, b)
 
@@ -209,13 +218,13 @@ def draw_layers(ax, top: float) -> None:
 
 def make_figure(out: Path) -> Path:
     """Draw the figure and write it to ``out`` (PNG); return the path."""
-    fig, ax = plt.subplots(figsize=(9.6, 13.6))
+    fig, ax = plt.subplots(figsize=(9.6, 14.8))
     ax.set_xlim(-0.85, 7.6)
-    ax.set_ylim(14.6, -0.9)  # y down: the flow reads top to bottom
+    ax.set_ylim(15.8, -0.9)  # y down: the flow reads top to bottom
     ax.axis("off")
     ax.text(-0.5, -0.65, "deepdark workflow: rules and the files under results/", fontsize=FONT + 1, weight="bold")
     draw_workflow(ax)
-    draw_layers(ax, top=12.2)
+    draw_layers(ax, top=12.2 + DY)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

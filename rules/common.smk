@@ -23,11 +23,15 @@ SETS = ("archive", "library")
 SCHEMA = os.path.join(workflow.basedir, "workflow", "schema", "config.schema.yaml")
 # The jobs that run the network: on a GPU, in the CUDA environment, when config `gpu` asks for one.
 MODEL_JOBS = ("train", "predict")
+# The model presets that learn a residual on the library's physics model
+# (deepdark.model.nets.PHYSICS_PRESETS; tests/workflow checks that the two agree).
+PHYSICS_PRESETS = ("physics",)
 
 
 wildcard_constraints:
     night=NIGHT,
     set="|".join(SETS),
+    camera=r"[^/]+",
 
 
 # -- the config ---------------------------------------------------------------------------------
@@ -204,6 +208,43 @@ def masters_file():
     return config["library"]["masters"] or results("masters.h5")
 
 
+def trains_physics_model():
+    """Whether the workflow trains a model that needs the library's physics model."""
+    return not config["model"]["dir"] and config["model"]["preset"] in PHYSICS_PRESETS
+
+
+def camera_file_name(camera):
+    """A camera id (a header value: any text) as a file name; :func:`camera_of_file` reverses it."""
+    from urllib.parse import quote
+
+    return quote(camera, safe="")
+
+
+def camera_of_file(name):
+    from urllib.parse import unquote
+
+    return unquote(name)
+
+
+def physics_parts(wildcards):
+    """The per-camera physics fits, one per camera of the extracted library (its checkpoint table)."""
+    import csv
+
+    with open(checkpoints.library_cameras.get().output[0], newline="") as fh:
+        cameras = [row["camera"] for row in csv.DictReader(fh)]
+    return expand(results("physics/{camera}.h5"), camera=[camera_file_name(c) for c in cameras])
+
+
+def train_inputs(wildcards):
+    """The library's shards, and the physics model when the preset learns a residual on it."""
+    shards = expand(results("library/{night}.h5"), night=nights("library"))
+    return {"shards": shards} | ({"physics": results("physics.h5")} if trains_physics_model() else {})
+
+
+def physics_args(wildcards, input):
+    return ["--physics", input.physics] if "physics" in input.keys() else []
+
+
 def model_files():
     d = model_dir()
     return {"weights": f"{d}/model.safetensors", "card": f"{d}/model.json"}
@@ -360,6 +401,8 @@ def every_intermediate(wildcards):
         files += expand(results("library/{night}{ext}"), night=library, ext=(".h5", ".quarantine.csv"))
         if not config["library"]["path"]:
             files += expand(results("simulated/library/{night}"), night=library)
+    if trains_physics_model():
+        files += [results("physics.h5"), *physics_parts(wildcards)]
     return files + [masters_file(), *model_files().values()]
 
 

@@ -1,5 +1,6 @@
-# Deep-Dark-Net trained on the library's darks (once): it stops when the validation night stops
-# improving (model.epochs is a cap) and its card records where the network beats physics alone.
+# Deep-Dark-Net trained on the library's darks (once; the physics preset on the fitted physics
+# model): it stops when the validation night stops improving (model.epochs is a cap) and its card
+# records where the network beats physics alone.
 # Skipped when model.dir names an existing model directory.
 
 
@@ -7,7 +8,7 @@ if not config["model"]["dir"]:
 
     rule train:
         input:
-            shards=lambda wildcards: expand(results("library/{night}.h5"), night=nights("library")),
+            unpack(train_inputs),
         output:
             weights=results("model/model.safetensors"),
             card=results("model/model.json"),
@@ -25,5 +26,7 @@ if not config["model"]["dir"]:
         params:
             out=lambda wildcards, output: os.path.dirname(output.weights),
             args=train_args(),
+            physics=physics_args,
         shell:
-            "python3 -m deepdark train {input.shards:q} --out {params.out:q} {params.args:q} > {log:q} 2>&1"
+            "python3 -m deepdark train {input.shards:q} --out {params.out:q} {params.physics:q} {params.args:q}"
+            " > {log:q} 2>&1"

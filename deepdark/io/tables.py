@@ -54,6 +54,32 @@ def library_table(shards: Sequence, types: Sequence[str] = ("DARK",)) -> pd.Data
     return table
 
 
+def library_cameras(shards: Sequence, types: Sequence[str] = ("DARK", "BIAS")) -> pd.DataFrame:
+    """What a library holds of each camera: one row per camera (sorted), with its frames of the
+    given ``types`` (``frames``, ``darks``, ``biases``), ``nights`` and ``setpoints`` (of its darks).
+
+    The cameras are what the workflow fits one job each; ``frames`` counts files, not channels."""
+    columns = ["camera", "frames", "darks", "biases", "nights", "setpoints"]
+    lib = library_table(shards, types)
+    if lib.empty:
+        return pd.DataFrame(columns=columns)
+    per_frame = lib.drop_duplicates(["camera", "file"])
+    rows = []
+    for camera, grp in per_frame.groupby("camera", sort=True):
+        dark = grp["imagetyp"] == "DARK"
+        rows.append(
+            dict(
+                camera=str(camera),
+                frames=len(grp),
+                darks=int(dark.sum()),
+                biases=int((grp["imagetyp"] == "BIAS").sum()),
+                nights=grp["night"].nunique(),
+                setpoints=" ".join(temp_label(t) for t in sorted(set(grp.loc[dark, "setpoint"]))),
+            )
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
 def common_geometry(shards: Sequence):
     """The one geometry that all open ``shards`` share; ValueError when they mix geometries."""
     names = {s.geometry.name for s in shards}

@@ -103,6 +103,7 @@ from __future__ import annotations
 from .fit import fit_physics
 from .frame_state import FrameState, frame_state, row_bias
 from .law import Law, fit_law
+from .merge import merge_physics
 from .model import PhysicsError, PhysicsModel, physics_predictor
 from .transfer import Transfer, measure_transfer
 
@@ -116,6 +117,7 @@ __all__ = [
     "fit_physics",
     "frame_state",
     "measure_transfer",
+    "merge_physics",
     "physics_predictor",
     "row_bias",
 ]

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
+from deepdark.io.errors import InputError
 from deepdark.io.geometry import Geometry
 from deepdark.io.shards import HDF5_FORMAT, Shard
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
@@ -70,12 +71,17 @@ class _Members:
     active_rows: np.ndarray  # (n, R): the active rows' offsets from the level (the transfer's data)
 
 
-def _library(shards: Sequence[Shard]) -> pd.DataFrame:
+def _library(shards: Sequence[Shard], cameras: Sequence[str] | None = None) -> pd.DataFrame:
     lib = library_table(shards, LIBRARY_TYPES)
     if not lib.empty:
         lib = lib[lib["active_index"] >= 0].reset_index(drop=True)
     if lib.empty:
-        raise ValueError("no DARK or BIAS frames in the library shards")
+        raise InputError("no DARK or BIAS frames in the library shards")
+    if cameras is not None:
+        missing = sorted(set(map(str, cameras)) - set(lib["camera"]))
+        if missing:
+            raise InputError(f"camera {', '.join(missing)}: no DARK or BIAS frames in the library shards")
+        lib = lib[lib["camera"].isin(set(map(str, cameras)))].reset_index(drop=True)
     return lib
 
 
@@ -280,9 +286,13 @@ def fit_physics(
     clip: float = PIXEL_CLIP,
     irregular_p: float = IRREGULAR_P,
     max_extrapolation: float = MAX_EXTRAPOLATION,
+    cameras: Sequence[str] | None = None,
     progress: bool = True,
 ) -> Path:
     """Fit the per-pixel dark model of the DARK (and BIAS) frames of library ``shards``; write ``out``.
+
+    ``cameras``: fit only these cameras (None: every camera of the library). Cameras are fitted
+    independently, so a cluster can fit one per job and :func:`merge_physics` join the files.
 
     ``memory_mb`` bounds the stack of library pixels held at once (blocks of active rows); the
     result does not depend on it. The frame-state options are stored and reused by predictions.
@@ -299,7 +309,7 @@ def fit_physics(
             irregular_p=float(irregular_p),
             max_extrapolation=float(max_extrapolation),
         )
-        lib = _library(opened)
+        lib = _library(opened, cameras)
         bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
         mem = _stage1(opened, lib, g, params, bs, progress)
         out = Path(out)

@@ -281,6 +281,45 @@ def test_dag_of_many_nights_builds_fast(tmp_path):
     assert elapsed < 90, f"dry run of 300 nights took {elapsed:.0f} s"
 
 
+def test_the_workflow_knows_the_physics_presets():
+    """rules/common.smk cannot import torch to read them: its copy must agree with the package's."""
+    import ast
+    import re
+
+    from deepdark.model.nets import PHYSICS_PRESETS
+
+    text = (REPO / "rules" / "common.smk").read_text()
+    copy = ast.literal_eval(re.search(r"^PHYSICS_PRESETS = (.+)$", text, re.M).group(1))
+    assert set(copy) == set(PHYSICS_PRESETS)
+
+
+def test_slurm_run_fits_the_physics_model_one_job_per_camera(tmp_path):
+    """Eight cameras: once the library is extracted (the checkpoint lists its cameras), a SLURM
+    dry run plans eight physics-fit jobs, each with the profile's resources, joined before train."""
+    cameras = [f"GS{k}" for k in range(1, 9)]
+    config = {
+        **TEST_CONFIG,
+        "archive": {"path": None},
+        "simulate": {"cameras": cameras, "library": {"nights": 1, "darks_per_temp": 1}, "archive": {"nights": 1}},
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(config))
+    res = snakemake(tmp_path, "--cores", "2", "--until", "library_cameras", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    listed = pd.read_csv(tmp_path / "results" / "library" / "cameras.csv")
+    assert list(listed["camera"]) == cameras
+    res = snakemake(tmp_path, "-n", "--profile", str(REPO / "workflow/profiles/slurm"), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert job_counts(out)["physics_fit"] == len(cameras)
+    blocks = [b for b in out.split("\n\n") if "rule physics_fit:" in b]
+    assert sorted(line.split("camera=")[1] for b in blocks for line in b.splitlines() if "camera=" in line) == cameras
+    for b in blocks:
+        resources = next(line for line in b.splitlines() if line.strip().startswith("resources:"))
+        assert "mem_mb=8000" in resources and "cpus_per_task=2" in resources, resources
+    merge = next(b for b in out.split("\n\n") if "rule physics_merge:" in b)
+    assert all(f"physics/{c}.h5" in merge for c in cameras)
+
+
 # -- recovery: last, on the finished run ------------------------------------------------------------
 
 

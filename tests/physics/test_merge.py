@@ -1,0 +1,115 @@
+"""Per-camera physics fits joined into one file equal a fit of every camera at once; a cluster
+fits the cameras of a library one job each."""
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from deepdark import physics as P
+from deepdark.cli import main
+from deepdark.io.errors import InputError
+from deepdark.io.geometry import load_geometry
+from deepdark.io.shards import Shard
+from deepdark.io.tables import library_cameras
+from deepdark.pipeline.extract import extract
+from deepdark.sim.simulate import simulate_archive
+
+MINI = load_geometry("mini")
+CAMERAS = ("GS2", "GS1")  # not in sorted order: the merge orders them as a whole fit does
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    simulate_archive(
+        root / "lib",
+        geometry="mini",
+        nights=2,
+        cameras=CAMERAS,
+        temperatures=(-5, -15),
+        darks_per_temp=2,
+        dark_exptimes=(10.0, 30.0),
+        guide_per_night=0,
+        progress=False,
+    )
+    shards = [extract([n], root / f"{n.name}.h5", MINI, progress=False).shard for n in sorted((root / "lib").iterdir())]
+    P.fit_physics(shards, root / "all.h5", progress=False)
+    return root, shards
+
+
+def _datasets(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.update({name: obj[()]}) if isinstance(obj, h5py.Dataset) else None)
+        attrs = {name: dict(f[name].attrs) for name in ["cameras", *[f"cameras/{k}" for k in f["cameras"]]]}
+    return out, attrs
+
+
+def test_per_camera_fits_merged_equal_one_fit_of_all_cameras(library, tmp_path):
+    root, shards = library
+    parts = []
+    for camera in CAMERAS:
+        parts.append(P.fit_physics(shards, tmp_path / f"{camera}.h5", cameras=[camera], progress=False))
+    merged = P.merge_physics(parts, tmp_path / "merged.h5")
+    (whole, whole_attrs), (joined, joined_attrs) = _datasets(root / "all.h5"), _datasets(merged)
+    assert whole.keys() == joined.keys()
+    for name in whole:
+        if whole[name].dtype.kind in "fiub":
+            np.testing.assert_array_equal(whole[name], joined[name], err_msg=name)
+        else:
+            assert list(whole[name]) == list(joined[name]), name
+    assert repr(whole_attrs) == repr(joined_attrs)
+    with h5py.File(root / "all.h5", "r") as a, h5py.File(merged, "r") as b:
+        for key in ("schema_version", "geometry", "params", "nights"):
+            assert a.attrs[key] == b.attrs[key], key
+    with P.PhysicsModel(merged) as m:
+        assert sorted(m.cameras) == sorted(CAMERAS)
+
+
+def test_a_camera_fitted_twice_or_another_way_is_refused(library, tmp_path):
+    _, shards = library
+    one = P.fit_physics(shards, tmp_path / "one.h5", cameras=["GS1"], progress=False)
+    again = P.fit_physics(shards, tmp_path / "again.h5", cameras=["GS1"], progress=False)
+    with pytest.raises(InputError, match="camera GS1 is also fitted in"):
+        P.merge_physics([one, again], tmp_path / "m.h5")
+    other = P.fit_physics(shards, tmp_path / "other.h5", cameras=["GS2"], smooth_px=0, progress=False)
+    with pytest.raises(InputError, match="params differs"):
+        P.merge_physics([one, other], tmp_path / "m.h5")
+    with pytest.raises(InputError, match="not a deepdark physics model"):
+        P.merge_physics([one, shards[0]], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_a_camera_the_library_lacks_is_named(library, tmp_path):
+    _, shards = library
+    with pytest.raises(InputError, match="camera GS9: no DARK or BIAS frames"):
+        P.fit_physics(shards, tmp_path / "x.h5", cameras=["GS9"], progress=False)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_library_cameras_counts_each_cameras_frames(library, tmp_path):
+    _, shards = library
+    opened = [Shard(p) for p in shards]
+    try:
+        table = library_cameras(opened)
+    finally:
+        for s in opened:
+            s.close()
+    assert list(table["camera"]) == ["GS1", "GS2"]
+    assert list(table["frames"]) == [16, 16] and list(table["darks"]) == [16, 16]  # 2 nights x 2 setpoints x 2 x 2
+    assert list(table["nights"]) == [2, 2] and list(table["setpoints"]) == ["-15 -5", "-15 -5"]
+    assert main(["cameras", *map(str, shards), "--out", str(tmp_path / "cameras.csv"), "-q"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cameras.csv"), table, check_dtype=False)
+
+
+def test_cli_fits_one_camera_and_merges(library, tmp_path):
+    _, shards = library
+    for camera in CAMERAS:
+        args = ["physics-fit", *map(str, shards), "--cameras", camera, "--out", str(tmp_path / f"{camera}.h5"), "-q"]
+        assert main(args) == 0
+    parts = [str(tmp_path / f"{c}.h5") for c in CAMERAS]
+    assert main(["physics-merge", *parts, "--out", str(tmp_path / "physics.h5"), "-q"]) == 0
+    assert main(["physics-merge", *parts, "--out", parts[0], "-q"]) == 2  # never over an input
+    with P.PhysicsModel(tmp_path / "physics.h5") as m:
+        assert sorted(m.cameras) == ["GS1", "GS2"]
