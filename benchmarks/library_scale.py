@@ -13,13 +13,14 @@ darks) and all four (4N):
   step, VmHWM), per dark, and its ratio to the bare read;
 * the scaling ratio time(4N) / time(N) (linear: 4).
 
-For ``baseline`` it also runs 4N with a budget that gives the blocks the library of the
-projection would get at ``--memory-mb``, so that the projection for ``--project`` darks (default
-20,000) uses the path such a library takes (through the scratch file), not the one-block path of
-a small library.
+It also runs 4N with a budget that gives the blocks of rows the library of the projection
+would get at ``--memory-mb``, so that the projection for ``--project`` darks (default 20,000)
+uses the path such a library takes (through the scratch file), not the one-block path of a
+small library.
 
-Steps: ``baseline`` (median master darks). A step is a function ``(shards, out, memory_mb) ->
-None`` in ``STEPS``, timed the same way.
+Steps: ``baseline`` (median master darks) and ``physics-fit`` (the per-pixel physics fit). A step
+is a function ``(shards, out, memory_mb) -> None`` in ``STEPS``, timed the same way, with a
+function in ``BLOCK_ROWS`` that gives the rows per block its plan makes of a budget.
 """
 
 from __future__ import annotations
@@ -39,15 +40,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deepdark.io.geometry import load_geometry  # noqa: E402
 from deepdark.io.masters import _BlockPlan  # noqa: E402
+from deepdark.physics.fit import _stack_plan  # noqa: E402
 from deepdark.pipeline.extract import extract  # noqa: E402
 from deepdark.sim.simulate import simulate_archive  # noqa: E402
 
 # step -> (module, function) called as function(shards, out, memory_mb=..., progress=False).
 STEPS = {
     "baseline": ("deepdark.pipeline.baseline", "build_masters"),
-    # "physics-fit": ("deepdark.physics.fit", "fit_physics"),  # the per-pixel physics fit, same signature
+    "physics-fit": ("deepdark.physics.fit", "fit_physics"),
 }
 SETPOINTS = (-5, -15)
+# The maps of the physics fit of this library: dark current (one component: two setpoints, one
+# exposure time) and glow.
+PHYSICS_MAPS = 2
+
+# step -> rows per block of the stack of a channel's (a family's) n darks at a budget (MB).
+BLOCK_ROWS = {
+    "baseline": lambda memory_mb, n, shape: _BlockPlan.make(memory_mb, n, *shape, len(SETPOINTS)).block,
+    "physics-fit": lambda memory_mb, n, shape: _stack_plan(n, shape, PHYSICS_MAPS, memory_mb)[0],
+}
+# step -> how often its scratch file is read
+SCRATCH_READS = {"baseline": "once", "physics-fit": "twice (the fit's two passes)"}
 
 # The child's peak resident memory is its VmHWM (Linux; ru_maxrss would carry the parent's peak
 # across fork and exec).
@@ -115,40 +128,47 @@ def library(root: Path, darks: int) -> list[Path]:
     ]
 
 
-def equivalent_budget(memory_mb: float, n_big: int, n_small: int) -> float:
+def equivalent_budget(step: str, memory_mb: float, n_big: int, n_small: int) -> tuple[float, int]:
     """The budget (MB) at which ``n_small`` darks get the blocks of rows that ``n_big`` get at
-    ``memory_mb``: the same path (the scratch file) and the same reads per block."""
-    height, width = load_geometry("lamost-kaf4320").active.shape
-    groups = len(SETPOINTS)
-    block = _BlockPlan.make(memory_mb, n_big, height, width, groups).block
+    ``memory_mb`` (the same path, the scratch file, and the same reads per block), and those rows."""
+    shape = load_geometry("lamost-kaf4320").active.shape
+    rows_of = BLOCK_ROWS[step]
+    block = rows_of(memory_mb, n_big, shape)
     lo, hi = 0.0, memory_mb
     for _ in range(60):  # the smallest budget that gives n_small darks blocks of that many rows
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _BlockPlan.make(mid, n_small, height, width, groups).block < block else (lo, mid)
-    return hi
+        lo, hi = (mid, hi) if rows_of(mid, n_small, shape) < block else (lo, mid)
+    return hi, block
 
 
-def report(step: str, darks: int, bare: dict, runs: dict, memory_mb: float, project: int, spill: dict | None):
+def report(step: str, darks: int, bare: dict, runs: dict, memory_mb: float, project: int, spill: dict):
     n, n4 = darks, 4 * darks
     print(f"step {step}, memory budget {memory_mb:g} MB, full-size darks (4 channels of 1042 x 1042)")
-    print(f"{'darks':>6} {'bare ms/dark':>13} {'step ms/dark':>13} {'ratio':>6} {'peak rise MB':>13}")
+    print(f"{'darks':>6} {'bare ms/dark':>13} {'step ms/dark':>13} {'ratio':>6} {'peak rise MB':>13} {'of budget':>10}")
     for k in (n, n4):
-        per, b = runs[k]["seconds"] / k * 1e3, bare[k] / k * 1e3
-        print(f"{k:>6} {b:13.1f} {per:13.1f} {per / b:6.1f} {runs[k]['peak_rise_mb']:13.0f}")
+        per, b, rise = runs[k]["seconds"] / k * 1e3, bare[k] / k * 1e3, runs[k]["peak_rise_mb"]
+        print(f"{k:>6} {b:13.1f} {per:13.1f} {per / b:6.1f} {rise:13.0f} {rise / memory_mb:10.0%}")
     print(f"scaling: time({n4}) / time({n}) = {runs[n4]['seconds'] / runs[n]['seconds']:.2f} (linear: 4)")
-    per_dark = runs[n4]["seconds"] / n4
-    if spill is not None:
-        per_spill = spill["run"]["seconds"] / n4
+    projection(step, n4, bare[n4] / n4, runs[n4]["seconds"] / n4, memory_mb, project, spill)
+
+
+def projection(step: str, n4: int, bare_per_dark: float, per_dark: float, memory_mb: float, project: int, spill):
+    """The path ``project`` darks take at ``memory_mb``, and their time: by the per-dark cost of
+    ``n4`` darks on that path."""
+    if spill["rows"] >= 1042:
+        print(f"{project} darks at {memory_mb:g} MB: one block of rows in memory, no scratch file")
+    else:
+        run = spill["run"]
+        per_dark = run["seconds"] / n4
         print(
-            f"{n4} darks through the scratch file (budget {spill['budget']:.1f} MB: the blocks {project} darks "
-            f"get at {memory_mb:g} MB): {per_spill * 1e3:.1f} ms/dark, ratio {per_spill / (bare[n4] / n4):.1f}, "
-            f"peak rise {spill['run']['peak_rise_mb']:.0f} MB"
+            f"{project} darks at {memory_mb:g} MB go through the scratch file, blocks of {spill['rows']} rows; "
+            f"{n4} darks so (budget {spill['budget']:.1f} MB): {per_dark * 1e3:.1f} ms/dark, "
+            f"ratio {per_dark / bare_per_dark:.1f}, peak rise {run['peak_rise_mb']:.0f} MB"
         )
-        per_dark = per_spill
         scratch_gb = project * 1042 * 1042 * 2 / 1e9
         print(
-            f"  (its scratch file holds one channel's darks uncompressed: {scratch_gb:.0f} GB for {project} darks, "
-            "written and read once; here it stayed in the page cache)"
+            f"  (its scratch file holds one channel's darks uncompressed: {scratch_gb:.0f} GB for {project} "
+            f"darks, written once and read {SCRATCH_READS[step]}; here it stayed in the page cache)"
         )
     print(f"projection, {project} darks: {project * per_dark / 60:.1f} min ({per_dark * 1e3:.1f} ms/dark)")
 
@@ -170,10 +190,10 @@ def main() -> int:
         bare_read(shards)  # the page cache holds every shard from here on
         bare = {k: timed_bare(s, a.repeats) for k, s in sets.items()}
         runs = {k: run_step(a.step, s, tmp / f"out{k}.h5", a.memory_mb) for k, s in sets.items()}
-        spill = None
-        if a.step == "baseline":
-            budget = equivalent_budget(a.memory_mb, a.project, 4 * a.darks)
-            spill = {"budget": budget, "run": run_step(a.step, shards, tmp / "spill.h5", budget)}
+        budget, rows = equivalent_budget(a.step, a.memory_mb, a.project, 4 * a.darks)
+        spill = {"budget": budget, "rows": rows}
+        if rows < 1042:
+            spill["run"] = run_step(a.step, shards, tmp / "spill.h5", budget)
         report(a.step, a.darks, bare, runs, a.memory_mb, a.project, spill)
     return 0
 

@@ -3,14 +3,16 @@ limit (a bare read of the raw frames and the compressed write of the corrected o
 in the same run; the projection for an archive; and, optionally, the planning time of the
 archive's workflow. Not a test.
 
-    .venv/bin/python benchmarks/throughput.py [--frames 6] [--per-night 500 2000] [--no-model] [--dag]
+    .venv/bin/python benchmarks/throughput.py [--frames 6] [--per-night 500 2000] [--no-model] [--repeats 3] [--dag]
 
 One core: BLAS, OpenMP, Blosc and torch run one thread each (set before numpy loads). Simulates
 a small full-size dark library (two nights, four setpoints, 10 s and 30 s darks), fits the
 physics model and the median masters on it (not timed), and two archive nights of ``--frames``
 and twice as many full-size guide frames of the same camera. Then, timed, one night at a time
 as the workflow runs it (the two nights give each step's cost per night and per frame; frames
-per second count the cost per frame, the projection both):
+per second count the cost per frame, the projection both). The physics path and the I/O limit
+run ``--repeats`` times and keep each step's fastest run (other work on the machine only adds
+time); the model path, dominated by the network, runs once:
 
 * physics: ``extract``, ``write_predictions`` with ``physics_predictor(..., area="active")``,
   ``correct_night`` (RICE_1, the default), ``night_qa``;
@@ -19,8 +21,12 @@ per second count the cost per frame, the projection both):
 * I/O limit: each raw frame read by astropy (pixels as uint16) and its corrected mosaic written
   as ``correct`` stores it (``storage_hdus``: RICE_1), nothing else.
 
-It also prints what each storage costs per frame (size; RICE_1's added error against the
-frame's noise), and with ``--dag`` the time of ``snakemake -n`` over an archive of
+It also prints the physics ``predict`` step apart (per frame: the whole step, the prediction
+alone, the share of writing the predictions file, reading its darks back as ``correct`` and
+``qa`` do, the file's size; the peak memory of a fresh process predicting each night, which must
+not grow with the night; and what predicting again at correction time instead of reading the
+file would cost or save), what each storage costs per frame (size; RICE_1's added error against
+the frame's noise), and with ``--dag`` the time of ``snakemake -n`` over an archive of
 ``--dag-nights`` nights of ``--dag-cameras`` cameras (placeholder files, two per camera and night).
 """
 
@@ -48,7 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from deepdark.io.geometry import load_geometry  # noqa: E402
-from deepdark.io.predictions import write_predictions  # noqa: E402
+from deepdark.io.predictions import Predictions, write_predictions  # noqa: E402
+from deepdark.io.shards import Shard  # noqa: E402
 from deepdark.physics import fit_physics, physics_predictor  # noqa: E402
 from deepdark.pipeline.baseline import build_masters  # noqa: E402
 from deepdark.pipeline.correct import correct_night, frame_noise, storage_hdus  # noqa: E402
@@ -105,10 +112,88 @@ def run_night(env: dict, work: Path, night: str, predict) -> dict[str, float]:
     }
 
 
-def run_path(env: dict, work: Path, predict, frames: int) -> dict[str, tuple[float, float]]:
-    """{step: (seconds per night, seconds per frame)}, from nights of n and 2n frames."""
-    small, large = (run_night(env, work / night, night, predict) for night in NIGHTS)
+def run_path(env: dict, work: Path, predict, frames: int, repeats: int = 1) -> dict[str, tuple[float, float]]:
+    """{step: (seconds per night, seconds per frame)}, from nights of n and 2n frames, each step's
+    fastest of ``repeats`` runs of each night (the first run's files stay in ``work/NIGHT``)."""
+    small, large = (
+        min_per_step(
+            [run_night(env, work / (night if r == 0 else f"{night}-{r}"), night, predict) for r in range(repeats)]
+        )
+        for night in NIGHTS
+    )
     return {k: (max(0.0, 2 * small[k] - large[k]), max(0.0, (large[k] - small[k]) / frames)) for k in small}
+
+
+def min_per_step(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each step's fastest time over ``runs``: other work on the machine only ever adds time."""
+    return {k: min(run[k] for run in runs) for k in runs[0]}
+
+
+def predict_step(env: dict, work: Path, frames: int, repeats: int = 3) -> dict[str, float]:
+    """The physics predict step of both nights of ``work`` (as :func:`run_path` left them), per
+    frame (best of ``repeats``): ``step`` (``write_predictions``, reading the shard and writing
+    the file), ``compute`` (the same predictions, nothing written), ``read`` (every frame's darks
+    read back, as ``correct`` and ``qa`` each do) and ``mb`` (the file's size); and the peak
+    memory (MB) of a fresh process predicting each night, ``peak_small`` and ``peak_large``."""
+    per_night = {}
+    for night in NIGHTS:
+        shard, written = work / night / f"{night}.h5", work / night / "pred.h5"
+        per_night[night] = {
+            "step": min(timed(physics_predict, env, shard, work / night / "again.h5") for _ in range(repeats)),
+            "compute": min(timed(physics_only, env, shard) for _ in range(repeats)),
+            "read": min(timed(read_darks, written) for _ in range(repeats)),
+            "mb": written.stat().st_size / 1e6,
+            "peak": peak_predict_mb(env, shard, work / night / "peak.h5"),
+        }
+    small, large = (per_night[n] for n in NIGHTS)
+    out = {k: max(0.0, (large[k] - small[k]) / frames) for k in ("step", "compute", "read", "mb")}
+    return out | {"peak_small": small["peak"], "peak_large": large["peak"]}
+
+
+def physics_only(env: dict, shard: Path) -> None:
+    """What :func:`physics_predict` computes, in its batches, nothing written."""
+    predict = physics_predictor(env["physics"], area="active")
+    with Shard(shard) as s:
+        for start in range(0, len(s), 8):
+            predict.serve(s, np.arange(start, min(len(s), start + 8)))
+    predict.model.close()
+
+
+def read_darks(path: Path) -> None:
+    """Every frame's predicted darks, read as ``correct`` and ``qa`` read them."""
+    with Predictions(path) as p:
+        for f in dict.fromkeys(p.table["file"]):
+            p.dark(np.sort(p.rows_of(f)))
+
+
+def peak_predict_mb(env: dict, shard: Path, out: Path) -> float:
+    """Peak resident memory (MB) of a fresh Python process that runs the physics predict step:
+    its VmHWM (getrusage's maximum would carry this process's over the fork)."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import throughput as T; "
+        f"T.physics_predict({{'physics': {str(env['physics'])!r}}}, {str(shard)!r}, {str(out)!r}); "
+        "print(next(line for line in open('/proc/self/status') if line.startswith('VmHWM')))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(res.stdout.split()[-2]) / 1024  # "VmHWM:  123456 kB"
+
+
+def print_predict_step(fig: dict, frames: int) -> None:
+    """The physics predict step's figures (:func:`predict_step`) and what predicting again at
+    correction time, instead of writing the darks once and reading them twice, would change."""
+    write = max(0.0, fig["step"] - fig["compute"])
+    print(
+        f"predict  {1 / fig['step']:6.3f} frames/s/core  ({fig['step']:.3f} s/frame: the prediction "
+        f"{fig['compute']:.3f} s, writing the file {write:.3f} s = {write / fig['step']:.0%} of the step; "
+        f"{fig['mb']:.1f} MB/frame; peak memory {fig['peak_small']:.0f} MB at {frames} frames, "
+        f"{fig['peak_large']:.0f} MB at {2 * frames})"
+    )
+    net = 2 * (fig["compute"] - fig["read"]) - write  # correct and qa each predict, predict writes nothing
+    print(
+        f"         predicting again in correct and qa instead of reading: -{write:.3f} s (no darks written), "
+        f"2 x (+{fig['compute']:.3f} s predicted - {fig['read']:.3f} s read) = {net:+.3f} s/frame, "
+        f"-{fig['mb']:.1f} MB/frame of predictions files"
+    )
 
 
 def untrained_default_model(env: dict, out: Path) -> Path:
@@ -151,21 +236,27 @@ def exact_images(folder: Path) -> list[np.ndarray]:
     return images
 
 
-def io_limit(env: dict, exact: Path) -> dict[str, float]:
+def io_limit(env: dict, exact: Path, repeats: int = 1) -> dict[str, float]:
     """Seconds per frame of a bare astropy read of the raw frames and of the RICE_1 write of their
-    corrected mosaics (as ``correct`` writes them: step = the frame's noise / 4, dithered)."""
+    corrected mosaics (as ``correct`` writes them: step = the frame's noise / 4, dithered); the
+    fastest of ``repeats`` runs of each."""
     raws = sorted((env["archive"] / NIGHTS[1]).glob("*.fits"))
     images = exact_images(exact)
-    t = time.perf_counter()
-    for f in raws:
-        with fits.open(f, memmap=False) as hdul:
-            np.asarray(hdul[0].data, dtype=np.uint16)
-    read = (time.perf_counter() - t) / len(raws)
-    t = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for k, image in enumerate(images):
-            storage_hdus(image).writeto(Path(tmp) / f"{k}.fits", checksum=True)
-    return {"read": read, "write": (time.perf_counter() - t) / len(images)}
+
+    def read() -> None:
+        for f in raws:
+            with fits.open(f, memmap=False) as hdul:
+                np.asarray(hdul[0].data, dtype=np.uint16)
+
+    def write() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for k, image in enumerate(images):
+                storage_hdus(image).writeto(Path(tmp) / f"{k}.fits", checksum=True)
+
+    return {
+        "read": min(timed(read) for _ in range(repeats)) / len(raws),
+        "write": min(timed(write) for _ in range(repeats)) / len(images),
+    }
 
 
 def storage_figures(images: list[np.ndarray]) -> dict[str, dict]:
@@ -233,6 +324,12 @@ def main() -> int:
     p.add_argument("--nights", type=int, default=3000)
     p.add_argument("--cameras", type=int, default=8)
     p.add_argument("--no-model", action="store_true", help="leave out the default model's path")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of each night of the physics path and of the I/O limit, the fastest kept (default: %(default)s)",
+    )
     p.add_argument("--dag", action="store_true", help="also time the dry run of the archive's workflow")
     p.add_argument("--dag-nights", type=int, default=3000)
     p.add_argument("--dag-cameras", type=int, default=8)
@@ -242,16 +339,18 @@ def main() -> int:
         t = time.perf_counter()
         env = setup(root, a.frames)
         print(f"set up (simulate, extract, fit physics, masters) in {time.perf_counter() - t:.0f} s; one core")
-        paths = {"physics": run_path(env, root / "physics", physics_predict, a.frames)}
+        paths = {"physics": run_path(env, root / "physics", physics_predict, a.frames, a.repeats)}
         if not a.no_model:
             env["model"] = untrained_default_model(env, root / "model")
             paths["model"] = run_path(env, root / "model-run", model_predict, a.frames)
+        predict = predict_step(env, root / "physics", a.frames, a.repeats)
         for name, steps in paths.items():
             print_path(name, steps)
+        print_predict_step(predict, a.frames)
         # the exact mosaics (stored without loss), for the I/O limit and the storage figures
         exact = root / "physics" / "exact"
         correct_night(root / "physics" / NIGHTS[1] / "pred.h5", exact, compression="none", progress=False)
-        limit = io_limit(env, exact)
+        limit = io_limit(env, exact, a.repeats)
         paths["I/O"] = {"read": (0.0, limit["read"]), "write": (0.0, limit["write"])}
         print(
             f"I/O      {1 / (limit['read'] + limit['write']):6.3f} frames/s/core  (bare read {limit['read']:.3f} s, "

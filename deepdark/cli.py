@@ -45,6 +45,7 @@ def cmd_simulate(a: argparse.Namespace) -> None:
         temperatures=a.temperatures,
         darks_per_temp=a.darks_per_temp,
         effects=a.effects,
+        pattern_scale=a.pattern_scale,
         dark_exptimes=a.dark_exptimes,
         bias_per_night=a.bias_per_night,
         guide_per_night=a.guide_per_night,
@@ -466,6 +467,11 @@ _SIMULATE_OPTIONS = (
     ("--guide-per-night", dict(type=int), "guide (OBJECT) frames per night and camera"),
     ("--first-night", {}, "YYYYMMDD of the first night"),
     ("--effects", dict(nargs="*"), "effects the physics model cannot describe (amp_glow, pickup), none by default"),
+    (
+        "--pattern-scale",
+        dict(type=float),
+        "strength of the fixed dark pattern (rings, gradients, DSNU, hot pixels): 0 none, 1 the camera as drawn",
+    ),
 )
 
 

@@ -208,6 +208,13 @@ def masters_file():
     return config["library"]["masters"] or results("masters.h5")
 
 
+def predictions_output():
+    """A night's predictions file; a temporary one (removed once correct and qa have read it)
+    unless config ``predict.keep``."""
+    path = results("predictions/{night}.h5")
+    return path if config["predict"]["keep"] else temp(path)
+
+
 def trains_physics_model():
     """Whether the workflow trains a model that needs the library's physics model."""
     return not config["model"]["dir"] and config["model"]["preset"] in PHYSICS_PRESETS
@@ -390,7 +397,8 @@ def every_intermediate(wildcards):
     default target asks for each, so that one deleted is made again and what it feeds reruns on
     its newer modification time (Snakemake leaves a missing intermediate alone otherwise)."""
     archive = nights("archive")
-    files = expand(results("{dir}/{night}.h5"), dir=("shards", "predictions"), night=archive)
+    kept = ("shards", "predictions") if config["predict"]["keep"] else ("shards",)
+    files = expand(results("{dir}/{night}.h5"), dir=kept, night=archive)
     files += expand(results("shards/{night}.quarantine.csv"), night=archive)
     files += expand(results("corrected/{night}/manifest.csv"), night=archive)
     files += expand(results("qa/{night}/{name}"), night=archive, name=("qa.csv", "qa.html", "quarantine.csv"))

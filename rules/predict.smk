@@ -8,7 +8,7 @@ rule predict:
         unpack(lambda wildcards: model_files()),
         shard=results("shards/{night}.h5"),
     output:
-        results("predictions/{night}.h5"),
+        predictions_output(),
     log:
         results("logs/predict/{night}.log"),
     benchmark:

@@ -10,12 +10,12 @@ Medians are streamed (:func:`streamed_medians`): a block of rows of every librar
 time, sized to a memory budget, so a library of thousands of full frames never sits in memory
 at once. Each frame's stored chunk (its whole active area) is read and decoded once: when one
 block holds every row, straight into the block; otherwise the frames go once through a scratch
-file laid out block by block, from which each block is one contiguous read. The time is then
-linear in the number of frames whatever the budget (the scratch file holds the family's frames
-uncompressed, 2.2 MB per KAF-4320 channel, and leaves no name behind). Within a block, slabs of
-rows are transposed so that each pixel's frames are contiguous and sorted in place (numpy's
-vectorised sort): each setpoint's frames, then all, give the middle values, equal to
-``np.median``'s to the bit.
+file laid out block by block, from which each block is one contiguous read (:class:`StackedRows`).
+The time is then linear in the number of frames whatever the budget (the scratch file holds the
+family's frames uncompressed, 2.2 MB per KAF-4320 channel, and leaves no name behind). Within a
+block, slabs of rows are transposed so that each pixel's frames are contiguous and sorted in
+place (numpy's vectorised sort): each setpoint's frames, then all, give the middle values, equal
+to ``np.median``'s to the bit.
 
 Each file records the library frames that went in (group ``frames``, :attr:`Masters.frames`):
 one row per frame, with its name, the hash of its file and of its pixels and header facts, its
@@ -225,7 +225,6 @@ def streamed_medians(
     groups = [(k, slice(int(a), int(b))) for k, a, b in _runs(labels[order])] if group_by else []
     position = np.empty(len(frames), dtype=np.int64)
     position[order] = np.arange(len(frames))
-    sources = _sources(shards, frames, position)
     n_rows, n_cols = shards[0].geometry.active.shape
     r_start, r_stop, _ = rows.indices(n_rows)
     c_start, c_stop, _ = cols.indices(n_cols)
@@ -233,22 +232,95 @@ def streamed_medians(
     plan = _BlockPlan.make(memory_mb, len(frames), height, width, len(keys))
     overall = np.empty((height, width), dtype=np.float32)
     per_group = {k: np.empty_like(overall) for k in keys}
-    area = (slice(r_start, r_stop), slice(c_start, c_stop))
-    if plan.block == height:  # one block: every frame's chunk straight into the stack
-        stack = np.empty((len(frames), height, width), dtype=np.uint16)
-        for shard, index, at in sources:
-            _read_into(shard, index, area, stack[at : at + 1])
-        _block_medians(stack, groups, plan.slab_rows, overall, per_group, 0)
-        return overall, per_group
-    with tempfile.TemporaryFile(dir=scratch, prefix=".deepdark-medians-") as spill:
-        _spill_blocks(spill, sources, area, plan, len(frames))
-        flat = np.empty(len(frames) * plan.block * width, dtype=np.uint16)
-        for r0 in range(0, height, plan.block):
-            r1 = min(height, r0 + plan.block)
-            stack = flat[: len(frames) * (r1 - r0) * width].reshape(len(frames), r1 - r0, width)
-            _read_exactly(spill, stack, len(frames) * r0 * width * 2)
-            _block_medians(stack, groups, plan.slab_rows, overall, per_group, r0)
+    with StackedRows(shards, frames, position, plan.block, rows, cols, scratch) as stacked:
+        for r0, _ in stacked.blocks:
+            _block_medians(stacked.read(r0), groups, plan.slab_rows, overall, per_group, r0)
     return overall, per_group
+
+
+class StackedRows:
+    """The active areas of library frames stacked (frames, rows, cols), uint16, a block of rows
+    at a time, each stored chunk read and decoded once however often the blocks are read.
+
+    When one block holds every row, the frames are read straight into it and it stays in
+    memory. Otherwise they go once through a scratch file laid out block by block (block ``b``
+    is the stack of every frame's rows of that block), from which each block is one contiguous
+    read; the file has no name and vanishes when closed, whatever happens. Use as a context
+    manager: the frames are read on entry.
+
+    Parameters
+    ----------
+    shards
+        Open shards.
+    frames
+        Rows of a library table (:func:`deepdark.io.tables.library_table`): ``shard_no`` (into
+        ``shards``) and ``row`` (of that shard's table).
+    position
+        Where each row of ``frames`` goes in the stack (a permutation of its positions).
+    block
+        Rows per block.
+    rows, cols
+        The part of the active area (slices of step 1): the whole of it by default.
+    scratch
+        Folder of the scratch file (the system's temporary folder by default).
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        frames: pd.DataFrame,
+        position: np.ndarray,
+        block: int,
+        rows: slice = slice(None),
+        cols: slice = slice(None),
+        scratch: str | Path | None = None,
+    ):
+        n_rows, n_cols = shards[0].geometry.active.shape
+        r_start, r_stop, _ = rows.indices(n_rows)
+        c_start, c_stop, _ = cols.indices(n_cols)
+        self.area = (slice(r_start, r_stop), slice(c_start, c_stop))
+        self.n_frames, self.height, self.width = len(frames), r_stop - r_start, c_stop - c_start
+        self.block = int(max(1, min(block, self.height)))
+        self.blocks = [(r0, min(self.height, r0 + self.block)) for r0 in range(0, self.height, self.block)]
+        self._sources = _sources(shards, frames, np.asarray(position))
+        self._scratch = scratch
+        self._stack: np.ndarray | None = None  # the one block, or the read buffer of the scratch file's
+        self._spill = None
+
+    def __enter__(self) -> StackedRows:
+        if len(self.blocks) == 1:  # one block: every frame's chunk straight into the stack
+            self._stack = np.empty((self.n_frames, self.height, self.width), dtype=np.uint16)
+            for shard, index, at in self._sources:
+                _read_into(shard, index, self.area, self._stack[at : at + 1])
+            return self
+        self._spill = tempfile.TemporaryFile(dir=self._scratch, prefix=".deepdark-stack-")
+        try:
+            _spill_blocks(self._spill, self._sources, self.area, self.block, self.n_frames)
+        except BaseException:
+            self.close()
+            raise
+        self._stack = np.empty(self.n_frames * self.block * self.width, dtype=np.uint16)
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the stack and the scratch file."""
+        self._stack = None
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
+    def read(self, r0: int) -> np.ndarray:
+        """The block of rows that starts at ``r0`` (an entry of :attr:`blocks`): (frames, rows,
+        cols). A block from the scratch file lives in a buffer that the next read reuses."""
+        if self._spill is None:
+            return self._stack
+        r1 = min(self.height, r0 + self.block)
+        stack = self._stack[: self.n_frames * (r1 - r0) * self.width].reshape(self.n_frames, r1 - r0, self.width)
+        _read_exactly(self._spill, stack, self.n_frames * r0 * self.width * 2)
+        return stack
 
 
 def _runs(values: np.ndarray) -> list[tuple]:
@@ -303,15 +375,15 @@ def _read_into(shard: Shard, index: int, area: tuple[slice, slice], out: np.ndar
         ) from None
 
 
-def _spill_blocks(spill, sources: list[tuple], area: tuple[slice, slice], plan: _BlockPlan, n_frames: int) -> None:
+def _spill_blocks(spill, sources: list[tuple], area: tuple[slice, slice], block: int, n_frames: int) -> None:
     """Write every frame's rows to ``spill`` block by block, each block the stack of all frames
-    (block b of the rows: bytes from ``n_frames * r0 * width * 2``), reading each chunk once."""
+    (the block of rows from r0: bytes from ``n_frames * r0 * width * 2``), reading each chunk once."""
     height, width = area[0].stop - area[0].start, area[1].stop - area[1].start
     frame = np.empty((1, height, width), dtype=np.uint16)
     for shard, index, at in sources:
         _read_into(shard, index, area, frame)
-        for r0 in range(0, height, plan.block):
-            r1 = min(height, r0 + plan.block)
+        for r0 in range(0, height, block):
+            r1 = min(height, r0 + block)
             offset = (n_frames * r0 + at * (r1 - r0)) * width * 2
             os.pwrite(spill.fileno(), frame[0, r0:r1].tobytes(), offset)
 

@@ -327,12 +327,13 @@ class Generator(nn.Module):
         return (torch.tanh(x) + 1.0) / 2.0
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference: eval mode (batch-norm running statistics) under ``torch.no_grad()``; the
-        module's previous train/eval mode is restored afterwards."""
+        """Inference: eval mode (batch-norm running statistics) under ``torch.inference_mode()``
+        (the output is an inference tensor: it cannot enter autograd later); the module's previous
+        train/eval mode is restored afterwards."""
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 return self(x)
         finally:
             self.train(was_training)

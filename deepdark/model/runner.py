@@ -16,10 +16,11 @@ float32 ADU`` over one of two areas:
 ``deepdark.io.predictions.write_predictions`` (temporary name, renamed when complete), with the
 model's name and hash as provenance.
 
-The generator runs in eval mode (batch-norm running statistics, see ``deepdark.model.nets``), batched
-(``batch_size`` channels per forward pass), on CUDA under float16 autocast with a float32 output
-layer when a GPU is used, on the CPU in float32 otherwise. The model's geometry and window must
-be the shard's: another camera layout is refused with a message saying what differs.
+The generator runs in eval mode (batch-norm running statistics, see ``deepdark.model.nets``) under
+``torch.inference_mode`` (no autograd bookkeeping), batched (``batch_size`` channels per forward
+pass), on CUDA under float16 autocast with a float32 output layer when a GPU is used, on the CPU
+in float32 otherwise. The model's geometry and window must be the shard's: another camera
+layout is refused with a message saying what differs.
 
 Physics-mode models (card inputs ``a1, a2, a3, physics``; ``deepdark.model.conditioning``) are handled
 transparently: the runner opens the physics model stored in the model directory, computes the
@@ -221,13 +222,15 @@ class ModelRunner:
             check_geometry(self.model.card, shard.geometry, where=f"shard {shard.path}")
             self._checked.add(key)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, x: torch.Tensor, base_adu: np.ndarray | None = None) -> np.ndarray:
         """Model inputs (B, C, H, W) in [0, 1] -> predictions (B, H, W), float32 ADU.
 
         Inputs whose sides are not multiples of the network's are padded by reflection (split
         evenly between both sides) and the output cropped back. Physics-mode models need
         ``base_adu`` (B, H, W), the physics prediction: the result is base + R tanh(h).
+        Runs under ``torch.inference_mode``: nothing here is ever differentiated, and the output
+        leaves as numpy.
         """
         if (base_adu is None) != (self.physics is None):
             raise ValueError(

@@ -19,11 +19,20 @@ from deepdark import __version__
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError
 from deepdark.io.geometry import Geometry
+from deepdark.io.masters import StackedRows
 from deepdark.io.shards import HDF5_FORMAT, Shard
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
 from deepdark.io.units import SATURATED
 
-from .frame_state import MAD_SIGMA, OVERSCAN_SKIP, active_row_offsets, frame_state, transferred_bias
+from .frame_state import (
+    MAD_SIGMA,
+    OVERSCAN_SKIP,
+    active_row_offsets,
+    frame_state,
+    masked_sum,
+    median_last,
+    transferred_bias,
+)
 from .law import Law, fit_law
 from .pixelfit import IRREGULAR_P, _hot_fits, _pairs, _PixelFit, _robust_fit, smooth_prior
 from .transfer import Transfer, measure_transfer
@@ -47,11 +56,15 @@ def _block_means(signal: np.ndarray, bs: int, clip: float = PIXEL_CLIP) -> np.nd
     """Clipped means of bs x bs blocks of ``signal`` (k, R, C) -> (k, R//bs, C//bs)."""
     k, R, C = signal.shape
     nr, nc = R // bs, C // bs
-    v = signal[:, : nr * bs, : nc * bs].reshape(k, nr, bs, nc, bs).transpose(0, 1, 3, 2, 4).reshape(k, nr, nc, bs * bs)
-    med = np.median(v, axis=-1, keepdims=True)
-    sig = np.maximum(MAD_SIGMA * np.median(np.abs(v - med), axis=-1, keepdims=True), 0.5)
-    keep = np.abs(v - med) <= clip * sig
-    return (np.where(keep, v, 0).sum(-1) / np.maximum(keep.sum(-1), 1)).astype(np.float64)
+    out = np.empty((k, nr, nc))
+    for i in range(k):  # a frame at a time: its copies stay small
+        v = signal[i, : nr * bs, : nc * bs].reshape(nr, bs, nc, bs).transpose(0, 2, 1, 3).reshape(nr, nc, bs * bs)
+        med = median_last(v, keepdims=True)
+        dev = np.abs(v - med)
+        sig = np.maximum(MAD_SIGMA * median_last(dev, keepdims=True), 0.5)
+        keep = dev <= clip * sig
+        out[i] = masked_sum(v, keep) / np.maximum(keep.sum(-1), 1)
+    return out
 
 
 @dataclass
@@ -106,11 +119,15 @@ def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progr
             rows, pos = part["row"].to_numpy(), part.index.to_numpy()
             strips = s.strips(rows)
             st = frame_state(strips, params["overscan_skip"], params["shrink"], params["smooth_rows"])
-            act = s.active(rows).astype(np.float32) - st.bias[:, :, None].astype(np.float32)
             out["bias"][pos], out["level"][pos] = st.bias, st.level
             out["read_var"][pos], out["row_var"][pos] = st.read_var, st.row_var
-            out["blocks"][pos] = _block_means(act, bs)
-            out["active_rows"][pos] = active_row_offsets(act, st.bias, st.level)
+            with StackedRows(shards, part, np.arange(len(part)), R) as stacked:  # each chunk read once
+                raw = stacked.read(0)
+                bias32 = st.bias.astype(np.float32)
+                for i, at in enumerate(pos):  # a frame at a time: its float copies stay in the cache
+                    act = raw[i][None].astype(np.float32) - bias32[i, :, None]
+                    out["blocks"][at] = _block_means(act, bs)[0]
+                    out["active_rows"][at] = active_row_offsets(act, st.bias[i : i + 1], st.level[i : i + 1])[0]
             ob_c.append(st.ob_cols), ob_r.append(st.ob_rows)
             ob_c_raw.append(strips["a2"]), ob_r_raw.append(strips["a3"])
             pos_all.append(pos)
@@ -132,25 +149,93 @@ def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progr
     )
 
 
+# The memory of a channel's fit. The library's pixels are held as their uint16 stack, a block of
+# active rows at a time (every row when the budget allows, else from a scratch file; either way
+# each stored chunk is read once: :class:`deepdark.io.masters.StackedRows`). The per-pixel fit
+# works on a block of pixels at a time, small enough for the processor's caches: its float
+# (frames x pixels) arrays, about BYTES_PER_FRAME_PIXEL in all, stay there between the many
+# passes a robust fit makes over them.
+STACK_BYTES_PER_FRAME_PIXEL = 2
 BYTES_PER_FRAME_PIXEL = 48  # working set of the per-pixel fit: ~10 float32/bool (frames x pixels) arrays
+PIXEL_BLOCK_BYTES = 2**19  # one float32 (frames x pixels) array of a block of pixels
+MIN_PIXEL_BLOCK = 64  # pixels: below this, numpy's per-call cost dominates
+WORK_SHARE = 0.25  # at most this share of the budget for the blocks of pixels (libraries of many frames)
 
 
-def _chunk_rows(N: int, cols: int, memory_mb: float) -> int:
-    """Active rows per block so that the fit's working set stays within ``memory_mb``."""
-    return max(1, int(memory_mb * 2**20 // (N * cols * BYTES_PER_FRAME_PIXEL)))
+def _map_bytes(K: int) -> int:
+    """Bytes per pixel of what a channel's passes keep of all its pixels: the packed normal
+    matrices, d1's right side and the hot-pixel reference (float64), the maps and the reduced
+    chi-square (float32), the hot flags."""
+    return 8 * (K * (K + 1) // 2 + 2) + 4 * (K + 1) + 1
 
 
-def _read_rows(shards, sel: pd.DataFrame, r0: int, r1: int) -> np.ndarray:
-    """Active rows r0:r1 of the frame-channels of ``sel`` (row ``pos`` of the result): (N, r1-r0, C)."""
-    out = None
-    for k, grp in sel.groupby("shard_no", sort=False):
-        order = np.argsort(grp["active_index"].to_numpy())
-        idx = grp["active_index"].to_numpy()[order]
-        block = shards[k].f["active"][idx.tolist(), r0:r1, :]
-        if out is None:
-            out = np.empty((len(sel), *block.shape[1:]), np.uint16)
-        out[grp["pos"].to_numpy()[order]] = block
-    return out
+def _pixel_block(N: int, memory_mb: float) -> int:
+    """Pixels per block of the per-pixel fit: cache-sized, and within a share of ``memory_mb``
+    (MIN_PIXEL_BLOCK at the least)."""
+    cached = max(MIN_PIXEL_BLOCK, PIXEL_BLOCK_BYTES // (4 * N))
+    return int(max(MIN_PIXEL_BLOCK, min(cached, memory_mb * 2**20 * WORK_SHARE // (N * BYTES_PER_FRAME_PIXEL))))
+
+
+def _chunk_rows(N: int, cols: int, memory_mb: float, fixed_bytes: float = 0) -> int:
+    """Active rows per block of the library's uint16 stack, so that the block and ``fixed_bytes``
+    (the channel's maps, a block of pixels' working set) stay within ``memory_mb``."""
+    free = memory_mb * 2**20 - fixed_bytes
+    return max(1, int(free // (N * cols * STACK_BYTES_PER_FRAME_PIXEL)))
+
+
+def _stack_plan(N: int, shape: tuple[int, int], K: int, memory_mb: float, held: float = 0) -> tuple[int, int]:
+    """(active rows per block of the stack, pixels per block of the per-pixel fit) of a channel of
+    ``N`` library frames and K maps. Beside the stack: ``held`` bytes (what stage 1 measured, the
+    residual histograms), the maps, a block of pixels' working set and one frame (the scratch
+    file's read buffer)."""
+    R, C = shape
+    pixels = _pixel_block(N, memory_mb)
+    fixed = held + R * C * (_map_bytes(K) + STACK_BYTES_PER_FRAME_PIXEL) + N * pixels * BYTES_PER_FRAME_PIXEL
+    return _chunk_rows(N, C, memory_mb, fixed), pixels
+
+
+class _LibraryPixels:
+    """One channel's library frames, bias-subtracted, a block of pixels at a time (:meth:`blocks`),
+    from the blocks of rows of their stack; the frames' pixels are read once however often they
+    are gone through.
+
+    Parameters
+    ----------
+    stacked
+        The stack of the channel's frames (entered).
+    bias
+        (N, R) float32: each frame's row bias.
+    pixels
+        Pixels per block (whole rows where a row fits, else pieces of one row).
+    """
+
+    def __init__(self, stacked: StackedRows, bias: np.ndarray, pixels: int):
+        self.stacked, self.bias, self.pixels = stacked, bias, pixels
+
+    def blocks(self, bar=None):
+        """Yield (pixels (a slice of the channel's flattened active area), Y (N, P) float32,
+        valid (N, P) bool: neither saturated nor zero); ``bar`` advances by each block of rows."""
+        width = self.stacked.width
+        for r0, r1 in self.stacked.blocks:
+            raw = self.stacked.read(r0)
+            for a, b, c0, c1 in _pieces(r1 - r0, width, self.pixels):
+                part = raw[:, a:b, c0:c1]
+                Y = part.astype(np.float32) - self.bias[:, r0 + a : r0 + b, None]
+                valid = (part < SATURATED) & (part > 0)
+                start = (r0 + a) * width + c0
+                stop = (r0 + b - 1) * width + c1
+                yield slice(start, stop), Y.reshape(len(Y), -1), valid.reshape(len(Y), -1)
+            if bar is not None:
+                bar.update(1)
+
+
+def _pieces(rows: int, cols: int, pixels: int) -> list[tuple[int, int, int, int]]:
+    """(row0, row1, col0, col1) of blocks of about ``pixels`` pixels that tile ``rows`` x ``cols``
+    in reading order: whole rows when a row fits in a block, else pieces of one row."""
+    if pixels >= cols:
+        step = pixels // cols
+        return [(a, min(rows, a + step), 0, cols) for a in range(0, rows, step)]
+    return [(a, a + 1, c, min(cols, c + pixels)) for a in range(rows) for c in range(0, cols, pixels)]
 
 
 @dataclass
@@ -192,29 +277,69 @@ class _Noise:
 
 
 HIST_STEP = 0.02  # ADU: resolution of the residual histograms of pass A
+HIST_MAX = 500.0  # ADU: their range
 
 
-def _pass_a(chunks, get_chunk, X, clip, bar, hist_max: float = 500.0):
-    """Unweighted clipped fit over all chunks: each frame's robust residual variance.
+class _ResidualHistograms:
+    """Per frame, a histogram of |residual| in fixed bins of HIST_STEP up to ``hist_max`` (then
+    one bin for larger residuals and invalid pixels, not counted). The bins of blocks of pixels
+    are gathered (uint16) and counted a frame at a time once they are as many as the bins, so
+    that counting costs about one pass over them whatever the size of the blocks."""
 
-    Per frame, |residual| histograms (fixed bins, so the result does not depend on the chunks)
+    def __init__(self, n_frames: int, hist_max: float):
+        self.overflow = self.bins(hist_max) - 1
+        self.hist = np.zeros((n_frames, self.overflow + 1), np.int32)
+        self.pending = np.empty((n_frames, self.overflow + 1), np.uint16)
+        self.n_pending = 0
+
+    @staticmethod
+    def bins(hist_max: float) -> int:
+        """Bins per frame, the overflow bin included."""
+        return len(np.arange(0.0, hist_max + HIST_STEP, HIST_STEP)) + 1
+
+    @classmethod
+    def bytes(cls, n_frames: int, hist_max: float) -> int:
+        """Memory of the histograms of ``n_frames`` frames: counts (int32), gathered bins (uint16)."""
+        return n_frames * cls.bins(hist_max) * 6
+
+    def add(self, residual: np.ndarray, valid: np.ndarray) -> None:
+        """Count |``residual``| (N, P) float32 (overwritten) of the ``valid`` frame-pixels."""
+        np.abs(residual, out=residual)
+        residual /= HIST_STEP
+        # the bin, floor(|r| / step), at most the overflow bin (NaN: overflow too); invalid: overflow
+        np.fmin(residual, self.overflow, out=residual)
+        if not valid.all():
+            np.maximum(residual, np.float32(self.overflow) * ~valid, out=residual)
+        P = residual.shape[1]
+        if self.n_pending + P > self.pending.shape[1]:
+            self.flush()
+        if self.pending.shape[1] < P:
+            self.pending = np.empty((len(self.hist), P), np.uint16)
+        self.pending[:, self.n_pending : self.n_pending + P] = residual
+        self.n_pending += P
+
+    def flush(self) -> None:
+        for f in range(len(self.hist)):
+            self.hist[f] += np.bincount(self.pending[f, : self.n_pending], minlength=self.hist.shape[1])
+        self.n_pending = 0
+
+    def counts(self) -> np.ndarray:
+        """(N, bins): the counts, without the last bin."""
+        self.flush()
+        return self.hist[:, :-1]
+
+
+def _pass_a(pixels: _LibraryPixels, X, clip, bar, hist_max: float = HIST_MAX):
+    """Unweighted clipped fit over all blocks of pixels: each frame's robust residual variance.
+
+    Per frame, |residual| histograms (fixed bins, so the result does not depend on the blocks)
     give the median absolute residual; hot and RTS pixels, a few among thousands, cannot pull a
     median. The leverage of each frame in the per-pixel fit (h_f) corrects for the fitted share."""
     N, K = X.shape
-    edges = np.arange(0.0, hist_max + HIST_STEP, HIST_STEP)
-    hist = np.zeros((N, len(edges) + 1), np.int32)
-    X32 = X.astype(np.float32)
-    for chunk in chunks:
-        Y, valid = get_chunk(chunk)
-        fit = _robust_fit(Y, valid, X, None, clip)
-        beta32 = fit.beta.astype(np.float32)
-        del fit
-        for f in range(N):  # a frame at a time: no (N, P) temporaries
-            bins = np.minimum((np.abs(Y[f] - X32[f] @ beta32) / HIST_STEP).astype(np.int64), len(edges))
-            bins[~valid[f]] = len(edges)  # invalid pixels: the overflow bin, not counted
-            hist[f] += np.bincount(bins, minlength=len(edges) + 1)
-        bar.update(1)
-    counts = hist[:, :-1]
+    hist = _ResidualHistograms(N, hist_max)
+    for _, Y, valid in pixels.blocks(bar):
+        hist.add(_robust_fit(Y, valid, X, None, clip, chi2=False).z, valid)
+    counts = hist.counts()
     cum = np.cumsum(counts, axis=1)
     half = cum[:, -1] / 2.0
     i = np.array([np.searchsorted(c, h) for c, h in zip(cum, half)])
@@ -229,7 +354,7 @@ def _weighted_fit(Y, valid, X, noise: _Noise, clip, extra_var=None) -> _PixelFit
     var[...] = noise.frame_var[:, None]
     if extra_var is not None:
         var += extra_var
-    beta0 = _robust_fit(Y, valid, X, var, clip, rounds=1).beta
+    beta0 = _robust_fit(Y, valid, X, var, clip, rounds=1, chi2=False).beta
     np.matmul(X.astype(np.float32), beta0.astype(np.float32), out=var)
     noise(var, out=var)
     if extra_var is not None:
@@ -288,14 +413,18 @@ def fit_physics(
     max_extrapolation: float = MAX_EXTRAPOLATION,
     cameras: Sequence[str] | None = None,
     progress: bool = True,
+    scratch: str | Path | None = None,
 ) -> Path:
     """Fit the per-pixel dark model of the DARK (and BIAS) frames of library ``shards``; write ``out``.
 
     ``cameras``: fit only these cameras (None: every camera of the library). Cameras are fitted
     independently, so a cluster can fit one per job and :func:`merge_physics` join the files.
 
-    ``memory_mb`` bounds the stack of library pixels held at once (blocks of active rows); the
-    result does not depend on it. The frame-state options are stored and reused by predictions.
+    ``memory_mb`` bounds what a channel's fit holds at once: the stack of its library pixels
+    (blocks of active rows), its maps and the working set of a block of pixels; the result does
+    not depend on it. A library too large for one block of rows goes through a scratch file in
+    ``scratch`` (default: the folder of ``out``), each stored chunk read once. The frame-state
+    options are stored and reused by predictions.
     """
     opened = [Shard(p) for p in shards]
     try:
@@ -313,6 +442,7 @@ def fit_physics(
         bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
         mem = _stage1(opened, lib, g, params, bs, progress)
         out = Path(out)
+        scratch = Path(scratch) if scratch is not None else out.absolute().parent
         with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:
             f.attrs.update(
                 schema_version=PHYSICS_SCHEMA,
@@ -325,7 +455,7 @@ def fit_physics(
             cams = f.create_group("cameras")
             for ci, camera in enumerate(sorted(set(lib["camera"]))):
                 cl = _camera_library(mem, camera, g)
-                _fit_camera(cams.create_group(str(ci)), cl, opened, mem, g, params, bs, memory_mb, progress)
+                _fit_camera(cams.create_group(str(ci)), cl, opened, mem, g, params, bs, memory_mb, progress, scratch)
         return out
     finally:
         for s in opened:
@@ -344,6 +474,7 @@ class _CameraFit:
     params: dict
     memory_mb: float
     progress: bool
+    scratch: Path  # folder of the scratch file of a library too large for one block of rows
     law: Law
     T: np.ndarray  # (F,) every library frame's temperature (header's for biases)
     block_beta: np.ndarray  # (K, channels x blocks): the law's block maps
@@ -352,7 +483,7 @@ class _CameraFit:
     transfers: dict[str, Transfer]  # per channel: how far the overscan's row offsets are trusted
 
 
-def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, bs, memory_mb, progress):
+def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, bs, memory_mb, progress, scratch):
     """One camera into ``grp``: its law (stage 2) and exposure coverage as attributes, the maps of
     every channel (stages 3 and 4) and the library's frame table."""
     per_frame = cl.members.drop_duplicates("file").sort_values("fp").reset_index(drop=True)
@@ -367,7 +498,21 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
     x_ref = law.design([law.T0], [t_ref])[0]
     X = law.design(T, cl.t)
     cam = _CameraFit(
-        cl, shards, mem, g.active.shape, bs, params, memory_mb, progress, law, T, block_beta, X, x_ref, transfers
+        cl,
+        shards,
+        mem,
+        g.active.shape,
+        bs,
+        params,
+        memory_mb,
+        progress,
+        scratch,
+        law,
+        T,
+        block_beta,
+        X,
+        x_ref,
+        transfers,
     )
     rows_tab = []
     for j, ch in enumerate(cl.channels):
@@ -485,31 +630,6 @@ def _write_camera_attrs(grp, cl: _Library, per_frame: pd.DataFrame, law: Law, T:
     )
 
 
-class _ChunkReader:
-    """Bias-subtracted active rows of one channel's library frames, a chunk of rows at a time, with
-    their validity (neither saturated nor zero). When one chunk holds every row, it is read once
-    and kept for both passes."""
-
-    def __init__(self, shards, sel: pd.DataFrame, bias: np.ndarray, single: bool):
-        self.shards, self.sel, self.bias, self.single = shards, sel, bias, single
-        self.cache: dict = {}
-
-    def __call__(self, chunk: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        if chunk in self.cache:
-            return self.cache[chunk]
-        r0, r1 = chunk
-        N = len(self.sel)
-        raw = _read_rows(self.shards, self.sel, r0, r1)
-        Yc = (raw.astype(np.float32) - self.bias[:, r0:r1, None]).reshape(N, -1)
-        res = (Yc, ((raw < SATURATED) & (raw > 0)).reshape(N, -1))
-        if self.single:
-            self.cache[chunk] = res
-        return res
-
-    def clear(self) -> None:
-        self.cache.clear()
-
-
 @dataclass
 class _PassB:
     """The weighted per-pixel fit of a channel: maps, their normal equations, the hot pixels' laws."""
@@ -534,24 +654,25 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
     N, mi = len(sel), sel.index.to_numpy()
     read_var, row_var = cam.mem.read_var[mi], cam.mem.row_var[mi]
     typ = _hot_reference(cam, j)
-    step = _chunk_rows(N, C, cam.memory_mb)
-    chunks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
-    read = _ChunkReader(cam.shards, sel, cam.mem.bias[mi], single=len(chunks) == 1)
-    bar = tqdm(
-        total=2 * len(chunks),
-        desc=f"physics: {cam.cl.camera} channel {ch}",
-        unit="block",
-        disable=None if cam.progress else True,
-    )
-    frame_var = _pass_a(chunks, read, cam.X, cam.params["clip"], bar)
-    if cam.law.components:
-        mean_sig = np.median(cam.mem.blocks[mi].reshape(N, -1), axis=1)  # the typical pixel's signal
-        noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
-    else:  # biases carry no signal whose shot noise a photon transfer curve could measure
-        noise = _Noise(frame_var, read_var)
-    fit = _pass_b(cam, chunks, read, noise, typ, read_var, bar)
-    bar.close()
-    read.clear()
+    held = sum(a.nbytes for a in vars(cam.mem).values() if isinstance(a, np.ndarray))
+    held += _ResidualHistograms.bytes(N, HIST_MAX)
+    rows, pixels = _stack_plan(N, (R, C), K, cam.memory_mb, held)
+    with StackedRows(cam.shards, sel, sel["pos"].to_numpy(), rows, scratch=cam.scratch) as stacked:
+        library = _LibraryPixels(stacked, cam.mem.bias[mi], pixels)
+        bar = tqdm(
+            total=2 * len(stacked.blocks),
+            desc=f"physics: {cam.cl.camera} channel {ch}",
+            unit="block",
+            disable=None if cam.progress else True,
+        )
+        frame_var = _pass_a(library, cam.X, cam.params["clip"], bar)
+        if cam.law.components:
+            mean_sig = np.median(cam.mem.blocks[mi].reshape(N, -1), axis=1)  # the typical pixel's signal
+            noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
+        else:  # biases carry no signal whose shot noise a photon transfer curve could measure
+            noise = _Noise(frame_var, read_var)
+        fit = _pass_b(cam, library, noise, typ, read_var, bar)
+        bar.close()
     maps, irregular = _smoothed_maps(fit, cam.shape, K, cam.params)
     fit.A = fit.b0 = None  # the normal equations are large and no longer needed
     cg = grp.create_group(f"channel_{j}")
@@ -559,7 +680,7 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
     _write_transfer(cg, cam.transfers[ch])
     if cam.mem.ob_cols.shape[-1]:  # a geometry without optical black has no OB maps
         og = cg.create_group("ob")
-        _fit_ob(og, cam.mem, mi, cam.X, noise, row_var, cam.x_ref, read_var, cam.params, K, cam.shape)
+        _fit_ob(og, cam.mem, mi, cam.X, noise, row_var, cam.x_ref, read_var, cam.params, K, cam.shape, pixels)
     return _frame_rows(cam, sel, ch, frame_var, read_var, row_var)
 
 
@@ -585,38 +706,34 @@ def _hot_reference(cam: _CameraFit, j: int) -> np.ndarray:
     return typ_b[np.minimum(np.arange(R) // bs, nbr - 1)][:, np.minimum(np.arange(C) // bs, nbc - 1)].ravel()
 
 
-def _pass_b(cam: _CameraFit, chunks, read: _ChunkReader, noise: _Noise, typ, read_var, bar) -> _PassB:
-    """Pass B over all chunks: the noise-weighted clipped fit of every pixel, and a law of their
-    own for pixels whose dark at the reference exceeds ``HOT_FACTOR`` times their block's."""
+def _pass_b(cam: _CameraFit, library: _LibraryPixels, noise: _Noise, typ, read_var, bar) -> _PassB:
+    """Pass B over all blocks of pixels: the noise-weighted clipped fit of every pixel, and a law
+    of their own for pixels whose dark at the reference exceeds ``HOT_FACTOR`` times their block's."""
     (R, C), K = cam.shape, cam.law.K
     A = np.zeros((len(_pairs(K)), R * C))
     b0 = np.zeros(R * C)  # only d1's right side is needed later
     beta = np.zeros((K, R * C), np.float32)
     chi2 = np.zeros(R * C, np.float32)
     hot = np.zeros(R * C, bool)
-    hot_idx, hot_tau, hot_coef = [], [], []
-    for chunk in chunks:
-        Yc, valid = read(chunk)
-        fit = _weighted_fit(Yc, valid, cam.X, noise, cam.params["clip"])
-        sl = slice(chunk[0] * C, chunk[1] * C)
+    hot_frames = []  # per block of pixels: its hot pixels' frames, validity, kept frames, variances
+    floor = 10 * math.sqrt(float(np.mean(read_var)))
+    for sl, Y, valid in library.blocks(bar):
+        fit = _weighted_fit(Y, valid, cam.X, noise, cam.params["clip"])
         A[:, sl], b0[sl], beta[:, sl], chi2[sl] = fit.A, fit.b[0], fit.beta, fit.chi2
         S_ref = cam.x_ref[:-1] @ fit.beta[:-1]
-        h = np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + 10 * math.sqrt(float(np.mean(read_var))))
+        h = np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + floor)
         if h.size:
             hot[sl.start + h] = True
-            tau, coef = _hot_fits(Yc, valid, fit, h, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"])
-            hot_idx.append(sl.start + h), hot_tau.append(tau), hot_coef.append(coef)
-        bar.update(1)
-    return _PassB(
-        A,
-        b0,
-        beta,
-        chi2,
-        hot,
-        np.concatenate(hot_idx) if hot_idx else np.zeros(0, np.int64),
-        np.concatenate(hot_tau) if hot_tau else np.zeros(0),
-        np.concatenate(hot_coef) if hot_coef else np.zeros((0, K)),
+            hot_frames.append((Y[:, h], valid[:, h], fit.keep[:, h], fit.var[:, h]))
+    # the hot pixels' own laws, all at once (a few in ten thousand pixels)
+    y, ok, keep, var = (np.concatenate(a, axis=1) for a in zip(*hot_frames)) if hot_frames else [None] * 4
+    hot_index = np.flatnonzero(hot)
+    tau, coef = (
+        _hot_fits(y, ok, keep, var, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"])
+        if hot_frames
+        else (np.zeros(0), np.zeros((0, K)))
     )
+    return _PassB(A, b0, beta, chi2, hot, hot_index, tau, coef)
 
 
 def _smoothed_maps(fit: _PassB, shape, K: int, params) -> tuple[np.ndarray, np.ndarray]:
@@ -679,8 +796,9 @@ def _write_frame_table(tg, rows: list[dict]) -> None:
         tg.create_dataset(col, data=v.astype(h5py.string_dtype()) if v.dtype == object else v)
 
 
-def _fit_ob(og, mem: _Members, mi, X, noise: _Noise, row_var, x_ref, read_var, params, K, shape):
-    """Per-pixel maps of the optical-black columns and rows (no smoothing: they serve T_eff)."""
+def _fit_ob(og, mem: _Members, mi, X, noise: _Noise, row_var, x_ref, read_var, params, K, shape, pixels: int):
+    """Per-pixel maps of the optical-black columns and rows (no smoothing: they serve T_eff),
+    fitted ``pixels`` at a time."""
     R, C = shape
     N = len(mi)
     obc, obr = mem.ob_cols[mi], mem.ob_rows[mi]
@@ -688,21 +806,22 @@ def _fit_ob(og, mem: _Members, mi, X, noise: _Noise, row_var, x_ref, read_var, p
     Y = np.concatenate([obc.reshape(N, -1), obr.reshape(N, -1)], axis=1)
     raw = np.concatenate([mem.ob_cols_raw[mi].reshape(N, -1), mem.ob_rows_raw[mi].reshape(N, -1)], axis=1)
     valid = (raw < SATURATED) & (raw > 0)
-    # OB rows carry their frame's unknown row offsets: extra noise of variance row_var
-    extra = np.zeros(Y.shape, np.float32)
-    extra[:, R * ncol :] = row_var[:, None]
-    fit = _weighted_fit(Y, valid, X, noise, params["clip"], extra_var=extra)
-    S_ref = x_ref[:-1] @ fit.beta[:-1]
+    P = Y.shape[1]
+    beta, chi2, n = np.empty((K, P)), np.empty(P, np.float32), np.empty(P, np.int64)
+    for p0 in range(0, P, pixels):
+        sl = slice(p0, min(P, p0 + pixels))
+        # OB rows carry their frame's unknown row offsets: extra noise of variance row_var
+        extra = np.zeros((N, sl.stop - p0), np.float32)
+        extra[:, max(0, R * ncol - p0) :] = row_var[:, None]
+        fit = _weighted_fit(Y[:, sl], valid[:, sl], X, noise, params["clip"], extra_var=extra)
+        beta[:, sl], chi2[sl], n[sl] = fit.beta, fit.chi2, fit.n
+    S_ref = x_ref[:-1] @ beta[:-1]
     med = float(np.median(S_ref))
-    use = (
-        (S_ref < HOT_FACTOR * max(med, 0) + 10 * math.sqrt(float(np.mean(read_var))))
-        & (fit.chi2 < 4)
-        & (fit.n >= K + 2)
-    )
+    use = (S_ref < HOT_FACTOR * max(med, 0) + 10 * math.sqrt(float(np.mean(read_var)))) & (chi2 < 4) & (n >= K + 2)
     parts = {"cols": (0, R * ncol, (R, ncol)), "rows": (R * ncol, R * ncol + nrow * C, (nrow, C))}
     for name, (a, z, sh) in parts.items():
         sg = og.create_group(name)
-        _write_maps(sg, fit.beta[:, a:z], K, sh)
+        _write_maps(sg, beta[:, a:z], K, sh)
         sg.create_dataset("use", data=use[a:z].reshape(sh))
 
 

@@ -55,17 +55,17 @@ def row_bias(
     if x.shape[-1] < 2:
         raise ValueError(f"overscan_skip {skip} leaves {x.shape[-1]} overscan column(s)")
     k, rows, _ = x.shape
-    med = np.median(x, axis=-1, keepdims=True)
+    med = median_last(x, keepdims=True)
     dev = x - med
-    sigma = np.maximum(MAD_SIGMA * np.median(np.abs(dev).reshape(k, -1), axis=1), 0.5)
+    sigma = np.maximum(MAD_SIGMA * median_last(np.abs(dev).reshape(k, -1)), 0.5)
     keep = np.abs(dev) <= clip * sigma[:, None, None]
     n = np.maximum(keep.sum(-1), 1)
-    raw = med[..., 0].astype(np.float64) + np.where(keep, dev, 0).sum(-1, dtype=np.float64) / n
+    raw = med[..., 0].astype(np.float64) + masked_sum(dev, keep, dtype=np.float64) / n
     res = np.where(keep, x - raw[..., None], 0)
     read_var = np.einsum("krc,krc->k", res, res, dtype=np.float64) / np.maximum(keep.sum((1, 2)) - rows, 1)
     est_var = read_var[:, None] / n
     level = raw.mean(axis=1)
-    spread = MAD_SIGMA * np.median(np.abs(raw - np.median(raw, axis=1, keepdims=True)), axis=1)
+    spread = MAD_SIGMA * median_last(np.abs(raw - median_last(raw, keepdims=True)))
     row_var = np.maximum(spread**2 - est_var.mean(axis=1), 0.0)
     if smooth > 1:
         kernel = np.ones(int(smooth))
@@ -123,6 +123,20 @@ def with_transfer(state: FrameState, coefficient: np.ndarray, residual_var: np.n
     return replace(state, bias=bias, bias_var=bias_var, ob_cols=ob_cols, bias_source=source)
 
 
+def median_last(a: np.ndarray, keepdims: bool = False) -> np.ndarray:
+    """``np.median(a, axis=-1)`` of a float array, equal to it to the bit (NaN where a lane holds
+    NaN; the mean of the two middle values in ``a``'s dtype for an even count), from a sorted
+    copy: numpy's vectorised sort costs a fraction of the partition ``np.median`` makes."""
+    lanes = np.sort(a, axis=-1)  # NaN last
+    n = lanes.shape[-1]
+    if n % 2:
+        out = lanes[..., n // 2]
+    else:
+        out = (lanes[..., n // 2 - 1] + lanes[..., n // 2]) / 2
+    out = np.where(np.isnan(lanes[..., -1]), np.nan, out).astype(a.dtype, copy=False)
+    return out[..., None] if keepdims else out
+
+
 def active_row_offsets(active_minus_bias: np.ndarray, bias: np.ndarray, level: np.ndarray, clip: float = 5.0):
     """(k, R) float64: each active row's offset from its frame-channel's bias level, from the
     active area minus the row bias (k, R, C) and that bias (k, R): a mean of the row clipped at
@@ -131,9 +145,20 @@ def active_row_offsets(active_minus_bias: np.ndarray, bias: np.ndarray, level: n
     The sigma is the frame's own (median absolute deviation over every 8th row), not the row's:
     one row's deviations are too few to be robust on a narrow active area."""
     x = np.asarray(active_minus_bias, np.float32)
-    med = np.median(x, axis=-1, keepdims=True)
-    dev = x - med
-    sigma = MAD_SIGMA * np.median(np.abs(dev[:, ::8]).reshape(len(x), -1), axis=1)
-    keep = np.abs(dev) <= clip * np.maximum(sigma, 0.5)[:, None, None]
-    mean = med[..., 0] + np.where(keep, dev, 0).sum(-1, dtype=np.float64) / np.maximum(keep.sum(-1), 1)
+    mean = np.empty(x.shape[:2])
+    for i, frame in enumerate(x):  # a frame at a time: its copies stay in the cache
+        med = median_last(frame, keepdims=True)
+        dev = frame - med
+        sigma = MAD_SIGMA * median_last(np.abs(dev[::8]).ravel())
+        keep = np.abs(dev) <= clip * np.maximum(sigma, 0.5)
+        mean[i] = med[:, 0] + masked_sum(dev, keep, dtype=np.float64) / np.maximum(keep.sum(-1), 1)
     return mean + (np.asarray(bias, np.float64) - np.asarray(level, np.float64)[:, None])
+
+
+def masked_sum(values: np.ndarray, keep: np.ndarray, dtype=None) -> np.ndarray:
+    """``np.where(keep, values, 0).sum(-1, dtype)``, equal to it in value: where every value is
+    finite, the values times ``keep`` (a dropped negative value adds -0), about ten times faster
+    than ``np.where``."""
+    if np.isfinite(values).all():
+        return np.multiply(values, keep).sum(-1, dtype=dtype)
+    return np.where(keep, values, 0).sum(-1, dtype=dtype)

@@ -448,16 +448,33 @@ class PhysicsModel:
         return T, math.sqrt(1.0 / den + sys**2)
 
     # -- prediction ---------------------------------------------------------------------------------
-    def signal(self, camera: str, channel: str, T: float, exptime: float) -> np.ndarray:
-        """The model's dark signal (ADU above the bias) of the active area at (T, exptime)."""
+    def signal(
+        self,
+        camera: str,
+        channel: str,
+        T: float,
+        exptime: float,
+        out: np.ndarray | None = None,
+        scratch: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The model's dark signal (ADU above the bias) of the active area at (T, exptime).
+
+        ``out`` and ``scratch`` (float32, the active area's shape), when given, receive the
+        signal and a product on the way: a night's predictions then allocate nothing per channel.
+        """
         info = self.camera(camera)
         self.check_exposure(camera, exptime)
         ch = self.channel(camera, channel)
         law = info.law
         f = law.factors(T)
-        S = ch.maps[-1].copy()
+        if out is None:
+            S = ch.maps[-1].copy()
+        else:
+            S = out
+            np.copyto(S, ch.maps[-1])
+        product = np.empty_like(S) if scratch is None else scratch
         for k, fk in enumerate(f):
-            S += np.float32(exptime * fk) * ch.maps[k]
+            S += np.multiply(ch.maps[k], np.float32(exptime * fk), out=product)
         if ch.hot_index.size:
             c = ch.hot_coef
             hot = exptime * c[:, 0] * np.exp2((T - law.T0) / ch.hot_tau) + c[:, -1]
@@ -515,14 +532,19 @@ class PhysicsModel:
             temps, status, reason = self.verdicts(state, table)
             if (status == UNSERVED).any():
                 raise PhysicsError(reason[np.flatnonzero(status == UNSERVED)[0]])
+        if table.empty:
+            return np.zeros((0, *self.geometry.active.shape), np.float32)
         rows, cols = self.geometry.window_in_active if window else (slice(None), slice(None))
-        out = []
+        shape = self.geometry.window_shape if window else self.geometry.active.shape
+        out = np.empty((len(table), *shape), np.float32)
+        # One signal and one product buffer for every row: a channel's arrays are megabytes each.
+        signal, product = (np.empty(self.geometry.active.shape, np.float32) for _ in range(2))
         for i, r in table.iterrows():
             t = 0.0 if r["imagetyp"] == "BIAS" else float(r["exptime"])
-            S = self.signal(r["camera"], r["channel"], float(temps.teff[i]), t)
-            pred = S[rows, cols] + state.bias[i][rows, None].astype(np.float32)
-            out.append(np.minimum(pred, np.float32(SATURATED)))
-        return np.stack(out) if out else np.zeros((0, *self.geometry.active.shape), np.float32)
+            S = self.signal(r["camera"], r["channel"], float(temps.teff[i]), t, out=signal, scratch=product)
+            np.add(S[rows, cols], state.bias[i][rows, None].astype(np.float32), out=out[i])
+            np.minimum(out[i], np.float32(SATURATED), out=out[i])
+        return out
 
     def serve_rows(self, shard: Shard, rows, window: bool = False) -> Served:
         """Predicted darks of table rows ``rows`` of ``shard`` (whole active area, or the window)
@@ -532,13 +554,18 @@ class PhysicsModel:
         frames = self._frames_of(shard, rows)
         strips, state, sub, where = frames.strips, frames.state, frames.table, frames.where
         shape = self.geometry.window_shape if window else self.geometry.active.shape
-        dark = np.full((len(where), *shape), np.nan, dtype=np.float32)
         served = frames.status[where] != UNSERVED
+        dark = None
         if served.any():
             pick = where[served]
             picked_state = FrameState(*(getattr(state, k)[pick] for k in FrameState.__dataclass_fields__))
             picked_strips = {s: strips[s][pick] for s in strips}
-            dark[served] = self.predict(picked_strips, sub.iloc[pick], window, frames.temps.take(pick), picked_state)
+            dark = self.predict(picked_strips, sub.iloc[pick], window, frames.temps.take(pick), picked_state)
+        if not served.all():  # NaN where unserved (a served night is not copied into a NaN array)
+            nan = np.full((len(where), *shape), np.nan, dtype=np.float32)
+            if dark is not None:
+                nan[served] = dark
+            dark = nan
         return Served(dark, frames.status[where], frames.reason[where])
 
     def frame_report(self, shard: Shard, rows) -> pd.DataFrame:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,27 +48,101 @@ def _unpack(A: np.ndarray, K: int) -> np.ndarray:
 
 
 def _solve(A: np.ndarray, b: np.ndarray, K: int) -> np.ndarray:
-    """Per-pixel solution (K, P) of packed normal equations; pixels without data get 0."""
+    """Per-pixel solution (K, P) of packed normal equations; pixels without data get 0.
+
+    Each system is regularised (1e-12 of its diagonal); up to K = 3 it is solved in closed form
+    over all pixels at once (a symmetric L D L' factorisation): batched LAPACK calls cost about
+    100 ns a pixel, most of a small library's fit."""
+    at = {km: i for i, km in enumerate(_pairs(K))}
+    diag = np.stack([A[at[k, k]] for k in range(K)])
+    empty = ~(diag > 0).all(axis=0)
+    if K > 3:
+        return _solve_lapack(A, b, K, diag, empty)
+    d = diag + (1e-12 * diag + 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if K == 1:
+            beta = b / d
+        elif K == 2:
+            beta = _ldl2(d, A[at[0, 1]], b)
+        else:
+            beta = _ldl3(d, A[at[0, 1]], A[at[0, 2]], A[at[1, 2]], b)
+    beta[:, empty] = 0
+    return beta
+
+
+def _ldl2(d: np.ndarray, a01: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solutions (2, P) of symmetric 2 x 2 systems with diagonal ``d`` (2, P) and off-diagonal
+    ``a01``: L D L' without pivoting (the systems are positive definite)."""
+    l10 = a01 / d[0]
+    d1 = d[1] - l10 * a01
+    x1 = (b[1] - l10 * b[0]) / d1
+    x0 = b[0] / d[0] - l10 * x1
+    return np.stack([x0, x1])
+
+
+def _ldl3(d: np.ndarray, a01: np.ndarray, a02: np.ndarray, a12: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solutions (3, P) of symmetric 3 x 3 systems with diagonal ``d`` (3, P) and off-diagonal
+    ``a01``, ``a02``, ``a12``: L D L' without pivoting (the systems are positive definite)."""
+    l10, l20 = a01 / d[0], a02 / d[0]
+    d1 = d[1] - l10 * a01
+    c12 = a12 - l20 * a01
+    l21 = c12 / d1
+    d2 = d[2] - l20 * a02 - l21 * c12
+    y1 = b[1] - l10 * b[0]
+    x2 = (b[2] - l20 * b[0] - l21 * y1) / d2
+    x1 = y1 / d1 - l21 * x2
+    x0 = b[0] / d[0] - l10 * x1 - l20 * x2
+    return np.stack([x0, x1, x2])
+
+
+def _solve_lapack(A: np.ndarray, b: np.ndarray, K: int, diag: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """:func:`_solve` by batched LAPACK calls (any K)."""
     M = _unpack(A, K)
-    diag = np.einsum("pkk->pk", M)
-    empty = ~(diag > 0).all(axis=1)
-    M[:, range(K), range(K)] += 1e-12 * diag + 1e-300
+    M[:, range(K), range(K)] += (1e-12 * diag + 1e-300).T
     M[empty] = np.eye(K)
     rhs = b.T.copy()
     rhs[empty] = 0
     return np.linalg.solve(M, rhs[..., None])[..., 0].T
 
 
-def _masked_median(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Median over axis 0 of ``values`` (N, P) where ``valid``; NaN for columns without any."""
-    out = np.median(values, axis=0)
+def _masked_median(values: np.ndarray, valid: np.ndarray, nonnegative: bool = False) -> np.ndarray:
+    """Median over axis 0 of ``values`` (N, P) where ``valid``; NaN for columns without any.
+
+    Equal to the bit to :func:`numpy.median` of fully valid columns (NaN if they hold one) and to
+    :func:`numpy.nanmedian` of the valid values of the others (the mean of the two middle values
+    in the values' dtype for an even count). The columns are transposed so that each pixel's
+    values are contiguous and sorted (numpy's vectorised sort): several times faster than
+    ``np.median``'s partition along a strided axis. ``nonnegative``: float32 values without a
+    sign bit (``np.abs`` gives them), which sort as their bit patterns, faster still."""
+    N, P = values.shape
+    lanes = np.array(values.T, order="C")  # a copy, also where values.T is contiguous already
     partial = ~valid.all(axis=0)
     if partial.any():
-        sub = np.where(valid[:, partial], values[:, partial], np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, as documented
-            out[partial] = np.nanmedian(sub, axis=0)
+        np.copyto(lanes, np.nan, where=~valid.T)
+    if nonnegative and lanes.dtype == np.float32:
+        lanes.view(np.uint32).sort(axis=1)  # finite, then inf, then NaN: the order of the values
+    else:
+        lanes.sort(axis=1)  # NaN (invalid values and NaN values alike) last
+    count = valid.sum(axis=0) if partial.any() else np.full(P, N)
+    has_nan = np.isnan(lanes[:, -1])
+    if has_nan.any():
+        count[has_nan] = N - np.isnan(lanes[has_nan]).sum(axis=1)
+    if (count == N).all():
+        return _middle(lanes, N)
+    out = np.empty(P, values.dtype)
+    for n in np.unique(count):
+        here = count == n
+        out[here] = _middle(lanes[here], int(n)) if n else np.nan
+    out[has_nan & ~partial] = np.nan  # np.median of a column that holds NaN
     return out
+
+
+def _middle(sorted_lanes: np.ndarray, n: int) -> np.ndarray:
+    """The median of the first ``n`` values of each sorted lane: the middle value, or the mean of
+    the two middle values (their sum halved, in the lanes' dtype, as numpy's median)."""
+    if n % 2:
+        return sorted_lanes[:, n // 2].copy()
+    return (sorted_lanes[:, n // 2 - 1] + sorted_lanes[:, n // 2]) / 2
 
 
 @dataclass
@@ -77,57 +150,115 @@ class _PixelFit:
     A: np.ndarray  # packed normal matrix (npairs, P) float64
     b: np.ndarray  # (K, P) float64
     beta: np.ndarray  # (K, P) float64
-    chi2: np.ndarray  # (P,) reduced chi-square of the kept frames (1 = as noisy as the model says)
-    n: np.ndarray  # (P,) frames kept
+    chi2: np.ndarray | None  # (P,) reduced chi-square of the kept frames (1 = as noisy as the model says)
+    n: np.ndarray | None  # (P,) frames kept
     keep: np.ndarray  # (N, P) frames kept (for the hot-pixel fits)
     var: np.ndarray  # (N, P) noise variance model
+    z: np.ndarray  # (N, P) float32 |residual| of every frame-pixel (in noise sigmas when weighted)
 
 
-def _robust_fit(Y, valid, X, var, clip: float, rounds: int = 2) -> _PixelFit:
+def _robust_fit(Y, valid, X, var, clip: float, rounds: int = 2, chi2: bool = True) -> _PixelFit:
     """Weighted, clipped per-pixel fit. ``var`` (N, P) noise variance of every frame-pixel, or
     None for an unweighted fit (residual scale from the pixel's own MAD). Cuts frame-pixels beyond
-    ``clip`` times the pixel's robust residual scale (never tighter than the noise model)."""
-    K = X.shape[1]
-    inv_sd = None if var is None else (1.0 / np.sqrt(var)).astype(np.float32)
-    w = valid.astype(np.float32)
-    if inv_sd is not None:
-        w *= inv_sd
-        w *= inv_sd
-    A, b = _normal_equations(Y, w, X)
+    ``clip`` times the pixel's robust residual scale (never tighter than the noise model), and
+    fits again; ``rounds`` times. Without ``chi2`` the fit's ``chi2`` and ``n`` are None.
+
+    A pixel whose kept frames do not change in a round is done: fitting it again would repeat
+    the same sums to the bit, and every later round would keep the same frames. So after the
+    first round only the few pixels that lost (or regained) frames are fitted again."""
+    K, P = X.shape[1], Y.shape[1]
+    X32 = X.astype(np.float32)
+    inv_sd = None if var is None else (1.0 / np.sqrt(var)).astype(np.float32, copy=False)
+    A, b = _normal_equations(Y, _weights(valid, inv_sd), X)
     beta = _solve(A, b, K)
+    z = _scaled_residuals(Y, X32, beta, inv_sd)
     keep = valid
-    Z = np.empty(Y.shape, np.float32)
+    todo = np.arange(P)  # pixels whose fit may still change
     for _ in range(rounds):
-        np.matmul(X.astype(np.float32), beta.astype(np.float32), out=Z)
-        np.subtract(Y, Z, out=Z)
-        if inv_sd is not None:
-            Z *= inv_sd
-        np.abs(Z, out=Z)
-        scale = _masked_median(Z, valid) * MAD_SIGMA
-        scale = np.where(np.isfinite(scale), np.maximum(scale, 1.0 if inv_sd is not None else 1e-3), np.inf)
-        keep = valid & ((clip * scale).astype(np.float32)[None, :] >= Z)
-        np.multiply(keep, 1.0 if inv_sd is None else inv_sd, out=w)
-        if inv_sd is not None:
-            w *= inv_sd
-        A, b = _normal_equations(Y, w, X)
-        beta = _solve(A, b, K)
-    del w
-    np.matmul(X.astype(np.float32), beta.astype(np.float32), out=Z)
-    np.subtract(Y, Z, out=Z)
-    if inv_sd is not None:
-        Z *= inv_sd
-    Z *= Z
+        if todo.size == P:
+            kept = _kept(z, valid, clip, inv_sd is not None)
+            todo = np.flatnonzero((kept != keep).any(axis=0))
+            keep = kept
+        else:
+            kept = _kept(z[:, todo], valid[:, todo], clip, inv_sd is not None)
+            moved = (kept != keep[:, todo]).any(axis=0)
+            keep[:, todo] = kept
+            todo = todo[moved]
+        if not todo.size:
+            break
+        sd = None if inv_sd is None else inv_sd[:, todo]
+        A[:, todo], b[:, todo] = _normal_equations(Y[:, todo], _weights(keep[:, todo], sd), X)
+        beta[:, todo] = _solve(A[:, todo], b[:, todo], K)
+        z[:, todo] = _scaled_residuals(Y[:, todo], X32, beta[:, todo], sd)
+    if not chi2:
+        return _PixelFit(A, b, beta, None, None, keep, var, z)
     n = keep.sum(axis=0)
-    chi2 = np.where(keep, Z, 0).sum(axis=0) / np.maximum(n - K, 1)
-    return _PixelFit(A, b, beta, chi2.astype(np.float32), n, keep, var)
+    reduced = _kept_sum_of_squares(z, keep) / np.maximum(n - K, 1)
+    return _PixelFit(A, b, beta, reduced.astype(np.float32), n, keep, var, z)
 
 
-def _hot_fits(Y, valid, fit: _PixelFit, idx: np.ndarray, T, t, law: Law, var_of, clip: float):
-    """Hot pixels ``idx`` (columns of Y): t * (h 2^((T-T0)/tau_h) [+ d2 2^((T-T0)/tau2)]) + g with
-    tau_h per pixel from a grid (weighted least squares, clipped like the main fit).
+def _weights(keep: np.ndarray, inv_sd: np.ndarray | None) -> np.ndarray:
+    """(N, P) float32 weights of the kept frame-pixels: 1, or 1 / variance."""
+    if inv_sd is None:
+        return keep.astype(np.float32)
+    w = np.multiply(keep, inv_sd)
+    w *= inv_sd
+    return w
 
-    ``var_of(S)`` gives the noise variance (N,) of a pixel whose expected signal is S (N,).
-    Returns (tau (n,), coef (n, K)); NaN where no fit was possible."""
+
+def _scaled_residuals(Y, X32, beta, inv_sd) -> np.ndarray:
+    """|Y - X beta| (N, P) float32, times ``inv_sd`` when given."""
+    z = np.matmul(X32, beta.astype(np.float32))
+    np.subtract(Y, z, out=z)
+    if inv_sd is not None:
+        z *= inv_sd
+    return np.abs(z, out=z)
+
+
+def _kept(z, valid, clip: float, weighted: bool) -> np.ndarray:
+    """The valid frame-pixels within ``clip`` robust residual scales (the MAD of |residual| ``z``;
+    at least 1 noise sigma when weighted).
+
+    Weighted, a pixel none of whose valid frame-pixels lies beyond ``clip`` sigmas keeps them all
+    whatever its scale (at least 1): only the others need the median, a few in a thousand."""
+    if not weighted:
+        return valid & (_clip_threshold(z, valid, clip, 1e-3)[None, :] >= z)
+    keep = valid.copy()
+    # (a NaN residual is not within the bound: its pixel is looked at)
+    out = np.flatnonzero((valid & ~(z <= np.float32(clip))).any(axis=0))
+    if out.size:
+        zo, vo = z[:, out], valid[:, out]
+        keep[:, out] = vo & (_clip_threshold(zo, vo, clip, 1.0)[None, :] >= zo)
+    return keep
+
+
+def _clip_threshold(z, valid, clip: float, floor: float) -> np.ndarray:
+    """(P,) float32: ``clip`` times the robust scale of ``z`` (at least ``floor``; inf where no
+    frame-pixel is valid)."""
+    scale = _masked_median(z, valid, nonnegative=True) * MAD_SIGMA
+    scale = np.where(np.isfinite(scale), np.maximum(scale, floor), np.inf)
+    return (clip * scale).astype(np.float32)
+
+
+def _kept_sum_of_squares(z, keep) -> np.ndarray:
+    """Per pixel, the float32 sum over the kept frames of ``z``^2."""
+    sq = z * z
+    if np.isfinite(sq).all():  # then multiplying a term by 0 drops it as np.where does, faster
+        return np.multiply(sq, keep, out=sq).sum(axis=0)
+    return np.where(keep, sq, 0).sum(axis=0)
+
+
+HOT_GROUP_BYTES = 2**26  # the hot-pixel fits' designs of a group of pixels, float64
+
+
+def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float):
+    """Hot pixels: t * (h 2^((T-T0)/tau_h) [+ d2 2^((T-T0)/tau2)]) + g with tau_h per pixel
+    from a grid (weighted least squares, clipped like the main fit), of every pixel at once.
+
+    ``y``, ``ok``, ``keep``, ``var`` (N, n): the pixels' frames, which are valid, which the main fit
+    kept and their noise variance there. ``var_of(S)`` gives the noise variance (N, ...) of
+    pixels whose expected signal is S (N, ...). Returns (tau (n,), coef (n, K)); NaN where no fit
+    was possible."""
     K = law.K
     taus = HOT_TAUS if law.components == 1 else HOT_TAUS[np.abs(HOT_TAUS - law.tau2) > 0.5]
     rest = law.design(T, t)[:, 1:]  # [t u2,] 1
@@ -138,28 +269,45 @@ def _hot_fits(Y, valid, fit: _PixelFit, idx: np.ndarray, T, t, law: Law, var_of,
         ],
         axis=2,
     )  # (ntau, N, K)
-    tau_out, coef_out = np.full(len(idx), np.nan), np.full((len(idx), K), np.nan)
-    for j, p in enumerate(idx):
-        y, ok = Y[:, p].astype(np.float64), valid[:, p]
-        keep, var = fit.keep[:, p], fit.var[:, p].astype(np.float64)
-        found = None
-        for _ in range(3):
-            if keep.sum() < K + 2:
-                break
-            w = keep / var
-            Xw = Xs * w[None, :, None]
-            A = np.einsum("snk,snl->skl", Xw, Xs) + 1e-12 * np.eye(K)
-            c = np.linalg.solve(A, np.einsum("snk,n->sk", Xw, y)[..., None])[..., 0]  # (ntau, K)
-            r = y[None, :] - np.einsum("snk,sk->sn", Xs, c)
-            best = int(np.argmin(np.einsum("n,sn->s", w, r * r)))
-            found = (taus[best], c[best])
-            model = Xs[best] @ c[best]
-            var = var_of(model)
-            z = (y - model) / np.sqrt(var)
-            scale = max(1.0, MAD_SIGMA * float(np.median(np.abs(z[ok]))))
-            keep = ok & (np.abs(z) <= clip * scale)
-        if found is not None:
-            tau_out[j], coef_out[j] = found
+    n = y.shape[1]
+    tau_out, coef_out = np.full(n, np.nan), np.full((n, K), np.nan)
+    group = max(1, HOT_GROUP_BYTES // (4 * Xs.size * 8))
+    for p0 in range(0, n, group):
+        sl = slice(p0, min(n, p0 + group))
+        tau_out[sl], coef_out[sl] = _hot_group(
+            y[:, sl].T.astype(np.float64), ok[:, sl].T, keep[:, sl].T, var[:, sl].T, Xs, taus, var_of, clip
+        )
+    return tau_out, coef_out
+
+
+def _hot_group(y, ok, keep, var, Xs, taus, var_of, clip: float):
+    """:func:`_hot_fits` of a group of pixels: ``y``, ``ok``, ``keep``, ``var`` (pixels, N)."""
+    m, K = len(y), Xs.shape[2]
+    tau_out, coef_out = np.full(m, np.nan), np.full((m, K), np.nan)
+    w_of = var.astype(np.float64)  # the main fit's variances, then (float32) those of the pixel's own law
+    keep = keep.copy()
+    going = np.ones(m, bool)
+    for _ in range(3):
+        going &= keep.sum(axis=1) >= K + 2
+        a = np.flatnonzero(going)
+        if not a.size:
+            break
+        w = keep[a] / w_of[a]
+        Xw = Xs[None] * w[:, None, :, None]  # (pixels, ntau, N, K)
+        A = np.einsum("hsnk,snl->hskl", Xw, Xs) + 1e-12 * np.eye(K)
+        c = np.linalg.solve(A, np.einsum("hsnk,hn->hsk", Xw, y[a])[..., None])[..., 0]  # (pixels, ntau, K)
+        r = y[a][:, None, :] - np.einsum("snk,hsk->hsn", Xs, c)
+        best = np.argmin(np.einsum("hn,hsn->hs", w, r * r), axis=1)
+        cb = c[np.arange(len(a)), best]
+        tau_out[a], coef_out[a] = taus[best], cb
+        model = np.matmul(Xs[best], cb[:, :, None])[..., 0]  # (pixels, N)
+        v = var_of(model.T).T
+        if w_of.dtype != v.dtype:
+            w_of = w_of.astype(v.dtype)
+        w_of[a] = v
+        z = (y[a] - model) / np.sqrt(v)
+        scale = np.fmax(1.0, MAD_SIGMA * _masked_median(np.abs(z).T, ok[a].T))
+        keep[a] = ok[a] & (np.abs(z) <= clip * scale[:, None])
     return tau_out, coef_out
 
 
@@ -167,19 +315,50 @@ def _hot_fits(Y, valid, fit: _PixelFit, idx: np.ndarray, T, t, law: Law, var_of,
 
 
 def _box(a: np.ndarray, r: int, axis: int) -> np.ndarray:
-    """Edge-truncated running sum over 2r+1 samples along ``axis``."""
-    a = np.moveaxis(a, axis, -1)
-    c = np.cumsum(a, axis=-1)
-    c = np.concatenate([np.zeros(a.shape[:-1] + (1,)), c], axis=-1)
-    n = a.shape[-1]
-    hi = np.minimum(np.arange(n) + r + 1, n)
-    lo = np.maximum(np.arange(n) - r, 0)
-    return np.moveaxis(c[..., hi] - c[..., lo], -1, axis)
+    """Edge-truncated running sum over 2r+1 samples along ``axis`` (0 or 1) of a 2-d float64
+    array: differences of its cumulative sum (:func:`_cumsum`), of slices of it (a gather along
+    the rows costs several times more)."""
+    n = a.shape[axis]
+    c = _cumsum(a, axis)
+    if n < 2 * r + 1:
+        hi = np.minimum(np.arange(n) + r + 1, n)
+        lo = np.maximum(np.arange(n) - r, 0)
+        return np.take(c, hi, axis=axis) - np.take(c, lo, axis=axis)
+
+    def part(start, stop):
+        return (slice(None), slice(start, stop)) if axis else slice(start, stop)
+
+    out = np.empty(a.shape)
+    np.subtract(c[part(r + 1, 2 * r + 2)], c[part(0, 1)], out=out[part(0, r + 1)])  # the first: from the edge
+    np.subtract(c[part(2 * r + 2, n + 1)], c[part(1, n - 2 * r)], out=out[part(r + 1, n - r)])
+    np.subtract(c[part(n, n + 1)], c[part(n - 2 * r, n - r)], out=out[part(n - r, n)])  # the last: to the edge
+    return out
+
+
+def _cumsum(a: np.ndarray, axis: int) -> np.ndarray:
+    """``np.cumsum(a, axis)`` of a 2-d array after a zero, to the bit. Down the rows of a float64
+    array, a row at a time: each row's sums in one vectorised call, about 4x faster than numpy's
+    accumulation down the columns."""
+    if a.dtype != np.float64:
+        zero = np.zeros((a.shape[0], 1) if axis else (1, a.shape[1]))
+        return np.concatenate([zero, np.cumsum(a, axis=axis)], axis=axis)
+    if axis == 1:
+        c = np.empty((a.shape[0], a.shape[1] + 1))
+        c[:, 0] = 0
+        np.cumsum(a, axis=1, out=c[:, 1:])
+        return c
+    c = np.empty((a.shape[0] + 1, a.shape[1]))
+    c[0] = 0
+    if len(a):
+        c[1] = a[0]
+    for i in range(1, len(a)):
+        np.add(c[i], a[i], out=c[i + 1])
+    return c
 
 
 def smooth_weighted(values: np.ndarray, weights: np.ndarray, r: int, passes: int = 3) -> np.ndarray:
     """Normalised convolution: a ~Gaussian (``passes`` boxes of radius ``r``) weighted mean."""
-    num, den = values * weights, weights.astype(np.float64)
+    num, den = values * weights, weights.astype(np.float64, copy=False)
     for _ in range(passes):
         for axis in (0, 1):
             num, den = _box(num, r, axis), _box(den, r, axis)

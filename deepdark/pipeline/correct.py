@@ -719,7 +719,18 @@ def frame_noise(image: np.ndarray) -> float:
     d = d[np.isfinite(d)]
     if d.size == 0:
         return float("nan")
-    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2))
+    return float(1.4826 * _median(np.abs(d - _median(d))) / np.sqrt(2))
+
+
+def _median(values: np.ndarray) -> np.floating:
+    """``np.median`` of finite 1-D ``values``, to the bit, from one partition about the upper
+    middle (numpy's about both middles of an even count takes four times as long): the lower
+    middle is the largest value below it."""
+    k = values.size // 2
+    part = np.partition(values, k)
+    if values.size % 2:
+        return part[k]
+    return np.mean(np.array([part[:k].max(), part[k]], dtype=values.dtype))
 
 
 def _check_storage(compression: str, level: float) -> None:

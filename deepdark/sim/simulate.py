@@ -39,6 +39,14 @@ with a constant glow and a per-row bias cannot:
   ``PICKUP_PERIOD_PX``, a per camera in ``PICKUP_ADU``. The optical-black rows, read above the
   same columns, show the frame's stripes.
 
+Strength of the fixed pattern (``pattern_scale``, default 1): every deviation of the dark current
+from a uniform map that stays the same from frame to frame (ring amplitude, both maps' gradients
+and the diffusion map's curvature, the DSNU's log-sigma, the hot and RTS pixels' extra rates) is
+multiplied by it; 0 leaves a uniform dark current whose only change is its level with the
+temperature, glow aside. The same random draws are made whatever the scale, so one camera's
+patterns at two scales differ only in their strength; at 1 the archive is byte-identical to one
+from before the option existed, and any other scale is recorded in the header (``SIMPATT``).
+
 A frame's draw (:class:`EffectState`) is recorded in its header (``SIMEFF``, ``SIMGLOW<ch>``,
 ``SIMPICK<ch>``) and enters the expected dark, so DDFLOOR stays the noise no predictor can remove.
 
@@ -53,9 +61,9 @@ modest (1-4x the mean rate) and cosmic rays at 2 /cm^2/min so that DDFLOOR stays
 per cent of sqrt(read^2 + shot)/gain. Shot noise is exact (``rng.poisson``, no normal
 approximation): ~0.2 s for a full 2094 x 2200 frame on one core; a full-size model is ~60 MB.
 
-API: ``camera_model`` (cached ``CameraModel.build``), ``simulate_frame`` -> ``SimFrame``,
-``expected_dark``, ``render_light``, ``frame_rng``, ``simulate_archive``; ``EFFECTS``,
-``effect_params``, ``draw_effects`` -> ``EffectState``.
+API: ``camera_model`` (cached ``CameraModel.build``, both with ``pattern_scale``),
+``simulate_frame`` -> ``SimFrame``, ``expected_dark``, ``render_light``, ``frame_rng``,
+``simulate_archive``; ``EFFECTS``, ``effect_params``, ``draw_effects`` -> ``EffectState``.
 """
 
 from __future__ import annotations
@@ -89,6 +97,7 @@ RING_AMPLITUDE = (0.10, 0.20)  # +-10-20 % modulation: clearly visible after ZSc
 RING_CENTRE = (0.15, 0.85)  # centre as a fraction of the sensor: on the sensor (paper fig. 2)
 DEP_GRADIENT = 0.10  # +- share of a smooth linear gradient of the depletion map
 DIFF_GRADIENT = (0.3, 0.6)  # diffusion map: stronger broad gradient, different direction
+DIFF_CURVATURE = 0.2  # ... and a bowl, brighter towards the sensor's edges
 DSNU_SIGMA = (0.05, 0.10)  # per-pixel lognormal dark-signal non-uniformity
 HOT_FRACTION = (1e-4, 3e-4)  # share of real pixels that are hot (typical for a KAF CCD)
 HOT_FACTOR = (10.0, 200.0)  # hot-pixel extra rate / mean rate, log-uniform
@@ -202,15 +211,22 @@ class CameraModel:
     rts_rate: np.ndarray  # extra e-/s at T_REF in the high state
     rts_p: np.ndarray  # probability of the high state
     params: dict = field(default_factory=dict)  # the drawn scalars, for reports
+    pattern_scale: float = 1.0  # strength of the fixed pattern (1: as drawn)
 
     @classmethod
-    def build(cls, camera: str, seed: int = 0, geometry: str | Geometry = DEFAULT_GEOMETRY) -> CameraModel:
-        """Draw a camera's physics from ``seed`` and its id: the same pair gives the same camera."""
+    def build(
+        cls, camera: str, seed: int = 0, geometry: str | Geometry = DEFAULT_GEOMETRY, pattern_scale: float = 1.0
+    ) -> CameraModel:
+        """Draw a camera's physics from ``seed`` and its id: the same pair gives the same camera.
+
+        ``pattern_scale`` multiplies the strength of its fixed dark-current pattern (module
+        docstring); the random draws do not depend on it."""
         g = _geometry(geometry)
+        k = _check_pattern_scale(pattern_scale)
         rng = np.random.default_rng(np.random.SeedSequence([_MODEL_TAG, seed, camera_code(camera)]))
         n, (R, C) = len(g.channels), g.channel_shape
         reg, act = g.regions, g.active
-        p = _draw_params(rng, g)
+        p = _scale_pattern(_draw_params(rng, g), k)
         real = np.zeros((n, R, C), bool)
         for name in ("ob_cols", "ob_rows", "active"):
             real[(slice(None),) + reg[name].slices] = True
@@ -241,12 +257,13 @@ class CameraModel:
             prescan=(-p["prescan_pull"][:, None] * np.exp(-prescan_cols / PRESCAN_TAU_PX)).astype(F32),
             residue=p["residue"],
             hot_idx=picked[:n_hot],
-            hot_rate=_logu(rng, HOT_FACTOR, n_hot) * DARK_RATE_REF,
+            hot_rate=_logu(rng, HOT_FACTOR, n_hot) * DARK_RATE_REF * k,
             hot_doubling=_u(rng, HOT_DOUBLING_C, n_hot),
             rts_idx=picked[n_hot:],
-            rts_rate=_logu(rng, RTS_FACTOR, n_rts) * DARK_RATE_REF,
+            rts_rate=_logu(rng, RTS_FACTOR, n_rts) * DARK_RATE_REF * k,
             rts_p=_u(rng, RTS_P_HIGH, n_rts),
             params=p,
+            pattern_scale=k,
         )
 
     def dark_rate(self, temperature: float) -> np.ndarray:
@@ -294,6 +311,26 @@ def _draw_params(rng: np.random.Generator, g: Geometry) -> dict:
     )
 
 
+def _check_pattern_scale(pattern_scale) -> float:
+    """``pattern_scale`` as a float >= 0 (InputError otherwise)."""
+    k = float(pattern_scale)
+    if not k >= 0 or math.isinf(k):
+        raise InputError(f"pattern_scale must be a finite number >= 0, got {pattern_scale!r}")
+    return k
+
+
+def _scale_pattern(p: dict, k: float) -> dict:
+    """The drawn parameters with the fixed pattern's strengths multiplied by ``k`` (the hot and RTS
+    rates are scaled where they are drawn). Multiplying by 1.0 is exact: the default camera's
+    arrays are bit for bit those drawn."""
+    p["ring_amplitude"] *= k
+    p["dep_gradient"] = p["dep_gradient"] * k
+    p["diff_gradient"] *= k
+    p["dsnu_sigma"] *= k
+    p["diff_curvature"] = DIFF_CURVATURE * k
+    return p
+
+
 def _dark_current_maps(
     g: Geometry, p: dict, rng: np.random.Generator, real: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -312,7 +349,7 @@ def _dark_current_maps(
         dep[i] = 1 + a * (0.8 * np.sin(ring + p["ring_phase"][0]) + 0.2 * np.sin(2 * ring + p["ring_phase"][1]))
         dep[i] *= 1 + p["dep_gradient"][0] * yn + p["dep_gradient"][1] * xn
         th = p["diff_angle"]
-        diff[i] = 1 + p["diff_gradient"] * (np.cos(th) * xn + np.sin(th) * yn) + 0.2 * (xn**2 + yn**2)
+        diff[i] = 1 + p["diff_gradient"] * (np.cos(th) * xn + np.sin(th) * yn) + p["diff_curvature"] * (xn**2 + yn**2)
     s = p["dsnu_sigma"]
     dep *= np.exp(rng.standard_normal((n, R, C), dtype=F32) * F32(s) - F32(s * s / 2))
     actv = (slice(None),) + g.active.slices
@@ -326,12 +363,14 @@ _MODELS: OrderedDict = OrderedDict()
 _MODEL_CACHE_SIZE = 2  # a full-size model is ~100 MB; archives loop cameras outermost
 
 
-def camera_model(camera: str, seed: int = 0, geometry: str | Geometry = DEFAULT_GEOMETRY) -> CameraModel:
-    """The (cached) :class:`CameraModel` of ``camera`` for ``seed`` and ``geometry``."""
+def camera_model(
+    camera: str, seed: int = 0, geometry: str | Geometry = DEFAULT_GEOMETRY, pattern_scale: float = 1.0
+) -> CameraModel:
+    """The (cached) :class:`CameraModel` of ``camera`` for ``seed``, ``geometry`` and ``pattern_scale``."""
     g = _geometry(geometry)
-    key = (camera, seed, g.name, g.source)
+    key = (camera, seed, g.name, g.source, _check_pattern_scale(pattern_scale))
     if key not in _MODELS:
-        _MODELS[key] = CameraModel.build(camera, seed, g)
+        _MODELS[key] = CameraModel.build(camera, seed, g, key[-1])
         while len(_MODELS) > _MODEL_CACHE_SIZE:
             _MODELS.popitem(last=False)
     _MODELS.move_to_end(key)
@@ -542,6 +581,8 @@ def simulate_frame(
     hdr["SIMCAM"] = (m.camera, "simulated camera model")
     hdr["SIMSEED"] = (m.seed, "simulation seed")
     hdr["SIMGEOM"] = (g.name, "geometry")
+    if m.pattern_scale != 1.0:  # only then: a default archive keeps its bytes
+        hdr["SIMPATT"] = (m.pattern_scale, "strength of the fixed dark pattern (1: default)")
     if state is not None:
         _effect_cards(hdr, g, state)
     floor = {}
@@ -607,12 +648,17 @@ def simulate_archive(
     compress: bool = False,
     progress: bool = True,
     effects=(),
+    pattern_scale: float = 1.0,
 ) -> list[Path]:
     """Write ``out/YYYYMMDD/{camera}_{dark|bias|guide}_{NNNN}.fits[.gz]``; same arguments, same bytes.
 
-    ``effects``: names of ``EFFECTS`` added to every frame (default none)."""
+    ``effects``: names of ``EFFECTS`` added to every frame (default none). ``pattern_scale``:
+    strength of every camera's fixed dark-current pattern (rings, gradients, DSNU, hot and RTS
+    pixels; 1, the default, as drawn; 0: none); each frame's temperature, bias drift and row
+    offsets are those drawn at 1."""
     out, g = Path(out), _geometry(geometry)
     effects = check_effects(effects)
+    pattern_scale = _check_pattern_scale(pattern_scale)
     day0 = datetime.strptime(first_night, "%Y%m%d").replace(tzinfo=timezone.utc)
     night_days = [day0 + timedelta(days=k * night_step_days) for k in range(nights)]
     plan = _night_plan(temperatures, darks_per_temp, dark_exptimes, bias_per_night, guide_per_night)
@@ -621,7 +667,7 @@ def simulate_archive(
     total = len(cameras) * nights * len(plan)
     with tqdm(total=total, desc="simulate", unit="frame", disable=None if progress else True) as bar:
         for camera in cameras:  # cameras outermost: each model is built once
-            model = camera_model(camera, seed, g)
+            model = camera_model(camera, seed, g, pattern_scale)
             for day in night_days:
                 night, counters = day.strftime("%Y%m%d"), dict.fromkeys(_KIND_CODE, 0)
                 for kind, setpoint, exptime, t in plan:

@@ -389,3 +389,23 @@ def test_a_rerun_that_quarantines_a_whole_night_keeps_its_corrected_frames(run, 
     log = (run / RESULTS / "logs" / "correct" / f"{night}.log").read_text()
     assert "--replace-with-empty" in log, log[-2000:]
     assert {p.name: p.read_bytes() for p in corrected.glob("*.fits")} == before
+
+
+def test_predictions_not_kept_are_removed_once_corrected_and_measured(run, recovered):
+    """predict.keep false: a night's predictions file is a temporary, gone once its corrected
+    frames and QA are written; rule all no longer asks for it."""
+    night = NIGHTS[2]
+    cfg = yaml.safe_load((run / "test.yaml").read_text())
+    (run / "test.yaml").write_text(yaml.safe_dump({**cfg, "predict": {"keep": False}}))
+    try:
+        targets = [f"{RESULTS}/corrected/{night}/manifest.csv", f"{RESULTS}/qa/{night}/qa.csv"]
+        # --forcerun takes a list: the targets go before it
+        res = snakemake(run, "--cores", "2", *targets, "--forcerun", "predict")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert not (run / RESULTS / "predictions" / f"{night}.h5").exists()
+        qa = run / RESULTS / "qa" / night / "qa.csv"
+        assert qa.stat().st_mtime > (run / RESULTS / "shards" / f"{night}.h5").stat().st_mtime
+        dry = snakemake(run, "-n", "--cores", "2", *targets)
+        assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    finally:
+        (run / "test.yaml").write_text(yaml.safe_dump(cfg))

@@ -1,0 +1,246 @@
+"""The per-pixel fit's fast parts against the plain numpy they stand for: sort-based medians,
+closed-form solves, masked sums, box sums, residual histograms, the robust fit that refits only
+the pixels whose kept frames changed; and a fit that does not depend on its memory budget."""
+
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+
+from deepdark import physics as P
+from deepdark.io.geometry import load_geometry
+from deepdark.physics import fit as F
+from deepdark.physics import pixelfit as PF
+from deepdark.physics.frame_state import MAD_SIGMA, masked_sum, median_last
+from deepdark.pipeline.extract import extract
+from deepdark.sim import simulate as S
+
+MINI = load_geometry("mini")
+
+
+def _numpy_masked_median(values, valid):
+    """What the sort-based median stands for: np.median of full columns, np.nanmedian of the rest."""
+    out = np.median(values, axis=0)
+    partial = ~valid.all(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out[partial] = np.nanmedian(np.where(valid[:, partial], values[:, partial], np.nan), axis=0)
+    return out
+
+
+@pytest.mark.parametrize("n_frames", [1, 2, 3, 4, 5, 16, 17, 64])
+def test_masked_median_equals_numpy_to_the_bit(n_frames):
+    rng = np.random.default_rng(n_frames)
+    values = np.abs(rng.normal(size=(n_frames, 2000))).astype(np.float32)
+    values[:, :7] = 1.5  # ties
+    values[rng.random(values.shape) < 0.01] = np.nan  # NaN values: NaN medians of full columns
+    valid = rng.random(values.shape) > 0.1
+    valid[:, 10:20] = False  # columns without a valid value
+    valid[:, 20:1500] = True
+    expected = _numpy_masked_median(values, valid)
+    before = values.copy()
+    for nonnegative in (False, True):
+        got = PF._masked_median(values, valid, nonnegative=nonnegative)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(values, before)  # the input is left as it was
+    # negative values and a single column (whose transpose is contiguous: sorted in a copy too)
+    signed = rng.normal(size=(n_frames, 1)).astype(np.float32)
+    kept = signed.copy()
+    np.testing.assert_array_equal(PF._masked_median(signed, np.ones_like(signed, bool)), np.median(kept, axis=0))
+    np.testing.assert_array_equal(signed, kept)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 1024, 1042])
+def test_median_last_equals_numpy_to_the_bit(dtype, n):
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(3, 5, n)).astype(dtype)
+    a[0, 1, n // 2] = np.nan
+    for keepdims in (False, True):
+        got, expected = median_last(a, keepdims=keepdims), np.median(a, axis=-1, keepdims=keepdims)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+    flat = a[1:].ravel()
+    np.testing.assert_array_equal(median_last(flat), np.median(flat))
+
+
+def test_masked_sum_equals_where_sum():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(4, 300)).astype(np.float32)
+    keep = rng.random(values.shape) > 0.3
+    for dtype in (None, np.float64):
+        np.testing.assert_array_equal(
+            masked_sum(values, keep, dtype=dtype), np.where(keep, values, 0).sum(-1, dtype=dtype)
+        )
+    values[0, 0], values[1, 1] = np.inf, np.nan  # not finite: np.where's result itself
+    keep[0, 0] = keep[1, 1] = False
+    np.testing.assert_array_equal(masked_sum(values, keep), np.where(keep, values, 0).sum(-1))
+
+
+def _random_system(rng, K, P=3000, N=40):
+    X = np.stack([rng.uniform(1, 300, N), rng.uniform(1, 100, N), rng.uniform(0.5, 2, N), np.ones(N)], 1)[:, -K:]
+    W = rng.random((N, P)).astype(np.float32)
+    W[:, :10] = 0  # pixels without data
+    W[:4, 10:20] = 0
+    Y = rng.normal(size=(N, P)).astype(np.float32) * 50
+    return PF._normal_equations(Y, W, X)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_closed_form_solve_matches_lapack(K):
+    A, b = _random_system(np.random.default_rng(K), K)
+    at = {km: i for i, km in enumerate(PF._pairs(K))}
+    diag = np.stack([A[at[k, k]] for k in range(K)])
+    empty = ~(diag > 0).all(axis=0)
+    lapack = PF._solve_lapack(A, b, K, diag, empty)
+    got = PF._solve(A, b, K)
+    assert empty[:10].all() and (got[:, :10] == 0).all()
+    np.testing.assert_allclose(got, lapack, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(got.astype(np.float32), lapack.astype(np.float32))
+
+
+def _plain_robust_fit(Y, valid, X, var, clip, rounds=2):
+    """The robust fit as first written: every pixel fitted again in every round."""
+    K, X32 = X.shape[1], X.astype(np.float32)
+    inv_sd = None if var is None else (1.0 / np.sqrt(var)).astype(np.float32)
+    A, b = PF._normal_equations(Y, PF._weights(valid, inv_sd), X)
+    beta, keep = PF._solve(A, b, K), valid
+    for _ in range(rounds):
+        z = PF._scaled_residuals(Y, X32, beta, inv_sd)
+        scale = _numpy_masked_median(z, valid) * MAD_SIGMA
+        scale = np.where(np.isfinite(scale), np.maximum(scale, 1.0 if inv_sd is not None else 1e-3), np.inf)
+        keep = valid & ((clip * scale).astype(np.float32)[None, :] >= z)
+        A, b = PF._normal_equations(Y, PF._weights(keep, inv_sd), X)
+        beta = PF._solve(A, b, K)
+    z = PF._scaled_residuals(Y, X32, beta, inv_sd)
+    n = keep.sum(axis=0)
+    chi2 = (np.where(keep, z * z, 0).sum(axis=0) / np.maximum(n - K, 1)).astype(np.float32)
+    return beta, keep, n, chi2
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+def test_robust_fit_refitting_changed_pixels_only_equals_refitting_all(weighted, rounds):
+    rng = np.random.default_rng(rounds)
+    N, P = 24, 3000
+    X = np.stack([rng.uniform(1, 300, N), rng.uniform(1, 100, N), np.ones(N)], 1)
+    truth = rng.normal(size=(3, P)) * [[1], [1], [100]]
+    Y = (X @ truth + rng.normal(size=(N, P)) * 5).astype(np.float32)
+    Y[rng.random((N, P)) < 0.01] += 500  # outliers: pixels whose kept frames change
+    Y[:6, :40] += 30  # pixels that change again in later rounds
+    valid = rng.random((N, P)) > 0.02
+    var = (rng.random((N, P)) * 20 + 15).astype(np.float32) if weighted else None
+    beta, keep, n, chi2 = _plain_robust_fit(Y, valid, X, var, 5.0, rounds)
+    fit = PF._robust_fit(Y, valid, X, var, 5.0, rounds=rounds)
+    assert (keep != valid).any()
+    np.testing.assert_array_equal(fit.keep, keep)
+    np.testing.assert_array_equal(fit.n, n)
+    # BLAS may round the sums of a few pixels in their last bit unlike those of a whole block
+    np.testing.assert_allclose(fit.beta, beta, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fit.chi2, chi2, rtol=1e-6)
+
+
+def _cumsum_box(a, r, axis):
+    """The box sum as first written: np.cumsum and gathers."""
+    a = np.moveaxis(a, axis, -1)
+    c = np.concatenate([np.zeros(a.shape[:-1] + (1,)), np.cumsum(a, axis=-1)], axis=-1)
+    n = a.shape[-1]
+    hi, lo = np.minimum(np.arange(n) + r + 1, n), np.maximum(np.arange(n) - r, 0)
+    return np.moveaxis(c[..., hi] - c[..., lo], -1, axis)
+
+
+@pytest.mark.parametrize("shape", [(40, 52), (7, 7), (6, 9), (1, 12), (12, 1), (3, 2)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_box_sums_equal_cumsum_differences_to_the_bit(shape, dtype):
+    a = np.random.default_rng(2).normal(size=shape).astype(dtype)
+    for r in (1, 3):
+        for axis in (0, 1):
+            np.testing.assert_array_equal(PF._box(a, r, axis), _cumsum_box(a, r, axis))
+
+
+def test_residual_histograms_count_like_bincount():
+    rng = np.random.default_rng(4)
+    N, edges_max = 5, 3.0
+    hist = F._ResidualHistograms(N, edges_max)
+    blocks = []
+    for width in (7, 300, 151, 90):  # more than the bins: counted on the way
+        res = (rng.normal(size=(N, width)) * 2).astype(np.float32)
+        res[0, 0] = np.nan  # not counted
+        valid = rng.random((N, width)) > 0.1
+        blocks.append((res.copy(), valid))
+        hist.add(res, valid)
+    overflow = len(np.arange(0.0, edges_max + F.HIST_STEP, F.HIST_STEP))
+    expected = np.zeros((N, overflow + 1), np.int64)
+    for res, valid in blocks:
+        with np.errstate(invalid="ignore"):
+            bins = np.minimum((np.abs(res) / F.HIST_STEP).astype(np.int64), overflow)
+        bins[~valid | np.isnan(res)] = overflow
+        for f in range(N):
+            expected[f] += np.bincount(bins[f], minlength=overflow + 1)
+    np.testing.assert_array_equal(hist.counts(), expected[:, :-1])
+
+
+def test_pieces_tile_the_rows_in_reading_order():
+    for rows, cols, pixels in [(5, 68, 200), (5, 68, 64), (3, 10, 1), (4, 9, 9), (2, 7, 1000)]:
+        covered = np.zeros(rows * cols, int)
+        last = -1
+        for a, b, c0, c1 in F._pieces(rows, cols, pixels):
+            assert (b - a) * (c1 - c0) <= max(pixels, cols) and (b - a == 1 or (c0, c1) == (0, cols))
+            start, stop = a * cols + c0, (b - 1) * cols + c1
+            assert start == last + 1
+            covered[start:stop] += 1
+            last = stop - 1
+        assert (covered == 1).all()
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """Two nights of mini darks at two exposure times, with bias frames."""
+    root = tmp_path_factory.mktemp("fast")
+    S.simulate_archive(
+        root / "arch",
+        geometry="mini",
+        seed=11,
+        cameras=("GS1",),
+        temperatures=(-5, -15, -25),
+        darks_per_temp=2,
+        dark_exptimes=(10.0, 30.0),
+        bias_per_night=2,
+        guide_per_night=0,
+        nights=2,
+        progress=False,
+    )
+    return [
+        extract([night], root / f"{night.name}.h5", MINI, progress=False).shard
+        for night in sorted((root / "arch").iterdir())
+    ]
+
+
+def _datasets(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def test_fit_does_not_depend_on_the_memory_budget(library, tmp_path):
+    """A budget too small for one block of rows: the library goes through a scratch file (which
+    leaves nothing behind) and the fit works on pieces of rows; the maps are those of one block."""
+    N = 2 * 3 * 2 * 2 + 2 * 2  # darks and biases per channel
+    budget = 0.2
+    rows, pixels = F._stack_plan(N, MINI.active.shape, 3, budget)
+    assert rows < MINI.active.shape[0] and pixels < MINI.active.shape[1]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    P.fit_physics(library, tmp_path / "whole.h5", progress=False)
+    P.fit_physics(library, tmp_path / "small.h5", memory_mb=budget, scratch=scratch, progress=False)
+    assert not list(scratch.iterdir())
+    whole, small = _datasets(tmp_path / "whole.h5"), _datasets(tmp_path / "small.h5")
+    assert whole.keys() == small.keys()
+    for name, a in whole.items():
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(small[name], a, rtol=1e-5, atol=1e-4, err_msg=name)
+        else:
+            np.testing.assert_array_equal(small[name], a, err_msg=name)
