@@ -197,10 +197,12 @@ def cmd_cameras(a: argparse.Namespace) -> None:
     finally:
         for s in shards:
             s.close()
+    if table.empty:
+        raise InputError(f"no DARK or BIAS frames in {len(a.shards)} library shard(s)")
     if a.out is not None:
         with atomic_path(a.out) as tmp:
             table.to_csv(tmp, index=False)
-    print(table.to_string(index=False) if len(table) else "no DARK or BIAS frames")
+    print(table.to_string(index=False))
 
 
 # -- workflow subcommands (correct, qa, summary) --

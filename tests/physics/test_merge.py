@@ -113,3 +113,12 @@ def test_cli_fits_one_camera_and_merges(library, tmp_path):
     assert main(["physics-merge", *parts, "--out", parts[0], "-q"]) == 2  # never over an input
     with P.PhysicsModel(tmp_path / "physics.h5") as m:
         assert sorted(m.cameras) == ["GS1", "GS2"]
+
+
+def test_cameras_of_a_library_without_darks_is_a_one_line_error(tmp_path, write_night, capsys):
+    night = write_night(n_dark=0, n_guide=2)
+    shard = extract([night], tmp_path / "guide.h5", MINI, progress=False).shard
+    assert main(["cameras", str(shard), "--out", str(tmp_path / "cameras.csv"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no DARK or BIAS frames in 1 library shard" in err[0], err
+    assert not (tmp_path / "cameras.csv").exists()
