@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,6 +49,7 @@ MIN_BLOCK = 8
 HOT_FACTOR = 3.0  # hot pixel: dark at the reference above this many times its block's
 SMOOTH_PX = 3  # radius of the smoothing box (3 passes: a ~Gaussian of sd ~sqrt(r(r+1)) px)
 MAX_EXTRAPOLATION = 2.0  # a separable library predicts up to this many times its longest exposure
+FRAME_STORE_BATCH = 2**24  # bytes of a channel's frame-store records read at once (the transfer's update)
 
 
 # -- the library fit ----------------------------------------------------------------------------
@@ -67,21 +70,83 @@ def _block_means(signal: np.ndarray, bs: int, clip: float = PIXEL_CLIP) -> np.nd
     return out
 
 
+class _FrameStore:
+    """Arrays of each of ``n`` frame-channels (one record per frame-channel and field) in an
+    unnamed scratch file that vanishes when closed: what stage 1 measures stays on disk and a
+    channel's records are read back when they are needed, so that the library's size does not
+    set the memory the fit holds. Plain reads and writes, not a memory map: the pages of a map
+    would count as the process's memory.
+
+    Parameters
+    ----------
+    n
+        Frame-channels.
+    fields
+        Name -> (shape of one record, dtype).
+    folder
+        Folder of the scratch file.
+    """
+
+    def __init__(self, n: int, fields: dict[str, tuple[tuple[int, ...], np.dtype]], folder: str | Path | None):
+        self.n, self.fields, offset = n, {}, 0
+        for name, (shape, dtype) in fields.items():
+            dtype = np.dtype(dtype)
+            size = math.prod(shape) * dtype.itemsize
+            self.fields[name] = (offset, tuple(shape), dtype, size)
+            offset += n * size
+        self._file = tempfile.TemporaryFile(dir=folder, prefix=".deepdark-frames-")  # noqa: SIM115 (closed by close())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def write(self, name: str, positions: np.ndarray, values: np.ndarray) -> None:
+        """Records ``values`` (len(positions), *shape) of field ``name`` at ``positions``."""
+        base, shape, dtype, size = self.fields[name]
+        values = np.ascontiguousarray(values)
+        if values.dtype != dtype or values.shape[1:] != shape:
+            raise TypeError(f"{name}: {values.dtype} {values.shape[1:]}, not {dtype} {shape}")
+        for p, v in zip(positions, values):
+            if os.pwrite(self._file.fileno(), memoryview(v).cast("B"), base + int(p) * size) != size:
+                raise OSError(f"short write to the frame store ({name})")
+
+    def read(self, name: str, positions: np.ndarray, part: slice | None = None) -> np.ndarray:
+        """Records of field ``name`` at ``positions``: (len(positions), *shape), or with ``part``
+        (a slice of step 1 of the flattened record) (len(positions), part's length)."""
+        base, shape, dtype, size = self.fields[name]
+        flat = math.prod(shape)
+        start, stop, _ = (part or slice(None)).indices(flat)
+        out = np.empty((len(positions), stop - start), dtype)
+        skip = base + start * dtype.itemsize
+        for i, p in enumerate(positions):
+            buf = memoryview(out[i]).cast("B")
+            if os.preadv(self._file.fileno(), [buf], skip + int(p) * size) != len(buf):
+                raise OSError(f"short read from the frame store ({name})")
+        return out if part is not None else out.reshape((len(positions),) + shape)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of one record of field ``name``."""
+        return self.fields[name][3]
+
+
 @dataclass
 class _Members:
-    """The library's frame-channels and what stage 1 measured on them."""
+    """The library's frame-channels and what stage 1 measured on them: scalars in memory, the
+    rest in a frame store (:class:`_FrameStore`), per frame-channel: ``bias`` (R,) float32, the
+    row bias; ``blocks`` (nb_r, nb_c) the block means; ``active_rows`` (R,) the active rows'
+    offsets from the level (the transfer's data); ``ob`` the optical-black columns minus the row
+    bias (R x ob_cols, flattened) then rows minus the level (ob_rows x C), float32, and
+    ``ob_valid`` (bool) where they are neither saturated nor zero."""
 
     table: pd.DataFrame  # one row per frame-channel (shard_no, row, active_index, file, camera, ...)
-    bias: np.ndarray  # (n, R) float32
     level: np.ndarray  # (n,)
     read_var: np.ndarray
     row_var: np.ndarray
-    blocks: np.ndarray  # (n, nb_r, nb_c)
-    ob_cols: np.ndarray  # (n, R, 4) float32
-    ob_rows: np.ndarray  # (n, 4, C) float32
-    ob_cols_raw: np.ndarray  # uint16, for the saturation mask
-    ob_rows_raw: np.ndarray
-    active_rows: np.ndarray  # (n, R): the active rows' offsets from the level (the transfer's data)
+    store: _FrameStore
+    ob_cols: int  # optical-black columns (0: a geometry without optical black)
+    ob_rows: int
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def _library(shards: Sequence[Shard], cameras: Sequence[str] | None = None) -> pd.DataFrame:
@@ -98,55 +163,73 @@ def _library(shards: Sequence[Shard], cameras: Sequence[str] | None = None) -> p
     return lib
 
 
-def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progress: bool) -> _Members:
+def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progress: bool, scratch) -> _Members:
+    """Every frame-channel's state (:func:`frame_state`), block means and active-row offsets,
+    measured 16 at a time; what is per row or pixel goes to a frame store in ``scratch``."""
     n = len(lib)
     R, C = g.active.shape
-    out = dict(
-        bias=np.empty((n, R), np.float32),
-        level=np.empty(n),
-        read_var=np.empty(n),
-        row_var=np.empty(n),
-        blocks=np.empty((n, R // bs, C // bs)),
-        active_rows=np.empty((n, R)),
-    )
-    ob_c, ob_r, ob_c_raw, ob_r_raw = [], [], [], []
-    pos_all = []
+    level, read_var, row_var = np.empty(n), np.empty(n), np.empty(n)
+    store = mem = None
     bar = tqdm(total=n, desc="physics: frame state", unit="channel", disable=None if progress else True)
-    for k, s in enumerate(shards):
-        sub = lib[lib["shard_no"] == k].sort_values("row")
-        for start in range(0, len(sub), 16):
-            part = sub.iloc[start : start + 16]
-            rows, pos = part["row"].to_numpy(), part.index.to_numpy()
-            strips = s.strips(rows)
-            st = frame_state(strips, params["overscan_skip"], params["shrink"], params["smooth_rows"])
-            out["bias"][pos], out["level"][pos] = st.bias, st.level
-            out["read_var"][pos], out["row_var"][pos] = st.read_var, st.row_var
-            with StackedRows(shards, part, np.arange(len(part)), R) as stacked:  # each chunk read once
-                raw = stacked.read(0)
-                bias32 = st.bias.astype(np.float32)
-                for i, at in enumerate(pos):  # a frame at a time: its float copies stay in the cache
-                    act = raw[i][None].astype(np.float32) - bias32[i, :, None]
-                    out["blocks"][at] = _block_means(act, bs)[0]
-                    out["active_rows"][at] = active_row_offsets(act, st.bias[i : i + 1], st.level[i : i + 1])[0]
-            ob_c.append(st.ob_cols), ob_r.append(st.ob_rows)
-            ob_c_raw.append(strips["a2"]), ob_r_raw.append(strips["a3"])
-            pos_all.append(pos)
-            bar.update(len(rows))
-    bar.close()
-    order = np.argsort(np.concatenate(pos_all))
-    return _Members(
-        lib,
-        out["bias"],
-        out["level"],
-        out["read_var"],
-        out["row_var"],
-        out["blocks"],
-        np.concatenate(ob_c)[order],
-        np.concatenate(ob_r)[order],
-        np.concatenate(ob_c_raw)[order],
-        np.concatenate(ob_r_raw)[order],
-        out["active_rows"],
+    try:
+        for k, s in enumerate(shards):
+            sub = lib[lib["shard_no"] == k].sort_values("row")
+            for start in range(0, len(sub), 16):
+                part = sub.iloc[start : start + 16]
+                rows, pos = part["row"].to_numpy(), part.index.to_numpy()
+                strips = s.strips(rows)
+                st = frame_state(strips, params["overscan_skip"], params["shrink"], params["smooth_rows"])
+                if store is None:
+                    ncol, nrow = st.ob_cols.shape[2], st.ob_rows.shape[1]
+                    store = _FrameStore(n, _store_fields(R, C, bs, ncol, nrow), scratch)
+                    mem = _Members(lib, level, read_var, row_var, store, ncol, nrow)
+                level[pos], read_var[pos], row_var[pos] = st.level, st.read_var, st.row_var
+                _store_frame_state(store, pos, st, strips)
+                _store_active(store, shards, part, st, bs, R)
+                bar.update(len(rows))
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    finally:
+        bar.close()
+    return mem
+
+
+def _store_fields(R: int, C: int, bs: int, ncol: int, nrow: int) -> dict:
+    nob = R * ncol + nrow * C
+    return dict(
+        bias=((R,), np.float32),
+        blocks=((R // bs, C // bs), np.float64),
+        active_rows=((R,), np.float64),
+        ob=((nob,), np.float32),
+        ob_valid=((nob,), np.bool_),
     )
+
+
+def _store_frame_state(store: _FrameStore, pos: np.ndarray, st, strips) -> None:
+    """The row bias and the optical black of frame-channels ``pos`` (their frame state ``st``)."""
+    k = len(pos)
+    store.write("bias", pos, st.bias.astype(np.float32))
+    store.write("ob", pos, np.concatenate([st.ob_cols.reshape(k, -1), st.ob_rows.reshape(k, -1)], axis=1))
+    raw = np.concatenate([np.asarray(strips["a2"]).reshape(k, -1), np.asarray(strips["a3"]).reshape(k, -1)], axis=1)
+    store.write("ob_valid", pos, (raw < SATURATED) & (raw > 0))
+
+
+def _store_active(store: _FrameStore, shards, part: pd.DataFrame, st, bs: int, R: int) -> None:
+    """The block means and active-row offsets of the frame-channels of ``part`` (their frame state ``st``)."""
+    pos = part.index.to_numpy()
+    blocks = np.empty((len(pos),) + store.fields["blocks"][1])
+    active_rows = np.empty((len(pos), R))
+    with StackedRows(shards, part, np.arange(len(part)), R) as stacked:  # each chunk read once
+        raw = stacked.read(0)
+        bias32 = st.bias.astype(np.float32)
+        for i in range(len(pos)):  # a frame at a time: its float copies stay in the cache
+            act = raw[i][None].astype(np.float32) - bias32[i, :, None]
+            blocks[i] = _block_means(act, bs)[0]
+            active_rows[i] = active_row_offsets(act, st.bias[i : i + 1], st.level[i : i + 1])[0]
+    store.write("blocks", pos, blocks)
+    store.write("active_rows", pos, active_rows)
 
 
 # The memory of a channel's fit. The library's pixels are held as their uint16 stack, a block of
@@ -160,6 +243,9 @@ BYTES_PER_FRAME_PIXEL = 48  # working set of the per-pixel fit: ~10 float32/bool
 PIXEL_BLOCK_BYTES = 2**19  # one float32 (frames x pixels) array of a block of pixels
 MIN_PIXEL_BLOCK = 64  # pixels: below this, numpy's per-call cost dominates
 WORK_SHARE = 0.25  # at most this share of the budget for the blocks of pixels (libraries of many frames)
+HIST_SHARE = 0.125  # of the budget for pass A's residual histograms (beyond: coarse bins and a second pass)
+OB_SHARE = 0.25  # of the budget for the optical black read back at once (its fit's values and validity)
+OB_BYTES_PER_FRAME_PIXEL = 5
 
 
 def _map_bytes(K: int) -> int:
@@ -191,7 +277,10 @@ def _stack_plan(N: int, shape: tuple[int, int], K: int, memory_mb: float, held: 
     R, C = shape
     pixels = _pixel_block(N, memory_mb)
     fixed = held + R * C * (_map_bytes(K) + STACK_BYTES_PER_FRAME_PIXEL) + N * pixels * BYTES_PER_FRAME_PIXEL
-    return _chunk_rows(N, C, memory_mb, fixed), pixels
+    rows, step = _chunk_rows(N, C, memory_mb, fixed), pixels // C
+    if step > 1 and rows < R:  # whole pieces of rows in every block: the same pieces whatever the blocks
+        rows = max(step, rows // step * step)
+    return rows, pixels
 
 
 class _LibraryPixels:
@@ -278,18 +367,34 @@ class _Noise:
 
 HIST_STEP = 0.02  # ADU: resolution of the residual histograms of pass A
 HIST_MAX = 500.0  # ADU: their range
+COARSE_BINS = 64  # bins per coarse bin of a histogram too large for its memory (see _ResidualHistograms)
+MIN_PENDING = 256  # gathered bins per frame of such a histogram at the least
 
 
 class _ResidualHistograms:
     """Per frame, a histogram of |residual| in fixed bins of HIST_STEP up to ``hist_max`` (then
-    one bin for larger residuals and invalid pixels, not counted). The bins of blocks of pixels
-    are gathered (uint16) and counted a frame at a time once they are as many as the bins, so
-    that counting costs about one pass over them whatever the size of the blocks."""
+    one bin for larger residuals and invalid pixels, not counted), for the bin that holds each
+    frame's median (:meth:`median_bins`). The bins of blocks of pixels are gathered (uint16) and
+    counted a frame at a time once they are as many as the bins, so that counting costs about
+    one pass over them whatever the size of the blocks.
 
-    def __init__(self, n_frames: int, hist_max: float):
+    When every bin of every frame does not fit in ``max_bytes``, only the first bins are counted
+    one by one (as many as fit), and every bin in coarse bins of COARSE_BINS: a frame whose
+    median lies beyond the first bins gets its median's bin from the fine bins of its coarse
+    bin, counted in a second pass over the residuals (:meth:`window`); the bins equal those of
+    the whole histogram.
+    """
+
+    def __init__(self, n_frames: int, hist_max: float, max_bytes: float | None = None):
         self.overflow = self.bins(hist_max) - 1
-        self.hist = np.zeros((n_frames, self.overflow + 1), np.int32)
-        self.pending = np.empty((n_frames, self.overflow + 1), np.uint16)
+        fine, pending = self.plan(n_frames, hist_max, max_bytes)
+        self.fine = fine  # bins counted one by one (the overflow bin's index: all)
+        self.hist = np.zeros((n_frames, fine + 1), np.int32)  # the last: every bin from ``fine`` on
+        self.coarse = None
+        if fine < self.overflow:
+            self.coarse = np.zeros((n_frames, -(-(self.overflow + 1) // COARSE_BINS)), np.int32)
+            self.over = np.zeros(n_frames, np.int64)  # the overflow bin's counts
+        self.pending = np.empty((n_frames, pending), np.uint16)
         self.n_pending = 0
 
     @staticmethod
@@ -298,18 +403,38 @@ class _ResidualHistograms:
         return len(np.arange(0.0, hist_max + HIST_STEP, HIST_STEP)) + 1
 
     @classmethod
-    def bytes(cls, n_frames: int, hist_max: float) -> int:
-        """Memory of the histograms of ``n_frames`` frames: counts (int32), gathered bins (uint16)."""
-        return n_frames * cls.bins(hist_max) * 6
+    def plan(cls, n_frames: int, hist_max: float, max_bytes: float | None) -> tuple[int, int]:
+        """(bins counted one by one, gathered bins per frame) of ``n_frames`` frames within
+        ``max_bytes`` (None: no bound); at the least COARSE_BINS and MIN_PENDING."""
+        B = cls.bins(hist_max)
+        if max_bytes is None or n_frames * B * 6 <= max_bytes:
+            return B - 1, B
+        per_frame = max_bytes / n_frames - 4 * -(-B // COARSE_BINS) - 8
+        pending = max(MIN_PENDING, int(per_frame / 3 / 2))
+        fine = int((per_frame - 2 * pending) / 4) // COARSE_BINS * COARSE_BINS
+        return min(B - 1, max(COARSE_BINS, fine)), pending
 
-    def add(self, residual: np.ndarray, valid: np.ndarray) -> None:
-        """Count |``residual``| (N, P) float32 (overwritten) of the ``valid`` frame-pixels."""
+    @classmethod
+    def bytes(cls, n_frames: int, hist_max: float, max_bytes: float | None = None) -> int:
+        """Memory of the histograms of ``n_frames`` frames: counts (int32), gathered bins (uint16)."""
+        B = cls.bins(hist_max)
+        fine, pending = cls.plan(n_frames, hist_max, max_bytes)
+        coarse = 0 if fine >= B - 1 else 4 * -(-B // COARSE_BINS) + 8
+        return n_frames * (4 * (fine + 1) + coarse + 2 * pending)
+
+    def binned(self, residual: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """The bins (float32) of |``residual``| (N, P) float32 (overwritten) of the ``valid``
+        frame-pixels: floor(|r| / step) at most the overflow bin (NaN and invalid: overflow)."""
         np.abs(residual, out=residual)
         residual /= HIST_STEP
-        # the bin, floor(|r| / step), at most the overflow bin (NaN: overflow too); invalid: overflow
         np.fmin(residual, self.overflow, out=residual)
         if not valid.all():
             np.maximum(residual, np.float32(self.overflow) * ~valid, out=residual)
+        return residual
+
+    def add(self, residual: np.ndarray, valid: np.ndarray) -> None:
+        """Count |``residual``| (N, P) float32 (overwritten) of the ``valid`` frame-pixels."""
+        residual = self.binned(residual, valid)
         P = residual.shape[1]
         if self.n_pending + P > self.pending.shape[1]:
             self.flush()
@@ -319,30 +444,86 @@ class _ResidualHistograms:
         self.n_pending += P
 
     def flush(self) -> None:
-        for f in range(len(self.hist)):
-            self.hist[f] += np.bincount(self.pending[f, : self.n_pending], minlength=self.hist.shape[1])
+        pending = self.pending[:, : self.n_pending]
+        if self.coarse is None:
+            for f in range(len(self.hist)):
+                self.hist[f] += np.bincount(pending[f], minlength=self.hist.shape[1])
+        else:
+            self.over += np.count_nonzero(pending == self.overflow, axis=1)
+            for f in range(len(self.hist)):
+                self.hist[f] += np.bincount(np.minimum(pending[f], self.fine), minlength=self.fine + 1)
+                self.coarse[f] += np.bincount(pending[f] // COARSE_BINS, minlength=self.coarse.shape[1])
         self.n_pending = 0
 
     def counts(self) -> np.ndarray:
-        """(N, bins): the counts, without the last bin."""
+        """(N, bins): the counts, without the last bin (a histogram that counts every bin)."""
+        if self.coarse is not None:
+            raise ValueError("a bounded histogram does not count every bin")
         self.flush()
         return self.hist[:, :-1]
 
+    def median_bins(self) -> tuple[np.ndarray, np.ndarray, _MedianWindow | None]:
+        """(N,) the bin of each frame's median (the first whose cumulative count reaches half the
+        frame's count), the frames whose bin lies beyond the fine bins (-1 there) and the window
+        (:class:`_MedianWindow`) that finds theirs (None: none)."""
+        self.flush()
+        cum = np.cumsum(self.hist[:, :-1], axis=1)
+        if self.coarse is None:
+            half = cum[:, -1] / 2.0
+        else:
+            self.coarse[:, self.overflow // COARSE_BINS] -= self.over.astype(np.int32)
+            half = self.coarse.sum(axis=1, dtype=np.int64) / 2.0
+        i = np.array([np.searchsorted(c, h) for c, h in zip(cum, half)], dtype=np.int64)
+        beyond = np.flatnonzero(i >= self.fine) if self.coarse is not None else np.zeros(0, np.int64)
+        if not beyond.size:
+            return i, beyond, None
+        i[beyond] = -1
+        ccum = np.cumsum(self.coarse[beyond], axis=1)
+        at = np.array([np.searchsorted(c, h) for c, h in zip(ccum, half[beyond])], dtype=np.int64)
+        below = np.where(at > 0, ccum[np.arange(len(at)), np.maximum(at - 1, 0)], 0)
+        return i, beyond, _MedianWindow(self, beyond, at * COARSE_BINS, below, half[beyond])
 
-def _pass_a(pixels: _LibraryPixels, X, clip, bar, hist_max: float = HIST_MAX):
+
+class _MedianWindow:
+    """The fine bins of one coarse bin per frame (``start`` .. + COARSE_BINS) of some ``frames``
+    of a bounded :class:`_ResidualHistograms`, with the count below it (``below``) and half the
+    frame's count: the second pass that finds the bin of their median."""
+
+    def __init__(self, hist: _ResidualHistograms, frames, start, below, half):
+        self.hist, self.frames, self.start, self.below, self.half = hist, frames, start, below, half
+        self.counts = np.zeros((len(frames), COARSE_BINS), np.int64)
+
+    def add(self, residual: np.ndarray, valid: np.ndarray) -> None:
+        """Count the bins of |``residual``| (N, P) float32 (of all frames) in the windows."""
+        b = self.hist.binned(residual[self.frames], valid[self.frames]).astype(np.uint16).astype(np.int64)
+        b -= self.start[:, None]
+        inside = (b >= 0) & (b < COARSE_BINS)
+        for f in range(len(self.frames)):
+            self.counts[f] += np.bincount(b[f][inside[f]], minlength=COARSE_BINS)
+
+    def median_bins(self) -> np.ndarray:
+        """The bin of each of the frames' median."""
+        cum = self.below[:, None] + np.cumsum(self.counts, axis=1)
+        return self.start + np.array([np.searchsorted(c, h) for c, h in zip(cum, self.half)], dtype=np.int64)
+
+
+def _pass_a(pixels: _LibraryPixels, X, clip, bar, hist_max: float = HIST_MAX, hist_bytes: float | None = None):
     """Unweighted clipped fit over all blocks of pixels: each frame's robust residual variance.
 
     Per frame, |residual| histograms (fixed bins, so the result does not depend on the blocks)
     give the median absolute residual; hot and RTS pixels, a few among thousands, cannot pull a
-    median. The leverage of each frame in the per-pixel fit (h_f) corrects for the fitted share."""
+    median. The leverage of each frame in the per-pixel fit (h_f) corrects for the fitted share.
+    Histograms beyond ``hist_bytes`` find some frames' medians in a second pass."""
     N, K = X.shape
-    hist = _ResidualHistograms(N, hist_max)
+    hist = _ResidualHistograms(N, hist_max, hist_bytes)
     for _, Y, valid in pixels.blocks(bar):
         hist.add(_robust_fit(Y, valid, X, None, clip, chi2=False).z, valid)
-    counts = hist.counts()
-    cum = np.cumsum(counts, axis=1)
-    half = cum[:, -1] / 2.0
-    i = np.array([np.searchsorted(c, h) for c, h in zip(cum, half)])
+    i, beyond, window = hist.median_bins()
+    if window is not None:
+        log.info("pass A: %d of %d frames' medians beyond the fine bins: a second pass", len(beyond), N)
+        for _, Y, valid in pixels.blocks():
+            window.add(_robust_fit(Y, valid, X, None, clip, chi2=False).z, valid)
+        i[beyond] = window.median_bins()
     mad = (i + 0.5) * HIST_STEP
     lev = np.einsum("fk,kl,fl->f", X, np.linalg.pinv(X.T @ X), X)
     return (MAD_SIGMA * mad) ** 2 / np.maximum(1.0 - lev, 0.05)
@@ -440,22 +621,26 @@ def fit_physics(
         )
         lib = _library(opened, cameras)
         bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
-        mem = _stage1(opened, lib, g, params, bs, progress)
         out = Path(out)
         scratch = Path(scratch) if scratch is not None else out.absolute().parent
-        with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:
-            f.attrs.update(
-                schema_version=PHYSICS_SCHEMA,
-                geometry=g.source,
-                software=f"deepdark {__version__}",
-                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                params=json.dumps(params),
-                nights=",".join(sorted(set(lib["night"]))),
-            )
-            cams = f.create_group("cameras")
-            for ci, camera in enumerate(sorted(set(lib["camera"]))):
-                cl = _camera_library(mem, camera, g)
-                _fit_camera(cams.create_group(str(ci)), cl, opened, mem, g, params, bs, memory_mb, progress, scratch)
+        mem = _stage1(opened, lib, g, params, bs, progress, scratch)
+        try:
+            with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:
+                f.attrs.update(
+                    schema_version=PHYSICS_SCHEMA,
+                    geometry=g.source,
+                    software=f"deepdark {__version__}",
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    params=json.dumps(params),
+                    nights=",".join(sorted(set(lib["night"]))),
+                )
+                cams = f.create_group("cameras")
+                for ci, camera in enumerate(sorted(set(lib["camera"]))):
+                    cl = _camera_library(mem, camera, g)
+                    grp = cams.create_group(str(ci))
+                    _fit_camera(grp, cl, opened, mem, g, params, bs, memory_mb, progress, scratch)
+        finally:
+            mem.close()
         return out
     finally:
         for s in opened:
@@ -551,10 +736,7 @@ def _camera_law(cl: _Library, mem: _Members, per_frame: pd.DataFrame) -> tuple[L
     dark components (:class:`Law`)."""
     t, header_T, dark = cl.t, cl.header_T, cl.t > 0
     Y = np.concatenate(
-        [
-            mem.blocks[cl.members[cl.members["channel"] == ch].sort_values("fp").index].reshape(len(cl.files), -1)
-            for ch in cl.channels
-        ],
+        [mem.store.read("blocks", _channel_members(cl, ch)).reshape(len(cl.files), -1) for ch in cl.channels],
         axis=1,
     )
     if not dark.any():
@@ -585,26 +767,36 @@ def _library_transfers(cl: _Library, mem: _Members, X: np.ndarray) -> dict[str, 
     out = {}
     for ch in cl.channels:
         mi = _channel_members(cl, ch)
-        offsets = mem.bias[mi].astype(np.float64) - mem.level[mi][:, None]
-        out[ch] = measure_transfer(mem.active_rows[mi], offsets, X, float(np.mean(mem.read_var[mi])))
+        offsets = mem.store.read("bias", mi).astype(np.float64) - mem.level[mi][:, None]
+        active_rows = mem.store.read("active_rows", mi)
+        out[ch] = measure_transfer(active_rows, offsets, X, float(np.mean(mem.read_var[mi])))
         log.info("camera %s channel %s: overscan row transfer %s", cl.camera, ch, out[ch].describe())
     return out
 
 
 def _apply_transfers(cl: _Library, mem: _Members, transfers: dict[str, Transfer], bs: int) -> None:
     """The library frames' row bias (and what stage 1 derived from it: the OB columns minus the
-    bias, the block means) by the transfer coefficient of each channel that uses it."""
+    bias, the block means) by the transfer coefficient of each channel that uses it, a part of
+    the channel's frames at a time."""
+    R, nbr = mem.store.fields["bias"][1][0], mem.store.fields["blocks"][1][0]
+    step = max(1, FRAME_STORE_BATCH // (mem.store.nbytes("ob") + mem.store.nbytes("blocks") + 12 * R))
     for ch, tr in transfers.items():
         if not tr.used:
             continue
-        mi = _channel_members(cl, ch)
-        old = mem.bias[mi]
-        new = transferred_bias(old, mem.level[mi], np.full(len(mi), tr.coefficient))
-        mem.bias[mi] = new
-        mem.ob_cols[mi] += (old - new)[:, :, None]
-        nbr = mem.blocks.shape[1]
-        shift = (new - old)[:, : nbr * bs].reshape(len(mi), nbr, bs).mean(axis=2)
-        mem.blocks[mi] -= shift[:, :, None]
+        channel = _channel_members(cl, ch)
+        for f0 in range(0, len(channel), step):
+            mi = channel[f0 : f0 + step]
+            old = mem.store.read("bias", mi)
+            new = transferred_bias(old, mem.level[mi], np.full(len(mi), tr.coefficient))
+            mem.store.write("bias", mi, new)
+            ob = mem.store.read("ob", mi)
+            cols = ob[:, : R * mem.ob_cols].reshape(len(mi), R, mem.ob_cols) + (old - new)[:, :, None]
+            ob[:, : R * mem.ob_cols] = cols.reshape(len(mi), -1)
+            mem.store.write("ob", mi, ob)
+            shift = (new - old)[:, : nbr * bs].reshape(len(mi), nbr, bs).mean(axis=2)
+            blocks = mem.store.read("blocks", mi)
+            blocks -= shift[:, :, None]
+            mem.store.write("blocks", mi, blocks)
 
 
 def _write_camera_attrs(grp, cl: _Library, per_frame: pd.DataFrame, law: Law, T: np.ndarray, dark_exptimes) -> None:
@@ -654,20 +846,23 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
     N, mi = len(sel), sel.index.to_numpy()
     read_var, row_var = cam.mem.read_var[mi], cam.mem.row_var[mi]
     typ = _hot_reference(cam, j)
-    held = sum(a.nbytes for a in vars(cam.mem).values() if isinstance(a, np.ndarray))
-    held += _ResidualHistograms.bytes(N, HIST_MAX)
+    if cam.law.components:  # the typical pixel's signal, for the photon transfer curve
+        mean_sig = np.median(cam.mem.store.read("blocks", mi).reshape(N, -1), axis=1)
+    hist_bytes = cam.memory_mb * 2**20 * HIST_SHARE
+    # held beside the stack: the channel's row bias, the frame-channels' scalars, the histograms
+    held = N * cam.mem.store.nbytes("bias") + 3 * cam.mem.level.nbytes
+    held += _ResidualHistograms.bytes(N, HIST_MAX, hist_bytes)
     rows, pixels = _stack_plan(N, (R, C), K, cam.memory_mb, held)
     with StackedRows(cam.shards, sel, sel["pos"].to_numpy(), rows, scratch=cam.scratch) as stacked:
-        library = _LibraryPixels(stacked, cam.mem.bias[mi], pixels)
+        library = _LibraryPixels(stacked, cam.mem.store.read("bias", mi), pixels)
         bar = tqdm(
             total=2 * len(stacked.blocks),
             desc=f"physics: {cam.cl.camera} channel {ch}",
             unit="block",
             disable=None if cam.progress else True,
         )
-        frame_var = _pass_a(library, cam.X, cam.params["clip"], bar)
+        frame_var = _pass_a(library, cam.X, cam.params["clip"], bar, hist_bytes=hist_bytes)
         if cam.law.components:
-            mean_sig = np.median(cam.mem.blocks[mi].reshape(N, -1), axis=1)  # the typical pixel's signal
             noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
         else:  # biases carry no signal whose shot noise a photon transfer curve could measure
             noise = _Noise(frame_var, read_var)
@@ -678,9 +873,11 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
     cg = grp.create_group(f"channel_{j}")
     _write_channel(cg, ch, noise, fit, maps, irregular, K, cam.shape)
     _write_transfer(cg, cam.transfers[ch])
-    if cam.mem.ob_cols.shape[-1]:  # a geometry without optical black has no OB maps
+    del maps, irregular, fit
+    if cam.mem.ob_cols:  # a geometry without optical black has no OB maps
         og = cg.create_group("ob")
-        _fit_ob(og, cam.mem, mi, cam.X, noise, row_var, cam.x_ref, read_var, cam.params, K, cam.shape, pixels)
+        plan = (pixels, cam.memory_mb)
+        _fit_ob(og, cam.mem, mi, cam.X, noise, row_var, cam.x_ref, read_var, cam.params, K, cam.shape, plan)
     return _frame_rows(cam, sel, ch, frame_var, read_var, row_var)
 
 
@@ -796,25 +993,28 @@ def _write_frame_table(tg, rows: list[dict]) -> None:
         tg.create_dataset(col, data=v.astype(h5py.string_dtype()) if v.dtype == object else v)
 
 
-def _fit_ob(og, mem: _Members, mi, X, noise: _Noise, row_var, x_ref, read_var, params, K, shape, pixels: int):
+def _fit_ob(og, mem: _Members, mi, X, noise: _Noise, row_var, x_ref, read_var, params, K, shape, plan):
     """Per-pixel maps of the optical-black columns and rows (no smoothing: they serve T_eff),
-    fitted ``pixels`` at a time."""
+    fitted ``pixels`` at a time, read from the frame store a part of them at a time within a
+    share of ``memory_mb`` (``plan``: (pixels, memory_mb))."""
     R, C = shape
     N = len(mi)
-    obc, obr = mem.ob_cols[mi], mem.ob_rows[mi]
-    ncol, nrow = obc.shape[2], obr.shape[1]
-    Y = np.concatenate([obc.reshape(N, -1), obr.reshape(N, -1)], axis=1)
-    raw = np.concatenate([mem.ob_cols_raw[mi].reshape(N, -1), mem.ob_rows_raw[mi].reshape(N, -1)], axis=1)
-    valid = (raw < SATURATED) & (raw > 0)
-    P = Y.shape[1]
+    ncol, nrow = mem.ob_cols, mem.ob_rows
+    pixels, memory_mb = plan
+    P = R * ncol + nrow * C
+    part = pixels * max(1, int(memory_mb * 2**20 * OB_SHARE // (N * pixels * OB_BYTES_PER_FRAME_PIXEL)))
     beta, chi2, n = np.empty((K, P)), np.empty(P, np.float32), np.empty(P, np.int64)
-    for p0 in range(0, P, pixels):
-        sl = slice(p0, min(P, p0 + pixels))
-        # OB rows carry their frame's unknown row offsets: extra noise of variance row_var
-        extra = np.zeros((N, sl.stop - p0), np.float32)
-        extra[:, max(0, R * ncol - p0) :] = row_var[:, None]
-        fit = _weighted_fit(Y[:, sl], valid[:, sl], X, noise, params["clip"], extra_var=extra)
-        beta[:, sl], chi2[sl], n[sl] = fit.beta, fit.chi2, fit.n
+    for c0 in range(0, P, part):
+        Y = mem.store.read("ob", mi, slice(c0, min(P, c0 + part)))
+        valid = mem.store.read("ob_valid", mi, slice(c0, min(P, c0 + part)))
+        for p0 in range(c0, min(P, c0 + part), pixels):
+            sl = slice(p0, min(P, p0 + pixels))
+            # OB rows carry their frame's unknown row offsets: extra noise of variance row_var
+            extra = np.zeros((N, sl.stop - p0), np.float32)
+            extra[:, max(0, R * ncol - p0) :] = row_var[:, None]
+            at = slice(p0 - c0, sl.stop - c0)
+            fit = _weighted_fit(Y[:, at], valid[:, at], X, noise, params["clip"], extra_var=extra)
+            beta[:, sl], chi2[sl], n[sl] = fit.beta, fit.chi2, fit.n
     S_ref = x_ref[:-1] @ beta[:-1]
     med = float(np.median(S_ref))
     use = (S_ref < HOT_FACTOR * max(med, 0) + 10 * math.sqrt(float(np.mean(read_var)))) & (chi2 < 4) & (n >= K + 2)
