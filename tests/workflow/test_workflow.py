@@ -315,7 +315,7 @@ def test_slurm_run_fits_the_physics_model_one_job_per_camera(tmp_path):
     assert sorted(line.split("camera=")[1] for b in blocks for line in b.splitlines() if "camera=" in line) == cameras
     for b in blocks:
         resources = next(line for line in b.splitlines() if line.strip().startswith("resources:"))
-        assert "mem_mb=12000" in resources and "cpus_per_task=2" in resources, resources
+        assert "mem_mb=4000" in resources and "cpus_per_task=2" in resources, resources
     merge = next(b for b in out.split("\n\n") if "rule physics_merge:" in b)
     assert all(f"physics/{c}.h5" in merge for c in cameras)
 
