@@ -62,8 +62,9 @@ percent-encoded (its bytes as the operating system gives them, ``DDSRCENC = 'per
 which :func:`source_name` gives the name back. The manifest is UTF-8 text; a name that is not
 UTF-8 shows its odd bytes as ``\\xNN`` (as in the quarantine table).
 
-The arithmetic of a corrected frame (:func:`active_areas`, :func:`corrected_actives`) is public
-so that the QA measures guide frames corrected exactly as the files are.
+The arithmetic of a corrected frame (:func:`active_areas`, :func:`corrected_actives`,
+:func:`corrected_mosaic`) is public so that the QA measures guide frames corrected exactly as the
+files are.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ __all__ = [
     "correct_night",
     "corrected_actives",
     "corrected_header",
+    "corrected_mosaic",
     "frame_noise",
     "mosaic_header",
     "mosaic_tiles",
@@ -306,12 +308,47 @@ def corrected_actives(
     darks
         One dark per channel (ADU, active area, readout coordinates).
     """
+    actives = _checked_actives(raw, geometry, channels, darks)
+    # One pass per channel: the raw counts are cast to float32 inside the subtraction, the same
+    # values as subtracting from a float32 copy, without making one.
+    return {
+        c: np.subtract(actives[c], np.asarray(d, dtype=np.float32), dtype=np.float32) for c, d in zip(channels, darks)
+    }
+
+
+def corrected_mosaic(raw: RawFrame, geometry: Geometry, channels: Sequence[str], darks: np.ndarray) -> np.ndarray:
+    """The corrected active mosaic (float32, frame orientation): ``geometry.mosaic`` of
+    :func:`corrected_actives`, the same values, each channel's difference written straight
+    into its tile (no per-channel image and copy).
+
+    Parameters
+    ----------
+    raw, geometry, channels, darks
+        As for :func:`corrected_actives`.
+    """
+    actives = _checked_actives(raw, geometry, channels, darks)
+    dark_of = dict(zip(channels, darks))
+    out = (np.zeros if geometry.own_regions else np.empty)(geometry.mosaic_shape, dtype=np.float32)
+    for ch in geometry.channels:
+        np.subtract(
+            geometry.to_frame_orientation(actives[ch.name], ch),
+            geometry.to_frame_orientation(np.asarray(dark_of[ch.name], dtype=np.float32), ch),
+            out=out[geometry.mosaic_slices(ch)],
+            dtype=np.float32,
+        )
+    return out
+
+
+def _checked_actives(
+    raw: RawFrame, geometry: Geometry, channels: Sequence[str], darks: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The raw frame's active areas, once ``channels`` are found to match ``darks`` and the geometry."""
     if len(channels) != len(darks):
         raise CorrectionError(f"{len(channels)} channels but {len(darks)} darks")
     actives = active_areas(raw.data, geometry)
     if set(channels) != set(actives):
         raise CorrectionError(f"table has channels {sorted(channels)}, the geometry {sorted(actives)}")
-    return {c: actives[c].astype(np.float32) - np.asarray(d, dtype=np.float32) for c, d in zip(channels, darks)}
+    return actives
 
 
 def output_name(raw_path: str | Path) -> str:
@@ -631,7 +668,7 @@ def correct_frame(
     darks = predictions.dark(rows)
     if not np.isfinite(darks).all():  # a NaN dark would pass for a corrected frame
         raise CorrectionError(f"{raw_path}: the dark from {predictions.path} is not finite everywhere")
-    corrected = g.mosaic(corrected_actives(raw, g, channels, darks))
+    corrected = corrected_mosaic(raw, g, channels, darks)
     method = frame_method(t, method or predictions.attrs.get("method", "unknown"))
     hdr = _provenance_header(raw, raw_path, predictions, t, method, (status, reason), provenance, corrected.shape)
     dark = g.mosaic(dict(zip(channels, darks))).astype(np.float32, copy=False) if include_dark else None

@@ -345,9 +345,11 @@ def clip_bounds(img: np.ndarray, sigma: float = CLIP_SIGMA, maxiters: int = CLIP
         Values below ``lower`` or above ``upper`` are clipped; NaN when no value is finite.
     """
     s = np.sort(img, axis=None)  # NaN sorts last, +-inf just inside it
-    lo = int(np.searchsorted(s, -np.inf, "right"))
-    hi = int(np.searchsorted(s, np.inf, "left"))
     dtype = s.dtype.type
+    # The infinities in the image's own type: a Python or float64 scalar would have numpy compare
+    # in float64, converting all of ``s`` for each search.
+    lo = int(np.searchsorted(s, dtype(-np.inf), "right"))
+    hi = int(np.searchsorted(s, dtype(np.inf), "left"))
     lower = upper = dtype(np.nan)
     for _ in range(maxiters):
         run = s[lo:hi]
@@ -378,15 +380,76 @@ def clipped(img: np.ndarray, sigma: float = CLIP_SIGMA, maxiters: int = CLIP_ITE
 
 def robust_stats(values: np.ndarray) -> tuple[float, float, float]:
     """``(median, std, mad_std)`` of ``values`` (1-D, finite) in float64, equal to the bit to
-    ``np.median``, ``np.std`` and astropy's ``mad_std`` of ``values.astype(np.float64)``: one sort
-    of the values gives the median and the MAD (:func:`_mad_of_sorted`)."""
+    ``np.median``, ``np.std`` and astropy's ``mad_std`` of ``values.astype(np.float64)``: the
+    median and the MAD by selection (float32 values: :func:`_mad_by_selection`), else from one
+    sort of the values (:func:`_mad_of_sorted`)."""
+    return _robust_stats_owned(np.array(values, copy=True))
+
+
+def _robust_stats_owned(values: np.ndarray) -> tuple[float, float, float]:
+    """:func:`robust_stats` of ``values``, which it reorders in place (a copy the caller no longer
+    needs, such as the star-free pixels picked out of an image: no second copy to reorder)."""
     if values.size == 0:
         return (np.nan,) * 3
-    s = np.sort(values)
-    centre = _median_of_sorted(s, np.float64)
-    mad = _mad_of_sorted(s, centre)
-    # float64 sums of the float32 values: numpy sums in the same blocks as for a float64 copy
-    return float(centre), float(np.std(values, dtype=np.float64)), float(mad * MAD_TO_STD)
+    # float64 sums of the float32 values: numpy sums in the same blocks as for a float64 copy;
+    # taken first, in the pixels' own order
+    std = float(np.std(values, dtype=np.float64))
+    if values.dtype == np.float32:
+        centre = _median_by_selection(values)
+        mad = _mad_by_selection(values, centre)
+        if mad is not None:
+            return float(centre), std, float(mad * MAD_TO_STD)
+    values.sort()
+    centre = _median_of_sorted(values, np.float64)
+    mad = _mad_of_sorted(values, centre)
+    return float(centre), std, float(mad * MAD_TO_STD)
+
+
+def _median_by_selection(values: np.ndarray) -> np.float64:
+    """``np.median`` of finite ``values`` in float64, to the bit, from one partition (in place)
+    about the upper middle; the lower middle, for an even count, is the largest value below it."""
+    k = values.size // 2
+    values.partition(k)
+    if values.size % 2:
+        return np.float64(values[k])
+    return np.mean(np.array([values[:k].max(), values[k]], dtype=np.float64))
+
+
+def _mad_by_selection(values: np.ndarray, m: np.float64) -> np.floating | None:
+    """``np.median(np.abs(values.astype(np.float64) - m))`` of finite float32 ``values``, to the
+    bit, without a float64 copy or a sort; None where the bound below does not hold (the caller
+    then sorts).
+
+    The float32 deviations ``|values - float32(m)|`` differ from the float64 ones by at most
+    ``eps`` = ``|m - float32(m)|`` plus a float32 rounding of a deviation near the MAD (bounded
+    with room). One partition gives their middle one(s) ``D1`` (``D2``): the float64 middle
+    deviations lie within ``eps`` of them, so every value whose float32 deviation is below
+    ``D1 - 2 eps`` has a smaller float64 deviation than they, every value above ``D2 + 2 eps`` a
+    larger one, and the middle ones are found among the few values in between, in float64 as
+    numpy computes them. Checked, not assumed: the middle ones must lie ``eps`` inside the band."""
+    n = values.size
+    k = (n - 1) // 2  # the lower middle deviation (the middle one of an odd count)
+    m32 = np.float32(m)
+    dev32 = np.abs(values - m32)
+    dev32.partition(k)
+    d1 = float(dev32[k])
+    d2 = float(dev32[k + 1 :].min()) if n % 2 == 0 else d1
+    if not (np.isfinite(d1) and np.isfinite(d2)):
+        return None
+    eps = (abs(float(m) - float(m32)) + d2 * 2.0**-22) * (1 + 2.0**-10) + 1e-300
+    # the band's edges in float32, rounded outwards: the comparisons below stay in float32
+    lo = np.nextafter(np.float32(d1 - 2 * eps), np.float32(-np.inf))
+    hi = np.nextafter(np.float32(d2 + 2 * eps), np.float32(np.inf))
+    dev32 = np.abs(values - m32)  # again, in the order of ``values``
+    below = int(np.count_nonzero(dev32 < lo))
+    band = np.sort(np.abs(values[(dev32 >= lo) & (dev32 <= hi)].astype(np.float64) - m))
+    i, need = k - below, 1 if n % 2 else 2
+    if i < 0 or i + need > band.size:
+        return None
+    middle = band[i : i + need]
+    if not (float(lo) + eps <= middle[0] and middle[-1] <= float(hi) - eps):
+        return None
+    return middle[0] if n % 2 else np.mean(middle)
 
 
 def background_stats(images: dict[str, np.ndarray], grow: int = STAR_GROW_PX) -> tuple[dict, float]:
@@ -395,27 +458,31 @@ def background_stats(images: dict[str, np.ndarray], grow: int = STAR_GROW_PX) ->
     MAD standard deviations, up to 5 iterations, as astropy's ``sigma_clip`` with
     ``stdfunc="mad_std"``: :func:`clipped`) rejects it in any image, grown by ``grow`` pixels.
     Every pixel is used; the numbers are astropy's and numpy's to the bit (:func:`clip_bounds`,
-    :func:`robust_stats`), from two sorts of each image instead of some thirty medians.
+    :func:`robust_stats`), from one sort of each image (the clipping) and two partitions of its
+    star-free pixels (their median and MAD) instead of some thirty medians.
     Returns ``({name: (bg, std, mad_std)}, star-free fraction)``."""
     rejected = np.zeros(next(iter(images.values())).shape, bool)
     for img in images.values():
         rejected |= clipped(img)
     free = ~_grow(rejected, grow)
-    out = {name: robust_stats(img[free]) for name, img in images.items()}
-    return out, float(free.mean())
+    out = {name: _robust_stats_owned(img[free]) for name, img in images.items()}
+    # the fraction as free.mean() gives it (an exact count over the size), without a float copy
+    return out, (float(np.count_nonzero(free) / free.size) if free.size else float("nan"))
 
 
 def median_of_counts(a: np.ndarray) -> float:
-    """``np.median`` of an unsigned 8- or 16-bit integer array, to the bit, from its histogram
-    (a raw frame's pixels: a quarter of the time of numpy's partition); other types by numpy."""
+    """``np.median`` of an unsigned 8- or 16-bit integer array, to the bit, from one partition
+    about the upper middle (numpy's SIMD selection of small integers: a raw frame's pixels in a
+    seventh of the time of a histogram, a quarter of numpy's median); the lower middle, for an
+    even count, is the largest value below it. Other types by numpy."""
     if a.dtype not in (np.uint8, np.uint16) or a.size == 0:
         return float(np.median(a))
-    cumulative = np.cumsum(np.bincount(a.ravel()))
-    n = int(cumulative[-1])
-    upper = float(np.searchsorted(cumulative, n // 2, "right"))  # the value at sorted place n // 2
-    if n % 2:
+    k = a.size // 2
+    part = np.partition(a, k, axis=None)
+    upper = float(part[k])  # the value at sorted place k
+    if a.size % 2:
         return upper
-    return (float(np.searchsorted(cumulative, n // 2 - 1, "right")) + upper) / 2
+    return (float(part[:k].max()) + upper) / 2
 
 
 class _MedianMasters:
@@ -506,7 +573,7 @@ def _guide_frame_stats(
         images = {"model": model[c]}
         kind, master = medians.of(camera, c, exptime, setpoint) if medians is not None else ("", None)
         if master is not None:
-            images["median"] = actives[c].astype(np.float32) - master
+            images["median"] = np.subtract(actives[c], master, dtype=np.float32)  # no float32 copy of the counts
         stats, free = background_stats(images)
         rec = dict(file=f, channel=c, bg_raw=median_of_counts(actives[c]), star_free_fraction=free, median_kind=kind)
         for name, (bg, sd, mad) in stats.items():

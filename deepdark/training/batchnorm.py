@@ -64,17 +64,21 @@ def track_running_stats(G: nn.Module, momentum: float):
     E_batch[(x - mean)^2] (population variance, between images included); no gradient."""
 
     def hook(m, inputs, output):
-        with torch.no_grad():
-            x = inputs[0].detach().float()
+        # called for every layer of every step: few tensor operations, no Module.__setattr__
+        with torch.no_grad():  # no graph: the input needs no detach
+            x = inputs[0]
+            x = x if x.dtype == torch.float32 else x.float()
+            running_mean, running_var = m.running_mean, m.running_var
             mean = x.mean(dim=(0, 2, 3))
             # second moment about the *running* mean, not the batch's: with batch 1 the batch
             # variance misses the variance between images (levels differ by far more than the
             # noise within one), and normalising by it blows level differences up ~100-fold
-            var = (x - m.running_mean.float()[None, :, None, None]).square().mean(dim=(0, 2, 3))
+            var = (x - running_mean.float().view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3))
             # new tensors, not in-place: the old ones are saved for this pass's backward
-            m.running_mean = (1 - momentum) * m.running_mean + momentum * mean.to(m.running_mean.dtype)
-            m.running_var = (1 - momentum) * m.running_var + momentum * var.to(m.running_var.dtype)
-            m.num_batches_tracked += 1
+            buffers = m._buffers
+            buffers["running_mean"] = (1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype)
+            buffers["running_var"] = (1 - momentum) * running_var + momentum * var.to(running_var.dtype)
+            m.num_batches_tracked.add_(1)
 
     handles = [m.register_forward_hook(hook) for m in _batchnorms(G)]
     try:

@@ -25,7 +25,10 @@ Data loading
 ------------
 Shards stay open; strips and window targets are read per sample (one HDF5 chunk each) and kept
 in memory up to ``cache_mb`` (a small library is read once; a large one streams from disk;
-:class:`SampleSource`).
+:class:`SampleSource`). On the CPU the tensors a sample's window makes (model input, target,
+physics prediction) are kept too, within the same budget (:meth:`SampleSource.batch`): every
+epoch and every validation would build them again, identically (strip medians, resizing: 0.3 ms
+a 64 x 64 window, against 14 ms a training step).
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ class SampleSource:
         self.cache: dict[int, tuple] = {}
         self.physics = physics
         self._phys: dict[int, np.ndarray] = {}
+        self._tensors: dict[int, tuple] = {}  # sample -> its window's (input, target, base or None)
 
     def _physics_of(self, i: int) -> np.ndarray:
         hit = self._phys.pop(i, None)
@@ -197,6 +201,54 @@ class SampleSource:
             self.cache[i] = item
             self.used += size
         return item
+
+    def batch(
+        self,
+        indices: Sequence[int],
+        size: int,
+        crop: int | None,
+        corners: Sequence[tuple[int, int]] | None,
+        crop_mode: str = "window",
+        device: torch.device | str = "cpu",
+        return_base: bool = False,
+    ):
+        """:func:`build_batch` of the samples ``indices`` (library table rows), the same values.
+
+        On the CPU, for whole windows or window-mode crops, each sample's whole-window tensors are
+        built once (on their own: every sample's input depends on that sample alone) and kept
+        within the budget; a batch concatenates them, or their crops at ``corners``.
+        """
+        dev = torch.device(device)
+        cropped = bool(crop) and crop != size
+        if dev.type != "cpu" or (cropped and crop_mode != "window"):
+            items = [self.get(int(i)) for i in indices]
+            return build_batch(items, size, crop, corners, crop_mode, dev, return_base)
+        parts = [self._window_tensors(int(i), size) for i in indices]
+        if return_base and parts[0][2] is None:
+            raise ValueError("return_base needs items with a physics prediction")
+        if cropped:
+            parts = [
+                tuple(None if t is None else t[:, :, r : r + crop, c : c + crop] for t in part)
+                for part, (r, c) in zip(parts, corners)
+            ]
+        x, y, base = (None if part[0] is None else torch.cat(part) for part in zip(*parts))
+        return (x.contiguous(), y, base) if return_base else (x.contiguous(), y)
+
+    def _window_tensors(self, i: int, size: int) -> tuple:
+        """(input (1, C, size, size), target (1, 1, size, size), physics base or None) of sample
+        ``i``'s whole window, kept within the budget."""
+        hit = self._tensors.get(i)
+        if hit is not None:
+            return hit
+        item = self.get(i)
+        physics = len(item) > 4
+        built = build_batch([item], size, None, None, "window", "cpu", return_base=physics)
+        tensors = built if physics else (*built, None)
+        nbytes = sum(t.nbytes for t in tensors if t is not None)
+        if self.used + nbytes <= self.budget:
+            self._tensors[i] = tensors
+            self.used += nbytes
+        return tensors
 
 
 def build_batch(

@@ -20,7 +20,7 @@ from deepdark.io.units import pooled_rmse, unit_to_adu
 from deepdark.model import conditioning as C
 from deepdark.model.nets import Generator
 from deepdark.model.runtime import autocast
-from deepdark.training.data import SampleSource, build_batch
+from deepdark.training.data import SampleSource
 
 
 def spread(indices: np.ndarray, k: int | None) -> np.ndarray:
@@ -55,21 +55,21 @@ def validation_errors(
     rows: list[tuple[float, float, int]] = []
     try:
         for start in range(0, len(indices), batch_size):
-            items = [source.get(int(i)) for i in indices[start : start + batch_size]]
-            corners = [corner] * len(items) if c else None
+            chunk = indices[start : start + batch_size]
+            corners = [corner] * len(chunk) if c else None
             if residual_range_adu is None:
-                x, y = build_batch(items, size, c, corners, "window", device)
+                x, y = source.batch(chunk, size, c, corners, "window", device)
                 with autocast(device):
                     pred = G(x)
                 base = None
             else:
-                x, y, base = build_batch(items, size, c, corners, "window", device, return_base=True)
+                x, y, base = source.batch(chunk, size, c, corners, "window", device, return_base=True)
                 with autocast(device):
                     pred = C.compose(G(x), base, residual_range_adu)
             truth = unit_to_adu(y.double())
             se_net = ((unit_to_adu(pred.float().double()) - truth) ** 2).flatten(1).sum(1)
             se_phys = ((unit_to_adu(base.double()) - truth) ** 2).flatten(1).sum(1) if base is not None else None
-            for k in range(len(items)):
+            for k in range(len(chunk)):
                 phys = float("nan") if se_phys is None else float(se_phys[k])
                 rows.append((float(se_net[k]), phys, int(y[k].numel())))
     finally:

@@ -238,6 +238,67 @@ def test_background_stats_are_astropys_and_numpys_to_the_bit():
         assert repr(got) == repr(want) and fraction == float(free.mean())
 
 
+def _selection_cases() -> list[np.ndarray]:
+    """float32 values for the median and MAD by selection: odd and even counts; ties; values
+    far from the median beside tiny ones; a large level with little noise; magnitudes from
+    1e-30 to 1e30; raw counts minus a float dark, as the QA measures them."""
+    rng = np.random.default_rng(12)
+    cases = []
+    for trial in range(480):
+        n = int(rng.integers(1, 300))
+        kind = trial % 8
+        if kind == 0:
+            v = rng.normal(100.0, 10.0, n)
+        elif kind == 1:
+            v = np.round(rng.normal(50.0, 2.0, n))
+        elif kind == 2:
+            v = rng.normal(0.0, 1e-3, n) + rng.choice([0.0, 1e6], n)
+        elif kind == 3:
+            v = rng.normal(3e4, 1.0, n)
+        elif kind == 4:
+            v = rng.standard_cauchy(n) * 1e-20
+        elif kind == 5:
+            v = np.full(n, 3.0) + (rng.random(n) < 0.3)
+        elif kind == 6:
+            v = rng.normal(0.0, 1.0, n) * 10.0 ** rng.integers(-30, 30, n)
+        else:
+            v = np.round(rng.normal(1000.0, 30.0, n)) - rng.normal(990.0, 5.0, n).astype(np.float32)
+        cases.append(v.astype(np.float32))
+    return cases
+
+
+def test_robust_stats_by_selection_are_numpys_and_astropys_to_the_bit(monkeypatch):
+    """The median and MAD by partitions of float32 values (no sort, no float64 copy) are those of
+    numpy and astropy on the float64 values, every bit, and the band's bound always held here;
+    the sort it falls back to gives the same."""
+    from astropy.stats import mad_std
+
+    from deepdark.pipeline import qa
+
+    selected = qa._mad_by_selection
+    fell_back = []
+    monkeypatch.setattr(qa, "_mad_by_selection", lambda v, m: fell_back.append(1) or None)
+    sorted_path = [qa.robust_stats(v) for v in _selection_cases()[:80]]
+    monkeypatch.setattr(qa, "_mad_by_selection", selected)
+    fell_back.clear()
+
+    def counting(v, m):
+        out = selected(v, m)
+        if out is None:
+            fell_back.append(1)
+        return out
+
+    monkeypatch.setattr(qa, "_mad_by_selection", counting)
+    for k, v in enumerate(_selection_cases()):
+        w = v.astype(np.float64)
+        want = (float(np.median(w)), float(np.std(w)), float(mad_std(w)))
+        got = qa.robust_stats(v)
+        assert repr(got) == repr(want), (k, got, want)
+        if k < len(sorted_path):
+            assert repr(sorted_path[k]) == repr(want)
+    assert not fell_back
+
+
 def test_grow_is_the_square_dilation():
     rng = np.random.default_rng(2)
     for shape in ((1, 1), (3, 8), (20, 17)):

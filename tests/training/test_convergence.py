@@ -113,6 +113,32 @@ def test_physics_inputs_measure_each_strip_from_its_median(effects):
     torch.testing.assert_close(xc, x[:, :, 8:40, 16:48])
 
 
+@pytest.mark.parametrize("with_physics", [True, False])
+def test_kept_window_tensors_make_the_batches_build_batch_makes(effects, with_physics):
+    """SampleSource.batch keeps each sample's window tensors: the same bits as build_batch, for
+    whole windows, window-mode crops and strips-mode crops, read once or from what it kept."""
+    shard, phys_path = effects
+    size, rows = MINI.window_size, [3, 0, 5]
+    corners = [(8, 16), (0, 32), (32, 0)]
+    with T.open_library([shard]) as lib, P.PhysicsModel(phys_path) as phys:
+        src = T.SampleSource(lib, physics=phys if with_physics else None)
+        items = [src.get(i) for i in rows]
+        for crop, mode in ((None, "window"), (32, "window"), (32, "strips")):
+            ref = T.build_batch(items, size, crop, corners, mode, return_base=with_physics)
+            for _ in range(2):  # built, then kept
+                got = src.batch(rows, size, crop, corners, mode, return_base=with_physics)
+                assert len(got) == len(ref)
+                for a, b in zip(got, ref):
+                    assert a.shape == b.shape and torch.equal(a, b)
+        assert len(src._tensors) == len(rows)
+        tiny = T.SampleSource(lib, cache_mb=0, physics=phys if with_physics else None)
+        got = tiny.batch(rows, size, None, None, return_base=with_physics)
+        assert all(
+            torch.equal(a, b) for a, b in zip(got, T.build_batch(items, size, None, None, return_base=with_physics))
+        )
+        assert not tiny._tensors and tiny.used == 0  # nothing kept beyond the budget
+
+
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
     return make_library(tmp_path_factory.mktemp("library"))

@@ -267,6 +267,22 @@ def test_track_running_stats_updates_after_the_forward():
     assert torch.equal(bn.running_mean, after)
 
 
+def test_one_tracking_context_updates_after_every_pass_as_one_context_a_pass_does():
+    """Training keeps the hooks on for an epoch: each pass updates the statistics as a context
+    entered for that pass alone would."""
+    G = Generator(PRESETS["compact"], seed=0)
+    H = Generator(PRESETS["compact"], seed=0)
+    xs = [torch.rand(1, 3, 16, 16) for _ in range(3)]
+    for net in (G, H):
+        set_training_mode(net, "running")
+    with track_running_stats(G, 0.1):
+        outs = [G(x) for x in xs]
+    for x, out in zip(xs, outs):
+        with track_running_stats(H, 0.1):
+            assert torch.equal(H(x), out)
+    assert _same(G.state_dict(), H.state_dict())
+
+
 def test_training_writes_model_card_log_and_checkpoint(trained):
     out, res = trained
     files = {p.name for p in out.iterdir()}
