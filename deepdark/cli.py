@@ -8,6 +8,7 @@ never change what an existing one means.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import importlib
@@ -191,12 +192,8 @@ def cmd_cameras(a: argparse.Namespace) -> None:
     from deepdark.io.shards import Shard
     from deepdark.io.tables import library_cameras
 
-    shards = [Shard(p) for p in a.shards]
-    try:
-        table = library_cameras(shards)
-    finally:
-        for s in shards:
-            s.close()
+    with contextlib.ExitStack() as stack:
+        table = library_cameras([stack.enter_context(Shard(p)) for p in a.shards])
     if table.empty:
         raise InputError(f"no DARK or BIAS frames in {len(a.shards)} library shard(s)")
     if a.out is not None:

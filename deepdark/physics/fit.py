@@ -471,14 +471,15 @@ class _ResidualHistograms:
         if self.coarse is None:
             half = cum[:, -1] / 2.0
         else:
-            self.coarse[:, self.overflow // COARSE_BINS] -= self.over.astype(np.int32)
-            half = self.coarse.sum(axis=1, dtype=np.int64) / 2.0
+            coarse = self.coarse.copy()  # the overflow bin's counts left out (a second call sees the same)
+            coarse[:, self.overflow // COARSE_BINS] -= self.over.astype(np.int32)
+            half = coarse.sum(axis=1, dtype=np.int64) / 2.0
         i = np.array([np.searchsorted(c, h) for c, h in zip(cum, half)], dtype=np.int64)
         beyond = np.flatnonzero(i >= self.fine) if self.coarse is not None else np.zeros(0, np.int64)
         if not beyond.size:
             return i, beyond, None
         i[beyond] = -1
-        ccum = np.cumsum(self.coarse[beyond], axis=1)
+        ccum = np.cumsum(coarse[beyond], axis=1)
         at = np.array([np.searchsorted(c, h) for c, h in zip(ccum, half[beyond])], dtype=np.int64)
         below = np.where(at > 0, ccum[np.arange(len(at)), np.maximum(at - 1, 0)], 0)
         return i, beyond, _MedianWindow(self, beyond, at * COARSE_BINS, below, half[beyond])
@@ -623,6 +624,7 @@ def fit_physics(
         bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
         out = Path(out)
         scratch = Path(scratch) if scratch is not None else out.absolute().parent
+        scratch.mkdir(parents=True, exist_ok=True)  # the output's folder may not exist yet
         mem = _stage1(opened, lib, g, params, bs, progress, scratch)
         try:
             with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:

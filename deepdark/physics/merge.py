@@ -72,6 +72,9 @@ def _camera_groups(path: Path) -> tuple[Path, dict, list[str]]:
         raise InputError(f"{path}: not a deepdark physics model ({exc})") from None
     if attrs.get("schema_version") != PHYSICS_SCHEMA:
         raise InputError(f"{path}: physics schema {attrs.get('schema_version')}, this deepdark writes {PHYSICS_SCHEMA}")
+    missing = [key for key in SHARED_ATTRS if key not in attrs]
+    if missing:
+        raise InputError(f"{path}: not a deepdark physics model (no attribute {', '.join(missing)})")
     return path, attrs, cameras
 
 

@@ -149,7 +149,7 @@ class SampleSource:
         self.cache: dict[int, tuple] = {}
         self.physics = physics
         self._phys: dict[int, np.ndarray] = {}
-        self._tensors: dict[int, tuple] = {}  # sample -> its window's (input, target, base or None)
+        self._tensors: dict[tuple[int, int], tuple] = {}  # (sample, size) -> (input, target, base or None)
 
     def _physics_of(self, i: int) -> np.ndarray:
         hit = self._phys.pop(i, None)
@@ -237,7 +237,7 @@ class SampleSource:
     def _window_tensors(self, i: int, size: int) -> tuple:
         """(input (1, C, size, size), target (1, 1, size, size), physics base or None) of sample
         ``i``'s whole window, kept within the budget."""
-        hit = self._tensors.get(i)
+        hit = self._tensors.get((i, size))
         if hit is not None:
             return hit
         item = self.get(i)
@@ -246,7 +246,7 @@ class SampleSource:
         tensors = built if physics else (*built, None)
         nbytes = sum(t.nbytes for t in tensors if t is not None)
         if self.used + nbytes <= self.budget:
-            self._tensors[i] = tensors
+            self._tensors[i, size] = tensors
             self.used += nbytes
         return tensors
 

@@ -122,3 +122,19 @@ def test_cameras_of_a_library_without_darks_is_a_one_line_error(tmp_path, write_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no DARK or BIAS frames in 1 library shard" in err[0], err
     assert not (tmp_path / "cameras.csv").exists()
+
+
+def test_fit_into_a_folder_that_does_not_exist_yet(library, tmp_path):
+    _, shards = library
+    out = tmp_path / "new" / "folder" / "physics.h5"
+    assert main(["physics-fit", *map(str, shards), "--cameras", "GS1", "--out", str(out), "-q"]) == 0
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["physics.h5"]
+
+
+def test_a_part_without_the_fit_options_is_named(library, tmp_path):
+    _, shards = library
+    part = P.fit_physics(shards, tmp_path / "GS1.h5", cameras=["GS1"], progress=False)
+    with h5py.File(part, "a") as f:
+        del f.attrs["params"]
+    with pytest.raises(InputError, match="GS1.h5: not a deepdark physics model .no attribute params"):
+        P.merge_physics([part], tmp_path / "m.h5")
