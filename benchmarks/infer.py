@@ -119,24 +119,15 @@ def simulated_night(root: Path, g: Geometry, frames: int, physics: bool) -> dict
 def untrained_model(preset: str, out: Path, g: Geometry, physics: Path | None) -> Path:
     """A model directory of ``preset``, untrained; a physics preset's holds the physics model."""
     from deepdark.model import conditioning as C
-    from deepdark.model.files import file_sha256, save_model
+    from deepdark.model.files import physics_card, save_model
 
     out.mkdir(parents=True)
     inputs, extra = list(DEFAULT_INPUTS), None
     if preset in PHYSICS_PRESETS:
         shutil.copyfile(physics, out / C.PHYSICS_FILE)
         inputs.append(C.PHYSICS_INPUT)
-        extra = {
-            "physics": {
-                "file": C.PHYSICS_FILE,
-                "sha256": file_sha256(out / C.PHYSICS_FILE),
-                "source": "benchmark",
-                "residual_range_adu": 64.0,  # any: the cost does not depend on it
-                "physics_scale_adu": C.PHYSICS_SCALE_ADU,
-                "strip_scale_adu": C.STRIP_SCALE_ADU,
-                "normalisation": C.NORMALISATION,
-            }
-        }
+        # any residual bound: the cost does not depend on it
+        extra = {"physics": physics_card(out / C.PHYSICS_FILE, "benchmark", 64.0)}
     generator = Generator(PRESETS[preset], seed=0).eval()
     return save_model(
         out, generator, preset=preset, loss={"name": "l1", "l1_weight": 1.0}, geometry=g, inputs=inputs, extra=extra

@@ -201,21 +201,13 @@ def untrained_default_model(env: dict, out: Path) -> Path:
     import torch
 
     from deepdark.model import conditioning as C
-    from deepdark.model.files import file_sha256, save_model
+    from deepdark.model.files import physics_card, save_model
     from deepdark.model.nets import PRESETS, Generator
 
     torch.set_num_threads(1)
     out.mkdir()
     shutil.copyfile(env["physics"], out / C.PHYSICS_FILE)
-    card = {
-        "file": C.PHYSICS_FILE,
-        "sha256": file_sha256(out / C.PHYSICS_FILE),
-        "source": "benchmark",
-        "residual_range_adu": 64.0,  # any: the cost does not depend on it
-        "physics_scale_adu": C.PHYSICS_SCALE_ADU,
-        "strip_scale_adu": C.STRIP_SCALE_ADU,
-        "normalisation": C.NORMALISATION,
-    }
+    card = physics_card(out / C.PHYSICS_FILE, "benchmark", 64.0)  # any bound: the cost does not depend on it
     return save_model(
         out,
         Generator(PRESETS["physics"], seed=0).eval(),

@@ -39,6 +39,7 @@ from deepdark import __version__
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import DeepdarkError
 from deepdark.io.geometry import Geometry, parse_geometry
+from deepdark.model import conditioning as C
 from deepdark.model.nets import Generator, GeneratorConfig
 
 MODEL_FILE = "model.safetensors"
@@ -108,6 +109,21 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------
 # hashing
 # ---------------------------------------------------------------------------------------------
+
+
+def physics_card(path: str | Path, source: str, residual_range_adu: float) -> dict:
+    """The model card's ``physics`` entry of a physics-mode model whose physics model is ``path``
+    (its copy in the model directory): the file and its hash, where it came from, the residual's
+    bound and the input scaling it was trained with."""
+    return {
+        "file": C.PHYSICS_FILE,
+        "sha256": file_sha256(path),
+        "source": source,
+        "residual_range_adu": float(residual_range_adu),
+        "physics_scale_adu": C.PHYSICS_SCALE_ADU,
+        "strip_scale_adu": C.STRIP_SCALE_ADU,
+        "normalisation": C.NORMALISATION,
+    }
 
 
 def file_sha256(path: str | Path) -> str:

@@ -169,9 +169,8 @@ class SampleSource:
             p = np.ascontiguousarray(pred[k], dtype=np.float32)
             if int(j) == i:
                 out = p
-            elif int(j) not in self.cache and self.used + p.nbytes <= self.budget:
+            elif int(j) not in self.cache and self._reserve(p.nbytes):
                 self._phys[int(j)] = p  # consumed (moved into the item cache) when j is read
-                self.used += p.nbytes
         return out
 
     def get(self, i: int) -> tuple[np.ndarray, ...]:
@@ -196,10 +195,8 @@ class SampleSource:
             if had:
                 self.used -= phys.nbytes
             item = (*item, phys)
-        size = sum(a.nbytes for a in item)
-        if self.used + size <= self.budget:
+        if self._reserve(sum(a.nbytes for a in item)):
             self.cache[i] = item
-            self.used += size
         return item
 
     def batch(
@@ -244,11 +241,16 @@ class SampleSource:
         physics = len(item) > 4
         built = build_batch([item], size, None, None, "window", "cpu", return_base=physics)
         tensors = built if physics else (*built, None)
-        nbytes = sum(t.nbytes for t in tensors if t is not None)
-        if self.used + nbytes <= self.budget:
+        if self._reserve(sum(t.nbytes for t in tensors if t is not None)):
             self._tensors[i, size] = tensors
-            self.used += nbytes
         return tensors
+
+    def _reserve(self, nbytes: int) -> bool:
+        """Count ``nbytes`` against the budget if they fit in it; whether they did."""
+        if self.used + nbytes > self.budget:
+            return False
+        self.used += nbytes
+        return True
 
 
 def build_batch(

@@ -68,7 +68,7 @@ from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError, MissingInputError
 from deepdark.model import conditioning as C
 from deepdark.model import selection as S
-from deepdark.model.files import DEFAULT_INPUTS, file_sha256, json_default, save_model
+from deepdark.model.files import DEFAULT_INPUTS, file_sha256, json_default, physics_card, save_model
 from deepdark.model.losses import LossConfig, discriminator_loss, generator_loss
 from deepdark.model.nets import PRESETS, Discriminator, Generator
 from deepdark.model.runtime import autocast, fp32_head, resolve_device
@@ -366,9 +366,10 @@ def _start(run: _Run, out_dir: Path, signature: dict, multiple: int) -> tuple[li
     return [], 1
 
 
-def _validate(run: _Run) -> float:
+def _validation_args(run: _Run) -> tuple:
+    """The arguments of ``validate`` and ``validation_errors`` for this run's validation samples."""
     config, samples = run.config, run.samples
-    return validate(
+    return (
         run.G,
         samples.source,
         samples.val_idx,
@@ -376,8 +377,12 @@ def _validate(run: _Run) -> float:
         config.crop,
         max(1, config.batch_size),
         run.device,
-        residual_range_adu=run.residual_range_adu,
+        run.residual_range_adu,
     )
+
+
+def _validate(run: _Run) -> float:
+    return validate(*_validation_args(run))
 
 
 def _run_epochs(run: _Run, out_dir: Path, signature: dict, history: list[dict], start_epoch: int) -> None:
@@ -641,16 +646,7 @@ def _selection(run: _Run, lib: Library) -> dict:
     if not config.physics_mode:
         log.warning("%s", S.strips_only_note(config.preset))
         return S.strips_only_record(config.preset)
-    errors = validation_errors(
-        run.G,
-        samples.source,
-        samples.val_idx,
-        samples.size,
-        config.crop,
-        max(1, config.batch_size),
-        run.device,
-        run.residual_range_adu,
-    )
+    errors = validation_errors(*_validation_args(run))
     errors = errors.join(lib.table[["camera", "setpoint", "exptime"]])
     record = S.selection_record(
         errors,
@@ -670,16 +666,7 @@ def _physics_model(shards, out_dir: Path, config: TrainConfig, progress: bool):
     from deepdark.physics import PhysicsModel
 
     phys_path, phys_source = _physics_file(shards, out_dir, config.physics, config.physics_memory_mb, progress)
-    card = {
-        "file": C.PHYSICS_FILE,
-        "sha256": file_sha256(phys_path),
-        "source": phys_source,
-        "residual_range_adu": float(config.residual_range_adu),
-        "physics_scale_adu": C.PHYSICS_SCALE_ADU,
-        "strip_scale_adu": C.STRIP_SCALE_ADU,
-        "normalisation": C.NORMALISATION,
-    }
-    return PhysicsModel.load(phys_path), card
+    return PhysicsModel.load(phys_path), physics_card(phys_path, phys_source, config.residual_range_adu)
 
 
 def _physics_file(shards, out_dir: Path, physics, memory_mb: float, progress: bool) -> tuple[Path, str]:

@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 
 from deepdark import physics as P
-from deepdark.io.geometry import load_geometry
 from deepdark.physics import fit as F
-from deepdark.pipeline.extract import extract
-from deepdark.sim import simulate as S
-
-MINI = load_geometry("mini")
+from tests.physics.simulated import mini_library
 
 
 def _blocks(rng, N, widths):
@@ -61,24 +57,15 @@ def test_bounded_histograms_stay_within_their_bytes():
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
     """Two nights of 36 mini darks (and 2 biases) each."""
-    root = tmp_path_factory.mktemp("memory")
-    S.simulate_archive(
-        root / "arch",
-        geometry="mini",
+    return mini_library(
+        tmp_path_factory.mktemp("memory"),
         seed=5,
-        cameras=("GS1",),
         temperatures=(-5, -15, -25),
         darks_per_temp=6,
         dark_exptimes=(10.0, 30.0),
         bias_per_night=2,
-        guide_per_night=0,
         nights=2,
-        progress=False,
     )
-    return [
-        extract([night], root / f"{night.name}.h5", MINI, progress=False).shard
-        for night in sorted((root / "arch").iterdir())
-    ]
 
 
 def _peak_mb(shards, out, memory_mb):

@@ -13,7 +13,7 @@ from deepdark.io.geometry import load_geometry
 from deepdark.io.shards import Shard
 from deepdark.io.tables import library_cameras
 from deepdark.pipeline.extract import extract
-from deepdark.sim.simulate import simulate_archive
+from tests.physics.simulated import mini_library
 
 MINI = load_geometry("mini")
 CAMERAS = ("GS2", "GS1")  # not in sorted order: the merge orders them as a whole fit does
@@ -22,18 +22,9 @@ CAMERAS = ("GS2", "GS1")  # not in sorted order: the merge orders them as a whol
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
-    simulate_archive(
-        root / "lib",
-        geometry="mini",
-        nights=2,
-        cameras=CAMERAS,
-        temperatures=(-5, -15),
-        darks_per_temp=2,
-        dark_exptimes=(10.0, 30.0),
-        guide_per_night=0,
-        progress=False,
+    shards = mini_library(
+        root, nights=2, cameras=CAMERAS, temperatures=(-5, -15), darks_per_temp=2, dark_exptimes=(10.0, 30.0)
     )
-    shards = [extract([n], root / f"{n.name}.h5", MINI, progress=False).shard for n in sorted((root / "lib").iterdir())]
     P.fit_physics(shards, root / "all.h5", progress=False)
     return root, shards
 

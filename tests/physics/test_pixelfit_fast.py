@@ -13,8 +13,7 @@ from deepdark.io.geometry import load_geometry
 from deepdark.physics import fit as F
 from deepdark.physics import pixelfit as PF
 from deepdark.physics.frame_state import MAD_SIGMA, masked_sum, median_last
-from deepdark.pipeline.extract import extract
-from deepdark.sim import simulate as S
+from tests.physics.simulated import mini_library
 
 MINI = load_geometry("mini")
 
@@ -198,24 +197,15 @@ def test_pieces_tile_the_rows_in_reading_order():
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
     """Two nights of mini darks at two exposure times, with bias frames."""
-    root = tmp_path_factory.mktemp("fast")
-    S.simulate_archive(
-        root / "arch",
-        geometry="mini",
+    return mini_library(
+        tmp_path_factory.mktemp("fast"),
         seed=11,
-        cameras=("GS1",),
         temperatures=(-5, -15, -25),
         darks_per_temp=2,
         dark_exptimes=(10.0, 30.0),
         bias_per_night=2,
-        guide_per_night=0,
         nights=2,
-        progress=False,
     )
-    return [
-        extract([night], root / f"{night.name}.h5", MINI, progress=False).shard
-        for night in sorted((root / "arch").iterdir())
-    ]
 
 
 def _datasets(path):
