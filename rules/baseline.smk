@@ -6,7 +6,7 @@ if not config["library"]["masters"]:
 
     rule baseline:
         input:
-            shards=lambda wildcards: expand(results("library/{night}.h5"), night=nights("library")),
+            shards=library_shards,
         output:
             results("masters.h5"),
         log:

@@ -242,10 +242,17 @@ def physics_parts(wildcards):
     return expand(results("physics/{camera}.h5"), camera=[camera_file_name(c) for c in cameras])
 
 
+def library_shards(wildcards):
+    """The shards of the selected library nights."""
+    return expand(results("library/{night}.h5"), night=nights("library"))
+
+
 def train_inputs(wildcards):
     """The library's shards, and the physics model when the preset learns a residual on it."""
-    shards = expand(results("library/{night}.h5"), night=nights("library"))
-    return {"shards": shards} | ({"physics": results("physics.h5")} if trains_physics_model() else {})
+    inputs = {"shards": library_shards(wildcards)}
+    if trains_physics_model():
+        inputs["physics"] = results("physics.h5")
+    return inputs
 
 
 def physics_args(wildcards, input):

@@ -13,7 +13,7 @@ if trains_physics_model():
 
     checkpoint library_cameras:
         input:
-            shards=lambda wildcards: expand(results("library/{night}.h5"), night=nights("library")),
+            shards=library_shards,
         output:
             results("library/cameras.csv"),
         log:
@@ -25,7 +25,7 @@ if trains_physics_model():
 
     rule physics_fit:
         input:
-            shards=lambda wildcards: expand(results("library/{night}.h5"), night=nights("library")),
+            shards=library_shards,
             cameras=results("library/cameras.csv"),
         output:
             results("physics/{camera}.h5"),
