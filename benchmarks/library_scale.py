@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deepdark.io.geometry import load_geometry  # noqa: E402
 from deepdark.io.masters import _BlockPlan  # noqa: E402
+from deepdark.io.threads import available_cores  # noqa: E402
 from deepdark.physics.fit import _stack_plan  # noqa: E402
 from deepdark.pipeline.extract import extract  # noqa: E402
 from deepdark.sim.simulate import simulate_archive  # noqa: E402
@@ -57,7 +58,9 @@ PHYSICS_MAPS = 2
 # step -> rows per block of the stack of a channel's (a family's) n darks at a budget (MB).
 BLOCK_ROWS = {
     "baseline": lambda memory_mb, n, shape: _BlockPlan.make(memory_mb, n, *shape, len(SETPOINTS)).block,
-    "physics-fit": lambda memory_mb, n, shape: _stack_plan(n, shape, PHYSICS_MAPS, memory_mb)[0],
+    "physics-fit": lambda memory_mb, n, shape: _stack_plan(
+        n, shape, PHYSICS_MAPS, memory_mb, threads=available_cores()
+    )[0],
 }
 # step -> how often its scratch file is read
 SCRATCH_READS = {"baseline": "once", "physics-fit": "twice (the fit's two passes)"}

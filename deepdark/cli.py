@@ -177,6 +177,7 @@ def cmd_physics_fit(a: argparse.Namespace) -> None:
         smooth_px=a.smooth_px,
         cameras=a.cameras,
         progress=not a.quiet,
+        threads=a.threads,
     )
     log.info("physics model written to %s", out)
 
@@ -599,6 +600,11 @@ def _model_commands(sub) -> None:
         nargs="+",
         metavar="CAMERA",
         help="fit only these cameras (CAMERA header values; default: every camera of the library)",
+    )
+    s.add_argument(
+        "--threads",
+        type=int,
+        help="threads of the fit (the result does not depend on them; default: every core this process may use)",
     )
     s.set_defaults(func=cmd_physics_fit)
 

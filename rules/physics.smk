@@ -44,7 +44,7 @@ if trains_physics_model():
             memory_mb=config["physics"]["memory_mb"],
         shell:
             "python3 -m deepdark physics-fit {input.shards:q} --cameras={params.camera:q} --out {output:q}"
-            " --memory-mb {params.memory_mb} > {log:q} 2>&1"
+            " --memory-mb {params.memory_mb} --threads {threads} > {log:q} 2>&1"
 
     rule physics_merge:
         input:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,9 @@ from deepdark.io.errors import InputError
 from deepdark.io.geometry import Geometry
 from deepdark.io.masters import StackedRows
 from deepdark.io.shards import HDF5_FORMAT, Shard
+from deepdark.io.strips import strip_shapes
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
+from deepdark.io.threads import PerThread, in_flight, ordered_map, resolve_threads
 from deepdark.io.units import SATURATED
 
 from .frame_state import (
@@ -49,6 +52,7 @@ MIN_BLOCK = 8
 HOT_FACTOR = 3.0  # hot pixel: dark at the reference above this many times its block's
 SMOOTH_PX = 3  # radius of the smoothing box (3 passes: a ~Gaussian of sd ~sqrt(r(r+1)) px)
 MAX_EXTRAPOLATION = 2.0  # a separable library predicts up to this many times its longest exposure
+FRAME_GROUP = 16  # frame-channels measured at once by stage 1
 FRAME_STORE_BATCH = 2**24  # bytes of a channel's frame-store records read at once (the transfer's update)
 
 
@@ -163,37 +167,45 @@ def _library(shards: Sequence[Shard], cameras: Sequence[str] | None = None) -> p
     return lib
 
 
-def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progress: bool, scratch) -> _Members:
+def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progress: bool, scratch, threads=1):
     """Every frame-channel's state (:func:`frame_state`), block means and active-row offsets,
-    measured 16 at a time; what is per row or pixel goes to a frame store in ``scratch``."""
+    measured FRAME_GROUP at a time on ``threads`` threads; what is per row or pixel goes to a
+    frame store in ``scratch``."""
     n = len(lib)
     R, C = g.active.shape
     level, read_var, row_var = np.empty(n), np.empty(n), np.empty(n)
-    store = mem = None
+    groups = [
+        (s, part) for k, s in enumerate(shards) for part in _frame_groups(lib[lib["shard_no"] == k].sort_values("row"))
+    ]
+    shapes = strip_shapes(g)
+    ncol, nrow = shapes["a2"][-1], shapes["a3"][-2]
+    store = _FrameStore(n, _store_fields(R, C, bs, ncol, nrow), scratch)
+    mem = _Members(lib, level, read_var, row_var, store, ncol, nrow)
+
+    def measure(group) -> int:
+        s, part = group
+        rows, pos = part["row"].to_numpy(), part.index.to_numpy()
+        strips = s.strips(rows)
+        st = frame_state(strips, params["overscan_skip"], params["shrink"], params["smooth_rows"])
+        level[pos], read_var[pos], row_var[pos] = st.level, st.read_var, st.row_var
+        _store_frame_state(mem.store, pos, st, strips)
+        _store_active(mem.store, shards, part, st, bs, R)
+        return len(rows)
+
     bar = tqdm(total=n, desc="physics: frame state", unit="channel", disable=None if progress else True)
     try:
-        for k, s in enumerate(shards):
-            sub = lib[lib["shard_no"] == k].sort_values("row")
-            for start in range(0, len(sub), 16):
-                part = sub.iloc[start : start + 16]
-                rows, pos = part["row"].to_numpy(), part.index.to_numpy()
-                strips = s.strips(rows)
-                st = frame_state(strips, params["overscan_skip"], params["shrink"], params["smooth_rows"])
-                if store is None:
-                    ncol, nrow = st.ob_cols.shape[2], st.ob_rows.shape[1]
-                    store = _FrameStore(n, _store_fields(R, C, bs, ncol, nrow), scratch)
-                    mem = _Members(lib, level, read_var, row_var, store, ncol, nrow)
-                level[pos], read_var[pos], row_var[pos] = st.level, st.read_var, st.row_var
-                _store_frame_state(store, pos, st, strips)
-                _store_active(store, shards, part, st, bs, R)
-                bar.update(len(rows))
+        for done in ordered_map(measure, groups, threads):
+            bar.update(done)
     except BaseException:
-        if store is not None:
-            store.close()
+        mem.close()
         raise
     finally:
         bar.close()
     return mem
+
+
+def _frame_groups(sub: pd.DataFrame) -> list[pd.DataFrame]:
+    return [sub.iloc[start : start + FRAME_GROUP] for start in range(0, len(sub), FRAME_GROUP)]
 
 
 def _store_fields(R: int, C: int, bs: int, ncol: int, nrow: int) -> dict:
@@ -240,12 +252,16 @@ def _store_active(store: _FrameStore, shards, part: pd.DataFrame, st, bs: int, R
 # passes a robust fit makes over them.
 STACK_BYTES_PER_FRAME_PIXEL = 2
 BYTES_PER_FRAME_PIXEL = 48  # working set of the per-pixel fit: ~10 float32/bool (frames x pixels) arrays
-PIXEL_BLOCK_BYTES = 2**19  # one float32 (frames x pixels) array of a block of pixels
+PIXEL_BLOCK_BYTES = 2**21  # one float32 (frames x pixels) array of a block of pixels
 MIN_PIXEL_BLOCK = 64  # pixels: below this, numpy's per-call cost dominates
 WORK_SHARE = 0.25  # at most this share of the budget for the blocks of pixels (libraries of many frames)
-HIST_SHARE = 0.125  # of the budget for pass A's residual histograms (beyond: coarse bins and a second pass)
+HIST_SHARE = 0.25  # of the budget for pass A's residual histograms (beyond: coarse bins and a second pass)
 OB_SHARE = 0.25  # of the budget for the optical black read back at once (its fit's values and validity)
 OB_BYTES_PER_FRAME_PIXEL = 5
+# What the plan counts stays within this share of the budget; the rest is room for what it cannot
+# count (the interpreter, numpy's temporaries, memory the allocator keeps after a free). Measured
+# on 256 full-size darks at 512 MB, a plan of the whole budget peaked at 546 MB.
+PLANNED_SHARE = 0.8
 
 
 def _map_bytes(K: int) -> int:
@@ -255,28 +271,32 @@ def _map_bytes(K: int) -> int:
     return 8 * (K * (K + 1) // 2 + 2) + 4 * (K + 1) + 1
 
 
-def _pixel_block(N: int, memory_mb: float) -> int:
-    """Pixels per block of the per-pixel fit: cache-sized, and within a share of ``memory_mb``
-    (MIN_PIXEL_BLOCK at the least)."""
+def _pixel_block(N: int, memory_mb: float, blocks: int = 1) -> int:
+    """Pixels per block of the per-pixel fit: cache-sized, and ``blocks`` of them (those in
+    flight on threads) within a share of ``memory_mb`` (MIN_PIXEL_BLOCK at the least)."""
     cached = max(MIN_PIXEL_BLOCK, PIXEL_BLOCK_BYTES // (4 * N))
-    return int(max(MIN_PIXEL_BLOCK, min(cached, memory_mb * 2**20 * WORK_SHARE // (N * BYTES_PER_FRAME_PIXEL))))
+    share = memory_mb * 2**20 * WORK_SHARE / blocks
+    return int(max(MIN_PIXEL_BLOCK, min(cached, share // (N * BYTES_PER_FRAME_PIXEL))))
 
 
 def _chunk_rows(N: int, cols: int, memory_mb: float, fixed_bytes: float = 0) -> int:
     """Active rows per block of the library's uint16 stack, so that the block and ``fixed_bytes``
-    (the channel's maps, a block of pixels' working set) stay within ``memory_mb``."""
-    free = memory_mb * 2**20 - fixed_bytes
+    (the channel's maps, a block of pixels' working set) stay within PLANNED_SHARE of ``memory_mb``."""
+    free = memory_mb * 2**20 * PLANNED_SHARE - fixed_bytes
     return max(1, int(free // (N * cols * STACK_BYTES_PER_FRAME_PIXEL)))
 
 
-def _stack_plan(N: int, shape: tuple[int, int], K: int, memory_mb: float, held: float = 0) -> tuple[int, int]:
+def _stack_plan(
+    N: int, shape: tuple[int, int], K: int, memory_mb: float, held: float = 0, threads: int = 1
+) -> tuple[int, int]:
     """(active rows per block of the stack, pixels per block of the per-pixel fit) of a channel of
-    ``N`` library frames and K maps. Beside the stack: ``held`` bytes (what stage 1 measured, the
-    residual histograms), the maps, a block of pixels' working set and one frame (the scratch
-    file's read buffer)."""
+    ``N`` library frames and K maps, fitted on ``threads`` threads. Beside the stack: ``held``
+    bytes (what stage 1 measured, the residual histograms), the maps, the working sets of the
+    blocks of pixels in flight and one frame (the scratch file's read buffer)."""
     R, C = shape
-    pixels = _pixel_block(N, memory_mb)
-    fixed = held + R * C * (_map_bytes(K) + STACK_BYTES_PER_FRAME_PIXEL) + N * pixels * BYTES_PER_FRAME_PIXEL
+    blocks = in_flight(threads)
+    pixels = _pixel_block(N, memory_mb, blocks)
+    fixed = held + R * C * (_map_bytes(K) + STACK_BYTES_PER_FRAME_PIXEL) + blocks * N * pixels * BYTES_PER_FRAME_PIXEL
     rows, step = _chunk_rows(N, C, memory_mb, fixed), pixels // C
     if step > 1 and rows < R:  # whole pieces of rows in every block: the same pieces whatever the blocks
         rows = max(step, rows // step * step)
@@ -302,20 +322,38 @@ class _LibraryPixels:
         self.stacked, self.bias, self.pixels = stacked, bias, pixels
 
     def blocks(self, bar=None):
-        """Yield (pixels (a slice of the channel's flattened active area), Y (N, P) float32,
-        valid (N, P) bool: neither saturated nor zero); ``bar`` advances by each block of rows."""
-        width = self.stacked.width
+        """Yield the pieces (:class:`_Piece`) of the channel, about ``pixels`` pixels each, in
+        reading order; ``bar`` advances by each block of rows. A piece's raw pixels are a copy
+        where the stack's read buffer is reused by the next block, so pieces may be used on
+        other threads while the next block is read."""
+        width, reused = self.stacked.width, len(self.stacked.blocks) > 1
         for r0, r1 in self.stacked.blocks:
             raw = self.stacked.read(r0)
             for a, b, c0, c1 in _pieces(r1 - r0, width, self.pixels):
                 part = raw[:, a:b, c0:c1]
-                Y = part.astype(np.float32) - self.bias[:, r0 + a : r0 + b, None]
-                valid = (part < SATURATED) & (part > 0)
                 start = (r0 + a) * width + c0
                 stop = (r0 + b - 1) * width + c1
-                yield slice(start, stop), Y.reshape(len(Y), -1), valid.reshape(len(Y), -1)
+                yield _Piece(slice(start, stop), part.copy() if reused else part, self.bias[:, r0 + a : r0 + b])
             if bar is not None:
                 bar.update(1)
+
+
+@dataclass
+class _Piece:
+    """Some pixels of a channel's library frames: ``pixels`` (a slice of the channel's
+    flattened active area), their ``raw`` values (N, rows, cols) uint16 and their rows' ``bias``
+    (N, rows) float32."""
+
+    pixels: slice
+    raw: np.ndarray
+    bias: np.ndarray
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Y (N, P) float32 bias-subtracted, valid (N, P) bool: neither saturated nor zero)."""
+        n = len(self.raw)
+        Y = self.raw.astype(np.float32) - self.bias[:, :, None]
+        valid = (self.raw < SATURATED) & (self.raw > 0)
+        return Y.reshape(n, -1), valid.reshape(n, -1)
 
 
 def _pieces(rows: int, cols: int, pixels: int) -> list[tuple[int, int, int, int]]:
@@ -434,13 +472,13 @@ class _ResidualHistograms:
 
     def add(self, residual: np.ndarray, valid: np.ndarray) -> None:
         """Count |``residual``| (N, P) float32 (overwritten) of the ``valid`` frame-pixels."""
-        residual = self.binned(residual, valid)
-        P = residual.shape[1]
+        bins = self.binned(residual, valid)
+        P = bins.shape[1]
         if self.n_pending + P > self.pending.shape[1]:
             self.flush()
         if self.pending.shape[1] < P:
             self.pending = np.empty((len(self.hist), P), np.uint16)
-        self.pending[:, self.n_pending : self.n_pending + P] = residual
+        self.pending[:, self.n_pending : self.n_pending + P] = bins
         self.n_pending += P
 
     def flush(self) -> None:
@@ -454,6 +492,19 @@ class _ResidualHistograms:
                 self.hist[f] += np.bincount(np.minimum(pending[f], self.fine), minlength=self.fine + 1)
                 self.coarse[f] += np.bincount(pending[f] // COARSE_BINS, minlength=self.coarse.shape[1])
         self.n_pending = 0
+
+    @classmethod
+    def summed(cls, parts: list[_ResidualHistograms]) -> _ResidualHistograms:
+        """One histogram of what ``parts`` (of the same frames and bins, at least one) counted."""
+        total = parts[0]
+        total.flush()
+        for part in parts[1:]:
+            part.flush()
+            total.hist += part.hist
+            if total.coarse is not None:
+                total.coarse += part.coarse
+                total.over += part.over
+        return total
 
     def counts(self) -> np.ndarray:
         """(N, bins): the counts, without the last bin (a histogram that counts every bin)."""
@@ -508,22 +559,34 @@ class _MedianWindow:
         return self.start + np.array([np.searchsorted(c, h) for c, h in zip(cum, self.half)], dtype=np.int64)
 
 
-def _pass_a(pixels: _LibraryPixels, X, clip, bar, hist_max: float = HIST_MAX, hist_bytes: float | None = None):
+def _pass_a(
+    pixels: _LibraryPixels, X, clip, bar, hist_max: float = HIST_MAX, hist_bytes: float | None = None, threads: int = 1
+):
     """Unweighted clipped fit over all blocks of pixels: each frame's robust residual variance.
 
     Per frame, |residual| histograms (fixed bins, so the result does not depend on the blocks)
     give the median absolute residual; hot and RTS pixels, a few among thousands, cannot pull a
     median. The leverage of each frame in the per-pixel fit (h_f) corrects for the fitted share.
-    Histograms beyond ``hist_bytes`` find some frames' medians in a second pass."""
+    Histograms beyond ``hist_bytes`` find some frames' medians in a second pass. Each thread
+    counts into a histogram of its own (within ``hist_bytes``), and they are summed at the end."""
     N, K = X.shape
-    hist = _ResidualHistograms(N, hist_max, hist_bytes)
-    for _, Y, valid in pixels.blocks(bar):
-        hist.add(_robust_fit(Y, valid, X, None, clip, chi2=False).z, valid)
+    hists = PerThread(lambda: _ResidualHistograms(N, hist_max, hist_bytes))
+
+    def residuals(piece: _Piece) -> tuple[np.ndarray, np.ndarray]:
+        Y, valid = piece.arrays()
+        return _robust_fit(Y, valid, X, None, clip, chi2=False).z, valid
+
+    def count(piece: _Piece) -> None:
+        hists.get().add(*residuals(piece))
+
+    for _ in ordered_map(count, pixels.blocks(bar), threads):
+        pass
+    hist = _ResidualHistograms.summed(hists.made)
     i, beyond, window = hist.median_bins()
     if window is not None:
         log.info("pass A: %d of %d frames' medians beyond the fine bins: a second pass", len(beyond), N)
-        for _, Y, valid in pixels.blocks():
-            window.add(_robust_fit(Y, valid, X, None, clip, chi2=False).z, valid)
+        for z, valid in ordered_map(residuals, pixels.blocks(), threads):
+            window.add(z, valid)
         i[beyond] = window.median_bins()
     mad = (i + 0.5) * HIST_STEP
     lev = np.einsum("fk,kl,fl->f", X, np.linalg.pinv(X.T @ X), X)
@@ -596,6 +659,7 @@ def fit_physics(
     cameras: Sequence[str] | None = None,
     progress: bool = True,
     scratch: str | Path | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Fit the per-pixel dark model of the DARK (and BIAS) frames of library ``shards``; write ``out``.
 
@@ -607,46 +671,52 @@ def fit_physics(
     not depend on it. A library too large for one block of rows goes through a scratch file in
     ``scratch`` (default: the folder of ``out``), each stored chunk read once. The frame-state
     options are stored and reused by predictions.
+
+    ``threads``: threads of the frame-state measurements and the per-pixel fits (None: every
+    core this process may use); the result does not depend on them.
     """
-    opened = [Shard(p) for p in shards]
+    params = dict(
+        overscan_skip=int(overscan_skip),
+        shrink=bool(shrink),
+        smooth_rows=int(smooth_rows),
+        smooth_px=int(smooth_px),
+        clip=float(clip),
+        irregular_p=float(irregular_p),
+        max_extrapolation=float(max_extrapolation),
+    )
+    threads = resolve_threads(threads)
+    out = Path(out)
+    scratch = Path(scratch) if scratch is not None else out.absolute().parent
+    scratch.mkdir(parents=True, exist_ok=True)  # the output's folder may not exist yet
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(Shard(p)) for p in shards]
+        _fit_library(opened, cameras, out, params, (memory_mb, threads), progress, scratch)
+    return out
+
+
+def _fit_library(opened, cameras, out: Path, params: dict, budget, progress: bool, scratch: Path) -> None:
+    """:func:`fit_physics` of open shards; ``budget``: (memory_mb, threads)."""
+    g = common_geometry(opened)
+    lib = _library(opened, cameras)
+    bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
+    mem = _stage1(opened, lib, g, params, bs, progress, scratch, budget[1])
     try:
-        g = common_geometry(opened)
-        params = dict(
-            overscan_skip=int(overscan_skip),
-            shrink=bool(shrink),
-            smooth_rows=int(smooth_rows),
-            smooth_px=int(smooth_px),
-            clip=float(clip),
-            irregular_p=float(irregular_p),
-            max_extrapolation=float(max_extrapolation),
-        )
-        lib = _library(opened, cameras)
-        bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
-        out = Path(out)
-        scratch = Path(scratch) if scratch is not None else out.absolute().parent
-        scratch.mkdir(parents=True, exist_ok=True)  # the output's folder may not exist yet
-        mem = _stage1(opened, lib, g, params, bs, progress, scratch)
-        try:
-            with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:
-                f.attrs.update(
-                    schema_version=PHYSICS_SCHEMA,
-                    geometry=g.source,
-                    software=f"deepdark {__version__}",
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    params=json.dumps(params),
-                    nights=",".join(sorted(set(lib["night"]))),
-                )
-                cams = f.create_group("cameras")
-                for ci, camera in enumerate(sorted(set(lib["camera"]))):
-                    cl = _camera_library(mem, camera, g)
-                    grp = cams.create_group(str(ci))
-                    _fit_camera(grp, cl, opened, mem, g, params, bs, memory_mb, progress, scratch)
-        finally:
-            mem.close()
-        return out
+        with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:
+            f.attrs.update(
+                schema_version=PHYSICS_SCHEMA,
+                geometry=g.source,
+                software=f"deepdark {__version__}",
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                params=json.dumps(params),
+                nights=",".join(sorted(set(lib["night"]))),
+            )
+            cams = f.create_group("cameras")
+            for ci, camera in enumerate(sorted(set(lib["camera"]))):
+                cl = _camera_library(mem, camera, g)
+                grp = cams.create_group(str(ci))
+                _fit_camera(grp, cl, opened, mem, g, params, bs, budget, progress, scratch)
     finally:
-        for s in opened:
-            s.close()
+        mem.close()
 
 
 @dataclass
@@ -668,11 +738,13 @@ class _CameraFit:
     X: np.ndarray  # (F, K) the design of the per-pixel fit
     x_ref: np.ndarray  # (K,) the design at T0 and the longest exposure: the hot-pixel reference
     transfers: dict[str, Transfer]  # per channel: how far the overscan's row offsets are trusted
+    threads: int  # of the per-pixel fits
 
 
-def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, bs, memory_mb, progress, scratch):
+def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, bs, budget, progress, scratch):
     """One camera into ``grp``: its law (stage 2) and exposure coverage as attributes, the maps of
-    every channel (stages 3 and 4) and the library's frame table."""
+    every channel (stages 3 and 4) and the library's frame table. ``budget``: (memory_mb, threads)."""
+    memory_mb, threads = budget
     per_frame = cl.members.drop_duplicates("file").sort_values("fp").reset_index(drop=True)
     dark_exptimes = _exposure_coverage(cl)
     law, T, block_beta = _camera_law(cl, mem, per_frame)
@@ -700,6 +772,7 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
         X,
         x_ref,
         transfers,
+        threads,
     )
     rows_tab = []
     for j, ch in enumerate(cl.channels):
@@ -850,11 +923,11 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
     typ = _hot_reference(cam, j)
     if cam.law.components:  # the typical pixel's signal, for the photon transfer curve
         mean_sig = np.median(cam.mem.store.read("blocks", mi).reshape(N, -1), axis=1)
-    hist_bytes = cam.memory_mb * 2**20 * HIST_SHARE
+    hist_bytes = cam.memory_mb * 2**20 * HIST_SHARE / cam.threads  # each thread's histograms
     # held beside the stack: the channel's row bias, the frame-channels' scalars, the histograms
     held = N * cam.mem.store.nbytes("bias") + 3 * cam.mem.level.nbytes
-    held += _ResidualHistograms.bytes(N, HIST_MAX, hist_bytes)
-    rows, pixels = _stack_plan(N, (R, C), K, cam.memory_mb, held)
+    held += _ResidualHistograms.bytes(N, HIST_MAX, hist_bytes) * cam.threads
+    rows, pixels = _stack_plan(N, (R, C), K, cam.memory_mb, held, cam.threads)
     with StackedRows(cam.shards, sel, sel["pos"].to_numpy(), rows, scratch=cam.scratch) as stacked:
         library = _LibraryPixels(stacked, cam.mem.store.read("bias", mi), pixels)
         bar = tqdm(
@@ -863,7 +936,7 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
             unit="block",
             disable=None if cam.progress else True,
         )
-        frame_var = _pass_a(library, cam.X, cam.params["clip"], bar, hist_bytes=hist_bytes)
+        frame_var = _pass_a(library, cam.X, cam.params["clip"], bar, hist_bytes=hist_bytes, threads=cam.threads)
         if cam.law.components:
             noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
         else:  # biases carry no signal whose shot noise a photon transfer curve could measure
@@ -916,11 +989,15 @@ def _pass_b(cam: _CameraFit, library: _LibraryPixels, noise: _Noise, typ, read_v
     hot = np.zeros(R * C, bool)
     hot_frames = []  # per block of pixels: its hot pixels' frames, validity, kept frames, variances
     floor = 10 * math.sqrt(float(np.mean(read_var)))
-    for sl, Y, valid in library.blocks(bar):
+
+    def fit_block(piece: _Piece):
+        sl, (Y, valid) = piece.pixels, piece.arrays()
         fit = _weighted_fit(Y, valid, cam.X, noise, cam.params["clip"])
-        A[:, sl], b0[sl], beta[:, sl], chi2[sl] = fit.A, fit.b[0], fit.beta, fit.chi2
         S_ref = cam.x_ref[:-1] @ fit.beta[:-1]
-        h = np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + floor)
+        return sl, Y, valid, fit, np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + floor)
+
+    for sl, Y, valid, fit, h in ordered_map(fit_block, library.blocks(bar), cam.threads):
+        A[:, sl], b0[sl], beta[:, sl], chi2[sl] = fit.A, fit.b[0], fit.beta, fit.chi2
         if h.size:
             hot[sl.start + h] = True
             hot_frames.append((Y[:, h], valid[:, h], fit.keep[:, h], fit.var[:, h]))
@@ -928,7 +1005,7 @@ def _pass_b(cam: _CameraFit, library: _LibraryPixels, noise: _Noise, typ, read_v
     y, ok, keep, var = (np.concatenate(a, axis=1) for a in zip(*hot_frames)) if hot_frames else [None] * 4
     hot_index = np.flatnonzero(hot)
     tau, coef = (
-        _hot_fits(y, ok, keep, var, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"])
+        _hot_fits(y, ok, keep, var, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"], cam.threads)
         if hot_frames
         else (np.zeros(0), np.zeros((0, K)))
     )

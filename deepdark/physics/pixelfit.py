@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from deepdark.io.threads import ordered_map
+
 from .frame_state import MAD_SIGMA
 from .law import Law
 
@@ -251,7 +253,7 @@ def _kept_sum_of_squares(z, keep) -> np.ndarray:
 HOT_GROUP_BYTES = 2**26  # the hot-pixel fits' designs of a group of pixels, float64
 
 
-def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float):
+def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, threads: int = 1):
     """Hot pixels: t * (h 2^((T-T0)/tau_h) [+ d2 2^((T-T0)/tau2)]) + g with tau_h per pixel
     from a grid (weighted least squares, clipped like the main fit), of every pixel at once.
 
@@ -270,14 +272,18 @@ def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float):
         axis=2,
     )  # (ntau, N, K)
     n = y.shape[1]
-    tau_out, coef_out = np.full(n, np.nan), np.full((n, K), np.nan)
     group = max(1, HOT_GROUP_BYTES // (4 * Xs.size * 8))
-    for p0 in range(0, n, group):
+
+    def fit_group(p0: int):
         sl = slice(p0, min(n, p0 + group))
-        tau_out[sl], coef_out[sl] = _hot_group(
+        return _hot_group(
             y[:, sl].T.astype(np.float64), ok[:, sl].T, keep[:, sl].T, var[:, sl].T, Xs, taus, var_of, clip
         )
-    return tau_out, coef_out
+
+    fits = list(ordered_map(fit_group, range(0, n, group), threads))
+    if not fits:
+        return np.full(0, np.nan), np.full((0, K), np.nan)
+    return np.concatenate([tau for tau, _ in fits]), np.concatenate([coef for _, coef in fits])
 
 
 def _hot_group(y, ok, keep, var, Xs, taus, var_of, clip: float):

@@ -234,3 +234,18 @@ def test_fit_does_not_depend_on_the_memory_budget(library, tmp_path):
             np.testing.assert_allclose(small[name], a, rtol=1e-5, atol=1e-4, err_msg=name)
         else:
             np.testing.assert_array_equal(small[name], a, err_msg=name)
+
+
+def test_fit_does_not_depend_on_the_threads(library, tmp_path):
+    """Frame states, pass A's histograms (one per thread, summed), pass B and the hot pixels on
+    three threads: every dataset equal to the bit to one thread's, on pieces of rows from a
+    scratch file (many items in flight)."""
+    N = 2 * 3 * 2 * 2 + 2 * 2
+    budget = 0.2
+    assert F._stack_plan(N, MINI.active.shape, 3, budget)[1] == F._stack_plan(N, MINI.active.shape, 3, budget, 0, 3)[1]
+    P.fit_physics(library, tmp_path / "one.h5", memory_mb=budget, threads=1, progress=False)
+    P.fit_physics(library, tmp_path / "three.h5", memory_mb=budget, threads=3, progress=False)
+    one, three = _datasets(tmp_path / "one.h5"), _datasets(tmp_path / "three.h5")
+    assert one.keys() == three.keys()
+    for name, a in one.items():
+        np.testing.assert_array_equal(three[name], a, err_msg=name)
