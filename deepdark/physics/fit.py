@@ -810,10 +810,12 @@ def _camera_law(cl: _Library, mem: _Members, per_frame: pd.DataFrame) -> tuple[L
     frame has one temperature); biases keep their header's. A bias-only library has a law without
     dark components (:class:`Law`)."""
     t, header_T, dark = cl.t, cl.header_T, cl.t > 0
-    Y = np.concatenate(
-        [mem.store.read("blocks", _channel_members(cl, ch)).reshape(len(cl.files), -1) for ch in cl.channels],
-        axis=1,
-    )
+    per_channel = math.prod(mem.store.fields["blocks"][1])
+    Y = np.empty((len(cl.files), per_channel * len(cl.channels)))  # filled a channel at a time: one copy
+    for j, ch in enumerate(cl.channels):
+        Y[:, j * per_channel : (j + 1) * per_channel] = mem.store.read("blocks", _channel_members(cl, ch)).reshape(
+            len(cl.files), -1
+        )
     if not dark.any():
         known = header_T[np.isfinite(header_T)]
         T0 = float(np.round(np.median(known), 1)) if known.size else math.nan

@@ -14,6 +14,11 @@ log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
 DEFAULT_TAU = 6.4  # C: the paper's halving temperature, used when one setpoint cannot tell
+# The frames' residuals about the law are formed a part at a time (LAW_FRAMES frames, or
+# LAW_BLOCKS blocks of every frame): held all at once they were five times the block means,
+# 3 GB at 20,000 darks.
+LAW_FRAMES = 256
+LAW_BLOCKS = 256
 
 
 # -- the temperature law ------------------------------------------------------------------------
@@ -101,6 +106,7 @@ def _best_taus(Y, T, t, T0, components: int, w=None, ratio: float | None = None)
 
 def _newton_T(
     Y: np.ndarray,
+    frames: np.ndarray,
     t: np.ndarray,
     T: np.ndarray,
     beta: np.ndarray,
@@ -108,15 +114,20 @@ def _newton_T(
     steps: int = 12,
     w: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-frame temperature that best fits its blocks (rows of Y) given the block maps ``beta``,
-    blocks weighted by ``w`` (blocks,)."""
+    """Per-frame temperature that best fits its blocks given the block maps ``beta``, blocks
+    weighted by ``w`` (blocks,), of the rows ``frames`` of Y (with their exposures ``t`` and
+    starting temperatures ``T``). Each step is taken by every frame until all have converged;
+    the residuals are formed LAW_FRAMES frames at a time (the same numbers as all at once)."""
     T = T.astype(np.float64).copy()
     w = np.ones(Y.shape[1]) if w is None else w
+    num, den = np.empty(len(T)), np.empty(len(T))
     for _ in range(steps):
         X, dX = law.design(T, t), law.design_dT(T, t)  # (F, K)
-        r = Y - X @ beta
-        jac = dX @ beta
-        num, den = np.einsum("fb,fb,b->f", jac, r, w), np.einsum("fb,fb,b->f", jac, jac, w)
+        for f0 in range(0, len(T), LAW_FRAMES):
+            at = slice(f0, f0 + LAW_FRAMES)
+            r = Y[frames[at]] - X[at] @ beta
+            jac = dX[at] @ beta
+            num[at], den[at] = np.einsum("fb,fb,b->f", jac, r, w), np.einsum("fb,fb,b->f", jac, jac, w)
         step = np.clip(num / np.maximum(den, 1e-300), -2.0, 2.0)
         T += step
         if np.all(np.abs(step) < 1e-5):
@@ -206,13 +217,23 @@ def _first_law(g: _Groups, components: int, tau_ratio: float | None) -> Law:
     return _best_taus(g.Y, g.header_T, g.t, g.T0, components, g.n, tau_ratio)
 
 
-def _block_weights(r: np.ndarray) -> tuple[np.ndarray, float]:
+def _block_weights(Y: np.ndarray, frames: np.ndarray, model: np.ndarray) -> tuple[np.ndarray, float]:
     """Weights of the blocks, 1 / their misfit^2 (mean 1), and the weighted noise variance, from
-    the residuals ``r`` (dark frames, blocks) of the frames about the law."""
-    misfit = MAD_SIGMA * np.median(np.abs(r), axis=0)
+    the residuals of the rows ``frames`` of Y (dark frames) about the law, ``model`` (frames, K)
+    @ (K, blocks), formed LAW_BLOCKS blocks at a time: beside Y, only the weighted squares that
+    the noise's median needs are held at full size."""
+    misfit = np.empty(Y.shape[1])
+    for b0 in range(0, Y.shape[1], LAW_BLOCKS):
+        at = slice(b0, b0 + LAW_BLOCKS)
+        misfit[at] = MAD_SIGMA * np.median(np.abs(Y[frames, at] - model[0] @ model[1][:, at]), axis=0)
     wb = 1.0 / np.maximum(misfit, 1e-3 * max(float(np.median(misfit)), 1e-12)) ** 2
     wb /= wb.mean()
-    noise2 = float(np.median(wb[None, :] * r * r)) / 0.4549  # median of chi2(1) = 0.4549
+    chi = np.empty((len(frames), Y.shape[1]))
+    for b0 in range(0, Y.shape[1], LAW_BLOCKS):
+        at = slice(b0, b0 + LAW_BLOCKS)
+        r = Y[frames, at] - model[0] @ model[1][:, at]
+        chi[:, at] = wb[None, at] * r * r
+    noise2 = float(np.median(chi, overwrite_input=True)) / 0.4549  # median of chi2(1) = 0.4549
     return wb, noise2
 
 
@@ -312,13 +333,14 @@ def fit_law(
     # frames about the anchored law: block misfit weights, block noise, the headers' scatter
     beta = g.maps(law, g.header_T)
     T = header_T.astype(np.float64).copy()
-    T[dark] = _newton_T(Y[dark], t[dark], T[dark], beta, law)
-    wb, noise2 = _block_weights(Y[dark] - law.design(T[dark], t[dark]) @ beta)
+    frames = np.flatnonzero(dark)  # rows of Y taken a part at a time: no copy of the darks' rows
+    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law)
+    wb, noise2 = _block_weights(Y, frames, (law.design(T[dark], t[dark]), beta))
     sigma_h = _header_scatter(header_T, T, dark, g)
     if g.n_setpoints >= 2:
         Tg, law = _fit_group_temperatures(g, law, components, tau_ratio, wb, noise2, sigma_h)
         beta = g.maps(law, Tg)
         log.debug("law: group temperatures moved %s C from their headers", np.round(Tg[g.dark] - g.header_T[g.dark], 3))
     T = header_T.astype(np.float64).copy()
-    T[dark] = _newton_T(Y[dark], t[dark], T[dark], beta, law, w=wb)
+    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law, w=wb)
     return law, T, beta
