@@ -169,6 +169,9 @@ def cmd_ablation(a: argparse.Namespace) -> None:
 def cmd_physics_fit(a: argparse.Namespace) -> None:
     from deepdark.physics import fit_physics
 
+    if a.threads is not None and a.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {a.threads}")
+
     out = fit_physics(
         a.shards,
         a.out,

@@ -31,8 +31,12 @@ def available_cores() -> int:
 
 
 def resolve_threads(threads: int | None) -> int:
-    """``threads``, or every available core when None; at least 1."""
-    return available_cores() if threads is None else max(1, int(threads))
+    """``threads`` (at least 1), or every available core when None."""
+    if threads is None:
+        return available_cores()
+    if int(threads) < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    return int(threads)
 
 
 def in_flight(threads: int) -> int:

@@ -9,7 +9,7 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,6 +53,7 @@ HOT_FACTOR = 3.0  # hot pixel: dark at the reference above this many times its b
 SMOOTH_PX = 3  # radius of the smoothing box (3 passes: a ~Gaussian of sd ~sqrt(r(r+1)) px)
 MAX_EXTRAPOLATION = 2.0  # a separable library predicts up to this many times its longest exposure
 FRAME_GROUP = 16  # frame-channels measured at once by stage 1
+STAGE1_BYTES_PER_PIXEL = 20  # one frame's float copies while its block means and row offsets are measured
 FRAME_STORE_BATCH = 2**24  # bytes of a channel's frame-store records read at once (the transfer's update)
 
 
@@ -204,6 +205,16 @@ def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progr
     return mem
 
 
+def _stage1_threads(g: Geometry, memory_mb: float, threads: int) -> int:
+    """The most threads, up to ``threads``, whose groups of frame-channels in flight (each its
+    uint16 stack and one frame's float copies) stay within the budget."""
+    R, C = g.active.shape
+    group = FRAME_GROUP * R * C * STACK_BYTES_PER_FRAME_PIXEL + R * C * STAGE1_BYTES_PER_PIXEL
+    while threads > 1 and in_flight(threads) * group > memory_mb * 2**20 * PLANNED_SHARE:
+        threads -= 1
+    return threads
+
+
 def _frame_groups(sub: pd.DataFrame) -> list[pd.DataFrame]:
     return [sub.iloc[start : start + FRAME_GROUP] for start in range(0, len(sub), FRAME_GROUP)]
 
@@ -247,9 +258,11 @@ def _store_active(store: _FrameStore, shards, part: pd.DataFrame, st, bs: int, R
 # The memory of a channel's fit. The library's pixels are held as their uint16 stack, a block of
 # active rows at a time (every row when the budget allows, else from a scratch file; either way
 # each stored chunk is read once: :class:`deepdark.io.masters.StackedRows`). The per-pixel fit
-# works on a block of pixels at a time, small enough for the processor's caches: its float
-# (frames x pixels) arrays, about BYTES_PER_FRAME_PIXEL in all, stay there between the many
-# passes a robust fit makes over them.
+# works on a block of pixels at a time, on each thread: its float (frames x pixels) arrays, about
+# BYTES_PER_FRAME_PIXEL in all, are a few MB, so that the many passes a robust fit makes over them
+# stay in the processor's outer caches, while each numpy call has enough work to release the
+# interpreter lock for most of its time (blocks of 2**21 bytes: 1.3x faster on two threads than
+# blocks of 2**19, measured on 256 full-size darks). The blocks do not depend on the threads.
 STACK_BYTES_PER_FRAME_PIXEL = 2
 BYTES_PER_FRAME_PIXEL = 48  # working set of the per-pixel fit: ~10 float32/bool (frames x pixels) arrays
 PIXEL_BLOCK_BYTES = 2**21  # one float32 (frames x pixels) array of a block of pixels
@@ -271,11 +284,11 @@ def _map_bytes(K: int) -> int:
     return 8 * (K * (K + 1) // 2 + 2) + 4 * (K + 1) + 1
 
 
-def _pixel_block(N: int, memory_mb: float, blocks: int = 1) -> int:
-    """Pixels per block of the per-pixel fit: cache-sized, and ``blocks`` of them (those in
-    flight on threads) within a share of ``memory_mb`` (MIN_PIXEL_BLOCK at the least)."""
+def _pixel_block(N: int, memory_mb: float) -> int:
+    """Pixels per block of the per-pixel fit: PIXEL_BLOCK_BYTES a float32 array, and within a
+    share of ``memory_mb`` (MIN_PIXEL_BLOCK at the least)."""
     cached = max(MIN_PIXEL_BLOCK, PIXEL_BLOCK_BYTES // (4 * N))
-    share = memory_mb * 2**20 * WORK_SHARE / blocks
+    share = memory_mb * 2**20 * WORK_SHARE
     return int(max(MIN_PIXEL_BLOCK, min(cached, share // (N * BYTES_PER_FRAME_PIXEL))))
 
 
@@ -294,13 +307,32 @@ def _stack_plan(
     bytes (what stage 1 measured, the residual histograms), the maps, the working sets of the
     blocks of pixels in flight and one frame (the scratch file's read buffer)."""
     R, C = shape
-    blocks = in_flight(threads)
-    pixels = _pixel_block(N, memory_mb, blocks)
-    fixed = held + R * C * (_map_bytes(K) + STACK_BYTES_PER_FRAME_PIXEL) + blocks * N * pixels * BYTES_PER_FRAME_PIXEL
-    rows, step = _chunk_rows(N, C, memory_mb, fixed), pixels // C
+    pixels = _pixel_block(N, memory_mb)
+    rows, step = _chunk_rows(N, C, memory_mb, _fixed_bytes(N, shape, K, held, pixels, threads)), pixels // C
     if step > 1 and rows < R:  # whole pieces of rows in every block: the same pieces whatever the blocks
         rows = max(step, rows // step * step)
     return rows, pixels
+
+
+def _fixed_bytes(N: int, shape: tuple[int, int], K: int, held: float, pixels: int, threads: int) -> float:
+    """What a channel's fit holds beside its stack (see :func:`_stack_plan`)."""
+    R, C = shape
+    return (
+        held
+        + R * C * (_map_bytes(K) + STACK_BYTES_PER_FRAME_PIXEL)
+        + in_flight(threads) * N * pixels * BYTES_PER_FRAME_PIXEL
+    )
+
+
+def _fit_threads(N: int, shape: tuple[int, int], K: int, memory_mb: float, held, threads: int) -> int:
+    """The most threads, up to ``threads``, whose blocks in flight and residual histograms
+    (``held(threads)``: bytes) leave room for one row of the stack within the budget: more
+    threads hold more at once, and the budget bounds the fit whatever the cores."""
+    pixels = _pixel_block(N, memory_mb)
+    room = memory_mb * 2**20 * PLANNED_SHARE - N * shape[1] * STACK_BYTES_PER_FRAME_PIXEL
+    while threads > 1 and _fixed_bytes(N, shape, K, held(threads), pixels, threads) > room:
+        threads -= 1
+    return threads
 
 
 class _LibraryPixels:
@@ -699,7 +731,7 @@ def _fit_library(opened, cameras, out: Path, params: dict, budget, progress: boo
     g = common_geometry(opened)
     lib = _library(opened, cameras)
     bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
-    mem = _stage1(opened, lib, g, params, bs, progress, scratch, budget[1])
+    mem = _stage1(opened, lib, g, params, bs, progress, scratch, _stage1_threads(g, *budget))
     try:
         with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:
             f.attrs.update(
@@ -925,11 +957,19 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
     typ = _hot_reference(cam, j)
     if cam.law.components:  # the typical pixel's signal, for the photon transfer curve
         mean_sig = np.median(cam.mem.store.read("blocks", mi).reshape(N, -1), axis=1)
-    hist_bytes = cam.memory_mb * 2**20 * HIST_SHARE / cam.threads  # each thread's histograms
-    # held beside the stack: the channel's row bias, the frame-channels' scalars, the histograms
-    held = N * cam.mem.store.nbytes("bias") + 3 * cam.mem.level.nbytes
-    held += _ResidualHistograms.bytes(N, HIST_MAX, hist_bytes) * cam.threads
-    rows, pixels = _stack_plan(N, (R, C), K, cam.memory_mb, held, cam.threads)
+    # held beside the stack: the channel's row bias, the frame-channels' scalars, each thread's
+    # histograms (HIST_SHARE of the budget in all)
+    base = N * cam.mem.store.nbytes("bias") + 3 * cam.mem.level.nbytes
+
+    def held(threads: int) -> float:
+        return base + threads * _ResidualHistograms.bytes(N, HIST_MAX, cam.memory_mb * 2**20 * HIST_SHARE / threads)
+
+    threads = _fit_threads(N, (R, C), K, cam.memory_mb, held, cam.threads)
+    if threads < cam.threads:
+        log.info("camera %s channel %s: %d thread(s) within %g MB", cam.cl.camera, ch, threads, cam.memory_mb)
+        cam = replace(cam, threads=threads)
+    hist_bytes = cam.memory_mb * 2**20 * HIST_SHARE / threads  # each thread's histograms
+    rows, pixels = _stack_plan(N, (R, C), K, cam.memory_mb, held(threads), threads)
     with StackedRows(cam.shards, sel, sel["pos"].to_numpy(), rows, scratch=cam.scratch) as stacked:
         library = _LibraryPixels(stacked, cam.mem.store.read("bias", mi), pixels)
         bar = tqdm(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deepdark.io.threads import ordered_map
+from deepdark.io.threads import in_flight, ordered_map
 
 from .frame_state import MAD_SIGMA
 from .law import Law
@@ -250,7 +250,7 @@ def _kept_sum_of_squares(z, keep) -> np.ndarray:
     return np.where(keep, sq, 0).sum(axis=0)
 
 
-HOT_GROUP_BYTES = 2**26  # the hot-pixel fits' designs of a group of pixels, float64
+HOT_GROUP_BYTES = 2**26  # the hot-pixel fits' designs of the groups of pixels in flight, float64
 
 
 def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, threads: int = 1):
@@ -272,7 +272,7 @@ def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, threads: in
         axis=2,
     )  # (ntau, N, K)
     n = y.shape[1]
-    group = max(1, HOT_GROUP_BYTES // (4 * Xs.size * 8))
+    group = max(1, HOT_GROUP_BYTES // in_flight(threads) // (4 * Xs.size * 8))  # the groups in flight share it
 
     def fit_group(p0: int):
         sl = slice(p0, min(n, p0 + group))

@@ -665,11 +665,12 @@ def _physics_model(shards, out_dir: Path, config: TrainConfig, progress: bool):
     """(physics model, its entry of the model card) of a physics-mode run (:func:`_physics_file`)."""
     from deepdark.physics import PhysicsModel
 
-    phys_path, phys_source = _physics_file(shards, out_dir, config.physics, config.physics_memory_mb, progress)
+    budget = (config.physics_memory_mb, config.threads)  # a fit on the run's threads (None: every core)
+    phys_path, phys_source = _physics_file(shards, out_dir, config.physics, budget, progress)
     return PhysicsModel.load(phys_path), physics_card(phys_path, phys_source, config.residual_range_adu)
 
 
-def _physics_file(shards, out_dir: Path, physics, memory_mb: float, progress: bool) -> tuple[Path, str]:
+def _physics_file(shards, out_dir: Path, physics, budget: tuple, progress: bool) -> tuple[Path, str]:
     """``out_dir/physics.h5``: a copy of ``physics``, or (None) fitted from ``shards``; (path, source)."""
     import shutil
 
@@ -690,5 +691,5 @@ def _physics_file(shards, out_dir: Path, physics, memory_mb: float, progress: bo
     from deepdark.physics import fit_physics
 
     log.info("fitting the physics model of %d shard(s) into %s", len(shards), dest)
-    fit_physics(list(shards), dest, memory_mb=memory_mb, progress=progress)
+    fit_physics(list(shards), dest, memory_mb=budget[0], threads=budget[1], progress=progress)
     return dest, "fitted from the training shards"

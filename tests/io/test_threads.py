@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from deepdark.io.threads import PerThread, in_flight, ordered_map, resolve_threads, shared_cores
 
@@ -53,6 +53,22 @@ def test_an_error_is_raised_in_order_and_what_follows_is_not_started():
     assert max(started) < 5 + in_flight(2)
 
 
+def test_every_started_item_has_finished_when_an_error_reaches_the_caller():
+    """What the caller cleans up after an error (a scratch file) is no longer in use."""
+    running = []
+
+    def work(i):
+        running.append(i)
+        time.sleep(0 if i == 0 else 0.01)
+        running.remove(i)
+        if i == 0:
+            raise ValueError("item 0")
+
+    with pytest.raises(ValueError, match="item 0"):
+        list(ordered_map(work, range(20), 3))
+    assert running == []
+
+
 def test_each_thread_gets_its_own_object_and_all_are_summed():
     counts = PerThread(lambda: np.zeros(3, np.int64))
 
@@ -69,7 +85,8 @@ def test_each_thread_gets_its_own_object_and_all_are_summed():
 def test_threads_default_to_the_cores_this_process_may_use():
     assert resolve_threads(None) >= 1
     assert resolve_threads(3) == 3
-    assert resolve_threads(0) == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        resolve_threads(0)
 
 
 def _blas_threads():
@@ -77,7 +94,15 @@ def _blas_threads():
 
 
 def test_blas_runs_one_thread_each_while_threads_share_the_cores():
+    if not _blas_threads():
+        pytest.skip("threadpoolctl finds no BLAS")
+    with threadpool_limits(limits=2, user_api="blas"):  # more than one before, whatever the machine
+        _blas_runs_one_thread_each()
+
+
+def _blas_runs_one_thread_each():
     before = _blas_threads()
+    assert all(n == 2 for n in before)
     seen = list(ordered_map(lambda _: _blas_threads(), range(4), 2))
     assert all(n == 1 for threads in seen for n in threads)
     assert _blas_threads() == before  # restored once the threads are done

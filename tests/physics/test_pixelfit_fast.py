@@ -236,16 +236,30 @@ def test_fit_does_not_depend_on_the_memory_budget(library, tmp_path):
             np.testing.assert_array_equal(small[name], a, err_msg=name)
 
 
-def test_fit_does_not_depend_on_the_threads(library, tmp_path):
+@pytest.mark.parametrize("budget", [0.2, 20.0])
+def test_fit_does_not_depend_on_the_threads(library, tmp_path, budget):
     """Frame states, pass A's histograms (one per thread, summed), pass B and the hot pixels on
-    three threads: every dataset equal to the bit to one thread's, on pieces of rows from a
-    scratch file (many items in flight)."""
-    N = 2 * 3 * 2 * 2 + 2 * 2
-    budget = 0.2
-    assert F._stack_plan(N, MINI.active.shape, 3, budget)[1] == F._stack_plan(N, MINI.active.shape, 3, budget, 0, 3)[1]
+    three threads: every dataset equal to the bit to one thread's; at 0.2 MB on pieces of rows
+    from a scratch file (many items in flight, bounded histograms and their second pass), at 20 MB
+    on whole histograms."""
     P.fit_physics(library, tmp_path / "one.h5", memory_mb=budget, threads=1, progress=False)
     P.fit_physics(library, tmp_path / "three.h5", memory_mb=budget, threads=3, progress=False)
     one, three = _datasets(tmp_path / "one.h5"), _datasets(tmp_path / "three.h5")
     assert one.keys() == three.keys()
     for name, a in one.items():
         np.testing.assert_array_equal(three[name], a, err_msg=name)
+
+
+def test_threads_are_capped_by_the_memory_budget():
+    """More threads hold more at once (blocks in flight, a histogram each): a budget that cannot
+    hold them gets fewer, never more than asked."""
+    shape, N = (1042, 1042), 20_000
+
+    def held(threads):
+        return threads * F._ResidualHistograms.bytes(N, F.HIST_MAX, 512 * 2**20 * F.HIST_SHARE / threads)
+
+    assert F._fit_threads(N, shape, 2, 512, held, 8) < F._fit_threads(N, shape, 2, 8192, held, 8) <= 8
+    assert F._fit_threads(64, shape, 2, 512, lambda t: 0, 2) == 2
+    for threads in (1, 2, 4):
+        pixels = F._stack_plan(N, shape, 2, 4096, held(threads), threads)[1]
+        assert pixels == F._stack_plan(N, shape, 2, 4096)[1]  # the pieces do not depend on the threads
