@@ -576,6 +576,20 @@ def _model_commands(sub) -> None:
     _ablation_options(s)
     s.set_defaults(func=cmd_ablation)
 
+    _physics_fit_command(sub)
+
+    s = sub.add_parser("physics-merge", help="one physics model from per-camera fits (`physics-fit --cameras`)")
+    s.add_argument("parts", nargs="+", type=Path, help="physics models of disjoint cameras")
+    s.add_argument("--out", required=True, type=Path, help="physics model to write (.h5)")
+    s.set_defaults(func=cmd_physics_merge)
+
+    s = sub.add_parser("cameras", help="the cameras of a dark library: frames, darks, biases, nights, setpoints")
+    s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
+    s.add_argument("--out", type=Path, help="also write the table here (CSV)")
+    s.set_defaults(func=cmd_cameras)
+
+
+def _physics_fit_command(sub) -> None:
     fit = "deepdark.physics:fit_physics"
     s = sub.add_parser("physics-fit", help="per-pixel physical dark model of a dark library (the `physics` predictor)")
     s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library (DARK and BIAS frames)")
@@ -610,16 +624,6 @@ def _model_commands(sub) -> None:
         help="threads of the fit (the result does not depend on them; default: every core this process may use)",
     )
     s.set_defaults(func=cmd_physics_fit)
-
-    s = sub.add_parser("physics-merge", help="one physics model from per-camera fits (`physics-fit --cameras`)")
-    s.add_argument("parts", nargs="+", type=Path, help="physics models of disjoint cameras")
-    s.add_argument("--out", required=True, type=Path, help="physics model to write (.h5)")
-    s.set_defaults(func=cmd_physics_merge)
-
-    s = sub.add_parser("cameras", help="the cameras of a dark library: frames, darks, biases, nights, setpoints")
-    s.add_argument("shards", nargs="+", type=Path, help="shards of the dark library")
-    s.add_argument("--out", type=Path, help="also write the table here (CSV)")
-    s.set_defaults(func=cmd_cameras)
 
 
 def _workflow_commands(sub) -> None:
