@@ -439,6 +439,8 @@ HIST_STEP = 0.02  # ADU: resolution of the residual histograms of pass A
 HIST_MAX = 500.0  # ADU: their range
 COARSE_BINS = 64  # bins per coarse bin of a histogram too large for its memory (see _ResidualHistograms)
 MIN_PENDING = 256  # gathered bins per frame of such a histogram at the least
+COUNT_BYTES = 2**23  # of the offset values and counts of the rows a histogram counts at once
+LONG_ROW = 1024  # values of a row that a bincount of its own counts as fast as a shared one
 
 
 class _ResidualHistograms:
@@ -516,13 +518,11 @@ class _ResidualHistograms:
     def flush(self) -> None:
         pending = self.pending[:, : self.n_pending]
         if self.coarse is None:
-            for f in range(len(self.hist)):
-                self.hist[f] += np.bincount(pending[f], minlength=self.hist.shape[1])
+            _count_rows(pending, self.hist)
         else:
             self.over += np.count_nonzero(pending == self.overflow, axis=1)
-            for f in range(len(self.hist)):
-                self.hist[f] += np.bincount(np.minimum(pending[f], self.fine), minlength=self.fine + 1)
-                self.coarse[f] += np.bincount(pending[f] // COARSE_BINS, minlength=self.coarse.shape[1])
+            _count_rows(np.minimum(pending, self.fine), self.hist)
+            _count_rows(pending // COARSE_BINS, self.coarse)
         self.n_pending = 0
 
     @classmethod
@@ -568,6 +568,25 @@ class _ResidualHistograms:
         return i, beyond, _MedianWindow(self, beyond, at * COARSE_BINS, below, half[beyond])
 
 
+def _count_rows(values: np.ndarray, counts: np.ndarray) -> None:
+    """``counts[f] += np.bincount(values[f], minlength=counts.shape[1])`` for every row ``f`` of
+    ``values`` (integers in [0, counts.shape[1])), many rows per call: one call per row costs
+    microseconds, more than its values when rows are short (a histogram of many frames within
+    its memory gathers a few hundred values per frame), so rows are counted COUNT_BYTES at a
+    time as one bincount of values offset by their row."""
+    n, width = counts.shape
+    if values.shape[1] >= LONG_ROW:  # long rows: a call each costs nothing beside its values
+        for f in range(n):
+            counts[f] += np.bincount(values[f], minlength=width)
+        return
+    per_row = 8 * (values.shape[1] + width)  # the offset values and the counts, int64
+    rows = max(1, COUNT_BYTES // max(per_row, 1))
+    for r0 in range(0, n, rows):
+        part = values[r0 : r0 + rows].astype(np.int64)
+        part += (np.arange(len(part)) * width)[:, None]
+        counts[r0 : r0 + rows] += np.bincount(part.ravel(), minlength=len(part) * width).reshape(len(part), width)
+
+
 class _MedianWindow:
     """The fine bins of one coarse bin per frame (``start`` .. + COARSE_BINS) of some ``frames``
     of a bounded :class:`_ResidualHistograms`, with the count below it (``below``) and half the
@@ -581,9 +600,10 @@ class _MedianWindow:
         """Count the bins of |``residual``| (N, P) float32 (of all frames) in the windows."""
         b = self.hist.binned(residual[self.frames], valid[self.frames]).astype(np.uint16).astype(np.int64)
         b -= self.start[:, None]
-        inside = (b >= 0) & (b < COARSE_BINS)
-        for f in range(len(self.frames)):
-            self.counts[f] += np.bincount(b[f][inside[f]], minlength=COARSE_BINS)
+        np.copyto(b, COARSE_BINS, where=(b < 0) | (b >= COARSE_BINS))  # outside the window: one bin past it
+        counts = np.zeros((len(self.frames), COARSE_BINS + 1), np.int64)
+        _count_rows(b, counts)
+        self.counts += counts[:, :COARSE_BINS]
 
     def median_bins(self) -> np.ndarray:
         """The bin of each of the frames' median."""
