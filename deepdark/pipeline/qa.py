@@ -86,6 +86,9 @@ CLIP_SIGMA = 3.0
 CLIP_ITERS = 5
 MAD_TO_STD = 1.482602218505602  # 1 / Phi^-1(3/4): a normal distribution's std over its MAD (astropy's)
 STAR_GROW_PX = 2  # star-free: sigma-clipped pixels grown by this many pixels
+# Masters (scaled to an exposure) the QA keeps: every channel at several exposure times of a night
+# (4.3 MB a channel of the KAF-4320: 29 of them), which a night's guide frames may cycle through.
+MASTERS_KEPT_MB = 128
 
 
 # -- per night -------------------------------------------------------------------------------------
@@ -485,6 +488,13 @@ def median_of_counts(a: np.ndarray) -> float:
     return (float(part[:k].max()) + upper) / 2
 
 
+def _masters_kept(g) -> int:
+    """How many float32 masters the QA of a night keeps: MASTERS_KEPT_MB of them, and at least
+    two per channel (a per-temperature and an all-temperature one)."""
+    rows, cols = g.active.shape
+    return max(2 * len(g.channels), int(MASTERS_KEPT_MB * 2**20 // (4 * rows * cols)))
+
+
 class _MedianMasters:
     """The median master of each guide frame-channel (float32, active area), the per-temperature
     one where the library has it, else the all-temperature one (``kind`` says which; None when
@@ -527,7 +537,7 @@ def _guide_stats(
     files = list(dict.fromkeys(table["file"].iloc[rows]))
     rows_of = table.groupby("file", sort=False).indices  # once: a search per frame grows with the night
     setpoints = frame_setpoints(table, masters.setpoints if masters is not None else None)
-    medians = _MedianMasters(masters, 2 * len(preds.geometry.channels)) if masters is not None else None
+    medians = _MedianMasters(masters, _masters_kept(preds.geometry)) if masters is not None else None
     for f in tqdm(files, desc="guide frames", unit="frame", disable=None if progress else True):
         frows = np.sort(rows_of[f])
         if "status" in preds.table and (preds.table["status"].iloc[frows] == "unserved").any():
