@@ -550,14 +550,17 @@ class _ResidualHistograms:
         frame's count), the frames whose bin lies beyond the fine bins (-1 there) and the window
         (:class:`_MedianWindow`) that finds theirs (None: none)."""
         self.flush()
-        cum = np.cumsum(self.hist[:, :-1], axis=1)
         if self.coarse is None:
-            half = cum[:, -1] / 2.0
+            half = self.hist[:, :-1].sum(axis=1, dtype=np.int64) / 2.0
         else:
             coarse = self.coarse.copy()  # the overflow bin's counts left out (a second call sees the same)
             coarse[:, self.overflow // COARSE_BINS] -= self.over.astype(np.int32)
             half = coarse.sum(axis=1, dtype=np.int64) / 2.0
-        i = np.array([np.searchsorted(c, h) for c, h in zip(cum, half)], dtype=np.int64)
+        i = np.empty(len(half), np.int64)
+        rows = max(1, COUNT_BYTES // (8 * self.hist.shape[1]))  # cumulative counts (int64) of some frames at once
+        for r0 in range(0, len(half), rows):
+            cum = np.cumsum(self.hist[r0 : r0 + rows, :-1], axis=1)
+            i[r0 : r0 + rows] = [np.searchsorted(c, h) for c, h in zip(cum, half[r0 : r0 + rows])]
         beyond = np.flatnonzero(i >= self.fine) if self.coarse is not None else np.zeros(0, np.int64)
         if not beyond.size:
             return i, beyond, None
@@ -634,6 +637,7 @@ def _pass_a(
     for _ in ordered_map(count, pixels.blocks(bar), threads):
         pass
     hist = _ResidualHistograms.summed(hists.made)
+    hists.made.clear()  # the other threads' histograms, now in ``hist``
     i, beyond, window = hist.median_bins()
     if window is not None:
         log.info("pass A: %d of %d frames' medians beyond the fine bins: a second pass", len(beyond), N)
