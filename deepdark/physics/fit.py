@@ -439,7 +439,7 @@ HIST_STEP = 0.02  # ADU: resolution of the residual histograms of pass A
 HIST_MAX = 500.0  # ADU: their range
 COARSE_BINS = 64  # bins per coarse bin of a histogram too large for its memory (see _ResidualHistograms)
 MIN_PENDING = 256  # gathered bins per frame of such a histogram at the least
-COUNT_BYTES = 2**23  # of the offset values and counts of the rows a histogram counts at once
+COUNT_BYTES = 2**23  # of the rows a histogram counts (or the cumulative counts it searches) at once
 LONG_ROW = 1024  # values of a row that a bincount of its own counts as fast as a shared one
 
 
@@ -447,13 +447,14 @@ class _ResidualHistograms:
     """Per frame, a histogram of |residual| in fixed bins of HIST_STEP up to ``hist_max`` (then
     one bin for larger residuals and invalid pixels, not counted), for the bin that holds each
     frame's median (:meth:`median_bins`). The bins of blocks of pixels are gathered (uint16) and
-    counted a frame at a time once they are as many as the bins, so that counting costs about
-    one pass over them whatever the size of the blocks.
+    counted once they are as many as the bins (:func:`_count_rows`: many frames a call where a
+    frame gathered few), so that counting costs about one pass over them whatever the size of
+    the blocks.
 
     When every bin of every frame does not fit in ``max_bytes``, only the first bins are counted
     one by one (as many as fit), and every bin in coarse bins of COARSE_BINS: a frame whose
     median lies beyond the first bins gets its median's bin from the fine bins of its coarse
-    bin, counted in a second pass over the residuals (:meth:`window`); the bins equal those of
+    bin, counted in a second pass over the residuals (:class:`_MedianWindow`); the bins equal those of
     the whole histogram.
     """
 
@@ -521,8 +522,8 @@ class _ResidualHistograms:
             _count_rows(pending, self.hist)
         else:
             self.over += np.count_nonzero(pending == self.overflow, axis=1)
-            _count_rows(np.minimum(pending, self.fine), self.hist)
-            _count_rows(pending // COARSE_BINS, self.coarse)
+            _count_rows(pending, self.hist, top=self.fine)
+            _count_rows(pending, self.coarse, div=COARSE_BINS)
         self.n_pending = 0
 
     @classmethod
@@ -571,21 +572,31 @@ class _ResidualHistograms:
         return i, beyond, _MedianWindow(self, beyond, at * COARSE_BINS, below, half[beyond])
 
 
-def _count_rows(values: np.ndarray, counts: np.ndarray) -> None:
-    """``counts[f] += np.bincount(values[f], minlength=counts.shape[1])`` for every row ``f`` of
-    ``values`` (integers in [0, counts.shape[1])), many rows per call: one call per row costs
-    microseconds, more than its values when rows are short (a histogram of many frames within
-    its memory gathers a few hundred values per frame), so rows are counted COUNT_BYTES at a
-    time as one bincount of values offset by their row."""
+def _count_rows(values: np.ndarray, counts: np.ndarray, top: int | None = None, div: int = 1) -> None:
+    """``counts[f] += np.bincount(v, minlength=counts.shape[1])`` for every row ``f`` of
+    ``values`` (non-negative integers), with ``v`` the row's values capped at ``top`` (when
+    given), then floor-divided by ``div``; each must fall below ``counts.shape[1]``. The cap and
+    the division are taken a few rows at a time, so no copy of all of ``values`` is made.
+
+    One call per row costs microseconds, more than its values when rows are short (a histogram of
+    many frames within its memory gathers a few hundred values per frame), so short rows are
+    counted COUNT_BYTES at a time as one bincount of values offset by their row."""
     n, width = counts.shape
+    if values.shape[1] == 0:
+        return
     if values.shape[1] >= LONG_ROW:  # long rows: a call each costs nothing beside its values
         for f in range(n):
-            counts[f] += np.bincount(values[f], minlength=width)
+            row = values[f] if top is None else np.minimum(values[f], top)
+            counts[f] += np.bincount(row // div if div > 1 else row, minlength=width)
         return
     per_row = 8 * (values.shape[1] + width)  # the offset values and the counts, int64
     rows = max(1, COUNT_BYTES // max(per_row, 1))
     for r0 in range(0, n, rows):
         part = values[r0 : r0 + rows].astype(np.int64)
+        if top is not None:
+            np.minimum(part, top, out=part)
+        if div > 1:
+            part //= div
         part += (np.arange(len(part)) * width)[:, None]
         counts[r0 : r0 + rows] += np.bincount(part.ravel(), minlength=len(part) * width).reshape(len(part), width)
 

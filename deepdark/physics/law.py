@@ -104,6 +104,18 @@ def _best_taus(Y, T, t, T0, components: int, w=None, ratio: float | None = None)
     return Law(T0, float(a), float(b))
 
 
+def _spans(n: int, size: int) -> list[slice]:
+    """Slices of ``size`` (at least 2) that cover ``range(n)``, none of a single element unless
+    ``n`` is 1 (the last takes a single leftover): numpy hands the product of a one-row (or
+    one-column) matrix to BLAS's matrix-vector routine, whose sums differ in their last bits from
+    those of the matrix-matrix routine that computes all at once."""
+    size = max(2, size)
+    starts = list(range(0, n, size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
+
+
 def _newton_T(
     Y: np.ndarray,
     frames: np.ndarray,
@@ -123,8 +135,7 @@ def _newton_T(
     num, den = np.empty(len(T)), np.empty(len(T))
     for _ in range(steps):
         X, dX = law.design(T, t), law.design_dT(T, t)  # (F, K)
-        for f0 in range(0, len(T), LAW_FRAMES):
-            at = slice(f0, f0 + LAW_FRAMES)
+        for at in _spans(len(T), LAW_FRAMES):
             r = Y[frames[at]] - X[at] @ beta
             jac = dX[at] @ beta
             num[at], den[at] = np.einsum("fb,fb,b->f", jac, r, w), np.einsum("fb,fb,b->f", jac, jac, w)
@@ -217,20 +228,18 @@ def _first_law(g: _Groups, components: int, tau_ratio: float | None) -> Law:
     return _best_taus(g.Y, g.header_T, g.t, g.T0, components, g.n, tau_ratio)
 
 
-def _block_weights(Y: np.ndarray, frames: np.ndarray, model: np.ndarray) -> tuple[np.ndarray, float]:
+def _block_weights(Y: np.ndarray, frames: np.ndarray, model: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, float]:
     """Weights of the blocks, 1 / their misfit^2 (mean 1), and the weighted noise variance, from
-    the residuals of the rows ``frames`` of Y (dark frames) about the law, ``model`` (frames, K)
-    @ (K, blocks), formed LAW_BLOCKS blocks at a time: beside Y, only the weighted squares that
-    the noise's median needs are held at full size."""
+    the residuals of the rows ``frames`` of Y (dark frames) about the law, ``model`` = (X (frames,
+    K), maps (K, blocks)), formed LAW_BLOCKS blocks at a time: beside Y, only the weighted squares
+    that the noise's median needs are held at full size."""
     misfit = np.empty(Y.shape[1])
-    for b0 in range(0, Y.shape[1], LAW_BLOCKS):
-        at = slice(b0, b0 + LAW_BLOCKS)
+    for at in _spans(Y.shape[1], LAW_BLOCKS):
         misfit[at] = MAD_SIGMA * np.median(np.abs(Y[frames, at] - model[0] @ model[1][:, at]), axis=0)
     wb = 1.0 / np.maximum(misfit, 1e-3 * max(float(np.median(misfit)), 1e-12)) ** 2
     wb /= wb.mean()
     chi = np.empty((len(frames), Y.shape[1]))
-    for b0 in range(0, Y.shape[1], LAW_BLOCKS):
-        at = slice(b0, b0 + LAW_BLOCKS)
+    for at in _spans(Y.shape[1], LAW_BLOCKS):
         r = Y[frames, at] - model[0] @ model[1][:, at]
         chi[:, at] = wb[None, at] * r * r
     noise2 = float(np.median(chi, overwrite_input=True)) / 0.4549  # median of chi2(1) = 0.4549

@@ -87,7 +87,7 @@ CLIP_ITERS = 5
 MAD_TO_STD = 1.482602218505602  # 1 / Phi^-1(3/4): a normal distribution's std over its MAD (astropy's)
 STAR_GROW_PX = 2  # star-free: sigma-clipped pixels grown by this many pixels
 # Masters (scaled to an exposure) the QA keeps: every channel at several exposure times of a night
-# (4.3 MB a channel of the KAF-4320: 29 of them), which a night's guide frames may cycle through.
+# (4.1 MiB a channel of the KAF-4320: 30 masters), which a night's guide frames may cycle through.
 MASTERS_KEPT_MB = 128
 
 

@@ -23,8 +23,11 @@ def _blocks(rng, N, widths):
     return out
 
 
+@pytest.mark.parametrize("count_bytes", [F.COUNT_BYTES, 3000])
 @pytest.mark.parametrize("max_bytes", [1e3, 2e5, 4e5])
-def test_bounded_histograms_find_the_medians_of_whole_ones(max_bytes):
+def test_bounded_histograms_find_the_medians_of_whole_ones(max_bytes, count_bytes, monkeypatch):
+    """Also with a few frames counted (and their medians searched) a call."""
+    monkeypatch.setattr(F, "COUNT_BYTES", count_bytes)
     rng = np.random.default_rng(7)
     N = 12
     blocks = _blocks(rng, N, (7, 300, 151, 900, 64))
