@@ -45,6 +45,14 @@ def in_flight(threads: int) -> int:
     return threads + 2 if threads > 1 else 1
 
 
+def threads_within(threads: int, nbytes: Callable[[int], float], budget: float) -> int:
+    """The most threads, up to ``threads`` (1 at the least), whose work held at once,
+    ``nbytes(threads)``, stays within ``budget`` bytes: more threads hold more items in flight."""
+    while threads > 1 and nbytes(threads) > budget:
+        threads -= 1
+    return threads
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
     """``map(fn, items)`` on ``threads`` threads: the results in the order of ``items``, with at
     most ``threads`` + 1 items submitted and not yet handed back, so that memory stays that of

@@ -26,7 +26,7 @@ from deepdark.io.masters import StackedRows
 from deepdark.io.shards import HDF5_FORMAT, Shard
 from deepdark.io.strips import strip_shapes
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
-from deepdark.io.threads import PerThread, in_flight, ordered_map, resolve_threads
+from deepdark.io.threads import PerThread, in_flight, ordered_map, resolve_threads, threads_within
 from deepdark.io.units import SATURATED
 
 from .frame_state import (
@@ -210,9 +210,7 @@ def _stage1_threads(g: Geometry, memory_mb: float, threads: int) -> int:
     uint16 stack and one frame's float copies) stay within the budget."""
     R, C = g.active.shape
     group = FRAME_GROUP * R * C * STACK_BYTES_PER_FRAME_PIXEL + R * C * STAGE1_BYTES_PER_PIXEL
-    while threads > 1 and in_flight(threads) * group > memory_mb * 2**20 * PLANNED_SHARE:
-        threads -= 1
-    return threads
+    return threads_within(threads, lambda t: in_flight(t) * group, memory_mb * 2**20 * PLANNED_SHARE)
 
 
 def _frame_groups(sub: pd.DataFrame) -> list[pd.DataFrame]:
@@ -331,9 +329,7 @@ def _fit_threads(N: int, shape: tuple[int, int], K: int, memory_mb: float, held,
     threads hold more at once, and the budget bounds the fit whatever the cores."""
     pixels = _pixel_block(N, memory_mb)
     room = memory_mb * 2**20 * PLANNED_SHARE - N * shape[1] * STACK_BYTES_PER_FRAME_PIXEL
-    while threads > 1 and _fixed_bytes(N, shape, K, held(threads), pixels, threads) > room:
-        threads -= 1
-    return threads
+    return threads_within(threads, lambda t: _fixed_bytes(N, shape, K, held(t), pixels, t), room)
 
 
 class _LibraryPixels:
@@ -997,14 +993,16 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
     # histograms (HIST_SHARE of the budget in all)
     base = N * cam.mem.store.nbytes("bias") + 3 * cam.mem.level.nbytes
 
+    def hist_bytes(threads: int) -> float:  # each thread's histograms
+        return cam.memory_mb * 2**20 * HIST_SHARE / threads
+
     def held(threads: int) -> float:
-        return base + threads * _ResidualHistograms.bytes(N, HIST_MAX, cam.memory_mb * 2**20 * HIST_SHARE / threads)
+        return base + threads * _ResidualHistograms.bytes(N, HIST_MAX, hist_bytes(threads))
 
     threads = _fit_threads(N, (R, C), K, cam.memory_mb, held, cam.threads)
     if threads < cam.threads:
         log.info("camera %s channel %s: %d thread(s) within %g MB", cam.cl.camera, ch, threads, cam.memory_mb)
         cam = replace(cam, threads=threads)
-    hist_bytes = cam.memory_mb * 2**20 * HIST_SHARE / threads  # each thread's histograms
     rows, pixels = _stack_plan(N, (R, C), K, cam.memory_mb, held(threads), threads)
     with StackedRows(cam.shards, sel, sel["pos"].to_numpy(), rows, scratch=cam.scratch) as stacked:
         library = _LibraryPixels(stacked, cam.mem.store.read("bias", mi), pixels)
@@ -1014,7 +1012,7 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
             unit="block",
             disable=None if cam.progress else True,
         )
-        frame_var = _pass_a(library, cam.X, cam.params["clip"], bar, hist_bytes=hist_bytes, threads=cam.threads)
+        frame_var = _pass_a(library, cam.X, cam.params["clip"], bar, hist_bytes=hist_bytes(threads), threads=threads)
         if cam.law.components:
             noise = _Noise.from_pass_a(frame_var, read_var, mean_sig)
         else:  # biases carry no signal whose shot noise a photon transfer curve could measure

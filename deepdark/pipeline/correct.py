@@ -756,18 +756,25 @@ def frame_noise(image: np.ndarray) -> float:
     d = d[np.isfinite(d)]
     if d.size == 0:
         return float("nan")
-    return float(1.4826 * _median(np.abs(d - _median(d))) / np.sqrt(2))
+    return float(1.4826 * median_by_partition(np.abs(d - median_by_partition(d))) / np.sqrt(2))
 
 
-def _median(values: np.ndarray) -> np.floating:
-    """``np.median`` of finite 1-D ``values``, to the bit, from one partition about the upper
-    middle (numpy's about both middles of an even count takes four times as long): the lower
-    middle is the largest value below it."""
+def median_by_partition(values: np.ndarray, dtype=None, in_place: bool = False) -> np.generic:
+    """``np.median`` of finite ``values`` taken as ``dtype`` (their own by default; float64
+    gives the median of their float64 copy without making it), to the bit, from one partition
+    about the upper middle (numpy's about both middles of an even count takes four times as
+    long): the lower middle is the largest value below it. ``in_place``: reorder ``values`` (1-D)
+    instead of a copy of them."""
+    dtype = np.dtype(dtype or values.dtype).type
     k = values.size // 2
-    part = np.partition(values, k)
+    if in_place:
+        values.partition(k)
+        part = values
+    else:
+        part = np.partition(values, k, axis=None)
     if values.size % 2:
-        return part[k]
-    return np.mean(np.array([part[:k].max(), part[k]], dtype=values.dtype))
+        return dtype(part[k])
+    return np.mean(np.array([part[:k].max(), part[k]], dtype=dtype))
 
 
 def _check_storage(compression: str, level: float) -> None:

@@ -48,7 +48,7 @@ from deepdark.io.predictions import Predictions
 from deepdark.io.shards import Shard, printable, quarantine_path, read_quarantine
 from deepdark.io.strips import window_of
 from deepdark.io.tables import frame_setpoints, temp_label
-from deepdark.pipeline.correct import active_areas, corrected_actives
+from deepdark.pipeline.correct import active_areas, corrected_actives, median_by_partition
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ def _robust_stats_owned(values: np.ndarray) -> tuple[float, float, float]:
     # taken first, in the pixels' own order
     std = float(np.std(values, dtype=np.float64))
     if values.dtype == np.float32:
-        centre = _median_by_selection(values)
+        centre = median_by_partition(values, np.float64, in_place=True)
         mad = _mad_by_selection(values, centre)
         if mad is not None:
             return float(centre), std, float(mad * MAD_TO_STD)
@@ -406,16 +406,6 @@ def _robust_stats_owned(values: np.ndarray) -> tuple[float, float, float]:
     centre = _median_of_sorted(values, np.float64)
     mad = _mad_of_sorted(values, centre)
     return float(centre), std, float(mad * MAD_TO_STD)
-
-
-def _median_by_selection(values: np.ndarray) -> np.float64:
-    """``np.median`` of finite ``values`` in float64, to the bit, from one partition (in place)
-    about the upper middle; the lower middle, for an even count, is the largest value below it."""
-    k = values.size // 2
-    values.partition(k)
-    if values.size % 2:
-        return np.float64(values[k])
-    return np.mean(np.array([values[:k].max(), values[k]], dtype=np.float64))
 
 
 def _mad_by_selection(values: np.ndarray, m: np.float64) -> np.floating | None:
@@ -480,12 +470,7 @@ def median_of_counts(a: np.ndarray) -> float:
     even count, is the largest value below it. Other types by numpy."""
     if a.dtype not in (np.uint8, np.uint16) or a.size == 0:
         return float(np.median(a))
-    k = a.size // 2
-    part = np.partition(a, k, axis=None)
-    upper = float(part[k])  # the value at sorted place k
-    if a.size % 2:
-        return upper
-    return (float(part[:k].max()) + upper) / 2
+    return float(median_by_partition(a, np.float64))
 
 
 def _masters_kept(g) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from deepdark.io.threads import PerThread, in_flight, ordered_map, resolve_threads, shared_cores
+from deepdark.io.threads import PerThread, in_flight, ordered_map, resolve_threads, shared_cores, threads_within
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
@@ -108,3 +108,12 @@ def _blas_runs_one_thread_each():
     assert _blas_threads() == before  # restored once the threads are done
     with shared_cores(1):
         assert _blas_threads() == before
+
+
+def test_threads_within_a_budget_are_the_most_that_fit():
+    def per_thread_mb(t):
+        return 100 * in_flight(t)
+
+    assert threads_within(8, per_thread_mb, 450) == 2  # 2 threads hold 4 items; 3 would hold 5
+    assert threads_within(8, per_thread_mb, 10) == 1  # never fewer than one
+    assert threads_within(3, per_thread_mb, 10**9) == 3  # never more than asked
