@@ -82,7 +82,7 @@ TABLE_COLUMNS = {  # name -> numpy dtype in the file
 HDF5_FORMAT = "latest"
 # Fast, lossless and shuffle-friendly for 16-bit pixels; shards and prediction files share it.
 COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
-# Shards and prediction files: the same, plus a checksum per chunk (verified before decompression).
+# Shards: the same, plus a checksum per chunk (verified before decompression).
 CHECKED_COMPRESSION = {**COMPRESSION, "fletcher32": True}
 # Columns added after the first files were written, and their value in those files.
 ADDED_COLUMNS = {"frame_hash": ""}

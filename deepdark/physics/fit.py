@@ -448,22 +448,25 @@ class _ResidualHistograms:
     frame gathered few), so that counting costs about one pass over them whatever the size of
     the blocks.
 
-    When every bin of every frame does not fit in ``max_bytes``, only the first bins are counted
-    one by one (as many as fit), and every bin in coarse bins of COARSE_BINS: a frame whose
-    median lies beyond the first bins gets its median's bin from the fine bins of its coarse
-    bin, counted in a second pass over the residuals (:class:`_MedianWindow`); the bins equal those of
-    the whole histogram.
+    When every bin of every frame does not fit in ``max_bytes``, the first bins are counted one
+    by one (as many as fit) and the rest in coarse bins of COARSE_BINS, a lookup table sending
+    each bin to its column (one pass over the gathered bins, where capping them and dividing
+    them took a pass each): a frame whose median lies in a coarse bin gets its median's bin
+    from that coarse bin's fine bins, counted in a second pass over the residuals
+    (:class:`_MedianWindow`); the bins equal those of the whole histogram.
     """
 
     def __init__(self, n_frames: int, hist_max: float, max_bytes: float | None = None):
         self.overflow = self.bins(hist_max) - 1
         fine, pending = self.plan(n_frames, hist_max, max_bytes)
         self.fine = fine  # bins counted one by one (the overflow bin's index: all)
-        self.hist = np.zeros((n_frames, fine + 1), np.int32)  # the last: every bin from ``fine`` on
-        self.coarse = None
+        self.lut = None  # bin -> column, where the bins from ``fine`` on are counted coarse
         if fine < self.overflow:
-            self.coarse = np.zeros((n_frames, -(-(self.overflow + 1) // COARSE_BINS)), np.int32)
-            self.over = np.zeros(n_frames, np.int64)  # the overflow bin's counts
+            bins = np.arange(self.overflow, dtype=np.int64)
+            coarse = fine + (bins[fine:] - fine) // COARSE_BINS
+            self.lut = np.concatenate([bins[:fine], coarse, [coarse[-1] + 1]])
+        # the counts, the overflow bin's last
+        self.hist = np.zeros((n_frames, self.columns(fine, self.overflow)), np.int32)
         self.pending = np.empty((n_frames, pending), np.uint16)
         self.n_pending = 0
 
@@ -471,6 +474,11 @@ class _ResidualHistograms:
     def bins(hist_max: float) -> int:
         """Bins per frame, the overflow bin included."""
         return len(np.arange(0.0, hist_max + HIST_STEP, HIST_STEP)) + 1
+
+    @staticmethod
+    def columns(fine: int, overflow: int) -> int:
+        """Counted columns: ``fine`` bins, the coarse bins up to the overflow bin, and it."""
+        return fine + -(-(overflow - fine) // COARSE_BINS) + 1
 
     @classmethod
     def plan(cls, n_frames: int, hist_max: float, max_bytes: float | None) -> tuple[int, int]:
@@ -487,10 +495,8 @@ class _ResidualHistograms:
     @classmethod
     def bytes(cls, n_frames: int, hist_max: float, max_bytes: float | None = None) -> int:
         """Memory of the histograms of ``n_frames`` frames: counts (int32), gathered bins (uint16)."""
-        B = cls.bins(hist_max)
         fine, pending = cls.plan(n_frames, hist_max, max_bytes)
-        coarse = 0 if fine >= B - 1 else 4 * -(-B // COARSE_BINS) + 8
-        return n_frames * (4 * (fine + 1) + coarse + 2 * pending)
+        return n_frames * (4 * cls.columns(fine, cls.bins(hist_max) - 1) + 2 * pending)
 
     def binned(self, residual: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """The bins (float32) of |``residual``| (N, P) float32 (overwritten) of the ``valid``
@@ -514,13 +520,7 @@ class _ResidualHistograms:
         self.n_pending += P
 
     def flush(self) -> None:
-        pending = self.pending[:, : self.n_pending]
-        if self.coarse is None:
-            _count_rows(pending, self.hist)
-        else:
-            self.over += np.count_nonzero(pending == self.overflow, axis=1)
-            _count_rows(pending, self.hist, top=self.fine)
-            _count_rows(pending, self.coarse, div=COARSE_BINS)
+        _count_rows(self.pending[:, : self.n_pending], self.hist, self.lut)
         self.n_pending = 0
 
     @classmethod
@@ -531,49 +531,42 @@ class _ResidualHistograms:
         for part in parts[1:]:
             part.flush()
             total.hist += part.hist
-            if total.coarse is not None:
-                total.coarse += part.coarse
-                total.over += part.over
         return total
 
     def counts(self) -> np.ndarray:
         """(N, bins): the counts, without the last bin (a histogram that counts every bin)."""
-        if self.coarse is not None:
+        if self.lut is not None:
             raise ValueError("a bounded histogram does not count every bin")
         self.flush()
         return self.hist[:, :-1]
 
     def median_bins(self) -> tuple[np.ndarray, np.ndarray, _MedianWindow | None]:
         """(N,) the bin of each frame's median (the first whose cumulative count reaches half the
-        frame's count), the frames whose bin lies beyond the fine bins (-1 there) and the window
+        frame's count), the frames whose median lies in a coarse bin (-1 there) and the window
         (:class:`_MedianWindow`) that finds theirs (None: none)."""
         self.flush()
-        if self.coarse is None:
-            half = self.hist[:, :-1].sum(axis=1, dtype=np.int64) / 2.0
-        else:
-            coarse = self.coarse.copy()  # the overflow bin's counts left out (a second call sees the same)
-            coarse[:, self.overflow // COARSE_BINS] -= self.over.astype(np.int32)
-            half = coarse.sum(axis=1, dtype=np.int64) / 2.0
-        i = np.empty(len(half), np.int64)
-        rows = max(1, COUNT_BYTES // (8 * self.hist.shape[1]))  # cumulative counts (int64) of some frames at once
+        counted = self.hist[:, :-1]  # the overflow bin left out
+        half = counted.sum(axis=1, dtype=np.int64) / 2.0
+        column, below = np.empty(len(half), np.int64), np.empty(len(half), np.int64)
+        rows = max(1, COUNT_BYTES // (8 * counted.shape[1]))  # cumulative counts (int64) of some frames at once
         for r0 in range(0, len(half), rows):
-            cum = np.cumsum(self.hist[r0 : r0 + rows, :-1], axis=1)
-            i[r0 : r0 + rows] = [np.searchsorted(c, h) for c, h in zip(cum, half[r0 : r0 + rows])]
-        beyond = np.flatnonzero(i >= self.fine) if self.coarse is not None else np.zeros(0, np.int64)
+            cum = np.cumsum(counted[r0 : r0 + rows], axis=1)
+            at = np.array([np.searchsorted(c, h) for c, h in zip(cum, half[r0 : r0 + rows])], dtype=np.int64)
+            column[r0 : r0 + rows] = at
+            below[r0 : r0 + rows] = np.where(at > 0, cum[np.arange(len(at)), np.maximum(at - 1, 0)], 0)
+        beyond = np.flatnonzero(column >= self.fine)
         if not beyond.size:
-            return i, beyond, None
-        i[beyond] = -1
-        ccum = np.cumsum(coarse[beyond], axis=1)
-        at = np.array([np.searchsorted(c, h) for c, h in zip(ccum, half[beyond])], dtype=np.int64)
-        below = np.where(at > 0, ccum[np.arange(len(at)), np.maximum(at - 1, 0)], 0)
-        return i, beyond, _MedianWindow(self, beyond, at * COARSE_BINS, below, half[beyond])
+            return column, beyond, None
+        start = self.fine + (column[beyond] - self.fine) * COARSE_BINS
+        column[beyond] = -1
+        return column, beyond, _MedianWindow(self, beyond, start, below[beyond], half[beyond])
 
 
-def _count_rows(values: np.ndarray, counts: np.ndarray, top: int | None = None, div: int = 1) -> None:
+def _count_rows(values: np.ndarray, counts: np.ndarray, lut: np.ndarray | None = None) -> None:
     """``counts[f] += np.bincount(v, minlength=counts.shape[1])`` for every row ``f`` of
-    ``values`` (non-negative integers), with ``v`` the row's values capped at ``top`` (when
-    given), then floor-divided by ``div``; each must fall below ``counts.shape[1]``. The cap and
-    the division are taken a few rows at a time, so no copy of all of ``values`` is made.
+    ``values`` (non-negative integers), with ``v`` the row's values, or ``lut`` (int64) of them
+    when given; each must fall below ``counts.shape[1]``. The lookup is taken a few rows at a
+    time, so no copy of all of ``values`` is made.
 
     One call per row costs microseconds, more than its values when rows are short (a histogram of
     many frames within its memory gathers a few hundred values per frame), so short rows are
@@ -583,17 +576,12 @@ def _count_rows(values: np.ndarray, counts: np.ndarray, top: int | None = None, 
         return
     if values.shape[1] >= LONG_ROW:  # long rows: a call each costs nothing beside its values
         for f in range(n):
-            row = values[f] if top is None else np.minimum(values[f], top)
-            counts[f] += np.bincount(row // div if div > 1 else row, minlength=width)
+            counts[f] += np.bincount(values[f] if lut is None else lut[values[f]], minlength=width)
         return
     per_row = 8 * (values.shape[1] + width)  # the offset values and the counts, int64
     rows = max(1, COUNT_BYTES // max(per_row, 1))
     for r0 in range(0, n, rows):
-        part = values[r0 : r0 + rows].astype(np.int64)
-        if top is not None:
-            np.minimum(part, top, out=part)
-        if div > 1:
-            part //= div
+        part = values[r0 : r0 + rows].astype(np.int64) if lut is None else lut[values[r0 : r0 + rows]]
         part += (np.arange(len(part)) * width)[:, None]
         counts[r0 : r0 + rows] += np.bincount(part.ravel(), minlength=len(part) * width).reshape(len(part), width)
 

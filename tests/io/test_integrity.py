@@ -95,6 +95,26 @@ def test_a_flipped_bit_in_a_predictions_chunk_is_an_error_naming_file_and_datase
     assert outcomes == ["named"] * len(positions), summary(outcomes)
 
 
+def test_predictions_of_compressed_checksummed_chunks_still_read(shard, tmp_path):
+    """Files written before the per-row hashes (Blosc chunks with HDF5's Fletcher-32, no
+    ``dark_xxh3``) read the same darks, their damage still named by the chunk checksums."""
+    from deepdark.io.predictions import DARK_DIGEST
+    from deepdark.io.shards import CHECKED_COMPRESSION
+
+    pred = tmp_path / "p.h5"
+    rng = np.random.default_rng(1)
+    write_predictions(shard, pred, lambda s, r: rng.normal(1000, 5, (len(r), 68, 68)), {"method": "x"}, progress=False)
+    with h5py.File(pred, "r+") as f:
+        dark = f["dark"][()]
+        del f["dark"], f[DARK_DIGEST]
+        f.create_dataset("dark", data=dark, chunks=(1, *dark.shape[1:]), **CHECKED_COMPRESSION)
+    with Predictions(pred) as p:
+        assert np.array_equal(p.dark(np.arange(len(dark))), dark)
+    row, byte, bit = chunk_positions(pred, "dark", n_chunks=1, per_chunk=2)[0]
+    flip_bit(pred, byte, bit)
+    assert outcome(read_dark, pred, "dark", row) == "named"
+
+
 def test_a_flipped_bit_in_a_numeric_table_column_is_an_error_at_open(shard, tmp_path):
     with h5py.File(shard, "r") as f:
         info = f["table/ccdtemp"].id.get_chunk_info(0)

@@ -265,16 +265,18 @@ def test_threads_are_capped_by_the_memory_budget():
         assert pixels == F._stack_plan(N, shape, 2, 4096)[1]  # the pieces do not depend on the threads
 
 
+@pytest.mark.parametrize("looked_up", [False, True])
 @pytest.mark.parametrize("length", [5, 300, 5000])
-def test_rows_counted_together_equal_a_bincount_per_row(length, monkeypatch):
+def test_rows_counted_together_equal_a_bincount_per_row(length, looked_up, monkeypatch):
     """A histogram of many frames counts short rows many at a time (offset by their row),
     long rows one at a time: the counts of a bincount per row either way, also where a group of
-    rows ends mid-way (a small COUNT_BYTES)."""
+    rows ends mid-way (a small COUNT_BYTES), and of the columns a lookup table sends them to."""
     rng = np.random.default_rng(length)
     width = 97
     values = rng.integers(0, width, (23, length)).astype(np.uint16)
-    expected = np.stack([np.bincount(v, minlength=width) for v in values]) + 7
+    lut = np.minimum(np.arange(width), 40) // 3 if looked_up else None  # as coarse bins: many to one
+    expected = np.stack([np.bincount(v if lut is None else lut[v], minlength=width) for v in values]) + 7
     monkeypatch.setattr(F, "COUNT_BYTES", 8 * 5 * (length + width))  # five rows a call
     counts = np.full((23, width), 7, np.int64)
-    F._count_rows(values, counts)
+    F._count_rows(values, counts, lut)
     np.testing.assert_array_equal(counts, expected)

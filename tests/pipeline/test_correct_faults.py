@@ -17,7 +17,7 @@ from astropy.io import fits
 from deepdark.cli import main
 from deepdark.io.errors import DeepdarkError
 from deepdark.io.frames import write_raw_frame
-from deepdark.io.predictions import Predictions, write_predictions
+from deepdark.io.predictions import DARK_DIGEST, Predictions, row_digests, write_predictions
 from deepdark.pipeline.correct import (
     NIGHT_STATUS,
     EmptyResultError,
@@ -55,6 +55,7 @@ def set_status(pred: Path, verdicts: dict[str, tuple[str, str]]) -> None:
             f["table"].create_dataset(col, data=values, dtype=h5py.string_dtype())
         for row in np.flatnonzero(status == "unserved"):
             f["dark"][row] = np.nan
+            f[DARK_DIGEST][row] = row_digests(f["dark"][row : row + 1])[0]
     with Predictions(pred) as p:  # the reader hands the columns on
         assert list(p.table["status"]) == list(status)
 
