@@ -449,22 +449,19 @@ class _ResidualHistograms:
     the blocks.
 
     When every bin of every frame does not fit in ``max_bytes``, the first bins are counted one
-    by one (as many as fit) and the rest in coarse bins of COARSE_BINS, a lookup table sending
-    each bin to its column (one pass over the gathered bins, where capping them and dividing
-    them took a pass each): a frame whose median lies in a coarse bin gets its median's bin
-    from that coarse bin's fine bins, counted in a second pass over the residuals
-    (:class:`_MedianWindow`); the bins equal those of the whole histogram.
+    by one (as many as fit) and the rest in coarse bins of COARSE_BINS, the overflow bin in a
+    column of its own (:meth:`columns_of`, on the float bins before they are gathered: numpy's
+    bincount and gathers from a lookup table hold the interpreter lock, its arithmetic does not):
+    a frame whose median lies in a coarse bin gets its median's bin from that coarse bin's fine
+    bins, counted in a second pass over the residuals (:class:`_MedianWindow`); the bins equal
+    those of the whole histogram.
     """
 
     def __init__(self, n_frames: int, hist_max: float, max_bytes: float | None = None):
         self.overflow = self.bins(hist_max) - 1
         fine, pending = self.plan(n_frames, hist_max, max_bytes)
         self.fine = fine  # bins counted one by one (the overflow bin's index: all)
-        self.lut = None  # bin -> column, where the bins from ``fine`` on are counted coarse
-        if fine < self.overflow:
-            bins = np.arange(self.overflow, dtype=np.int64)
-            coarse = fine + (bins[fine:] - fine) // COARSE_BINS
-            self.lut = np.concatenate([bins[:fine], coarse, [coarse[-1] + 1]])
+        self.bounded = fine < self.overflow
         # the counts, the overflow bin's last
         self.hist = np.zeros((n_frames, self.columns(fine, self.overflow)), np.int32)
         self.pending = np.empty((n_frames, pending), np.uint16)
@@ -478,19 +475,21 @@ class _ResidualHistograms:
     @staticmethod
     def columns(fine: int, overflow: int) -> int:
         """Counted columns: ``fine`` bins, the coarse bins up to the overflow bin, and it."""
-        return fine + -(-(overflow - fine) // COARSE_BINS) + 1
+        return fine + (overflow - fine) // COARSE_BINS + 1
 
     @classmethod
     def plan(cls, n_frames: int, hist_max: float, max_bytes: float | None) -> tuple[int, int]:
         """(bins counted one by one, gathered bins per frame) of ``n_frames`` frames within
-        ``max_bytes`` (None: no bound); at the least COARSE_BINS and MIN_PENDING."""
+        ``max_bytes`` (None: no bound); at the least MIN_PENDING gathered and COARSE_BINS fine
+        bins, and the overflow bin a whole number of coarse bins past the fine ones."""
         B = cls.bins(hist_max)
         if max_bytes is None or n_frames * B * 6 <= max_bytes:
             return B - 1, B
         per_frame = max_bytes / n_frames - 4 * -(-B // COARSE_BINS) - 8
         pending = max(MIN_PENDING, int(per_frame / 3 / 2))
-        fine = int((per_frame - 2 * pending) / 4) // COARSE_BINS * COARSE_BINS
-        return min(B - 1, max(COARSE_BINS, fine)), pending
+        fine = int((per_frame - 2 * pending) / 4)
+        fine -= (fine - (B - 1)) % COARSE_BINS  # down to the overflow bin's residue
+        return min(B - 1, max(COARSE_BINS + (B - 1) % COARSE_BINS, fine)), pending
 
     @classmethod
     def bytes(cls, n_frames: int, hist_max: float, max_bytes: float | None = None) -> int:
@@ -508,9 +507,23 @@ class _ResidualHistograms:
             np.maximum(residual, np.float32(self.overflow) * ~valid, out=residual)
         return residual
 
+    def columns_of(self, bins: np.ndarray) -> np.ndarray:
+        """The columns (float32, truncated when gathered) of ``bins`` (float32, overwritten: as
+        :meth:`binned` gives them): ``min(b, fine + floor((b - fine) / COARSE_BINS))``, which is
+        ``b`` below ``fine`` and its coarse bin from there, in exact float32 arithmetic (whole
+        numbers and 64ths below 2**24); the overflow bin, a whole number of coarse bins past
+        ``fine`` (:meth:`plan`), lands in the last column."""
+        coarse = np.multiply(bins, np.float32(1 / COARSE_BINS))
+        coarse -= np.float32(self.fine / COARSE_BINS)
+        np.floor(coarse, out=coarse)
+        coarse += np.float32(self.fine)
+        return np.minimum(bins, coarse, out=bins)
+
     def add(self, residual: np.ndarray, valid: np.ndarray) -> None:
         """Count |``residual``| (N, P) float32 (overwritten) of the ``valid`` frame-pixels."""
         bins = self.binned(residual, valid)
+        if self.bounded:
+            bins = self.columns_of(bins)
         P = bins.shape[1]
         if self.n_pending + P > self.pending.shape[1]:
             self.flush()
@@ -520,7 +533,7 @@ class _ResidualHistograms:
         self.n_pending += P
 
     def flush(self) -> None:
-        _count_rows(self.pending[:, : self.n_pending], self.hist, self.lut)
+        _count_rows(self.pending[:, : self.n_pending], self.hist)
         self.n_pending = 0
 
     @classmethod
@@ -535,7 +548,7 @@ class _ResidualHistograms:
 
     def counts(self) -> np.ndarray:
         """(N, bins): the counts, without the last bin (a histogram that counts every bin)."""
-        if self.lut is not None:
+        if self.bounded:
             raise ValueError("a bounded histogram does not count every bin")
         self.flush()
         return self.hist[:, :-1]
@@ -562,11 +575,10 @@ class _ResidualHistograms:
         return column, beyond, _MedianWindow(self, beyond, start, below[beyond], half[beyond])
 
 
-def _count_rows(values: np.ndarray, counts: np.ndarray, lut: np.ndarray | None = None) -> None:
-    """``counts[f] += np.bincount(v, minlength=counts.shape[1])`` for every row ``f`` of
-    ``values`` (non-negative integers), with ``v`` the row's values, or ``lut`` (int64) of them
-    when given; each must fall below ``counts.shape[1]``. The lookup is taken a few rows at a
-    time, so no copy of all of ``values`` is made.
+def _count_rows(values: np.ndarray, counts: np.ndarray) -> None:
+    """``counts[f] += np.bincount(values[f], minlength=counts.shape[1])`` for every row ``f`` of
+    ``values`` (non-negative integers, each below ``counts.shape[1]``), a few rows at a time, so
+    no copy of all of ``values`` is made.
 
     One call per row costs microseconds, more than its values when rows are short (a histogram of
     many frames within its memory gathers a few hundred values per frame), so short rows are
@@ -576,12 +588,12 @@ def _count_rows(values: np.ndarray, counts: np.ndarray, lut: np.ndarray | None =
         return
     if values.shape[1] >= LONG_ROW:  # long rows: a call each costs nothing beside its values
         for f in range(n):
-            counts[f] += np.bincount(values[f] if lut is None else lut[values[f]], minlength=width)
+            counts[f] += np.bincount(values[f], minlength=width)
         return
     per_row = 8 * (values.shape[1] + width)  # the offset values and the counts, int64
     rows = max(1, COUNT_BYTES // max(per_row, 1))
     for r0 in range(0, n, rows):
-        part = values[r0 : r0 + rows].astype(np.int64) if lut is None else lut[values[r0 : r0 + rows]]
+        part = values[r0 : r0 + rows].astype(np.int64)
         part += (np.arange(len(part)) * width)[:, None]
         counts[r0 : r0 + rows] += np.bincount(part.ravel(), minlength=len(part) * width).reshape(len(part), width)
 

@@ -33,7 +33,7 @@ def test_bounded_histograms_find_the_medians_of_whole_ones(max_bytes, count_byte
     blocks = _blocks(rng, N, (7, 300, 151, 900, 64))
     whole = F._ResidualHistograms(N, F.HIST_MAX)
     bounded = F._ResidualHistograms(N, F.HIST_MAX, max_bytes)
-    assert bounded.lut is not None and bounded.hist.shape[1] < whole.hist.shape[1]
+    assert bounded.bounded and bounded.hist.shape[1] < whole.hist.shape[1]
     for res, valid in blocks:
         whole.add(res.copy(), valid)
         bounded.add(res.copy(), valid)

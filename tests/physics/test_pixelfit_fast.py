@@ -265,18 +265,35 @@ def test_threads_are_capped_by_the_memory_budget():
         assert pixels == F._stack_plan(N, shape, 2, 4096)[1]  # the pieces do not depend on the threads
 
 
-@pytest.mark.parametrize("looked_up", [False, True])
 @pytest.mark.parametrize("length", [5, 300, 5000])
-def test_rows_counted_together_equal_a_bincount_per_row(length, looked_up, monkeypatch):
+def test_rows_counted_together_equal_a_bincount_per_row(length, monkeypatch):
     """A histogram of many frames counts short rows many at a time (offset by their row),
     long rows one at a time: the counts of a bincount per row either way, also where a group of
-    rows ends mid-way (a small COUNT_BYTES), and of the columns a lookup table sends them to."""
+    rows ends mid-way (a small COUNT_BYTES)."""
     rng = np.random.default_rng(length)
     width = 97
     values = rng.integers(0, width, (23, length)).astype(np.uint16)
-    lut = np.minimum(np.arange(width), 40) // 3 if looked_up else None  # as coarse bins: many to one
-    expected = np.stack([np.bincount(v if lut is None else lut[v], minlength=width) for v in values]) + 7
+    expected = np.stack([np.bincount(v, minlength=width) for v in values]) + 7
     monkeypatch.setattr(F, "COUNT_BYTES", 8 * 5 * (length + width))  # five rows a call
     counts = np.full((23, width), 7, np.int64)
-    F._count_rows(values, counts, lut)
+    F._count_rows(values, counts)
     np.testing.assert_array_equal(counts, expected)
+
+
+@pytest.mark.parametrize("max_bytes", [1e3, 2e7, 6e7, 1.3e8])
+def test_bounded_columns_are_the_fine_bins_then_coarse_ones(max_bytes):
+    """A bounded histogram's float arithmetic gives every bin its column: the bin itself below
+    the fine bins' end, then its coarse bin, the overflow bin alone in the last column; also for
+    bins a hair below a whole number and for every whole bin."""
+    h = F._ResidualHistograms(1000, F.HIST_MAX, max_bytes)
+    assert h.bounded
+    fine, over = h.fine, h.overflow
+    whole = np.arange(over + 1, dtype=np.float32)
+    bins = np.concatenate([whole, np.nextafter(whole[1:], np.float32(0)), whole[:-1] + np.float32(0.5)])
+    bins = np.concatenate([bins, np.random.default_rng(0).uniform(0, over, 10_000).astype(np.float32)])
+    truth = np.floor(bins).astype(np.int64)
+    expected = np.where(truth < fine, truth, fine + (truth - fine) // F.COARSE_BINS)
+    expected[truth == over] = h.hist.shape[1] - 1
+    got = h.columns_of(bins.reshape(1, -1).copy()).astype(np.uint16).ravel()
+    np.testing.assert_array_equal(got, expected)
+    assert expected[truth < over].max() == h.hist.shape[1] - 2  # the overflow bin's column is its own
