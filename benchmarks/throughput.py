@@ -11,9 +11,10 @@ physics model and the median masters on it (not timed), and two archive nights o
 and four times as many full-size guide frames of the same camera. Then, timed, one night at a time
 as the workflow runs it (the two nights give each step's cost per night and per frame; frames
 per second count the cost per frame, the projection both). The nights differ fourfold: a
-night's fixed costs are not quite fixed (the QA's figures took 0.30 s for a night of 12 frames,
-0.13 s for 24: other tick labels), and over nights of n and 2n frames such a change shifted the
-cost per frame by a tenth. The physics path and the I/O limit
+night's fixed costs are not quite fixed (the QA's figures and tables took 0.30 s for a night of
+12 frames, 0.13 s for one of 24), and over nights of n and 2n frames such changes moved the
+QA's cost per frame from 0.09 s (6 and 12 frames) to 0.06 s (12 and 24), about its statistics'
+0.075 s a guide frame. The physics path and the I/O limit
 run ``--repeats`` times and keep each step's fastest run (other work on the machine only adds
 time); the model path, dominated by the network, runs once:
 

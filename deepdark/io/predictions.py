@@ -203,6 +203,7 @@ class Predictions:
         try:
             for col, value in _read_verdicts(self.path, self.f["table"], len(self.table), defaults).items():
                 self.table[col] = value
+            _check_dark_checksums(self.path, self.f)
         except CorruptFileError:
             self.f.close()
             raise
@@ -220,6 +221,9 @@ class Predictions:
         """Predicted darks (ADU, active area, readout coordinates) of table rows (sorted), each
         checked against its stored hash."""
         rows = np.asarray(rows)
+        if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):  # not a scalar, nor a mask
+            raise ValueError(f"rows must be a 1-D array of row numbers, got {rows.dtype} of shape {rows.shape}")
+        rows = rows.astype(np.int64, copy=False)
         dark = read_checked(self.path, self.f["dark"], rows)
         if DARK_DIGEST in self.f:
             bad = rows[row_digests(dark) != read_checked(self.path, self.f[DARK_DIGEST], rows)]
@@ -233,6 +237,20 @@ class Predictions:
     def rows_of(self, file: str) -> np.ndarray:
         """Table rows of one raw file, in channel order of the table."""
         return np.flatnonzero((self.table["file"] == file).to_numpy())
+
+
+def _check_dark_checksums(path: Path, f: h5py.File) -> None:
+    """Every row of ``dark`` must be checkable: a hash per row, or (files written before the
+    hashes) HDF5's checksum on every chunk; a file with neither lost its hashes to damage."""
+    n = len(f["dark"])
+    if DARK_DIGEST in f:
+        if f[DARK_DIGEST].shape != (n,):
+            raise CorruptFileError(f"{path}: dataset /{DARK_DIGEST} has shape {f[DARK_DIGEST].shape}, not ({n},)")
+    elif n and not f["dark"].fletcher32:
+        raise CorruptFileError(
+            f"{path}: dataset /dark has neither row hashes ({DARK_DIGEST}) nor chunk checksums: "
+            "the file is damaged; write it again"
+        )
 
 
 def _read_verdicts(path: Path, table: h5py.Group, n: int, defaults: dict[str, str]) -> dict[str, np.ndarray]:

@@ -110,9 +110,24 @@ def test_predictions_of_compressed_checksummed_chunks_still_read(shard, tmp_path
         f.create_dataset("dark", data=dark, chunks=(1, *dark.shape[1:]), **CHECKED_COMPRESSION)
     with Predictions(pred) as p:
         assert np.array_equal(p.dark(np.arange(len(dark))), dark)
-    row, byte, bit = chunk_positions(pred, "dark", n_chunks=1, per_chunk=2)[0]
-    flip_bit(pred, byte, bit)
-    assert outcome(read_dark, pred, "dark", row) == "named"
+    outcomes = []
+    for row, byte, bit in chunk_positions(pred, "dark", n_chunks=2, per_chunk=3):
+        rotten = tmp_path / f"rotten_{byte}_{bit}.h5"
+        shutil.copyfile(pred, rotten)
+        flip_bit(rotten, byte, bit)
+        outcomes.append(outcome(read_dark, rotten, "dark", row))
+    assert outcomes == ["named"] * len(outcomes), summary(outcomes)
+
+
+def test_predictions_that_lost_their_row_hashes_are_an_error_at_open(shard, tmp_path):
+    from deepdark.io.predictions import DARK_DIGEST
+
+    pred = tmp_path / "p.h5"
+    write_predictions(shard, pred, lambda s, r: np.zeros((len(r), 68, 68)), {"method": "x"}, progress=False)
+    with h5py.File(pred, "r+") as f:
+        del f[DARK_DIGEST]
+    with pytest.raises(OSError, match=f"{pred}.*{DARK_DIGEST}"):
+        Predictions(pred)
 
 
 def test_a_flipped_bit_in_a_numeric_table_column_is_an_error_at_open(shard, tmp_path):

@@ -13,11 +13,13 @@ from tests.physics.simulated import mini_library
 
 def _blocks(rng, N, widths):
     """Blocks of residuals (N, width) whose frames' scales span 0.01 to 300 ADU, with NaNs and
-    invalid pixels: some frames' medians lie far beyond a bounded histogram's fine bins."""
+    invalid pixels: some frames' medians lie far beyond a bounded histogram's fine bins, the last
+    frame's in the last coarse bin before the overflow bin (|residual| 498.8 to 499.9 ADU)."""
     scale = np.geomspace(0.01, 300, N)[:, None]
     out = []
     for width in widths:
         res = (rng.normal(size=(N, width)) * scale).astype(np.float32)
+        res[-1] = rng.uniform(498.8, 499.9, width) * rng.choice([-1, 1], width)
         res[0, 0] = np.nan
         out.append((res, rng.random((N, width)) > 0.1))
     return out
