@@ -45,6 +45,18 @@ def outcome(read, path, name, row) -> str:
     return "silent"
 
 
+def flipped_outcomes(read, path, name, positions, tmp_path) -> list[str]:
+    """:func:`outcome` of reading each (row, byte, bit) of ``positions`` from a copy of ``path``
+    with that bit flipped."""
+    out = []
+    for row, byte, bit in positions:
+        rotten = tmp_path / f"rotten_{name}_{byte}_{bit}.h5"
+        shutil.copyfile(path, rotten)
+        flip_bit(rotten, byte, bit)
+        out.append(outcome(read, rotten, name, row))
+    return out
+
+
 def summary(outcomes) -> str:
     return ", ".join(f"{outcomes.count(k)} {k}" for k in ("named", "nameless", "silent")) + f" of {len(outcomes)}"
 
@@ -72,12 +84,7 @@ def read_dark(path, name, row):
 def test_a_flipped_bit_in_a_shard_chunk_is_an_error_naming_file_and_dataset(shard, tmp_path, name):
     positions = chunk_positions(shard, name)
     assert len(positions) >= 10
-    outcomes = []
-    for row, byte, bit in positions:
-        rotten = tmp_path / f"rotten_{name}_{byte}_{bit}.h5"
-        shutil.copyfile(shard, rotten)
-        flip_bit(rotten, byte, bit)
-        outcomes.append(outcome(read_shard_rows, rotten, name, row))
+    outcomes = flipped_outcomes(read_shard_rows, shard, name, positions, tmp_path)
     assert outcomes == ["named"] * len(positions), summary(outcomes)
 
 
@@ -86,12 +93,7 @@ def test_a_flipped_bit_in_a_predictions_chunk_is_an_error_naming_file_and_datase
     rng = np.random.default_rng(0)
     write_predictions(shard, pred, lambda s, r: rng.normal(1000, 5, (len(r), 68, 68)), {"method": "x"}, progress=False)
     positions = chunk_positions(pred, "dark", n_chunks=4)
-    outcomes = []
-    for row, byte, bit in positions:
-        rotten = tmp_path / f"rotten_{byte}_{bit}.h5"
-        shutil.copyfile(pred, rotten)
-        flip_bit(rotten, byte, bit)
-        outcomes.append(outcome(read_dark, rotten, "dark", row))
+    outcomes = flipped_outcomes(read_dark, pred, "dark", positions, tmp_path)
     assert outcomes == ["named"] * len(positions), summary(outcomes)
 
 
@@ -110,13 +112,9 @@ def test_predictions_of_compressed_checksummed_chunks_still_read(shard, tmp_path
         f.create_dataset("dark", data=dark, chunks=(1, *dark.shape[1:]), **CHECKED_COMPRESSION)
     with Predictions(pred) as p:
         assert np.array_equal(p.dark(np.arange(len(dark))), dark)
-    outcomes = []
-    for row, byte, bit in chunk_positions(pred, "dark", n_chunks=2, per_chunk=3):
-        rotten = tmp_path / f"rotten_{byte}_{bit}.h5"
-        shutil.copyfile(pred, rotten)
-        flip_bit(rotten, byte, bit)
-        outcomes.append(outcome(read_dark, rotten, "dark", row))
-    assert outcomes == ["named"] * len(outcomes), summary(outcomes)
+    positions = chunk_positions(pred, "dark", n_chunks=2, per_chunk=3)
+    outcomes = flipped_outcomes(read_dark, pred, "dark", positions, tmp_path)
+    assert outcomes == ["named"] * len(positions), summary(outcomes)
 
 
 def test_predictions_that_lost_their_row_hashes_are_an_error_at_open(shard, tmp_path):
