@@ -284,7 +284,16 @@ def test_ctrl_c_ends_a_running_command_in_one_line(tmp_path):
     """SIGINT while `deepdark simulate` writes a full-size archive: one line, exit status 130."""
     archive = tmp_path / "archive"
     cmd = [sys.executable, "-m", "deepdark", "simulate", str(archive), "--nights", "20"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as an interactive shell leaves it: a run started in the background (nohup, a script's
+    # `&`) ignores SIGINT, its children inherit that, and Python keeps an ignored SIGINT ignored
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         t0 = time.monotonic()
         while not any(archive.rglob("*.fits")) and proc.poll() is None and time.monotonic() - t0 < 120:
