@@ -38,7 +38,7 @@ from .frame_state import (
     median_last,
     transferred_bias,
 )
-from .law import Law, fit_law
+from .law import LAW_VALUES, Law, fit_law, mean_rows
 from .pixelfit import IRREGULAR_P, _hot_fits, _pairs, _PixelFit, _robust_fit, smooth_prior
 from .transfer import Transfer, measure_transfer
 
@@ -54,7 +54,7 @@ SMOOTH_PX = 3  # radius of the smoothing box (3 passes: a ~Gaussian of sd ~sqrt(
 MAX_EXTRAPOLATION = 2.0  # a separable library predicts up to this many times its longest exposure
 FRAME_GROUP = 16  # frame-channels measured at once by stage 1
 STAGE1_BYTES_PER_PIXEL = 20  # one frame's float copies while its block means and row offsets are measured
-FRAME_STORE_BATCH = 2**24  # bytes of a channel's frame-store records read at once (the transfer's update)
+FRAME_STORE_BATCH = 2**24  # bytes of a channel's frame-store records read at once (transfer, typical signal)
 
 
 # -- the library fit ----------------------------------------------------------------------------
@@ -152,6 +152,53 @@ class _Members:
 
     def close(self) -> None:
         self.store.close()
+
+
+class _Records:
+    """Field ``name`` of frame-channels ``positions`` in a frame store, as an array of shape
+    (len(positions), *record) read a few frames at a time: ``[frames]`` (a slice or index array)
+    reads those frames' records, float64, less ``minus`` (one value per frame-channel)."""
+
+    def __init__(self, store: _FrameStore, name: str, positions: np.ndarray, minus: np.ndarray | None = None):
+        self.store, self.name, self.positions, self.minus = store, name, positions, minus
+        self.shape = (len(positions),) + store.fields[name][1]
+
+    def __getitem__(self, frames) -> np.ndarray:
+        values = self.store.read(self.name, self.positions[frames]).astype(np.float64, copy=False)
+        return values if self.minus is None else values - self.minus[frames].reshape((-1,) + (1,) * (values.ndim - 1))
+
+
+class _BlockMeans:
+    """The law's block means (frames, channels x blocks) of a camera's channels, as the law asks
+    for them (:func:`deepdark.physics.law.fit_law`): ``[rows]`` those frames, ``[rows, span]`` a
+    span of their columns; held when they take at most ``hold_bytes``, else read from the frame
+    store each time. ``members``: per channel, the frame-store position of each frame."""
+
+    def __init__(self, store: _FrameStore, members: list[np.ndarray], hold_bytes: float):
+        self.store, self.members = store, members
+        self.per_channel = math.prod(store.fields["blocks"][1])
+        self.shape = (len(members[0]), self.per_channel * len(members))
+        self.held = None
+        if math.prod(self.shape) * 8 <= hold_bytes:  # filled a channel at a time: one copy
+            held = np.empty(self.shape)
+            for j, positions in enumerate(members):
+                held[:, j * self.per_channel : (j + 1) * self.per_channel] = store.read("blocks", positions).reshape(
+                    len(positions), -1
+                )
+            self.held = held
+
+    def __getitem__(self, key) -> np.ndarray:
+        if self.held is not None:
+            return self.held[key]
+        rows, span = key if isinstance(key, tuple) else (key, slice(None))
+        start, stop, _ = span.indices(self.shape[1])
+        parts = []
+        for j, positions in enumerate(self.members):
+            first, last = max(start, j * self.per_channel), min(stop, (j + 1) * self.per_channel)
+            if first < last:
+                part = slice(first - j * self.per_channel, last - j * self.per_channel)
+                parts.append(self.store.read("blocks", positions[rows], part))
+        return np.concatenate(parts, axis=1)
 
 
 def _library(shards: Sequence[Shard], cameras: Sequence[str] | None = None) -> pd.DataFrame:
@@ -274,6 +321,11 @@ OB_BYTES_PER_FRAME_PIXEL = 5
 # count (the interpreter, numpy's temporaries, memory the allocator keeps after a free). Measured
 # on 256 full-size darks at 512 MB, a plan of the whole budget peaked at 546 MB.
 PLANNED_SHARE = 0.8
+# The law's block means and the transfer's row offsets of every library frame are held when they
+# take at most this share of the budget; beyond (a few thousand darks at 512 MB), read from the
+# frame store a few frames at a time in each of their passes.
+LIBRARY_SHARE = 0.25
+LAW_BYTES_PER_VALUE = 64  # of a part of the law's block means: the ~8 float64 arrays it makes
 
 
 def _map_bytes(K: int) -> int:
@@ -812,11 +864,11 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
     memory_mb, threads = budget
     per_frame = cl.members.drop_duplicates("file").sort_values("fp").reset_index(drop=True)
     dark_exptimes = _exposure_coverage(cl)
-    law, T, block_beta = _camera_law(cl, mem, per_frame)
-    transfers = _library_transfers(cl, mem, law.design(T, cl.t))
+    law, T, block_beta = _camera_law(cl, mem, per_frame, memory_mb)
+    transfers = _library_transfers(cl, mem, law.design(T, cl.t), memory_mb)
     if any(tr.used for tr in transfers.values()):
         _apply_transfers(cl, mem, transfers, bs)
-        law, T, block_beta = _camera_law(cl, mem, per_frame)  # on the blocks of the new row bias
+        law, T, block_beta = _camera_law(cl, mem, per_frame, memory_mb)  # on the blocks of the new row bias
     _write_camera_attrs(grp, cl, per_frame, law, T, dark_exptimes)
     t_ref = max(dark_exptimes, default=0.0)
     x_ref = law.design([law.T0], [t_ref])[0]
@@ -839,10 +891,8 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
         transfers,
         threads,
     )
-    rows_tab = []
-    for j, ch in enumerate(cl.channels):
-        rows_tab += _fit_channel(grp, cam, j, ch)
-    _write_frame_table(grp.create_group("frames"), rows_tab)
+    tables = [_fit_channel(grp, cam, j, ch) for j, ch in enumerate(cl.channels)]
+    _write_frame_table(grp.create_group("frames"), tables)
 
 
 def _exposure_coverage(cl: _Library) -> list[float]:
@@ -870,22 +920,20 @@ def _separable(cl: _Library, dark_exptimes: list[float]) -> bool:
     return len(dark_exptimes) >= 2 or _has_bias(cl)
 
 
-def _camera_law(cl: _Library, mem: _Members, per_frame: pd.DataFrame) -> tuple[Law, np.ndarray, np.ndarray]:
+def _camera_law(cl: _Library, mem: _Members, per_frame, memory_mb: float) -> tuple[Law, np.ndarray, np.ndarray]:
     """Stage 2: the law and every frame's temperature from the block means of all channels (a
     frame has one temperature); biases keep their header's. A bias-only library has a law without
     dark components (:class:`Law`)."""
     t, header_T, dark = cl.t, cl.header_T, cl.t > 0
-    per_channel = math.prod(mem.store.fields["blocks"][1])
-    Y = np.empty((len(cl.files), per_channel * len(cl.channels)))  # filled a channel at a time: one copy
-    for j, ch in enumerate(cl.channels):
-        Y[:, j * per_channel : (j + 1) * per_channel] = mem.store.read("blocks", _channel_members(cl, ch)).reshape(
-            len(cl.files), -1
-        )
+    members = [_channel_members(cl, ch) for ch in cl.channels]
+    share = memory_mb * 2**20 * LIBRARY_SHARE
+    Y = _BlockMeans(mem.store, members, share)
+    part = max(LAW_VALUES, int(share // LAW_BYTES_PER_VALUE))  # large parts: few reads of a part of every frame
     if not dark.any():
         known = header_T[np.isfinite(header_T)]
         T0 = float(np.round(np.median(known), 1)) if known.size else math.nan
-        return Law(T0, math.nan), header_T.astype(np.float64), Y.mean(axis=0, keepdims=True)
-    law, T, block_beta = fit_law(Y, t, header_T, frame_setpoints(per_frame))
+        return Law(T0, math.nan), header_T.astype(np.float64), mean_rows(Y, np.arange(len(cl.files)), part)[None]
+    law, T, block_beta = fit_law(Y, t, header_T, frame_setpoints(per_frame), part=part)
     T[~dark] = header_T[~dark]
     log.info(
         "camera %s: T0 %.2f C, tau1 %.2f C, tau2 %.2f C, %d frames",
@@ -903,15 +951,16 @@ def _channel_members(cl: _Library, ch: str) -> np.ndarray:
     return cl.members[cl.members["channel"] == ch].sort_values("fp").index.to_numpy()
 
 
-def _library_transfers(cl: _Library, mem: _Members, X: np.ndarray) -> dict[str, Transfer]:
+def _library_transfers(cl: _Library, mem: _Members, X: np.ndarray, memory_mb: float) -> dict[str, Transfer]:
     """Per channel: how much of the overscan's per-row offset appears in the active rows
     (:func:`measure_transfer` on the library frames, the per-pixel design ``X`` projected out)."""
     out = {}
     for ch in cl.channels:
         mi = _channel_members(cl, ch)
-        offsets = mem.store.read("bias", mi).astype(np.float64) - mem.level[mi][:, None]
-        active_rows = mem.store.read("active_rows", mi)
-        out[ch] = measure_transfer(active_rows, offsets, X, float(np.mean(mem.read_var[mi])))
+        offsets = _Records(mem.store, "bias", mi, minus=mem.level[mi])
+        active_rows = _Records(mem.store, "active_rows", mi)
+        read_var = float(np.mean(mem.read_var[mi]))
+        out[ch] = measure_transfer(active_rows, offsets, X, read_var, memory_mb * 2**20 * LIBRARY_SHARE)
         log.info("camera %s channel %s: overscan row transfer %s", cl.camera, ch, out[ch].describe())
     return out
 
@@ -978,7 +1027,7 @@ class _PassB:
     hot_coef: np.ndarray  # (n, K)
 
 
-def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
+def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> pd.DataFrame:
     """Stages 3 and 4 for channel ``ch`` (the ``j``-th): pass A (the frames' noise), pass B (the
     weighted maps, hot pixels), the smooth prior, the OB maps; written to ``channel_j`` of
     ``grp``. Returns the channel's rows of the library frame table."""
@@ -989,7 +1038,7 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
     read_var, row_var = cam.mem.read_var[mi], cam.mem.row_var[mi]
     typ = _hot_reference(cam, j)
     if cam.law.components:  # the typical pixel's signal, for the photon transfer curve
-        mean_sig = np.median(cam.mem.store.read("blocks", mi).reshape(N, -1), axis=1)
+        mean_sig = _median_block_means(cam.mem.store, mi)
     # held beside the stack: the channel's row bias, the frame-channels' scalars, each thread's
     # histograms (HIST_SHARE of the budget in all)
     base = N * cam.mem.store.nbytes("bias") + 3 * cam.mem.level.nbytes
@@ -1031,6 +1080,13 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> list[dict]:
         plan = (pixels, cam.memory_mb)
         _fit_ob(og, cam.mem, mi, cam.X, noise, row_var, cam.x_ref, read_var, cam.params, K, cam.shape, plan)
     return _frame_rows(cam, sel, ch, frame_var, read_var, row_var)
+
+
+def _median_block_means(store: _FrameStore, positions: np.ndarray) -> np.ndarray:
+    """Each frame-channel's median block mean, read FRAME_STORE_BATCH bytes of records at a time."""
+    step = max(1, FRAME_STORE_BATCH // store.nbytes("blocks"))
+    parts = (store.read("blocks", positions[f : f + step]) for f in range(0, len(positions), step))
+    return np.concatenate([np.median(p.reshape(len(p), -1), axis=1) for p in parts])
 
 
 def _write_transfer(cg, tr: Transfer) -> None:
@@ -1120,30 +1176,29 @@ def _write_channel(cg, ch: str, noise: _Noise, fit: _PassB, maps, irregular, K: 
     cg.create_dataset("hot_coef", data=fit.hot_coef[good].astype(np.float32))
 
 
-def _frame_rows(cam: _CameraFit, sel: pd.DataFrame, ch: str, frame_var, read_var, row_var) -> list[dict]:
+def _frame_rows(cam: _CameraFit, sel: pd.DataFrame, ch: str, frame_var, read_var, row_var) -> pd.DataFrame:
     """The channel's rows of the library frame table: headers, fitted temperature, noise."""
-    mi = sel.index.to_numpy()
-    return [
+    fp = sel["fp"].to_numpy()
+    return pd.DataFrame(
         dict(
-            file=r["file"],
+            file=sel["file"].to_numpy(),
             channel=ch,
-            night=r["night"],
-            imagetyp=r["imagetyp"],
-            exptime=float(cam.cl.t[r["fp"]]),
-            ccdtemp=float(r["ccdtemp"]),
-            settemp=float(r["settemp"]),
-            teff=float(cam.T[r["fp"]]),
-            noise_var=float(frame_var[i]),
-            read_var=float(read_var[i]),
-            row_var=float(row_var[i]),
-            bias_level=float(cam.mem.level[mi[i]]),
+            night=sel["night"].to_numpy(),
+            imagetyp=sel["imagetyp"].to_numpy(),
+            exptime=cam.cl.t[fp].astype(float),
+            ccdtemp=sel["ccdtemp"].to_numpy(float),
+            settemp=sel["settemp"].to_numpy(float),
+            teff=cam.T[fp].astype(float),
+            noise_var=np.asarray(frame_var, float),
+            read_var=np.asarray(read_var, float),
+            row_var=np.asarray(row_var, float),
+            bias_level=cam.mem.level[sel.index.to_numpy()].astype(float),
         )
-        for i, (_, r) in enumerate(sel.iterrows())
-    ]
+    )
 
 
-def _write_frame_table(tg, rows: list[dict]) -> None:
-    tab = pd.DataFrame(rows)
+def _write_frame_table(tg, parts: list[pd.DataFrame]) -> None:
+    tab = pd.concat(parts, ignore_index=True)
     for col in tab:
         v = tab[col].to_numpy()
         tg.create_dataset(col, data=v.astype(h5py.string_dtype()) if v.dtype == object else v)

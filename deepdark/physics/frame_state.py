@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -135,6 +136,67 @@ def median_last(a: np.ndarray, keepdims: bool = False) -> np.ndarray:
         out = (lanes[..., n // 2 - 1] + lanes[..., n // 2]) / 2
     out = np.where(np.isnan(lanes[..., -1]), np.nan, out).astype(a.dtype, copy=False)
     return out[..., None] if keepdims else out
+
+
+RADIX_BITS = 16  # bits of the values' bit patterns told apart per pass of streamed_median
+GATHER_MAX = 2**20  # values a pass of streamed_median gathers and sorts at the most
+INF_BITS = np.uint64(0x7FF0000000000000)  # the pattern of inf: NaN's (without their sign) lie above
+
+
+def streamed_median(parts) -> float:
+    """``np.median`` of the values that ``parts()`` yields (float64 arrays of values >= 0, or
+    NaN), to the bit, holding one part at a time: a library's residuals are too many to hold.
+
+    ``parts`` is called once per pass and must yield the same values each time. A value >= 0
+    sorts as its bit pattern: the patterns are counted by their top RADIX_BITS bits, then the
+    next ones of the bin that holds a middle rank, until that bin is small enough to gather and
+    sort (two passes, as a rule; a bin of equal values is found without gathering)."""
+    counts, nan = _counts(parts, 0, 64, RADIX_BITS)
+    n = int(counts.sum())
+    if nan or not n:
+        return math.nan
+    lo, hi = _ranked(parts, [(n - 1) // 2, n // 2], counts, 0, 64 - RADIX_BITS, 0)
+    return lo if lo == hi else (lo + hi) / 2  # np.median's mean of the two middle values
+
+
+def _ranked(parts, ranks: list[int], counts: np.ndarray, prefix: int, shift: int, below: int) -> list[float]:
+    """The values of the (ascending, 0-based) ``ranks``, given ``counts``: the values whose
+    patterns' top bits are ``prefix``, counted by their next bits down to bit ``shift``, with
+    ``below`` values lying below them all."""
+    cum = np.cumsum(counts)
+    width = counts.size.bit_length() - 1
+    out = []
+    for b in sorted({int(np.searchsorted(cum, r - below, side="right")) for r in ranks}):
+        lower = below + (int(cum[b - 1]) if b else 0)
+        mine = [r for r in ranks if lower <= r < lower + counts[b]]
+        inner = (prefix << width) | b
+        if shift == 0:  # every value of the bin is this one
+            out += [float(np.array(inner, np.uint64).view(np.float64))] * len(mine)
+        elif counts[b] <= GATHER_MAX:
+            kept = np.sort(np.concatenate(list(_patterns(parts, inner, shift))).view(np.float64))
+            out += [float(kept[r - lower]) for r in mine]
+        else:
+            step = min(RADIX_BITS, shift)
+            out += _ranked(parts, mine, _counts(parts, inner, shift, step)[0], inner, shift - step, lower)
+    return out
+
+
+def _counts(parts, prefix: int, shift: int, width: int) -> tuple[np.ndarray, bool]:
+    """How many patterns whose top (64 - shift) bits are ``prefix`` have each value of their next
+    ``width`` bits; and whether any value is NaN."""
+    counts, nan = np.zeros(2**width, np.int64), False
+    for bits in _patterns(parts, prefix, shift):
+        digit = (bits >> np.uint64(shift - width)) & np.uint64(2**width - 1)
+        counts += np.bincount(digit.astype(np.intp), minlength=2**width)
+        nan = nan or bool(bits.size and bits.max() > INF_BITS)
+    return counts, nan
+
+
+def _patterns(parts, prefix: int, shift: int):
+    """The bit patterns (uint64) of the values of ``parts()`` whose top (64 - shift) bits are ``prefix``."""
+    for p in parts():
+        bits = np.abs(np.asarray(p, np.float64)).ravel().view(np.uint64)  # abs: -0.0 sorts as 0
+        yield bits if shift == 64 else bits[(bits >> np.uint64(shift)) == np.uint64(prefix)]
 
 
 def active_row_offsets(active_minus_bias: np.ndarray, bias: np.ndarray, level: np.ndarray, clip: float = 5.0):

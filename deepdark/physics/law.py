@@ -8,17 +8,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .frame_state import MAD_SIGMA
+from .frame_state import MAD_SIGMA, streamed_median
 
 log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
 DEFAULT_TAU = 6.4  # C: the paper's halving temperature, used when one setpoint cannot tell
-# The frames' residuals about the law are formed a part at a time (LAW_FRAMES frames, or
-# LAW_BLOCKS blocks of every frame): held all at once they were five times the block means,
-# 3 GB at 20,000 darks.
-LAW_FRAMES = 256
-LAW_BLOCKS = 256
+# The law reads the block means and forms their residuals a part at a time, about LAW_VALUES
+# values (some frames, or some blocks of every frame; a caller may give more): at 20,000 darks
+# the block means alone are 650 MB, and the residuals held at once were five times that. The
+# parts do not change a bit of the result.
+LAW_VALUES = 2**18
 
 
 # -- the temperature law ------------------------------------------------------------------------
@@ -125,17 +125,18 @@ def _newton_T(
     law: Law,
     steps: int = 12,
     w: np.ndarray | None = None,
+    part: int = LAW_VALUES,
 ) -> np.ndarray:
     """Per-frame temperature that best fits its blocks given the block maps ``beta``, blocks
     weighted by ``w`` (blocks,), of the rows ``frames`` of Y (with their exposures ``t`` and
     starting temperatures ``T``). Each step is taken by every frame until all have converged;
-    the residuals are formed LAW_FRAMES frames at a time (the same numbers as all at once)."""
+    the residuals are formed a few frames at a time (the same numbers as all at once)."""
     T = T.astype(np.float64).copy()
     w = np.ones(Y.shape[1]) if w is None else w
     num, den = np.empty(len(T)), np.empty(len(T))
     for _ in range(steps):
         X, dX = law.design(T, t), law.design_dT(T, t)  # (F, K)
-        for at in _spans(len(T), LAW_FRAMES):
+        for at in _spans(len(T), part // Y.shape[1]):
             r = Y[frames[at]] - X[at] @ beta
             jac = dX[at] @ beta
             num[at], den[at] = np.einsum("fb,fb,b->f", jac, r, w), np.einsum("fb,fb,b->f", jac, jac, w)
@@ -200,14 +201,14 @@ class _Groups:
         return np.linalg.lstsq(law.design(Tg, self.t) * sw, self.Y * sw, rcond=None)[0]
 
 
-def _group_frames(Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints, dark: np.ndarray) -> _Groups:
+def _group_frames(Y, t: np.ndarray, header_T: np.ndarray, setpoints, dark: np.ndarray, part: int) -> _Groups:
     """Group the frames by (setpoint, exposure) and average their block means and headers."""
     sp = np.where(dark, np.round(np.asarray(setpoints, float), 1), np.nan)
     keys = [(s, round(float(x), 6)) if d else ("bias", 0.0) for s, x, d in zip(sp, t, dark)]
     groups = sorted(set(keys), key=str)
     member = np.array([groups.index(k) for k in keys])
     ng = np.bincount(member, minlength=len(groups)).astype(float)
-    Yg = np.stack([Y[member == i].mean(axis=0) for i in range(len(groups))])
+    Yg = np.stack([mean_rows(Y, np.flatnonzero(member == i), part) for i in range(len(groups))])
     tg = np.array([k[1] for k in groups])
     gd = tg > 0
     T0 = float(np.round(np.median(header_T[dark]), 1))
@@ -228,22 +229,35 @@ def _first_law(g: _Groups, components: int, tau_ratio: float | None) -> Law:
     return _best_taus(g.Y, g.header_T, g.t, g.T0, components, g.n, tau_ratio)
 
 
-def _block_weights(Y: np.ndarray, frames: np.ndarray, model: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, float]:
+def _block_weights(Y, frames: np.ndarray, model: tuple[np.ndarray, np.ndarray], part: int) -> tuple[np.ndarray, float]:
     """Weights of the blocks, 1 / their misfit^2 (mean 1), and the weighted noise variance, from
     the residuals of the rows ``frames`` of Y (dark frames) about the law, ``model`` = (X (frames,
-    K), maps (K, blocks)), formed LAW_BLOCKS blocks at a time: beside Y, only the weighted squares
-    that the noise's median needs are held at full size."""
+    K), maps (K, blocks)), formed a few blocks of every frame at a time: the noise is the median
+    of the weighted squares, found without holding them (:func:`streamed_median`)."""
+    spans = _spans(Y.shape[1], part // max(len(frames), 1))
+
+    def residuals():
+        for at in spans:
+            yield at, Y[frames, at] - model[0] @ model[1][:, at]
+
     misfit = np.empty(Y.shape[1])
-    for at in _spans(Y.shape[1], LAW_BLOCKS):
-        misfit[at] = MAD_SIGMA * np.median(np.abs(Y[frames, at] - model[0] @ model[1][:, at]), axis=0)
+    for at, r in residuals():
+        misfit[at] = MAD_SIGMA * np.median(np.abs(r), axis=0)
     wb = 1.0 / np.maximum(misfit, 1e-3 * max(float(np.median(misfit)), 1e-12)) ** 2
     wb /= wb.mean()
-    chi = np.empty((len(frames), Y.shape[1]))
-    for at in _spans(Y.shape[1], LAW_BLOCKS):
-        r = Y[frames, at] - model[0] @ model[1][:, at]
-        chi[:, at] = wb[None, at] * r * r
-    noise2 = float(np.median(chi, overwrite_input=True)) / 0.4549  # median of chi2(1) = 0.4549
+    noise2 = streamed_median(lambda: (wb[None, at] * r * r for at, r in residuals())) / 0.4549  # median of chi2(1)
     return wb, noise2
+
+
+def mean_rows(Y, rows: np.ndarray, part: int = LAW_VALUES) -> np.ndarray:
+    """``Y[rows].mean(axis=0)`` to the bit (numpy adds the rows in order, as here), reading
+    about ``part`` values at a time."""
+    total = np.zeros(Y.shape[1])
+    step = max(1, part // Y.shape[1])
+    for start in range(0, len(rows), step):
+        for row in Y[rows[start : start + step]]:
+            total += row
+    return total / len(rows)
 
 
 def _header_scatter(header_T: np.ndarray, T: np.ndarray, dark: np.ndarray, g: _Groups) -> float:
@@ -310,12 +324,19 @@ def _fit_group_temperatures(
 
 
 def fit_law(
-    Y: np.ndarray, t: np.ndarray, header_T: np.ndarray, setpoints: np.ndarray, tau_ratio: float | None = None
+    Y,
+    t: np.ndarray,
+    header_T: np.ndarray,
+    setpoints: np.ndarray,
+    tau_ratio: float | None = None,
+    part: int = LAW_VALUES,
 ) -> tuple[Law, np.ndarray, np.ndarray]:
     """The camera's law and every library frame's temperature, from block means.
 
     ``Y`` (frames, blocks): clipped block means of the bias-subtracted active areas of all
-    channels; ``t`` exposure (0 for biases); ``header_T`` CCDTEMP (else SETTEMP); ``setpoints``.
+    channels, an array or any object of that ``shape`` whose ``Y[rows]`` and ``Y[rows, span]``
+    give those rows (a span of their columns), read about ``part`` values at a time; ``t``
+    exposure (0 for biases); ``header_T`` CCDTEMP (else SETTEMP); ``setpoints``.
 
     What a library can tell: each frame's temperature *relative* to the others of its (setpoint,
     exposure) group, from its own blocks (10^3 of them: hundredths of a degree); not the group's
@@ -334,7 +355,7 @@ def fit_law(
     dark = t > 0
     if not dark.any():
         raise ValueError("no dark frames (exposure > 0) in the library")
-    g = _group_frames(Y, t, header_T, setpoints, dark)
+    g = _group_frames(Y, t, header_T, setpoints, dark, part)
     # two components need >= 3 setpoints and, per block, a residual degree of freedom beyond its
     # K = 3 maps (the doubling temperatures are shared by all blocks)
     components = 2 if g.n_setpoints >= 3 and len(g.n) >= 4 else 1
@@ -343,13 +364,13 @@ def fit_law(
     beta = g.maps(law, g.header_T)
     T = header_T.astype(np.float64).copy()
     frames = np.flatnonzero(dark)  # rows of Y taken a part at a time: no copy of the darks' rows
-    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law)
-    wb, noise2 = _block_weights(Y, frames, (law.design(T[dark], t[dark]), beta))
+    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law, part=part)
+    wb, noise2 = _block_weights(Y, frames, (law.design(T[dark], t[dark]), beta), part)
     sigma_h = _header_scatter(header_T, T, dark, g)
     if g.n_setpoints >= 2:
         Tg, law = _fit_group_temperatures(g, law, components, tau_ratio, wb, noise2, sigma_h)
         beta = g.maps(law, Tg)
         log.debug("law: group temperatures moved %s C from their headers", np.round(Tg[g.dark] - g.header_T[g.dark], 3))
     T = header_T.astype(np.float64).copy()
-    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law, w=wb)
+    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law, w=wb, part=part)
     return law, T, beta

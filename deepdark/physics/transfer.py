@@ -31,12 +31,13 @@ keeps such immaterial differences from changing the row bias.)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .frame_state import MAD_SIGMA
+from .frame_state import MAD_SIGMA, streamed_median
 
 TRANSFER_SIGMAS = 3.0  # a coefficient this many sigmas from 1 overrules the per-frame shrinkage ...
 TRANSFER_GAIN = 0.01  # ... when it lowers a pixel's error variance by this share of the read variance
@@ -75,8 +76,11 @@ class Transfer:
         )
 
 
+TRANSFER_VALUES = 2**18  # row offsets formed at once (a few frames' rows): a library's are too many to hold
+
+
 def measure_transfer(
-    active_rows: np.ndarray, overscan_rows: np.ndarray, design: np.ndarray, read_var: float
+    active_rows, overscan_rows, design: np.ndarray, read_var: float, hold_bytes: float = math.inf
 ) -> Transfer:
     """The transfer coefficient of one camera-channel from its library frames.
 
@@ -92,6 +96,13 @@ def measure_transfer(
     read_var
         ADU^2: the frames' read-noise variance (the least a pixel's noise variance is).
 
+    hold_bytes
+        The residual offsets are held for the fit's passes when they take at most this; else
+        they are formed again, a few frames at a time, in every pass (:class:`_Offsets`).
+
+    The row offsets are arrays, or objects of that ``shape`` whose ``[frames]`` (a slice) reads
+    those frames' rows, a few frames at a time.
+
     Returns
     -------
     Transfer
@@ -103,40 +114,86 @@ def measure_transfer(
     dof = F - np.linalg.matrix_rank(X)
     if dof < MIN_TRANSFER_DOF:
         return Transfer.unmeasured(F)
-    a, o = _residuals(X, active_rows), _residuals(X, overscan_rows)
-    # a frame's mean offset is its level, not a row offset: only the rows' spread about it counts
-    a, o = a - np.nanmean(a, axis=1, keepdims=True), o - np.nanmean(o, axis=1, keepdims=True)
-    keep = np.isfinite(a) & np.isfinite(o)
-    a, o = np.where(keep, a, 0.0), np.where(keep, o, 0.0)
+    rows = _Offsets(active_rows, overscan_rows, X, hold_bytes)
     for rounds_left in (3, 2, 1, 0):  # fit, cut outlying rows, fit again
-        soo = float(np.sum(np.where(keep, o * o, 0.0)))
-        if not soo > 1e-12 * max(float(np.sum(a * a)), 1e-300):
+        saa, sao, soo, n = rows.sums()
+        if not soo.sum() > 1e-12 * max(saa, 1e-300):
             return Transfer.unmeasured(F)
-        g = float(np.sum(np.where(keep, a * o, 0.0))) / soo
-        e = a - g * o
+        g = sao.sum() / soo.sum()
         if rounds_left:
-            scale = MAD_SIGMA * float(np.median(np.abs(e[keep])))
-            keep &= np.abs(e) <= TRANSFER_CLIP * max(scale, 1e-12)
-    n = max(int(keep.sum()), 1)
-    sigma = _jackknife(a, o, keep, g) * math.sqrt(F / dof)
-    resid = float(np.sum(np.where(keep, e * e, 0.0))) / n * F / dof
-    gain = (1.0 - g) ** 2 * float(np.sum(np.where(keep, o * o, 0.0))) / n * F / dof / max(read_var, 1e-12)
+            scale = MAD_SIGMA * streamed_median(functools.partial(rows.deviations, g))
+            rows.cuts.append((g, TRANSFER_CLIP * max(scale, 1e-12)))
+    n = max(n, 1)
+    sigma = _jackknife(sao, soo) * math.sqrt(F / dof)
+    resid = rows.misfit(g) / n * F / dof
+    gain = float((1.0 - g) ** 2 * soo.sum() / n * F / dof / max(read_var, 1e-12))
     used = math.isfinite(sigma) and abs(g - 1.0) > TRANSFER_SIGMAS * sigma and gain > TRANSFER_GAIN
-    return Transfer(g, sigma, resid, bool(used), F, gain)
+    return Transfer(float(g), sigma, float(resid), bool(used), F, gain)
 
 
-def _residuals(X: np.ndarray, rows) -> np.ndarray:
-    """What the per-pixel model (design ``X``, (F, K)) leaves of each row's offsets (F, R): the
-    projection off X's columns, applied without forming the F x F projector (at the paper's
-    20,000 darks that matrix alone would take 3.2 GB and its product minutes)."""
-    rows = np.asarray(rows, np.float64)
-    return rows - X @ (np.linalg.pinv(X) @ rows)
+class _Offsets:
+    """A channel's active-row and overscan-row offsets with the per-pixel model projected out
+    (the design ``X``'s columns, applied without forming the F x F projector: at 20,000 darks
+    that matrix alone would take 3.2 GB) and each frame's mean offset removed (its level, not a
+    row offset), a few frames at a time (:meth:`parts`): held when they take at most
+    ``hold_bytes``, else formed again in each pass. ``cuts``: the clipping rounds so far,
+    (coefficient, limit): a row is kept while |active - coefficient x overscan| is within the
+    limit of every round."""
+
+    def __init__(self, active_rows, overscan_rows, X: np.ndarray, hold_bytes: float):
+        self.active, self.overscan, self.X = active_rows, overscan_rows, X
+        F, R = active_rows.shape
+        step = max(1, TRANSFER_VALUES // R)
+        self.spans = [slice(first, first + step) for first in range(0, F, step)]
+        pinv = np.linalg.pinv(X)  # the model's coefficients of each row: pinv @ rows, summed over the parts
+        self.coef = [sum(pinv[:, at] @ self._read(r, at) for at in self.spans) for r in (self.active, self.overscan)]
+        self.cuts: list[tuple[float, float]] = []
+        self.held = list(self._residuals()) if hold_bytes >= 17 * F * R else None  # two float64, a bool
+
+    @staticmethod
+    def _read(rows, at: slice) -> np.ndarray:
+        return np.asarray(rows[at], np.float64)
+
+    def _residuals(self):
+        """(a, o, finite) of each part of the frames: the residual offsets, 0 where either is not finite."""
+        for at in self.spans:
+            a, o = (self._read(rows, at) - self.X[at] @ c for rows, c in zip((self.active, self.overscan), self.coef))
+            a, o = a - np.nanmean(a, axis=1, keepdims=True), o - np.nanmean(o, axis=1, keepdims=True)
+            finite = np.isfinite(a) & np.isfinite(o)
+            yield np.where(finite, a, 0.0), np.where(finite, o, 0.0), finite
+
+    def parts(self):
+        """(a, o, keep) of each part of the frames: the residual offsets and the rows kept by every cut."""
+        for a, o, finite in self.held if self.held is not None else self._residuals():
+            keep = finite.copy()
+            for g, limit in self.cuts:
+                keep &= np.abs(a - g * o) <= limit
+            yield a, o, keep
+
+    def sums(self) -> tuple[float, np.ndarray, np.ndarray, int]:
+        """Sum of a^2 (every finite row), per frame the sums of a*o and o^2 over the kept rows,
+        and the kept rows."""
+        saa, sao, soo, n = 0.0, [], [], 0
+        for a, o, keep in self.parts():
+            saa += float(np.sum(a * a))
+            sao.append(np.sum(np.where(keep, a * o, 0.0), axis=1))
+            soo.append(np.sum(np.where(keep, o * o, 0.0), axis=1))
+            n += int(keep.sum())
+        return saa, np.concatenate(sao), np.concatenate(soo), n
+
+    def deviations(self, g: float):
+        """|a - g o| of the kept rows, a part at a time."""
+        for a, o, keep in self.parts():
+            yield np.abs(a - g * o)[keep]
+
+    def misfit(self, g: float) -> float:
+        """Sum of (a - g o)^2 over the kept rows."""
+        return sum(float(np.sum(np.where(keep, (a - g * o) ** 2, 0.0))) for a, o, keep in self.parts())
 
 
-def _jackknife(a: np.ndarray, o: np.ndarray, keep: np.ndarray, g: float) -> float:
-    """Delete-one-frame jackknife sd of the regression slope (inf when it cannot be formed)."""
-    sao = np.sum(np.where(keep, a * o, 0.0), axis=1)
-    soo = np.sum(np.where(keep, o * o, 0.0), axis=1)
+def _jackknife(sao: np.ndarray, soo: np.ndarray) -> float:
+    """Delete-one-frame jackknife sd of the regression slope, from each frame's sums of a*o and
+    o^2 over its kept rows (inf when it cannot be formed)."""
     rest = soo.sum() - soo
     if not (rest > 0).all():
         return math.inf

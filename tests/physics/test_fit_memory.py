@@ -3,11 +3,13 @@ histograms find the same medians as whole ones."""
 
 import tracemalloc
 
+import h5py
 import numpy as np
 import pytest
 
 from deepdark import physics as P
 from deepdark.physics import fit as F
+from deepdark.physics import transfer as T
 from tests.physics.simulated import mini_library
 
 
@@ -91,3 +93,72 @@ def test_fit_memory_does_not_grow_with_the_library(library, tmp_path):
     large = _peak_mb(library, tmp_path / "large.h5", budget)
     assert large < budget + 2.0, (small, large)
     assert large - small < 2.0, (small, large)
+
+
+def _datasets_and_attrs(path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.update({name: obj[()]}) if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(lambda name, obj: out.update({f"{name}@{k}": v for k, v in obj.attrs.items()}))
+        out.update({f"@{k}": v for k, v in f.attrs.items() if k != "created"})
+    return out
+
+
+def test_a_library_read_as_needed_is_fitted_as_one_held(library, tmp_path, monkeypatch):
+    """The law's block means and the transfer's row offsets held (a small library) or read from
+    the frame store in every pass (LIBRARY_SHARE 0: thousands of darks at the default budget):
+    the same physics file to the bit. Parts of 3 frames or blocks, so that both are read in many."""
+    monkeypatch.setattr(F, "LAW_VALUES", 3 * 256)
+    monkeypatch.setattr(T, "TRANSFER_VALUES", 3 * 68)
+    P.fit_physics(library, tmp_path / "held.h5", progress=False)
+    monkeypatch.setattr(F, "LIBRARY_SHARE", 0.0)
+    P.fit_physics(library, tmp_path / "read.h5", progress=False)
+    held, read = _datasets_and_attrs(tmp_path / "held.h5"), _datasets_and_attrs(tmp_path / "read.h5")
+    assert held.keys() == read.keys() and any("transfer" in k for k in held)
+    for name, value in held.items():
+        np.testing.assert_array_equal(read[name], value, err_msg=name)
+
+
+def _store(tmp_path, name: str, values: np.ndarray) -> F._FrameStore:
+    """A frame store of one field, ``values`` (one record per frame)."""
+    store = F._FrameStore(len(values), {name: (values.shape[1:], np.float64)}, tmp_path)
+    for first in range(0, len(values), 500):
+        store.write(name, np.arange(first, min(len(values), first + 500)), values[first : first + 500])
+    return store
+
+
+def _peak(call) -> tuple[object, float]:
+    """What ``call()`` returns, and its peak of numpy's memory (bytes)."""
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_law_and_the_transfer_read_a_large_library_a_part_at_a_time(tmp_path, monkeypatch):
+    """A library whose block means and row offsets are not held: its law and transfer take a
+    small part of what holding them would (3,000 frames: 24 MB of block means, 53 MB of
+    residual row offsets; parts of 256 KB), and find what they find held."""
+    monkeypatch.setattr(T, "TRANSFER_VALUES", 2**15)
+    rng = np.random.default_rng(3)
+    n, setpoints = 3000, np.repeat([-5.0, -15.0, -25.0], 1000)
+    T_true, t = setpoints + rng.uniform(-1, 1, n), np.tile([10.0, 30.0], n // 2)
+    header = np.round(T_true + rng.normal(0, 0.5, n), 1)
+    X = P.Law(-15.0, 8.0, 3.6).design(T_true, t)
+    maps = np.stack([rng.uniform(3, 6, 1024), rng.uniform(0.5, 2, 1024), rng.uniform(0, 50, 1024)])
+    Y = X @ maps + rng.normal(0, 0.05, (n, 1024))
+    stored = F._BlockMeans(_store(tmp_path, "blocks", Y.reshape(n, 32, 32)), [np.arange(n)], hold_bytes=0)
+    law, peak = _peak(lambda: P.fit_law(stored, t, header, setpoints, part=2**15))
+    expected = P.fit_law(Y, t, header, setpoints)
+    assert (law[0].tau1, law[0].tau2) == (expected[0].tau1, expected[0].tau2)
+    np.testing.assert_array_equal(law[1], expected[1])
+    assert peak < Y.nbytes / 6, peak / 2**20
+
+    R = 1042
+    active, overscan = rng.normal(0, 2, (n, R)), rng.normal(0, 2, (n, R))
+    readers = [F._Records(_store(tmp_path, "rows", a), "rows", np.arange(n)) for a in (active, overscan)]
+    transfer, peak = _peak(lambda: P.measure_transfer(*readers, X, read_var=4.0, hold_bytes=0))
+    whole = P.measure_transfer(active, overscan, X, read_var=4.0)
+    assert transfer.coefficient == pytest.approx(whole.coefficient, rel=1e-12)
+    assert peak < 17 * n * R / 6, peak / 2**20

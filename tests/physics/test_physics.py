@@ -303,13 +303,13 @@ def test_fit_law_recovers_doubling_temperatures():
     assert abs(law.tau1 - 8.0) < 1.0 and abs(law.tau2 - 3.6) < 0.5
 
 
-@pytest.mark.parametrize("frames, blocks", [(4, 7), (17, 199), (1, 1)])
-def test_fit_law_a_part_of_the_frames_at_a_time_equals_all_at_once(monkeypatch, frames, blocks):
-    """The law's residuals formed a few frames (blocks) at a time, so that a library of 20,000
-    darks does not hold five copies of its block means: the law, every frame's temperature and
-    the block maps equal those of one part, to the bit (biases among the frames; parts that
-    leave a single frame or block over, and parts of one)."""
-    from deepdark.physics import law as L
+@pytest.mark.parametrize("values", [800, 17 * 200, 199 * 18, 1])
+def test_fit_law_a_part_of_the_frames_at_a_time_equals_all_at_once(values):
+    """The law's block means read and their residuals formed ``part`` values at a time (a few
+    frames, or a few blocks of every dark frame), so that a library of 20,000 darks does not
+    hold them: the law, every frame's temperature and the block maps equal those of one part, to
+    the bit (biases among the frames; 200 blocks; parts of 4, 17 and 2 frames of 18 darks, the
+    17 leaving one; of 44, 188 and 199 blocks, the 199 leaving one; and the least parts)."""
 
     rng = np.random.default_rng(5)
     setpoints = np.repeat([-5.0, -15.0, -25.0], 9)
@@ -319,9 +319,7 @@ def test_fit_law_a_part_of_the_frames_at_a_time_equals_all_at_once(monkeypatch, 
     maps = np.stack([rng.uniform(3, 6, 200), rng.uniform(0.5, 2, 200), rng.uniform(0, 50, 200)])
     Y = P.Law(-15.0, 8.0, 3.6).design(true_T, t) @ maps + rng.normal(0, 0.05, (setpoints.size, 200))
     whole = P.fit_law(Y, t, header, setpoints)
-    monkeypatch.setattr(L, "LAW_FRAMES", frames)  # 18 darks: 17 leaves one
-    monkeypatch.setattr(L, "LAW_BLOCKS", blocks)  # 200 blocks: 199 leaves one
-    parts = P.fit_law(Y, t, header, setpoints)
+    parts = P.fit_law(Y, t, header, setpoints, part=values)
     assert (parts[0].T0, parts[0].tau1, parts[0].tau2) == (whole[0].T0, whole[0].tau1, whole[0].tau2)
     np.testing.assert_array_equal(parts[1], whole[1])
     np.testing.assert_array_equal(parts[2], whole[2])

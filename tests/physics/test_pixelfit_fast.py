@@ -2,6 +2,7 @@
 closed-form solves, masked sums, box sums, residual histograms, the robust fit that refits only
 the pixels whose kept frames changed; and a fit that does not depend on its memory budget."""
 
+import importlib
 import warnings
 
 import h5py
@@ -12,7 +13,7 @@ from deepdark import physics as P
 from deepdark.io.geometry import load_geometry
 from deepdark.physics import fit as F
 from deepdark.physics import pixelfit as PF
-from deepdark.physics.frame_state import MAD_SIGMA, masked_sum, median_last
+from deepdark.physics.frame_state import MAD_SIGMA, masked_sum, median_last, streamed_median
 from tests.physics.simulated import mini_library
 
 MINI = load_geometry("mini")
@@ -63,6 +64,35 @@ def test_median_last_equals_numpy_to_the_bit(dtype, n):
         np.testing.assert_array_equal(got, expected)
     flat = a[1:].ravel()
     np.testing.assert_array_equal(median_last(flat), np.median(flat))
+
+
+def _streamed(values: np.ndarray, parts: int) -> float:
+    chunks = np.array_split(values, parts)
+    return streamed_median(lambda: iter(chunks))
+
+
+@pytest.mark.parametrize("gather_max", [2**20, 3, 0])
+@pytest.mark.parametrize("n", [1, 2, 3, 1001, 20000])
+def test_streamed_median_equals_numpy_to_the_bit(n, gather_max, monkeypatch):
+    """Values of every scale, a few distinct values (bins that never shrink), the two middle
+    values in different bins, zeros (and -0.0), inf and NaN; in one part or several; bins
+    gathered at once, after a few refinements, or never (found bit by bit)."""
+    fs = importlib.import_module("deepdark.physics.frame_state")  # the module, not its function frame_state
+    monkeypatch.setattr(fs, "GATHER_MAX", gather_max)
+    rng = np.random.default_rng(n)
+    cases = [
+        rng.chisquare(1, n) * 10.0 ** rng.uniform(-300, 300, n),
+        rng.integers(0, 3, n).astype(float),
+        np.repeat([0.0, 1.0], n)[:n],
+        np.where(rng.random(n) < 0.5, -0.0, 2.0),
+        np.append(rng.chisquare(1, n - 1), np.inf),
+    ]
+    for values in cases:
+        for parts in {1, min(n, 3), min(n, 7)}:
+            assert _streamed(values, parts) == np.median(values), (values[:5], parts)
+    values = rng.chisquare(1, n)
+    values[n // 2] = np.nan
+    assert np.isnan(_streamed(values, min(n, 3))) and np.isnan(np.median(values))
 
 
 def test_masked_sum_equals_where_sum():
