@@ -318,9 +318,10 @@ HIST_SHARE = 0.25  # of the budget for pass A's residual histograms (beyond: coa
 OB_SHARE = 0.25  # of the budget for the optical black read back at once (its fit's values and validity)
 OB_BYTES_PER_FRAME_PIXEL = 5
 # What the plan counts stays within this share of the budget; the rest is room for what it cannot
-# count (the interpreter, numpy's temporaries, memory the allocator keeps after a free). Measured
-# on 256 full-size darks at 512 MB, a plan of the whole budget peaked at 546 MB.
-PLANNED_SHARE = 0.8
+# count (the interpreter, numpy's temporaries, HDF5's caches, memory the allocator keeps after a
+# free: the more so, the more frames). Measured at 512 MB: on 256 full-size darks a plan of the
+# whole budget peaked at 546 MB; on 20,000 `mini` darks a plan of 80 % at 526 MB, of 70 % at 483.
+PLANNED_SHARE = 0.7
 # The law's block means and the transfer's row offsets of every library frame are held when they
 # take at most this share of the budget; beyond (a few thousand darks at 512 MB), read from the
 # frame store a few frames at a time in each of their passes.
@@ -815,6 +816,7 @@ def _fit_library(opened, cameras, out: Path, params: dict, budget, progress: boo
     """:func:`fit_physics` of open shards; ``budget``: (memory_mb, threads)."""
     g = common_geometry(opened)
     lib = _library(opened, cameras)
+    budget = (_less_tables(budget[0], lib, opened), budget[1])
     bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
     mem = _stage1(opened, lib, g, params, bs, progress, scratch, _stage1_threads(g, *budget))
     try:
@@ -834,6 +836,14 @@ def _fit_library(opened, cameras, out: Path, params: dict, budget, progress: boo
                 _fit_camera(grp, cl, opened, mem, g, params, bs, budget, progress, scratch)
     finally:
         mem.close()
+
+
+def _less_tables(memory_mb: float, lib: pd.DataFrame, shards) -> float:
+    """What the budget leaves beside the frame tables, which the fit holds throughout (about
+    1.3 KB per frame-channel, mostly names and hashes: 100 MB at 20,000 darks of four channels);
+    half the budget at the least."""
+    tables = lib.memory_usage(deep=True).sum() + sum(s.table.memory_usage(deep=True).sum() for s in shards)
+    return max(memory_mb - tables / 2**20, memory_mb / 2)
 
 
 @dataclass
@@ -1120,28 +1130,31 @@ def _pass_b(cam: _CameraFit, library: _LibraryPixels, noise: _Noise, typ, read_v
     beta = np.zeros((K, R * C), np.float32)
     chi2 = np.zeros(R * C, np.float32)
     hot = np.zeros(R * C, bool)
-    hot_frames = []  # per block of pixels: its hot pixels' frames, validity, kept frames, variances
+    laws = []  # per block of pixels with hot pixels: their doubling temperatures and coefficients
     floor = 10 * math.sqrt(float(np.mean(read_var)))
+    # a block's hot-pixel fits within half its working set: its frames and fit stay alive beside
+    share = len(cam.T) * library.pixels * BYTES_PER_FRAME_PIXEL / 2
 
     def fit_block(piece: _Piece):
         sl, (Y, valid) = piece.pixels, piece.arrays()
         fit = _weighted_fit(Y, valid, cam.X, noise, cam.params["clip"])
         S_ref = cam.x_ref[:-1] @ fit.beta[:-1]
-        return sl, Y, valid, fit, np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + floor)
+        h = np.flatnonzero(S_ref > HOT_FACTOR * np.maximum(typ[sl], 0) + floor)
+        if not h.size:
+            return sl, fit, h, None
+        # the hot pixels' own laws, here: their frames held for a fit at the end took 10 bytes
+        # per frame and hot pixel (GBs for thousands of hot pixels at 20,000 darks)
+        frames = (Y[:, h], valid[:, h], fit.keep[:, h], fit.var[:, h])
+        return sl, fit, h, _hot_fits(*frames, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"], share)
 
-    for sl, Y, valid, fit, h in ordered_map(fit_block, library.blocks(bar), cam.threads):
+    for sl, fit, h, law in ordered_map(fit_block, library.blocks(bar), cam.threads):
         A[:, sl], b0[sl], beta[:, sl], chi2[sl] = fit.A, fit.b[0], fit.beta, fit.chi2
         if h.size:
             hot[sl.start + h] = True
-            hot_frames.append((Y[:, h], valid[:, h], fit.keep[:, h], fit.var[:, h]))
-    # the hot pixels' own laws, all at once (a few in ten thousand pixels)
-    y, ok, keep, var = (np.concatenate(a, axis=1) for a in zip(*hot_frames)) if hot_frames else [None] * 4
+            laws.append(law)
     hot_index = np.flatnonzero(hot)
-    tau, coef = (
-        _hot_fits(y, ok, keep, var, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"], cam.threads)
-        if hot_frames
-        else (np.zeros(0), np.zeros((0, K)))
-    )
+    tau = np.concatenate([tau for tau, _ in laws]) if laws else np.zeros(0)
+    coef = np.concatenate([coef for _, coef in laws]) if laws else np.zeros((0, K))
     return _PassB(A, b0, beta, chi2, hot, hot_index, tau, coef)
 
 

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deepdark.io.threads import in_flight, ordered_map
-
 from .frame_state import MAD_SIGMA
 from .law import Law
 
@@ -264,45 +262,46 @@ def _kept_sum_of_squares(z, keep) -> np.ndarray:
     return np.where(keep, sq, 0).sum(axis=0)
 
 
-HOT_GROUP_BYTES = 2**26  # the hot-pixel fits' designs of the groups of pixels in flight, float64
+HOT_PAIR_VALUES = 8  # values per frame of a (pixel, doubling temperature) pair: 2K + 2, K <= 3
 
 
-def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, threads: int = 1):
+def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, share: float):
     """Hot pixels: t * (h 2^((T-T0)/tau_h) [+ d2 2^((T-T0)/tau2)]) + g with tau_h per pixel
     from a grid (weighted least squares, clipped like the main fit), of every pixel at once.
 
     ``y``, ``ok``, ``keep``, ``var`` (N, n): the pixels' frames, which are valid, which the main fit
     kept and their noise variance there. ``var_of(S)`` gives the noise variance (N, ...) of
     pixels whose expected signal is S (N, ...). Returns (tau (n,), coef (n, K)); NaN where no fit
-    was possible."""
-    K = law.K
+    was possible. Groups of pixels are fitted within ``share`` bytes, each trying a part of the
+    grid at a time: the designs of the whole grid take 24 bytes per frame and grid point (70 MB
+    at 20,000 frames), and a pixel's fits as much again."""
+    K, N = law.K, len(T)
     taus = HOT_TAUS if law.components == 1 else HOT_TAUS[np.abs(HOT_TAUS - law.tau2) > 0.5]
     rest = law.design(T, t)[:, 1:]  # [t u2,] 1
-    Xs = np.concatenate(
-        [
-            (np.exp2((T[None, :] - law.T0) / taus[:, None]) * t[None, :])[..., None],
-            np.broadcast_to(rest, (len(taus), *rest.shape)),
-        ],
-        axis=2,
-    )  # (ntau, N, K)
+
+    def designs(grid: np.ndarray) -> np.ndarray:  # (len(grid), N, K)
+        hot = (np.exp2((T[None, :] - law.T0) / grid[:, None]) * t[None, :])[..., None]
+        return np.concatenate([hot, np.broadcast_to(rest, (len(grid), *rest.shape))], axis=2)
+
     n = y.shape[1]
-    group = max(1, HOT_GROUP_BYTES // in_flight(threads) // (4 * Xs.size * 8))  # the groups in flight share it
+    group = int(max(1, share // (8 * N * len(taus) * (K + HOT_PAIR_VALUES))))
+    part = int(max(1, share // (8 * N * (K + group * HOT_PAIR_VALUES))))  # grid points at once
 
     def fit_group(p0: int):
         sl = slice(p0, min(n, p0 + group))
-        return _hot_group(
-            y[:, sl].T.astype(np.float64), ok[:, sl].T, keep[:, sl].T, var[:, sl].T, Xs, taus, var_of, clip
-        )
+        pixels = (y[:, sl].T.astype(np.float64), ok[:, sl].T, keep[:, sl].T, var[:, sl].T)
+        return _hot_group(*pixels, designs, taus, part, K, var_of, clip)
 
-    fits = list(ordered_map(fit_group, range(0, n, group), threads))
+    fits = [fit_group(p0) for p0 in range(0, n, group)]
     if not fits:
         return np.full(0, np.nan), np.full((0, K), np.nan)
     return np.concatenate([tau for tau, _ in fits]), np.concatenate([coef for _, coef in fits])
 
 
-def _hot_group(y, ok, keep, var, Xs, taus, var_of, clip: float):
-    """:func:`_hot_fits` of a group of pixels: ``y``, ``ok``, ``keep``, ``var`` (pixels, N)."""
-    m, K = len(y), Xs.shape[2]
+def _hot_group(y, ok, keep, var, designs, taus, part: int, K: int, var_of, clip: float):
+    """:func:`_hot_fits` of a group of pixels: ``y``, ``ok``, ``keep``, ``var`` (pixels, N);
+    ``designs(grid)`` the designs (K columns) of grid points, ``part`` of them at a time."""
+    m = len(y)
     tau_out, coef_out = np.full(m, np.nan), np.full((m, K), np.nan)
     w_of = var.astype(np.float64)  # the main fit's variances, then (float32) those of the pixel's own law
     keep = keep.copy()
@@ -313,14 +312,9 @@ def _hot_group(y, ok, keep, var, Xs, taus, var_of, clip: float):
         if not a.size:
             break
         w = keep[a] / w_of[a]
-        Xw = Xs[None] * w[:, None, :, None]  # (pixels, ntau, N, K)
-        A = np.einsum("hsnk,snl->hskl", Xw, Xs) + 1e-12 * np.eye(K)
-        c = np.linalg.solve(A, np.einsum("hsnk,hn->hsk", Xw, y[a])[..., None])[..., 0]  # (pixels, ntau, K)
-        r = y[a][:, None, :] - np.einsum("snk,hsk->hsn", Xs, c)
-        best = np.argmin(np.einsum("hn,hsn->hs", w, r * r), axis=1)
-        cb = c[np.arange(len(a)), best]
+        best, cb = _best_grid_point(y[a], w, designs, taus, part)
         tau_out[a], coef_out[a] = taus[best], cb
-        model = np.matmul(Xs[best], cb[:, :, None])[..., 0]  # (pixels, N)
+        model = np.matmul(designs(taus[best]), cb[:, :, None])[..., 0]  # (pixels, N)
         v = var_of(model.T).T
         if w_of.dtype != v.dtype:
             w_of = w_of.astype(v.dtype)
@@ -329,6 +323,28 @@ def _hot_group(y, ok, keep, var, Xs, taus, var_of, clip: float):
         scale = np.fmax(1.0, MAD_SIGMA * _masked_median(np.abs(z).T, ok[a].T))
         keep[a] = ok[a] & (np.abs(z) <= clip * scale[:, None])
     return tau_out, coef_out
+
+
+def _best_grid_point(y, w, designs, taus, part: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel (rows of ``y``, weights ``w``): the grid point whose weighted least-squares fit
+    leaves the least weighted sum of squares, and that fit's coefficients, ``part`` grid points
+    at a time: the point ``np.argmin`` picks over the whole grid (the first of equals, or of NaNs)."""
+    h = np.arange(len(y))
+    best, least, coef = np.zeros(len(y), int), np.full(len(y), np.inf), None
+    for first in range(0, len(taus), part):
+        Xs = designs(taus[first : first + part])  # (part, N, K)
+        K = Xs.shape[2]
+        Xw = Xs[None] * w[:, None, :, None]  # (pixels, part, N, K)
+        A = np.einsum("hsnk,snl->hskl", Xw, Xs) + 1e-12 * np.eye(K)
+        c = np.linalg.solve(A, np.einsum("hsnk,hn->hsk", Xw, y)[..., None])[..., 0]  # (pixels, part, K)
+        r = y[:, None, :] - np.einsum("snk,hsk->hsn", Xs, c)
+        ssr = np.einsum("hn,hsn->hs", w, r * r)
+        at = np.argmin(ssr, axis=1)
+        value = ssr[h, at]
+        better = (value < least) | (np.isnan(value) & ~np.isnan(least))
+        coef = c[h, at] if coef is None else np.where(better[:, None], c[h, at], coef)
+        best, least = np.where(better, first + at, best), np.where(better, value, least)
+    return best, coef
 
 
 # -- smoothing ----------------------------------------------------------------------------------
