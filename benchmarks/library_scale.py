@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deepdark.io.geometry import load_geometry  # noqa: E402
 from deepdark.io.masters import _BlockPlan  # noqa: E402
+from deepdark.io.shards import Shard  # noqa: E402
 from deepdark.io.threads import available_cores  # noqa: E402
 from deepdark.physics.fit import _stack_plan  # noqa: E402
 from deepdark.pipeline.extract import extract  # noqa: E402
@@ -131,17 +132,32 @@ def library(root: Path, darks: int) -> list[Path]:
     ]
 
 
-def equivalent_budget(step: str, memory_mb: float, n_big: int, n_small: int) -> tuple[float, int]:
-    """The budget (MB) at which ``n_small`` darks get the blocks of rows that ``n_big`` get at
-    ``memory_mb`` (the same path, the scratch file, and the same reads per block), and those rows."""
+def equivalent_budget(step: str, memory_mb: float, n_big: int, n_small: int, table_mb: float) -> tuple[float, int]:
+    """The largest budget (MB) at which ``n_small`` darks get blocks of no more rows than ``n_big``
+    get at ``memory_mb`` (the same path, the scratch file, and the same reads per block), and those
+    rows. The physics fit plans with what its frame tables leave of the budget: ``table_mb`` per dark."""
     shape = load_geometry("lamost-kaf4320").active.shape
-    rows_of = BLOCK_ROWS[step]
-    block = rows_of(memory_mb, n_big, shape)
+    tables = table_mb if step == "physics-fit" else 0.0
+
+    def rows_of(budget: float, n: int) -> int:
+        return BLOCK_ROWS[step](max(budget - n * tables, budget / 2), n, shape)
+
+    block = rows_of(memory_mb, n_big)
     lo, hi = 0.0, memory_mb
-    for _ in range(60):  # the smallest budget that gives n_small darks blocks of that many rows
+    for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if rows_of(mid, n_small, shape) < block else (lo, mid)
-    return hi, block
+        lo, hi = (mid, hi) if rows_of(mid, n_small) <= block else (lo, mid)
+    return lo, block
+
+
+def table_mb_per_dark(shards: list[Path]) -> float:
+    """What the fit's frame tables take per dark: its shards' and its library's (about as large)."""
+    darks, size = 0, 0
+    for path in shards:
+        with Shard(path) as s:
+            darks += s.table["file"].nunique()
+            size += 2 * s.table.memory_usage(deep=True).sum()
+    return size / darks / 2**20
 
 
 def report(step: str, darks: int, bare: dict, runs: dict, memory_mb: float, project: int, spill: dict):
@@ -193,7 +209,7 @@ def main() -> int:
         bare_read(shards)  # the page cache holds every shard from here on
         bare = {k: timed_bare(s, a.repeats) for k, s in sets.items()}
         runs = {k: run_step(a.step, s, tmp / f"out{k}.h5", a.memory_mb) for k, s in sets.items()}
-        budget, rows = equivalent_budget(a.step, a.memory_mb, a.project, 4 * a.darks)
+        budget, rows = equivalent_budget(a.step, a.memory_mb, a.project, 4 * a.darks, table_mb_per_dark(shards))
         spill = {"budget": budget, "rows": rows}
         if rows < 1042:
             spill["run"] = run_step(a.step, shards, tmp / "spill.h5", budget)
