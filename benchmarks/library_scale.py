@@ -1,5 +1,5 @@
 """How the cost of building from a dark library grows with the library: N and 4N full-size
-darks, against a bare read of the same shards in the same run. Not a test.
+darks (or of ``--geometry``), against a bare read of the same shards in the same run. Not a test.
 
     .venv/bin/python benchmarks/library_scale.py --step baseline [--darks 16] [--memory-mb 512]
 
@@ -113,9 +113,8 @@ def run_step(step: str, shards: list[Path], out: Path, memory_mb: float) -> dict
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def library(root: Path, darks: int) -> list[Path]:
-    """Four nights of ``darks`` full-size darks each, extracted: one shard per night."""
-    g = load_geometry("lamost-kaf4320")
+def library(root: Path, darks: int, g) -> list[Path]:
+    """Four nights of ``darks`` darks of geometry ``g`` each, extracted: one shard per night."""
     simulate_archive(
         root / "library",
         geometry=g,
@@ -132,11 +131,12 @@ def library(root: Path, darks: int) -> list[Path]:
     ]
 
 
-def equivalent_budget(step: str, memory_mb: float, n_big: int, n_small: int, table_mb: float) -> tuple[float, int]:
+def equivalent_budget(
+    step: str, memory_mb: float, n_big: int, n_small: int, table_mb: float, shape
+) -> tuple[float, int]:
     """The largest budget (MB) at which ``n_small`` darks get blocks of no more rows than ``n_big``
     get at ``memory_mb`` (the same path, the scratch file, and the same reads per block), and those
     rows. The physics fit plans with what its frame tables leave of the budget: ``table_mb`` per dark."""
-    shape = load_geometry("lamost-kaf4320").active.shape
     tables = table_mb if step == "physics-fit" else 0.0
 
     def rows_of(budget: float, n: int) -> int:
@@ -160,21 +160,22 @@ def table_mb_per_dark(shards: list[Path]) -> float:
     return size / darks / 2**20
 
 
-def report(step: str, darks: int, bare: dict, runs: dict, memory_mb: float, project: int, spill: dict):
+def report(step: str, darks: int, bare: dict, runs: dict, memory_mb: float, project: int, spill: dict, g):
     n, n4 = darks, 4 * darks
-    print(f"step {step}, memory budget {memory_mb:g} MB, full-size darks (4 channels of 1042 x 1042)")
+    (R, C), channels = g.active.shape, len(g.channels)
+    print(f"step {step}, memory budget {memory_mb:g} MB, {g.name} darks ({channels} channels of {R} x {C})")
     print(f"{'darks':>6} {'bare ms/dark':>13} {'step ms/dark':>13} {'ratio':>6} {'peak rise MB':>13} {'of budget':>10}")
     for k in (n, n4):
         per, b, rise = runs[k]["seconds"] / k * 1e3, bare[k] / k * 1e3, runs[k]["peak_rise_mb"]
         print(f"{k:>6} {b:13.1f} {per:13.1f} {per / b:6.1f} {rise:13.0f} {rise / memory_mb:10.0%}")
     print(f"scaling: time({n4}) / time({n}) = {runs[n4]['seconds'] / runs[n]['seconds']:.2f} (linear: 4)")
-    projection(step, n4, bare[n4] / n4, runs[n4]["seconds"] / n4, memory_mb, project, spill)
+    projection(step, n4, bare[n4] / n4, runs[n4]["seconds"] / n4, memory_mb, project, spill, g.active.shape)
 
 
-def projection(step: str, n4: int, bare_per_dark: float, per_dark: float, memory_mb: float, project: int, spill):
+def projection(step: str, n4: int, bare_per_dark: float, per_dark: float, memory_mb: float, project: int, spill, shape):
     """The path ``project`` darks take at ``memory_mb``, and their time: by the per-dark cost of
     ``n4`` darks on that path."""
-    if spill["rows"] >= 1042:
+    if spill["rows"] >= shape[0]:
         print(f"{project} darks at {memory_mb:g} MB: one block of rows in memory, no scratch file")
     else:
         run = spill["run"]
@@ -184,7 +185,7 @@ def projection(step: str, n4: int, bare_per_dark: float, per_dark: float, memory
             f"{n4} darks so (budget {spill['budget']:.1f} MB): {per_dark * 1e3:.1f} ms/dark, "
             f"ratio {per_dark / bare_per_dark:.1f}, peak rise {run['peak_rise_mb']:.0f} MB"
         )
-        scratch_gb = project * 1042 * 1042 * 2 / 1e9
+        scratch_gb = project * shape[0] * shape[1] * 2 / 1e9
         print(
             f"  (its scratch file holds one channel's darks uncompressed: {scratch_gb:.0f} GB for {project} "
             f"darks, written once and read {SCRATCH_READS[step]}; here it stayed in the page cache)"
@@ -199,21 +200,24 @@ def main() -> int:
     p.add_argument("--memory-mb", type=float, default=512, help="the step's budget (default: %(default)s)")
     p.add_argument("--project", type=int, default=20_000, help="library size to project to (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="bare reads, median taken (default: %(default)s)")
+    p.add_argument("--geometry", default="lamost-kaf4320", help="of the darks (default: %(default)s)")
     a = p.parse_args()
+    g = load_geometry(a.geometry)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        shards = library(tmp, a.darks)
+        shards = library(tmp, a.darks, g)
         print(f"simulated and extracted {4 * a.darks} darks in {time.perf_counter() - t:.0f} s")
         sets = {a.darks: shards[:1], 4 * a.darks: shards}
         bare_read(shards)  # the page cache holds every shard from here on
         bare = {k: timed_bare(s, a.repeats) for k, s in sets.items()}
         runs = {k: run_step(a.step, s, tmp / f"out{k}.h5", a.memory_mb) for k, s in sets.items()}
-        budget, rows = equivalent_budget(a.step, a.memory_mb, a.project, 4 * a.darks, table_mb_per_dark(shards))
+        tables = table_mb_per_dark(shards)
+        budget, rows = equivalent_budget(a.step, a.memory_mb, a.project, 4 * a.darks, tables, g.active.shape)
         spill = {"budget": budget, "rows": rows}
-        if rows < 1042:
+        if rows < g.active.shape[0]:
             spill["run"] = run_step(a.step, shards, tmp / "spill.h5", budget)
-        report(a.step, a.darks, bare, runs, a.memory_mb, a.project, spill)
+        report(a.step, a.darks, bare, runs, a.memory_mb, a.project, spill, g)
     return 0
 
 

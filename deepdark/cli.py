@@ -598,7 +598,8 @@ def _physics_fit_command(sub) -> None:
         "--memory-mb",
         type=float,
         default=FunctionDefault(fit, "memory_mb"),
-        help="memory budget of the streamed per-pixel fit (default: %(default)s)",
+        help="memory budget of the fit, whatever the library's size; the result does not depend on it"
+        " (default: %(default)s)",
     )
     s.add_argument(
         "--overscan-skip",

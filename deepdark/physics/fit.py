@@ -784,11 +784,14 @@ def fit_physics(
     ``cameras``: fit only these cameras (None: every camera of the library). Cameras are fitted
     independently, so a cluster can fit one per job and :func:`merge_physics` join the files.
 
-    ``memory_mb`` bounds what a channel's fit holds at once: the stack of its library pixels
-    (blocks of active rows), its maps and the working set of a block of pixels; the result does
-    not depend on it. A library too large for one block of rows goes through a scratch file in
-    ``scratch`` (default: the folder of ``out``), each stored chunk read once. The frame-state
-    options are stored and reused by predictions.
+    ``memory_mb`` bounds what the fit holds at once, whatever the library's size: the frame
+    tables, the law's block means and the transfer's row offsets (read from a scratch file a
+    part at a time when they would take more than a quarter of it), and per channel the stack of
+    its library pixels (blocks of active rows), its maps, the residual histograms and the working
+    sets of the blocks of pixels in flight; the result does not depend on it. A library too large
+    for one block of rows goes through a scratch file in ``scratch`` (default: the folder of
+    ``out``), each stored chunk read once. The frame-state options are stored and reused by
+    predictions.
 
     ``threads``: threads of the frame-state measurements and the per-pixel fits (None: every
     core this process may use); the result does not depend on them.
