@@ -3,9 +3,9 @@ darks (or of ``--geometry``), against a bare read of the same shards in the same
 
     .venv/bin/python benchmarks/library_scale.py --step baseline [--darks 16] [--memory-mb 512]
 
-Simulates 4N full-size darks (``deepdark.sim.simulate``: four nights of N, two setpoints),
-extracts each night into a shard, warms the page cache, then for the first night's shard (N
-darks) and all four (4N):
+Simulates 4N full-size darks, or of ``--geometry`` (``deepdark.sim.simulate``: four nights of
+N, two setpoints), extracts each night into a shard, warms the page cache, then for the first
+night's shard (N darks) and all four (4N):
 
 * the bare read: every stored active area read chunk by chunk (``ds[i]``: each chunk decoded
   once, nothing else), per dark;

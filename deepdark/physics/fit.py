@@ -54,7 +54,7 @@ SMOOTH_PX = 3  # radius of the smoothing box (3 passes: a ~Gaussian of sd ~sqrt(
 MAX_EXTRAPOLATION = 2.0  # a separable library predicts up to this many times its longest exposure
 FRAME_GROUP = 16  # frame-channels measured at once by stage 1
 STAGE1_BYTES_PER_PIXEL = 20  # one frame's float copies while its block means and row offsets are measured
-FRAME_STORE_BATCH = 2**24  # bytes of a channel's frame-store records read at once (transfer, typical signal)
+FRAME_STORE_BATCH = 2**24  # bytes of a channel's frame-store records read at once (transfer update, typical signal)
 
 
 # -- the library fit ----------------------------------------------------------------------------
@@ -191,8 +191,10 @@ class _BlockMeans:
         if self.held is not None:
             return self.held[key]
         rows, span = key if isinstance(key, tuple) else (key, slice(None))
-        start, stop, _ = span.indices(self.shape[1])
-        parts = []
+        start, stop, step = span.indices(self.shape[1])
+        if step != 1:
+            raise IndexError("block means: a span of columns of step 1 only")
+        parts = [np.empty((len(self.members[0][rows]), 0))]
         for j, positions in enumerate(self.members):
             first, last = max(start, j * self.per_channel), min(stop, (j + 1) * self.per_channel)
             if first < last:
@@ -324,7 +326,8 @@ OB_BYTES_PER_FRAME_PIXEL = 5
 PLANNED_SHARE = 0.7
 # The law's block means and the transfer's row offsets of every library frame are held when they
 # take at most this share of the budget; beyond (a few thousand darks at 512 MB), read from the
-# frame store a few frames at a time in each of their passes.
+# frame store a few frames at a time in each of their passes. The law's parts take at most
+# another such share.
 LIBRARY_SHARE = 0.25
 LAW_BYTES_PER_VALUE = 64  # of a part of the law's block means: the ~8 float64 arrays it makes
 
@@ -786,7 +789,8 @@ def fit_physics(
 
     ``memory_mb`` bounds what the fit holds at once, whatever the library's size: the frame
     tables, the law's block means and the transfer's row offsets (read from a scratch file a
-    part at a time when they would take more than a quarter of it), and per channel the stack of
+    part at a time when they would take more than a quarter of it; the law's parts take at most
+    another quarter), and per channel the stack of
     its library pixels (blocks of active rows), its maps, the residual histograms and the working
     sets of the blocks of pixels in flight; the result does not depend on it. A library too large
     for one block of rows goes through a scratch file in ``scratch`` (default: the folder of
@@ -819,7 +823,7 @@ def _fit_library(opened, cameras, out: Path, params: dict, budget, progress: boo
     """:func:`fit_physics` of open shards; ``budget``: (memory_mb, threads)."""
     g = common_geometry(opened)
     lib = _library(opened, cameras)
-    budget = (_less_tables(budget[0], lib, opened), budget[1])
+    budget = (_budget_beside_tables(budget[0], lib, opened), budget[1])
     bs = max(MIN_BLOCK, g.active.shape[0] // BLOCKS)
     mem = _stage1(opened, lib, g, params, bs, progress, scratch, _stage1_threads(g, *budget))
     try:
@@ -841,7 +845,7 @@ def _fit_library(opened, cameras, out: Path, params: dict, budget, progress: boo
         mem.close()
 
 
-def _less_tables(memory_mb: float, lib: pd.DataFrame, shards) -> float:
+def _budget_beside_tables(memory_mb: float, lib: pd.DataFrame, shards) -> float:
     """What the budget leaves beside the frame tables, which the fit holds throughout (about
     1.3 KB per frame-channel, mostly names and hashes: 100 MB at 20,000 darks of four channels);
     half the budget at the least."""
@@ -941,12 +945,12 @@ def _camera_law(cl: _Library, mem: _Members, per_frame, memory_mb: float) -> tup
     members = [_channel_members(cl, ch) for ch in cl.channels]
     share = memory_mb * 2**20 * LIBRARY_SHARE
     Y = _BlockMeans(mem.store, members, share)
-    part = max(LAW_VALUES, int(share // LAW_BYTES_PER_VALUE))  # large parts: few reads of a part of every frame
+    part_values = max(LAW_VALUES, int(share // LAW_BYTES_PER_VALUE))  # large parts: few reads of every frame
     if not dark.any():
         known = header_T[np.isfinite(header_T)]
         T0 = float(np.round(np.median(known), 1)) if known.size else math.nan
-        return Law(T0, math.nan), header_T.astype(np.float64), mean_rows(Y, np.arange(len(cl.files)), part)[None]
-    law, T, block_beta = fit_law(Y, t, header_T, frame_setpoints(per_frame), part=part)
+        return Law(T0, math.nan), header_T.astype(np.float64), mean_rows(Y, np.arange(len(cl.files)), part_values)[None]
+    law, T, block_beta = fit_law(Y, t, header_T, frame_setpoints(per_frame), part_values=part_values)
     T[~dark] = header_T[~dark]
     log.info(
         "camera %s: T0 %.2f C, tau1 %.2f C, tau2 %.2f C, %d frames",
@@ -1133,10 +1137,10 @@ def _pass_b(cam: _CameraFit, library: _LibraryPixels, noise: _Noise, typ, read_v
     beta = np.zeros((K, R * C), np.float32)
     chi2 = np.zeros(R * C, np.float32)
     hot = np.zeros(R * C, bool)
-    laws = []  # per block of pixels with hot pixels: their doubling temperatures and coefficients
+    hot_laws = []  # per block of pixels with hot pixels: their doubling temperatures and coefficients
     floor = 10 * math.sqrt(float(np.mean(read_var)))
     # a block's hot-pixel fits within half its working set: its frames and fit stay alive beside
-    share = len(cam.T) * library.pixels * BYTES_PER_FRAME_PIXEL / 2
+    max_bytes = len(cam.T) * library.pixels * BYTES_PER_FRAME_PIXEL / 2
 
     def fit_block(piece: _Piece):
         sl, (Y, valid) = piece.pixels, piece.arrays()
@@ -1147,17 +1151,17 @@ def _pass_b(cam: _CameraFit, library: _LibraryPixels, noise: _Noise, typ, read_v
             return sl, fit, h, None
         # the hot pixels' own laws, here: their frames held for a fit at the end took 10 bytes
         # per frame and hot pixel (GBs for thousands of hot pixels at 20,000 darks)
-        frames = (Y[:, h], valid[:, h], fit.keep[:, h], fit.var[:, h])
-        return sl, fit, h, _hot_fits(*frames, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"], share)
+        pixels = (Y[:, h], valid[:, h], fit.keep[:, h], fit.var[:, h])
+        return sl, fit, h, _hot_fits(*pixels, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"], max_bytes)
 
-    for sl, fit, h, law in ordered_map(fit_block, library.blocks(bar), cam.threads):
+    for sl, fit, h, hot_law in ordered_map(fit_block, library.blocks(bar), cam.threads):
         A[:, sl], b0[sl], beta[:, sl], chi2[sl] = fit.A, fit.b[0], fit.beta, fit.chi2
         if h.size:
             hot[sl.start + h] = True
-            laws.append(law)
+            hot_laws.append(hot_law)
     hot_index = np.flatnonzero(hot)
-    tau = np.concatenate([tau for tau, _ in laws]) if laws else np.zeros(0)
-    coef = np.concatenate([coef for _, coef in laws]) if laws else np.zeros((0, K))
+    tau = np.concatenate([tau for tau, _ in hot_laws]) if hot_laws else np.zeros(0)
+    coef = np.concatenate([coef for _, coef in hot_laws]) if hot_laws else np.zeros((0, K))
     return _PassB(A, b0, beta, chi2, hot, hot_index, tau, coef)
 
 

@@ -156,7 +156,7 @@ def streamed_median(parts) -> float:
     if nan or not n:
         return math.nan
     lo, hi = _ranked(parts, [(n - 1) // 2, n // 2], counts, 0, 64 - RADIX_BITS, 0)
-    return lo if lo == hi else (lo + hi) / 2  # np.median's mean of the two middle values
+    return lo if n % 2 else (lo + hi) / 2  # np.median's mean of the two middle values
 
 
 def _ranked(parts, ranks: list[int], counts: np.ndarray, prefix: int, shift: int, below: int) -> list[float]:
@@ -195,7 +195,10 @@ def _counts(parts, prefix: int, shift: int, width: int) -> tuple[np.ndarray, boo
 def _patterns(parts, prefix: int, shift: int):
     """The bit patterns (uint64) of the values of ``parts()`` whose top (64 - shift) bits are ``prefix``."""
     for p in parts():
-        bits = np.abs(np.asarray(p, np.float64)).ravel().view(np.uint64)  # abs: -0.0 sorts as 0
+        p = np.asarray(p, np.float64)
+        if shift == 64 and (p < 0).any():  # the first pass: the values must be >= 0
+            raise ValueError("streamed_median: negative values")
+        bits = np.abs(p).ravel().view(np.uint64)  # abs: -0.0 sorts as 0
         yield bits if shift == 64 else bits[(bits >> np.uint64(shift)) == np.uint64(prefix)]
 
 

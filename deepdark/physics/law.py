@@ -125,7 +125,7 @@ def _newton_T(
     law: Law,
     steps: int = 12,
     w: np.ndarray | None = None,
-    part: int = LAW_VALUES,
+    part_values: int = LAW_VALUES,
 ) -> np.ndarray:
     """Per-frame temperature that best fits its blocks given the block maps ``beta``, blocks
     weighted by ``w`` (blocks,), of the rows ``frames`` of Y (with their exposures ``t`` and
@@ -136,7 +136,7 @@ def _newton_T(
     num, den = np.empty(len(T)), np.empty(len(T))
     for _ in range(steps):
         X, dX = law.design(T, t), law.design_dT(T, t)  # (F, K)
-        for at in _spans(len(T), part // Y.shape[1]):
+        for at in _spans(len(T), part_values // Y.shape[1]):
             r = Y[frames[at]] - X[at] @ beta
             jac = dX[at] @ beta
             num[at], den[at] = np.einsum("fb,fb,b->f", jac, r, w), np.einsum("fb,fb,b->f", jac, jac, w)
@@ -201,14 +201,14 @@ class _Groups:
         return np.linalg.lstsq(law.design(Tg, self.t) * sw, self.Y * sw, rcond=None)[0]
 
 
-def _group_frames(Y, t: np.ndarray, header_T: np.ndarray, setpoints, dark: np.ndarray, part: int) -> _Groups:
+def _group_frames(Y, t: np.ndarray, header_T: np.ndarray, setpoints, dark: np.ndarray, part_values: int) -> _Groups:
     """Group the frames by (setpoint, exposure) and average their block means and headers."""
     sp = np.where(dark, np.round(np.asarray(setpoints, float), 1), np.nan)
     keys = [(s, round(float(x), 6)) if d else ("bias", 0.0) for s, x, d in zip(sp, t, dark)]
     groups = sorted(set(keys), key=str)
     member = np.array([groups.index(k) for k in keys])
     ng = np.bincount(member, minlength=len(groups)).astype(float)
-    Yg = np.stack([mean_rows(Y, np.flatnonzero(member == i), part) for i in range(len(groups))])
+    Yg = np.stack([mean_rows(Y, np.flatnonzero(member == i), part_values) for i in range(len(groups))])
     tg = np.array([k[1] for k in groups])
     gd = tg > 0
     T0 = float(np.round(np.median(header_T[dark]), 1))
@@ -229,12 +229,14 @@ def _first_law(g: _Groups, components: int, tau_ratio: float | None) -> Law:
     return _best_taus(g.Y, g.header_T, g.t, g.T0, components, g.n, tau_ratio)
 
 
-def _block_weights(Y, frames: np.ndarray, model: tuple[np.ndarray, np.ndarray], part: int) -> tuple[np.ndarray, float]:
+def _block_weights(
+    Y, frames: np.ndarray, model: tuple[np.ndarray, np.ndarray], part_values: int
+) -> tuple[np.ndarray, float]:
     """Weights of the blocks, 1 / their misfit^2 (mean 1), and the weighted noise variance, from
     the residuals of the rows ``frames`` of Y (dark frames) about the law, ``model`` = (X (frames,
     K), maps (K, blocks)), formed a few blocks of every frame at a time: the noise is the median
     of the weighted squares, found without holding them (:func:`streamed_median`)."""
-    spans = _spans(Y.shape[1], part // max(len(frames), 1))
+    spans = _spans(Y.shape[1], part_values // max(len(frames), 1))
 
     def residuals():
         for at in spans:
@@ -249,11 +251,11 @@ def _block_weights(Y, frames: np.ndarray, model: tuple[np.ndarray, np.ndarray], 
     return wb, noise2
 
 
-def mean_rows(Y, rows: np.ndarray, part: int = LAW_VALUES) -> np.ndarray:
+def mean_rows(Y, rows: np.ndarray, part_values: int = LAW_VALUES) -> np.ndarray:
     """``Y[rows].mean(axis=0)`` to the bit (numpy adds the rows in order, as here), reading
-    about ``part`` values at a time."""
+    about ``part_values`` values at a time."""
     total = np.zeros(Y.shape[1])
-    step = max(1, part // Y.shape[1])
+    step = max(1, part_values // Y.shape[1])
     for start in range(0, len(rows), step):
         for row in Y[rows[start : start + step]]:
             total += row
@@ -329,13 +331,13 @@ def fit_law(
     header_T: np.ndarray,
     setpoints: np.ndarray,
     tau_ratio: float | None = None,
-    part: int = LAW_VALUES,
+    part_values: int = LAW_VALUES,
 ) -> tuple[Law, np.ndarray, np.ndarray]:
     """The camera's law and every library frame's temperature, from block means.
 
     ``Y`` (frames, blocks): clipped block means of the bias-subtracted active areas of all
     channels, an array or any object of that ``shape`` whose ``Y[rows]`` and ``Y[rows, span]``
-    give those rows (a span of their columns), read about ``part`` values at a time; ``t``
+    give those rows (a span of their columns), read about ``part_values`` values at a time; ``t``
     exposure (0 for biases); ``header_T`` CCDTEMP (else SETTEMP); ``setpoints``.
 
     What a library can tell: each frame's temperature *relative* to the others of its (setpoint,
@@ -355,7 +357,7 @@ def fit_law(
     dark = t > 0
     if not dark.any():
         raise ValueError("no dark frames (exposure > 0) in the library")
-    g = _group_frames(Y, t, header_T, setpoints, dark, part)
+    g = _group_frames(Y, t, header_T, setpoints, dark, part_values)
     # two components need >= 3 setpoints and, per block, a residual degree of freedom beyond its
     # K = 3 maps (the doubling temperatures are shared by all blocks)
     components = 2 if g.n_setpoints >= 3 and len(g.n) >= 4 else 1
@@ -364,13 +366,13 @@ def fit_law(
     beta = g.maps(law, g.header_T)
     T = header_T.astype(np.float64).copy()
     frames = np.flatnonzero(dark)  # rows of Y taken a part at a time: no copy of the darks' rows
-    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law, part=part)
-    wb, noise2 = _block_weights(Y, frames, (law.design(T[dark], t[dark]), beta), part)
+    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law, part_values=part_values)
+    wb, noise2 = _block_weights(Y, frames, (law.design(T[dark], t[dark]), beta), part_values)
     sigma_h = _header_scatter(header_T, T, dark, g)
     if g.n_setpoints >= 2:
         Tg, law = _fit_group_temperatures(g, law, components, tau_ratio, wb, noise2, sigma_h)
         beta = g.maps(law, Tg)
         log.debug("law: group temperatures moved %s C from their headers", np.round(Tg[g.dark] - g.header_T[g.dark], 3))
     T = header_T.astype(np.float64).copy()
-    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law, w=wb, part=part)
+    T[dark] = _newton_T(Y, frames, t[dark], T[dark], beta, law, w=wb, part_values=part_values)
     return law, T, beta

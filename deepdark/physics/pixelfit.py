@@ -265,14 +265,14 @@ def _kept_sum_of_squares(z, keep) -> np.ndarray:
 HOT_PAIR_VALUES = 8  # values per frame of a (pixel, doubling temperature) pair: 2K + 2, K <= 3
 
 
-def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, share: float):
+def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, max_bytes: float):
     """Hot pixels: t * (h 2^((T-T0)/tau_h) [+ d2 2^((T-T0)/tau2)]) + g with tau_h per pixel
-    from a grid (weighted least squares, clipped like the main fit), of every pixel at once.
+    from a grid (weighted least squares, clipped like the main fit).
 
     ``y``, ``ok``, ``keep``, ``var`` (N, n): the pixels' frames, which are valid, which the main fit
     kept and their noise variance there. ``var_of(S)`` gives the noise variance (N, ...) of
     pixels whose expected signal is S (N, ...). Returns (tau (n,), coef (n, K)); NaN where no fit
-    was possible. Groups of pixels are fitted within ``share`` bytes, each trying a part of the
+    was possible. Groups of pixels are fitted within ``max_bytes``, each trying a part of the
     grid at a time: the designs of the whole grid take 24 bytes per frame and grid point (70 MB
     at 20,000 frames), and a pixel's fits as much again."""
     K, N = law.K, len(T)
@@ -284,8 +284,8 @@ def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, share: floa
         return np.concatenate([hot, np.broadcast_to(rest, (len(grid), *rest.shape))], axis=2)
 
     n = y.shape[1]
-    group = int(max(1, share // (8 * N * len(taus) * (K + HOT_PAIR_VALUES))))
-    part = int(max(1, share // (8 * N * (K + group * HOT_PAIR_VALUES))))  # grid points at once
+    group = int(max(1, max_bytes // (8 * N * len(taus) * (K + HOT_PAIR_VALUES))))
+    part = int(max(1, max_bytes // (8 * N * (K + group * HOT_PAIR_VALUES))))  # grid points at once
 
     def fit_group(p0: int):
         sl = slice(p0, min(n, p0 + group))

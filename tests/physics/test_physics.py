@@ -305,7 +305,7 @@ def test_fit_law_recovers_doubling_temperatures():
 
 @pytest.mark.parametrize("values", [800, 17 * 200, 199 * 18, 1])
 def test_fit_law_a_part_of_the_frames_at_a_time_equals_all_at_once(values):
-    """The law's block means read and their residuals formed ``part`` values at a time (a few
+    """The law's block means read and their residuals formed ``part_values`` at a time (a few
     frames, or a few blocks of every dark frame), so that a library of 20,000 darks does not
     hold them: the law, every frame's temperature and the block maps equal those of one part, to
     the bit (biases among the frames; 200 blocks; parts of 4, 17 and 2 frames of 18 darks, the
@@ -319,7 +319,7 @@ def test_fit_law_a_part_of_the_frames_at_a_time_equals_all_at_once(values):
     maps = np.stack([rng.uniform(3, 6, 200), rng.uniform(0.5, 2, 200), rng.uniform(0, 50, 200)])
     Y = P.Law(-15.0, 8.0, 3.6).design(true_T, t) @ maps + rng.normal(0, 0.05, (setpoints.size, 200))
     whole = P.fit_law(Y, t, header, setpoints)
-    parts = P.fit_law(Y, t, header, setpoints, part=values)
+    parts = P.fit_law(Y, t, header, setpoints, part_values=values)
     assert (parts[0].T0, parts[0].tau1, parts[0].tau2) == (whole[0].T0, whole[0].tau1, whole[0].tau2)
     np.testing.assert_array_equal(parts[1], whole[1])
     np.testing.assert_array_equal(parts[2], whole[2])

@@ -75,8 +75,9 @@ def _streamed(values: np.ndarray, parts: int) -> float:
 @pytest.mark.parametrize("n", [1, 2, 3, 1001, 20000])
 def test_streamed_median_equals_numpy_to_the_bit(n, gather_max, monkeypatch):
     """Values of every scale, a few distinct values (bins that never shrink), the two middle
-    values in different bins, zeros (and -0.0), inf and NaN; in one part or several; bins
-    gathered at once, after a few refinements, or never (found bit by bit)."""
+    values in different bins, zeros (and -0.0), inf, NaN, middle values whose mean overflows; in
+    one part or several; bins gathered at once, after a few refinements, or never (found bit by
+    bit). A negative value is an error."""
     fs = importlib.import_module("deepdark.physics.frame_state")  # the module, not its function frame_state
     monkeypatch.setattr(fs, "GATHER_MAX", gather_max)
     rng = np.random.default_rng(n)
@@ -93,6 +94,10 @@ def test_streamed_median_equals_numpy_to_the_bit(n, gather_max, monkeypatch):
     values = rng.chisquare(1, n)
     values[n // 2] = np.nan
     assert np.isnan(_streamed(values, min(n, 3))) and np.isnan(np.median(values))
+    with np.errstate(over="ignore"):  # two equal middle values whose mean overflows: inf, as numpy's
+        assert _streamed(np.full(n, 1e308), 1) == np.median(np.full(n, 1e308))
+    with pytest.raises(ValueError, match="negative"):
+        _streamed(np.append(values, -1.0), 1)
 
 
 def test_masked_sum_equals_where_sum():
@@ -196,10 +201,10 @@ def test_hot_pixel_laws_tried_a_part_of_the_grid_at_a_time_equal_all_at_once(com
     var = np.full((N, n), 9.0, np.float32)
     noise = F._Noise(np.full(N, 9.0), np.full(N, 9.0))
     args = (y, ok, ok.copy(), var, T, t, law, noise, 5.0)
-    whole = PF._hot_fits(*args, share=2**30)
+    whole = PF._hot_fits(*args, max_bytes=2**30)
     assert np.isnan(whole[0][0]) and np.isfinite(whole[0][1:]).all()
-    for share in (1, 8 * N * 11 * 7, 8 * N * 141 * 11 * 2):  # a point at a time, 7, two pixels
-        got = PF._hot_fits(*args, share=share)
+    for max_bytes in (1, 8 * N * 11 * 7, 8 * N * 141 * 11 * 2):  # a point at a time, 7, two pixels
+        got = PF._hot_fits(*args, max_bytes=max_bytes)
         np.testing.assert_array_equal(got[0], whole[0])
         np.testing.assert_array_equal(got[1], whole[1])
 
