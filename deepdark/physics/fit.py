@@ -214,7 +214,8 @@ def _library(shards: Sequence[Shard], cameras: Sequence[str] | None = None) -> p
         if missing:
             raise InputError(f"camera {', '.join(missing)}: no DARK or BIAS frames in the library shards")
         lib = lib[lib["camera"].isin(set(map(str, cameras)))].reset_index(drop=True)
-    return lib
+    # the fit needs no hashes: a third of a row's memory, in this table and the camera's copies
+    return lib.drop(columns=[c for c in ("file_hash", "frame_hash") if c in lib])
 
 
 def _stage1(shards, lib: pd.DataFrame, g: Geometry, params: dict, bs: int, progress: bool, scratch, threads=1):
