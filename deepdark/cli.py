@@ -598,8 +598,8 @@ def _physics_fit_command(sub) -> None:
         "--memory-mb",
         type=float,
         default=FunctionDefault(fit, "memory_mb"),
-        help="memory budget of the fit, whatever the library's size; the result does not depend on it"
-        " (default: %(default)s)",
+        help="memory budget of the fit (below the least the library needs: a warning); the result does not"
+        " depend on it (default: %(default)s)",
     )
     s.add_argument(
         "--overscan-skip",

@@ -788,15 +788,15 @@ def fit_physics(
     ``cameras``: fit only these cameras (None: every camera of the library). Cameras are fitted
     independently, so a cluster can fit one per job and :func:`merge_physics` join the files.
 
-    ``memory_mb`` bounds what the fit holds at once, whatever the library's size: the frame
-    tables, the law's block means and the transfer's row offsets (read from a scratch file a
-    part at a time when they would take more than a quarter of it; the law's parts take at most
-    another quarter), and per channel the stack of
-    its library pixels (blocks of active rows), its maps, the residual histograms and the working
-    sets of the blocks of pixels in flight; the result does not depend on it. A library too large
-    for one block of rows goes through a scratch file in ``scratch`` (default: the folder of
-    ``out``), each stored chunk read once. The frame-state options are stored and reused by
-    predictions.
+    ``memory_mb`` bounds what the fit holds at once (a budget below the least a library needs
+    is a warning, and the fit goes on at its least): the frame tables, the law's block means and
+    the transfer's row offsets (read from a scratch file a part at a time when they would take
+    more than a quarter of it; the law's parts take at most another quarter), and per channel the
+    stack of its library pixels (blocks of active rows), its maps, the residual histograms and
+    the working sets of the blocks of pixels in flight; the result does not depend on it. A
+    library too large for one block of rows goes through a scratch file in ``scratch`` (default:
+    the folder of ``out``), each stored chunk read once. The frame-state options are stored and
+    reused by predictions.
 
     ``threads``: threads of the frame-state measurements and the per-pixel fits (None: every
     core this process may use); the result does not depend on them.
@@ -1072,6 +1072,7 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> pd.DataFrame:
         log.info("camera %s channel %s: %d thread(s) within %g MB", cam.cl.camera, ch, threads, cam.memory_mb)
         cam = replace(cam, threads=threads)
     rows, pixels = _stack_plan(N, (R, C), K, cam.memory_mb, held(threads), threads)
+    _warn_over_budget(cam, ch, N, rows, _fixed_bytes(N, (R, C), K, held(threads), pixels, threads))
     with StackedRows(cam.shards, sel, sel["pos"].to_numpy(), rows, scratch=cam.scratch) as stacked:
         library = _LibraryPixels(stacked, cam.mem.store.read("bias", mi), pixels)
         bar = tqdm(
@@ -1098,6 +1099,25 @@ def _fit_channel(grp, cam: _CameraFit, j: int, ch: str) -> pd.DataFrame:
         plan = (pixels, cam.memory_mb)
         _fit_ob(og, cam.mem, mi, cam.X, noise, row_var, cam.x_ref, read_var, cam.params, K, cam.shape, plan)
     return _frame_rows(cam, sel, ch, frame_var, read_var, row_var)
+
+
+def _warn_over_budget(cam: _CameraFit, ch: str, N: int, rows: int, fixed: float) -> None:
+    """A warning when even the least plan of a channel (one thread, blocks of pixels and of rows
+    at their least) exceeds what the budget lets it count: what the fit must hold of every frame
+    (its row bias, a block of pixels' working set) grows with the library, and 20,000 full-size
+    darks need more than 512 MB."""
+    need = fixed + rows * N * cam.shape[1] * STACK_BYTES_PER_FRAME_PIXEL
+    if need > cam.memory_mb * 2**20 * PLANNED_SHARE:
+        log.warning(
+            "camera %s channel %s: %d library frames need about %.0f MB at the least, more than the %.0f MB"
+            " the memory budget leaves the fit: it goes on at its least and may exceed the budget (a larger"
+            " --memory-mb avoids that)",
+            cam.cl.camera,
+            ch,
+            N,
+            need / 2**20,
+            cam.memory_mb * PLANNED_SHARE,
+        )
 
 
 def _median_block_means(store: _FrameStore, positions: np.ndarray) -> np.ndarray:

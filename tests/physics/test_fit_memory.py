@@ -95,6 +95,16 @@ def test_fit_memory_does_not_grow_with_the_library(library, tmp_path):
     assert large - small < 2.0, (small, large)
 
 
+def test_a_budget_too_small_for_the_library_is_said(library, tmp_path, caplog):
+    """What the fit holds of every frame grows with the library: a budget below the least it can
+    plan is a warning naming the channel and what it needs; a budget that fits, none."""
+    with caplog.at_level("WARNING", logger="deepdark.physics.fit"):
+        P.fit_physics(library, tmp_path / "fits.h5", memory_mb=64, progress=False)
+        assert "need about" not in caplog.text
+        P.fit_physics(library, tmp_path / "short.h5", memory_mb=0.1, progress=False)
+    assert "camera GS1 channel 1: 76 library frames need about" in caplog.text and "--memory-mb" in caplog.text
+
+
 def _datasets_and_attrs(path) -> dict:
     out = {}
     with h5py.File(path, "r") as f:
