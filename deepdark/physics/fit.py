@@ -39,7 +39,7 @@ from .frame_state import (
     transferred_bias,
 )
 from .law import LAW_VALUES, Law, fit_law, mean_rows
-from .pixelfit import IRREGULAR_P, _hot_fits, _pairs, _PixelFit, _robust_fit, smooth_prior
+from .pixelfit import IRREGULAR_P, HotGrid, _hot_fits, _pairs, _PixelFit, _robust_fit, smooth_prior
 from .transfer import Transfer, measure_transfer
 
 log = logging.getLogger(__name__)
@@ -1160,8 +1160,10 @@ def _pass_b(cam: _CameraFit, library: _LibraryPixels, noise: _Noise, typ, read_v
     hot = np.zeros(R * C, bool)
     hot_laws = []  # per block of pixels with hot pixels: their doubling temperatures and coefficients
     floor = 10 * math.sqrt(float(np.mean(read_var)))
-    # a block's hot-pixel fits within half its working set: its frames and fit stay alive beside
+    # a block's hot-pixel fits within half its working set: its frames and fit stay alive beside;
+    # their grid's designs, shared by every block, held within a quarter
     max_bytes = len(cam.T) * library.pixels * BYTES_PER_FRAME_PIXEL / 2
+    grid = HotGrid(cam.T, cam.cl.t, cam.law, max_bytes / 2)
 
     def fit_block(piece: _Piece):
         sl, (Y, valid) = piece.pixels, piece.arrays()
@@ -1173,7 +1175,7 @@ def _pass_b(cam: _CameraFit, library: _LibraryPixels, noise: _Noise, typ, read_v
         # the hot pixels' own laws, here: their frames held for a fit at the end took 10 bytes
         # per frame and hot pixel (GBs for thousands of hot pixels at 20,000 darks)
         pixels = (Y[:, h], valid[:, h], fit.keep[:, h], fit.var[:, h])
-        return sl, fit, h, _hot_fits(*pixels, cam.T, cam.cl.t, cam.law, noise, cam.params["clip"], max_bytes)
+        return sl, fit, h, _hot_fits(*pixels, grid, noise, cam.params["clip"], max_bytes)
 
     for sl, fit, h, hot_law in ordered_map(fit_block, library.blocks(bar), cam.threads):
         A[:, sl], b0[sl], beta[:, sl], chi2[sl] = fit.A, fit.b[0], fit.beta, fit.chi2

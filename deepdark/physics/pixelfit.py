@@ -265,32 +265,49 @@ def _kept_sum_of_squares(z, keep) -> np.ndarray:
 HOT_PAIR_VALUES = 8  # values per frame of a (pixel, doubling temperature) pair: 2K + 2, K <= 3
 
 
-def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, max_bytes: float):
+class HotGrid:
+    """The designs of the hot-pixel laws of library frames (temperatures ``T``, exposures ``t``)
+    under ``law``, one per doubling temperature of the grid (``taus``): (points, N, K). Held when
+    they take at most ``max_bytes`` (made once for all the blocks of a channel), else made for
+    the points asked (24 bytes per frame and point: 70 MB at 20,000 frames)."""
+
+    def __init__(self, T, t, law: Law, max_bytes: float):
+        self.T, self.t, self.law = np.asarray(T), np.asarray(t), law
+        self.taus = HOT_TAUS if law.components == 1 else HOT_TAUS[np.abs(HOT_TAUS - law.tau2) > 0.5]
+        self.rest = law.design(T, t)[:, 1:]  # [t u2,] 1
+        whole = 8 * len(self.taus) * len(self.T) * law.K <= max_bytes
+        self.held = self._designs(self.taus) if whole else None
+
+    def __len__(self) -> int:
+        return len(self.taus)
+
+    def designs(self, points) -> np.ndarray:
+        """The designs of grid ``points`` (a slice or indices)."""
+        return self.held[points] if self.held is not None else self._designs(self.taus[points])
+
+    def _designs(self, taus: np.ndarray) -> np.ndarray:
+        hot = (np.exp2((self.T[None, :] - self.law.T0) / taus[:, None]) * self.t[None, :])[..., None]
+        return np.concatenate([hot, np.broadcast_to(self.rest, (len(taus), *self.rest.shape))], axis=2)
+
+
+def _hot_fits(y, ok, keep, var, grid: HotGrid, var_of, clip: float, max_bytes: float):
     """Hot pixels: t * (h 2^((T-T0)/tau_h) [+ d2 2^((T-T0)/tau2)]) + g with tau_h per pixel
-    from a grid (weighted least squares, clipped like the main fit).
+    from a grid (``grid``: weighted least squares, clipped like the main fit).
 
     ``y``, ``ok``, ``keep``, ``var`` (N, n): the pixels' frames, which are valid, which the main fit
     kept and their noise variance there. ``var_of(S)`` gives the noise variance (N, ...) of
     pixels whose expected signal is S (N, ...). Returns (tau (n,), coef (n, K)); NaN where no fit
     was possible. Groups of pixels are fitted within ``max_bytes``, each trying a part of the
-    grid at a time: the designs of the whole grid take 24 bytes per frame and grid point (70 MB
-    at 20,000 frames), and a pixel's fits as much again."""
-    K, N = law.K, len(T)
-    taus = HOT_TAUS if law.components == 1 else HOT_TAUS[np.abs(HOT_TAUS - law.tau2) > 0.5]
-    rest = law.design(T, t)[:, 1:]  # [t u2,] 1
-
-    def designs(grid: np.ndarray) -> np.ndarray:  # (len(grid), N, K)
-        hot = (np.exp2((T[None, :] - law.T0) / grid[:, None]) * t[None, :])[..., None]
-        return np.concatenate([hot, np.broadcast_to(rest, (len(grid), *rest.shape))], axis=2)
-
+    grid at a time: a pixel's fits take 64 bytes per frame and grid point."""
+    K, N = grid.law.K, len(grid.T)
     n = y.shape[1]
-    group = int(max(1, max_bytes // (8 * N * len(taus) * (K + HOT_PAIR_VALUES))))
+    group = int(max(1, max_bytes // (8 * N * len(grid) * (K + HOT_PAIR_VALUES))))
     part = int(max(1, max_bytes // (8 * N * (K + group * HOT_PAIR_VALUES))))  # grid points at once
 
     def fit_group(p0: int):
         sl = slice(p0, min(n, p0 + group))
         pixels = (y[:, sl].T.astype(np.float64), ok[:, sl].T, keep[:, sl].T, var[:, sl].T)
-        return _hot_group(*pixels, designs, taus, part, K, var_of, clip)
+        return _hot_group(*pixels, grid, part, var_of, clip)
 
     fits = [fit_group(p0) for p0 in range(0, n, group)]
     if not fits:
@@ -298,10 +315,10 @@ def _hot_fits(y, ok, keep, var, T, t, law: Law, var_of, clip: float, max_bytes: 
     return np.concatenate([tau for tau, _ in fits]), np.concatenate([coef for _, coef in fits])
 
 
-def _hot_group(y, ok, keep, var, designs, taus, part: int, K: int, var_of, clip: float):
+def _hot_group(y, ok, keep, var, grid: HotGrid, part: int, var_of, clip: float):
     """:func:`_hot_fits` of a group of pixels: ``y``, ``ok``, ``keep``, ``var`` (pixels, N);
-    ``designs(grid)`` the designs (K columns) of grid points, ``part`` of them at a time."""
-    m = len(y)
+    ``part`` grid points at a time."""
+    m, K = len(y), grid.law.K
     tau_out, coef_out = np.full(m, np.nan), np.full((m, K), np.nan)
     w_of = var.astype(np.float64)  # the main fit's variances, then (float32) those of the pixel's own law
     keep = keep.copy()
@@ -312,9 +329,9 @@ def _hot_group(y, ok, keep, var, designs, taus, part: int, K: int, var_of, clip:
         if not a.size:
             break
         w = keep[a] / w_of[a]
-        best, cb = _best_grid_point(y[a], w, designs, taus, part)
-        tau_out[a], coef_out[a] = taus[best], cb
-        model = np.matmul(designs(taus[best]), cb[:, :, None])[..., 0]  # (pixels, N)
+        best, cb = _best_grid_point(y[a], w, grid, part)
+        tau_out[a], coef_out[a] = grid.taus[best], cb
+        model = np.matmul(grid.designs(best), cb[:, :, None])[..., 0]  # (pixels, N)
         v = var_of(model.T).T
         if w_of.dtype != v.dtype:
             w_of = w_of.astype(v.dtype)
@@ -325,14 +342,14 @@ def _hot_group(y, ok, keep, var, designs, taus, part: int, K: int, var_of, clip:
     return tau_out, coef_out
 
 
-def _best_grid_point(y, w, designs, taus, part: int) -> tuple[np.ndarray, np.ndarray]:
+def _best_grid_point(y, w, grid: HotGrid, part: int) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel (rows of ``y``, weights ``w``): the grid point whose weighted least-squares fit
     leaves the least weighted sum of squares, and that fit's coefficients, ``part`` grid points
     at a time: the point ``np.argmin`` picks over the whole grid (the first of equals, or of NaNs)."""
     h = np.arange(len(y))
     best, least, coef = np.zeros(len(y), int), np.full(len(y), np.inf), None
-    for first in range(0, len(taus), part):
-        Xs = designs(taus[first : first + part])  # (part, N, K)
+    for first in range(0, len(grid), part):
+        Xs = grid.designs(slice(first, first + part))  # (part, N, K)
         K = Xs.shape[2]
         Xw = Xs[None] * w[:, None, :, None]  # (pixels, part, N, K)
         A = np.einsum("hsnk,snl->hskl", Xw, Xs) + 1e-12 * np.eye(K)

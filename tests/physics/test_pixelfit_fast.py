@@ -188,8 +188,9 @@ def _cumsum_box(a, r, axis):
 @pytest.mark.parametrize("components", [1, 2])
 def test_hot_pixel_laws_tried_a_part_of_the_grid_at_a_time_equal_all_at_once(components):
     """A block's hot pixels fitted in groups within a share of its working set, a few doubling
-    temperatures at a time (at 20,000 darks the whole grid's designs alone took 70 MB): the
-    same grid point and coefficients to the bit (one pixel whose fit is not possible)."""
+    temperatures at a time (at 20,000 darks the whole grid's designs alone took 70 MB), from the
+    grid's designs held or made for the points asked: the same grid point and coefficients to the
+    bit (one pixel whose fit is not possible)."""
     rng = np.random.default_rng(components)
     N, n = 40, 5
     T, t = rng.uniform(-25, -5, N), np.tile([10.0, 30.0], N // 2)
@@ -200,13 +201,17 @@ def test_hot_pixel_laws_tried_a_part_of_the_grid_at_a_time_equal_all_at_once(com
     ok[:, 0] = False  # too few frames: no fit
     var = np.full((N, n), 9.0, np.float32)
     noise = F._Noise(np.full(N, 9.0), np.full(N, 9.0))
-    args = (y, ok, ok.copy(), var, T, t, law, noise, 5.0)
-    whole = PF._hot_fits(*args, max_bytes=2**30)
+    pixels = (y, ok, ok.copy(), var)
+    held = PF.HotGrid(T, t, law, 2**30)
+    assert held.held is not None
+    whole = PF._hot_fits(*pixels, held, noise, 5.0, max_bytes=2**30)
     assert np.isnan(whole[0][0]) and np.isfinite(whole[0][1:]).all()
+    made = PF.HotGrid(T, t, law, 0)  # the designs made for the points asked
     for max_bytes in (1, 8 * N * 11 * 7, 8 * N * 141 * 11 * 2):  # a point at a time, 7, two pixels
-        got = PF._hot_fits(*args, max_bytes=max_bytes)
-        np.testing.assert_array_equal(got[0], whole[0])
-        np.testing.assert_array_equal(got[1], whole[1])
+        for grid in (held, made):
+            got = PF._hot_fits(*pixels, grid, noise, 5.0, max_bytes=max_bytes)
+            np.testing.assert_array_equal(got[0], whole[0])
+            np.testing.assert_array_equal(got[1], whole[1])
 
 
 @pytest.mark.parametrize("shape", [(40, 52), (7, 7), (6, 9), (1, 12), (12, 1), (3, 2)])
