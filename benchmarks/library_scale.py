@@ -26,6 +26,7 @@ function in ``BLOCK_ROWS`` that gives the rows per block its plan makes of a bud
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -42,7 +43,7 @@ from deepdark.io.geometry import load_geometry  # noqa: E402
 from deepdark.io.masters import _BlockPlan  # noqa: E402
 from deepdark.io.shards import Shard  # noqa: E402
 from deepdark.io.threads import available_cores  # noqa: E402
-from deepdark.physics.fit import _stack_plan  # noqa: E402
+from deepdark.physics.fit import _library, _stack_plan, _table_bytes  # noqa: E402
 from deepdark.pipeline.extract import extract  # noqa: E402
 from deepdark.sim.simulate import simulate_archive  # noqa: E402
 
@@ -151,13 +152,11 @@ def equivalent_budget(
 
 
 def table_mb_per_dark(shards: list[Path]) -> float:
-    """What the fit's frame tables take per dark: its shards' and its library's (about as large)."""
-    darks, size = 0, 0
-    for path in shards:
-        with Shard(path) as s:
-            darks += s.table["file"].nunique()
-            size += 2 * s.table.memory_usage(deep=True).sum()
-    return size / darks / 2**20
+    """What the fit's frame tables take per dark, as the fit counts them (``_table_bytes``)."""
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(Shard(path)) for path in shards]
+        lib = _library(opened)
+        return _table_bytes(lib, opened) / lib["file"].nunique() / 2**20
 
 
 def report(step: str, darks: int, bare: dict, runs: dict, memory_mb: float, project: int, spill: dict, g):

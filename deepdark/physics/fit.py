@@ -847,11 +847,15 @@ def _fit_library(opened, cameras, out: Path, params: dict, budget, progress: boo
 
 
 def _budget_beside_tables(memory_mb: float, lib: pd.DataFrame, shards) -> float:
-    """What the budget leaves beside the frame tables, which the fit holds throughout (about
-    1.3 KB per frame-channel, mostly names and hashes: 100 MB at 20,000 darks of four channels);
-    half the budget at the least."""
-    tables = lib.memory_usage(deep=True).sum() + sum(s.table.memory_usage(deep=True).sum() for s in shards)
-    return max(memory_mb - tables / 2**20, memory_mb / 2)
+    """What the budget leaves beside the frame tables (:func:`_table_bytes`); half the budget at
+    the least."""
+    return max(memory_mb - _table_bytes(lib, shards) / 2**20, memory_mb / 2)
+
+
+def _table_bytes(lib: pd.DataFrame, shards) -> int:
+    """The frame tables the fit holds throughout, the shards' and its library's (about 1.2 KB per
+    frame-channel, mostly names and hashes: 90 MB at 20,000 darks of four channels)."""
+    return int(lib.memory_usage(deep=True).sum() + sum(s.table.memory_usage(deep=True).sum() for s in shards))
 
 
 @dataclass
