@@ -294,7 +294,8 @@ def parse_geometry(text: str, origin: str = "<text>") -> Geometry:
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-        raise GeometryError(f"{origin}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, as every error
+        raise GeometryError(f"{origin}: not valid YAML{at}: {what}") from None
     if not isinstance(doc, dict):
         raise GeometryError(f"{origin}: expected a mapping at the top level")
     field = _Fields(doc, origin)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import CorruptFileError, InputError
 from deepdark.io.geometry import parse_geometry
-from deepdark.io.shards import HDF5_FORMAT, TEXT_CHECKSUM, Shard, read_checked, text_digest
+from deepdark.io.shards import HDF5_FORMAT, TEXT_CHECKSUM, Shard, hdf5_written, read_checked, text_digest
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
 
 MASTER_SCHEMA = 1
@@ -471,7 +471,7 @@ def write_masters(
             raise InputError("no DARK frames in the library shards")
         out = Path(out)
         scratch = Path(scratch) if scratch is not None else out.absolute().parent
-        with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:
+        with atomic_path(out) as tmp, hdf5_written(tmp, libver=HDF5_FORMAT) as f:
             f.attrs.update(
                 schema_version=MASTER_SCHEMA,
                 geometry=geometry.source,

@@ -1,6 +1,6 @@
 """Predicted darks of a night: one HDF5 file per shard, whatever method made them.
 
-Layout (``SCHEMA_VERSION``): ``dark`` float32 (N, rows, cols), the predicted dark in ADU over
+Layout (``SCHEMA_VERSION`` 2): ``dark`` float32 (N, rows, cols), the predicted dark in ADU over
 the whole active area of each frame-channel, in readout coordinates, row i for row i of
 ``table/`` (a copy of the shard's table); attributes name the method, the model and its hash,
 the software, the geometry and the source shard. Written under a temporary name. The darks are
@@ -10,6 +10,14 @@ read to another row) raises a :class:`~deepdark.io.errors.CorruptFileError` nami
 the dataset. The hash costs 0.3 ms a full-size frame, HDF5's Fletcher-32 on every chunk 3-4 ms
 of each write and read. Files written with Fletcher-32 chunks and no ``dark_xxh3`` read as
 before, their chunks checked by HDF5.
+
+A dark the physics model predicted is kept as the terms it was summed from (``terms/``,
+:mod:`deepdark.io.dark_terms`: its channel's maps once per file, then per row a few weights, its
+hot pixels' values and its row bias, 4 KB a KAF-4320 channel) instead of its pixels, whose
+chunk is never written; reading sums it again, the same float32 dark to the bit, checked against
+the same row hash. Writing 4 MB of pixels a channel was two thirds of the physics ``predict``
+step, and they made the file 11.8 MB a full-size frame. Darks a network made, and unserved rows,
+are kept as pixels. Schema 1 files (every dark as pixels) read as before.
 
 The table also holds each row's verdict, ``table/status`` and ``table/reason`` (text, with the
 table's text checksums): ``"ok"`` (reason ""), ``"flagged"`` (predicted, but something about the
@@ -39,11 +47,14 @@ from tqdm import tqdm
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
+from deepdark.io.dark_terms import DarkTerms, TermsReader, TermsWriter
 from deepdark.io.errors import CorruptFileError
 from deepdark.io.shards import (
     COMPRESSION,
     TEXT_CHECKSUM,  # the verdict columns carry the same text checksum as the rest of the table
     Shard,
+    geometry_attrs,
+    hdf5_written,
     open_versioned,
     read_checked,
     stored_table,
@@ -53,8 +64,11 @@ from deepdark.io.shards import (
 
 log = logging.getLogger(__name__)
 
-# Still 1 with the verdict columns: files without them read as every row served.
-SCHEMA_VERSION = 1
+# 1: every dark kept as pixels (files without the verdict columns read as every row served);
+# 2: a physics dark kept as its terms (``terms/``). Both are read.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAPS_KEPT_MB = 256  # map sets of the rows kept as terms that a reader keeps in memory
 DARK_DIGEST = "dark_xxh3"  # each row's hash (absent from files whose chunks carry HDF5's checksum)
 OK, FLAGGED, UNSERVED = "ok", "flagged", "unserved"
 STATUSES = (OK, FLAGGED, UNSERVED)
@@ -67,13 +81,16 @@ class Served:
 
     ``dark`` (k, rows, cols) float32 ADU, NaN where unserved; ``status`` (k,) one of
     ``STATUSES``; ``reason`` (k,) "" for ok, else one line saying why; ``method`` (k,) what
-    predicted each row ("" where unserved), or None when the predictor does not say.
+    predicted each row ("" where unserved), or None when the predictor does not say;
+    ``terms``: the terms the darks of some rows were summed from (the physics predictor's), which
+    a predictions file keeps instead of their pixels, or None.
     """
 
     dark: np.ndarray
     status: np.ndarray
     reason: np.ndarray
     method: np.ndarray | None = None
+    terms: DarkTerms | None = None
 
     @classmethod
     def all_ok(cls, dark: np.ndarray) -> Served:
@@ -114,11 +131,11 @@ def write_predictions(
         raise ValueError("provenance must name the method")
     serve = getattr(predict, "serve", None) or (lambda shard, rows: Served.all_ok(predict(shard, rows)))
     out = Path(out)
-    with Shard(shard_path) as shard, atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with Shard(shard_path) as shard, atomic_path(out) as tmp, hdf5_written(tmp) as f:
         g = shard.geometry
         f.attrs.update(
             schema_version=SCHEMA_VERSION,
-            geometry=g.source,
+            **geometry_attrs(g),
             shard=str(shard_path),
             software=f"deepdark {__version__}",
             **provenance,
@@ -128,6 +145,7 @@ def write_predictions(
         layout = dict(chunks=(1, *g.active.shape), **COMPRESSION) if n else {}
         ds = f.create_dataset("dark", shape=(n, *g.active.shape), dtype=np.float32, **layout)
         digests = f.create_dataset(DARK_DIGEST, shape=(n,), dtype=np.uint64)
+        terms = TermsWriter(f, n, g.active.shape, COMPRESSION)
         bar = tqdm(total=n, desc=f"predict {Path(shard_path).name}", unit="channel", disable=None if progress else True)
         status, reason = np.full(n, OK, dtype=object), np.full(n, "", dtype=object)
         method = np.full(n, "", dtype=object)
@@ -137,12 +155,13 @@ def write_predictions(
             dark = np.asarray(served.dark, dtype=np.float32)
             if dark.shape != (len(rows), *g.active.shape):
                 raise ValueError(f"predictor returned {dark.shape}, expected {(len(rows), *g.active.shape)}")
-            ds[start : start + len(rows)] = dark
+            _write_darks(ds, terms, start, dark, served.terms)
             digests[start : start + len(rows)] = row_digests(dark)
             status[rows], reason[rows] = served.status, served.reason
             method[rows] = _row_methods(served, provenance["method"])
             bar.update(len(rows))
         bar.close()
+        terms.close()
         write_table(f, stored_table(shard.f, shard.path))
         _write_verdicts(f["table"], {"status": status, "reason": reason, "method": method})
         f.attrs["methods"] = ",".join(sorted({str(m) for m in method if m}))
@@ -150,6 +169,17 @@ def write_predictions(
             f.attrs.update(final_attrs())
         _log_verdicts(shard.table["file"].to_numpy(), status, reason)
     return out
+
+
+def _write_darks(ds: h5py.Dataset, terms: TermsWriter, start: int, dark: np.ndarray, served: DarkTerms | None) -> None:
+    """Rows ``start``, ``start + 1``, ... of a predictions file: as their terms where ``served``
+    gives them (a few KB a row, summed again when read), else as pixels."""
+    terms.add(start, len(dark), served)
+    kept = np.zeros(len(dark), bool) if served is None else served.rows
+    if not kept.any():
+        ds[start : start + len(dark)] = dark
+    for i in np.flatnonzero(~kept) if kept.any() else ():  # a chunk a row
+        ds[start + i] = dark[i]
 
 
 def row_digests(dark: np.ndarray) -> np.ndarray:
@@ -195,7 +225,7 @@ class Predictions:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.f, self.geometry, self.table = open_versioned(self.path, "predictions", SCHEMA_VERSION)
+        self.f, self.geometry, self.table = open_versioned(self.path, "predictions", READABLE_VERSIONS)
         self.attrs = {
             k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items() if k != "geometry"
         }
@@ -204,6 +234,11 @@ class Predictions:
             for col, value in _read_verdicts(self.path, self.f["table"], len(self.table), defaults).items():
                 self.table[col] = value
             _check_dark_checksums(self.path, self.f)
+            self._terms = (
+                TermsReader(self.path, self.f["terms"], len(self.table), MAPS_KEPT_MB * 2**20)
+                if "terms" in self.f
+                else None
+            )
         except CorruptFileError:
             self.f.close()
             raise
@@ -224,7 +259,7 @@ class Predictions:
         if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):  # not a scalar, nor a mask
             raise ValueError(f"rows must be a 1-D array of row numbers, got {rows.dtype} of shape {rows.shape}")
         rows = rows.astype(np.int64, copy=False)
-        dark = read_checked(self.path, self.f["dark"], rows)
+        dark = self._darks(rows)
         if DARK_DIGEST in self.f:
             bad = rows[row_digests(dark) != read_checked(self.path, self.f[DARK_DIGEST], rows)]
             if bad.size:
@@ -232,6 +267,18 @@ class Predictions:
                     f"{self.path}: dataset /dark row(s) {', '.join(map(str, bad[:5]))} fail their checksum "
                     f"({DARK_DIGEST}): the file is damaged; write it again"
                 )
+        return dark
+
+    def _darks(self, rows: np.ndarray) -> np.ndarray:
+        """The darks of ``rows``, read as pixels or summed from their terms."""
+        summed = np.zeros(len(rows), bool) if self._terms is None else self._terms.has[rows]
+        if not summed.any():
+            return read_checked(self.path, self.f["dark"], rows)
+        dark = np.empty((len(rows), *self.geometry.active.shape), np.float32)
+        if not summed.all():
+            dark[~summed] = read_checked(self.path, self.f["dark"], rows[~summed])
+        for i in np.flatnonzero(summed):
+            self._terms.dark(int(rows[i]), out=dark[i])
         return dark
 
     def rows_of(self, file: str) -> np.ndarray:

@@ -40,6 +40,7 @@ import contextlib
 import csv
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -149,7 +150,7 @@ class ShardWriter:
     """Appends frame-channels to growing, chunked datasets; writes the table on close."""
 
     def __init__(self, path: Path, geometry: Geometry):
-        self.g = geometry
+        self.g, self.path = geometry, path
         self.f = h5py.File(path, "w", libver=HDF5_FORMAT)
         # No creation time: the same inputs give a byte-identical shard (reruns are checkable).
         self.f.attrs.update(
@@ -212,11 +213,15 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            _close_quietly(self.f)
+            return
         try:
-            if exc_type is None:
-                write_table(self.f, {col: [r[col] for r in self.rows] for col in TABLE_COLUMNS})
-        finally:
-            self.f.close()
+            write_table(self.f, {col: [r[col] for r in self.rows] for col in TABLE_COLUMNS})
+        except BaseException:
+            _close_quietly(self.f)
+            raise
+        finish_written(self.f, self.path)
 
 
 def write_table(f: h5py.File, columns: dict[str, list | np.ndarray]) -> None:
@@ -302,6 +307,46 @@ def damage_named(path: str | Path):
         raise CorruptFileError(f"{path}: cannot be read ({exc}): the file is damaged; make it again") from None
 
 
+@contextlib.contextmanager
+def hdf5_written(path: str | Path, **options):
+    """``h5py.File(path, "w", **options)``, finished on leaving the block (:func:`finish_written`);
+    closed without a word when the block fails, whose error is the one to report."""
+    f = h5py.File(path, "w", **options)
+    try:
+        yield f
+    except BaseException:
+        _close_quietly(f)
+        raise
+    finish_written(f, path)
+
+
+def finish_written(f: h5py.File, path: str | Path) -> None:
+    """Flush and close ``f``, written to ``path``. What HDF5 still holds in its caches is written
+    then, and a write that fails there (a full disk) is a RuntimeError of HDF5's naming no file:
+    raised as the OSError it is (its errno, the path), as a failed write earlier would be."""
+    try:
+        f.flush()
+        f.close()
+    except RuntimeError as exc:
+        _close_quietly(f)
+        raise _write_error(path, exc) from None
+
+
+def _close_quietly(f: h5py.File) -> None:
+    with contextlib.suppress(RuntimeError, OSError):
+        f.close()
+
+
+def _write_error(path: str | Path, exc: RuntimeError) -> BaseException:
+    """The OSError of a write HDF5 reports as ``exc`` (its message holds ``errno = N``); ``exc``
+    itself when it says no errno."""
+    found = re.search(r"errno = (\d+)", str(exc))
+    if found is None or not _raised_in_hdf5(exc):
+        return exc
+    code = int(found.group(1))
+    return OSError(code, f"{os.strerror(code)} (HDF5 writing {path})", str(path))
+
+
 def read_checked(path: str | Path, ds: h5py.Dataset, index=()) -> np.ndarray:
     """``ds[index]``, or a :class:`CorruptFileError` naming ``path`` and the dataset when a stored
     chunk fails its checksum or cannot be decoded (h5py's own error names neither)."""
@@ -314,17 +359,18 @@ def read_checked(path: str | Path, ds: h5py.Dataset, index=()) -> np.ndarray:
         ) from None
 
 
-def open_versioned(path: Path, kind: str, version: int) -> tuple[h5py.File, Geometry, pd.DataFrame]:
-    """Open a deepdark HDF5 file of ``kind`` (shard, predictions) and schema ``version``: the
-    file, its geometry and its frame table; a clear error when it is something else."""
+def open_versioned(path: Path, kind: str, versions: int | tuple[int, ...]) -> tuple[h5py.File, Geometry, pd.DataFrame]:
+    """Open a deepdark HDF5 file of ``kind`` (shard, predictions) and one of the schema
+    ``versions``: the file, its geometry and its frame table; a clear error when it is something else."""
+    versions = (versions,) if isinstance(versions, int) else versions
     try:
         f = h5py.File(path, "r")
         found = int(f.attrs["schema_version"])
     except (OSError, KeyError) as exc:
         raise InputError(f"{path}: not a deepdark {kind} file ({exc})") from None
-    if found != version:
+    if found not in versions:
         f.close()
-        raise InputError(f"{path}: {kind} schema {found}, this deepdark reads {version}")
+        raise InputError(f"{path}: {kind} schema {found}, this deepdark reads {' or '.join(map(str, versions))}")
     try:
         with damage_named(path):
             check_text(path, "geometry", f.attrs["geometry"], f.attrs.get(GEOMETRY_CHECKSUM))

@@ -148,7 +148,8 @@ class ModelRunner:
             x, base = self.inputs(shard, rows[net], window=window, phys=phys.dark[net])
             dark[net] = self.run(x, base)
             method[net] = PHYSICS_NETWORK
-        return Served(dark, phys.status, phys.reason, method)
+        terms = None if phys.terms is None else phys.terms.only(~net)  # the network's darks are pixels
+        return Served(dark, phys.status, phys.reason, method, terms)
 
     def _network_rows(self, shard: Shard, rows: np.ndarray) -> np.ndarray:
         """Which table ``rows`` a physics-mode model runs its network for: exposures inside the

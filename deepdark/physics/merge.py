@@ -16,7 +16,7 @@ import h5py
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError
-from deepdark.io.shards import HDF5_FORMAT
+from deepdark.io.shards import HDF5_FORMAT, hdf5_written
 
 from .fit import PHYSICS_SCHEMA
 
@@ -46,7 +46,7 @@ def merge_physics(parts: Sequence[str | Path], out: str | Path) -> Path:
             owner[camera] = path
     nights = sorted({n for _, attrs, _ in sources for n in str(attrs.get("nights", "")).split(",") if n})
     out = Path(out)
-    with atomic_path(out) as tmp, h5py.File(tmp, "w", libver=HDF5_FORMAT) as dst:
+    with atomic_path(out) as tmp, hdf5_written(tmp, libver=HDF5_FORMAT) as dst:
         dst.attrs.update({key: first_attrs[key] for key in SHARED_ATTRS})
         dst.attrs.update(
             software=f"deepdark {__version__}",

@@ -14,12 +14,12 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from deepdark.io.dark_terms import ChannelMaps, DarkTerms
 from deepdark.io.errors import DeepdarkError
 from deepdark.io.frames import UNKNOWN_CAMERA
 from deepdark.io.geometry import Geometry, parse_geometry
 from deepdark.io.predictions import FLAGGED, OK, UNSERVED, Served
 from deepdark.io.shards import Shard
-from deepdark.io.units import SATURATED
 
 from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, _map_names
 from .frame_state import FrameState, frame_state, with_transfer
@@ -448,40 +448,25 @@ class PhysicsModel:
         return T, math.sqrt(1.0 / den + sys**2)
 
     # -- prediction ---------------------------------------------------------------------------------
-    def signal(
-        self,
-        camera: str,
-        channel: str,
-        T: float,
-        exptime: float,
-        out: np.ndarray | None = None,
-        scratch: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """The model's dark signal (ADU above the bias) of the active area at (T, exptime).
-
-        ``out`` and ``scratch`` (float32, the active area's shape), when given, receive the
-        signal and a product on the way: a night's predictions then allocate nothing per channel.
-        """
-        info = self.camera(camera)
-        self.check_exposure(camera, exptime)
-        ch = self.channel(camera, channel)
-        law = info.law
-        f = law.factors(T)
-        if out is None:
-            S = ch.maps[-1].copy()
-        else:
-            S = out
-            np.copyto(S, ch.maps[-1])
-        product = np.empty_like(S) if scratch is None else scratch
-        for k, fk in enumerate(f):
-            S += np.multiply(ch.maps[k], np.float32(exptime * fk), out=product)
-        if ch.hot_index.size:
-            c = ch.hot_coef
-            hot = exptime * c[:, 0] * np.exp2((T - law.T0) / ch.hot_tau) + c[:, -1]
-            if law.components == 2:
-                hot += exptime * c[:, 1] * f[1]
-            S.reshape(-1)[ch.hot_index] = hot
-        return S
+    def dark_terms(self, table: pd.DataFrame, temps: Temperatures, state: FrameState) -> DarkTerms:
+        """The terms each row's dark is summed from (:mod:`deepdark.io.dark_terms`): its channel's
+        maps, the weights of its temperature and exposure time, its hot pixels' signal and its row
+        bias (``table`` indexed from 0, ``temps`` and ``state`` row for row)."""
+        key = np.empty(len(table), dtype=object)
+        scales, hot, bias, maps = [], [], [], {}
+        for i, r in table.iterrows():
+            camera, channel, T = r["camera"], r["channel"], float(temps.teff[i])
+            t = 0.0 if r["imagetyp"] == "BIAS" else float(r["exptime"])
+            law = self.camera(camera).law
+            self.check_exposure(camera, t)
+            ch = self.channel(camera, channel)
+            f = law.factors(T)
+            scales.append(np.array([np.float32(t * fk) for fk in f], dtype=np.float32))
+            hot.append(_hot_signal(law, ch, T, t, f).astype(np.float32))
+            bias.append(np.asarray(state.bias[i]).astype(np.float32))
+            key[i] = (camera, channel)
+            maps[key[i]] = ChannelMaps(ch.maps, ch.hot_index)
+        return DarkTerms(key, scales, hot, bias, maps)
 
     def verdicts(self, state: FrameState, table: pd.DataFrame) -> tuple[Temperatures, np.ndarray, np.ndarray]:
         """Every row's temperature and verdict, frame by frame: (temperatures, status, reason).
@@ -523,7 +508,7 @@ class PhysicsModel:
         (k, active rows, active cols), or the model window when ``window``.
 
         The effective temperature of a frame uses the OB pixels of all of its rows given here; pass
-        ``temps`` to reuse temperatures estimated from more channels (:meth:`serve_rows` does).
+        ``temps`` to reuse temperatures estimated from more channels.
         Without ``temps``, a frame the model cannot serve (:meth:`verdicts`) raises
         :class:`PhysicsError`."""
         table = table.reset_index(drop=True)
@@ -534,16 +519,18 @@ class PhysicsModel:
                 raise PhysicsError(reason[np.flatnonzero(status == UNSERVED)[0]])
         if table.empty:
             return np.zeros((0, *self.geometry.active.shape), np.float32)
+        return self._darks(self.dark_terms(table, temps, state), window)
+
+    def _darks(self, terms: DarkTerms, window: bool) -> np.ndarray:
+        """The darks of ``terms`` (k, active rows, active cols), or their model window."""
         rows, cols = self.geometry.window_in_active if window else (slice(None), slice(None))
         shape = self.geometry.window_shape if window else self.geometry.active.shape
-        out = np.empty((len(table), *shape), np.float32)
-        # One signal and one product buffer for every row: a channel's arrays are megabytes each.
-        signal, product = (np.empty(self.geometry.active.shape, np.float32) for _ in range(2))
-        for i, r in table.iterrows():
-            t = 0.0 if r["imagetyp"] == "BIAS" else float(r["exptime"])
-            S = self.signal(r["camera"], r["channel"], float(temps.teff[i]), t, out=signal, scratch=product)
-            np.add(S[rows, cols], state.bias[i][rows, None].astype(np.float32), out=out[i])
-            np.minimum(out[i], np.float32(SATURATED), out=out[i])
+        out = np.empty((len(terms), *shape), np.float32)
+        whole = np.empty(self.geometry.active.shape, np.float32) if window else None
+        for i in range(len(terms)):
+            dark = terms.dark(i, out=whole if window else out[i])
+            if window:
+                out[i] = dark[rows, cols]
         return out
 
     def serve_rows(self, shard: Shard, rows, window: bool = False) -> Served:
@@ -552,21 +539,25 @@ class PhysicsModel:
 
         Every frame's temperature comes from the OB pixels of all of its channels in the shard."""
         frames = self._frames_of(shard, rows)
-        strips, state, sub, where = frames.strips, frames.state, frames.table, frames.where
+        state, sub, where = frames.state, frames.table, frames.where
         shape = self.geometry.window_shape if window else self.geometry.active.shape
         served = frames.status[where] != UNSERVED
-        dark = None
+        dark, terms = None, None
         if served.any():
             pick = where[served]
             picked_state = FrameState(*(getattr(state, k)[pick] for k in FrameState.__dataclass_fields__))
-            picked_strips = {s: strips[s][pick] for s in strips}
-            dark = self.predict(picked_strips, sub.iloc[pick], window, frames.temps.take(pick), picked_state)
+            picked = sub.iloc[pick].reset_index(drop=True)
+            terms = self.dark_terms(picked, frames.temps.take(pick), picked_state)
+            dark = self._darks(terms, window)
         if not served.all():  # NaN where unserved (a served night is not copied into a NaN array)
             nan = np.full((len(where), *shape), np.nan, dtype=np.float32)
             if dark is not None:
                 nan[served] = dark
             dark = nan
-        return Served(dark, frames.status[where], frames.reason[where])
+        status, reason = frames.status[where], frames.reason[where]
+        if window or terms is None:  # terms are of the whole active area
+            return Served(dark, status, reason)
+        return Served(dark, status, reason, terms=terms.spread(served))
 
     def frame_report(self, shard: Shard, rows) -> pd.DataFrame:
         """What the prediction of each of table rows ``rows`` of ``shard`` rests on, for a reader
@@ -611,6 +602,17 @@ class PhysicsModel:
         if reason is not None:
             raise PhysicsError(reason)
         return served.dark
+
+
+def _hot_signal(law: Law, ch: ChannelModel, T: float, exptime: float, f) -> np.ndarray:
+    """The dark signal (ADU, float64) of each hot pixel of ``ch``, by its own doubling temperature."""
+    c = ch.hot_coef
+    if not len(c):
+        return np.zeros(0)
+    hot = exptime * c[:, 0] * np.exp2((T - law.T0) / ch.hot_tau) + c[:, -1]
+    if law.components == 2:
+        hot += exptime * c[:, 1] * f[1]
+    return hot
 
 
 def _ob_maps(cg, names: list[str], shape: tuple[int, int]) -> dict[str, np.ndarray]:

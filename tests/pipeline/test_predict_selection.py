@@ -79,6 +79,9 @@ def test_predict_runs_the_network_only_where_it_helped(sim, tmp_path):
         np.testing.assert_array_equal(dark[~gs1], phys[~gs1])  # physics alone, exactly
         resid = np.abs(dark[gs1] - phys[gs1])
         assert resid.max() > 1 and resid.max() <= 64 + 1e-3  # the network's bounded residual
+        # physics alone is kept as its terms; the network's darks as pixels
+        np.testing.assert_array_equal(p.f["terms/row_maps"][()] >= 0, ~gs1)
+        assert p.f["dark"].id.get_num_chunks() == gs1.sum()
 
 
 def test_a_margin_nothing_reaches_leaves_the_network_unread(sim, tmp_path, monkeypatch):

@@ -1,0 +1,237 @@
+"""A physics dark as the terms it is summed from: the arithmetic of the prediction, in one place.
+
+The physics model predicts the dark of a frame-channel as a few whole-channel maps of its
+camera-channel, summed with weights of that frame, plus that frame's row bias:
+
+    dark = min(maps[-1] + sum_k scales[k] * maps[k], hot pixels set to their own values, + bias per row, SATURATED)
+
+(float32, in that order). The maps (K + 1 of them, ``(K + 1, rows, cols)``, and the hot pixels'
+flat indices) belong to the camera-channel; the ``scales`` (K), ``hot`` values and ``bias``
+(one per active row) to the frame. :func:`dark_of_terms` is that sum: the physics model predicts
+with it, and a predictions file that keeps a row as its terms rebuilds the same float32 dark with
+it, to the bit (the same operations on the same float32 values), at the cost of a few passes over
+the channel, instead of storing, compressing and reading back its four megabytes of pixels.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from deepdark.io.errors import CorruptFileError
+from deepdark.io.units import SATURATED
+
+
+@dataclass(frozen=True)
+class ChannelMaps:
+    """The maps a camera-channel's darks are summed from: ``maps`` (K + 1, rows, cols) float32,
+    the constant one last, and the hot pixels' flat indices ``hot_index`` (n,)."""
+
+    maps: np.ndarray
+    hot_index: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.maps.nbytes + self.hot_index.nbytes
+
+
+@dataclass
+class DarkTerms:
+    """The terms of k predicted darks: row i is summed from ``maps[key[i]]`` with ``scales[i]``
+    (K,), ``hot[i]`` (one value per hot pixel of its maps) and ``bias[i]`` (one per active row),
+    all float32; ``key[i]`` is None for a row that has no terms (its dark is kept as pixels)."""
+
+    key: np.ndarray  # (k,) object: (camera, channel), or None
+    scales: list[np.ndarray]
+    hot: list[np.ndarray]
+    bias: list[np.ndarray]
+    maps: dict[str, ChannelMaps]
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def dark(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Row ``i``'s dark (:func:`dark_of_terms`)."""
+        return dark_of_terms(self.maps[self.key[i]], self.scales[i], self.hot[i], self.bias[i], out)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """(k,) bool: the rows that have terms."""
+        return np.array([k is not None for k in self.key], dtype=bool)
+
+    def only(self, rows: np.ndarray) -> DarkTerms:
+        """The same terms with every row outside boolean ``rows`` marked as having none."""
+        key = self.key.copy()
+        key[~np.asarray(rows, dtype=bool)] = None
+        return DarkTerms(key, self.scales, self.hot, self.bias, self.maps)
+
+    def spread(self, at: np.ndarray) -> DarkTerms:
+        """These terms at the True positions of boolean ``at`` (one per row of these terms),
+        the other positions without terms."""
+        at = np.asarray(at, dtype=bool)
+        key = np.full(len(at), None, dtype=object)
+        scales, hot, bias = ([None] * len(at) for _ in range(3))
+        for j, i in enumerate(np.flatnonzero(at)):
+            key[i], scales[i], hot[i], bias[i] = self.key[j], self.scales[j], self.hot[j], self.bias[j]
+        return DarkTerms(key, scales, hot, bias, self.maps)
+
+
+def dark_of_terms(
+    maps: ChannelMaps, scales: np.ndarray, hot: np.ndarray, bias: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The dark (float32, rows x cols) summed from its terms (module docstring), into ``out`` when given.
+
+    Parameters
+    ----------
+    maps
+        The camera-channel's maps and hot pixels.
+    scales
+        (K,) float32: each component map's weight (exposure time times its law's factor).
+    hot
+        (n,) float32: each hot pixel's signal, in the order of ``maps.hot_index``.
+    bias
+        (rows,) float32: each active row's bias.
+    """
+    m, scales = maps.maps, np.asarray(scales, dtype=np.float32)
+    out = np.empty(m.shape[1:], np.float32) if out is None else out
+    if len(scales):  # the first product in ``out``, then the constant map added: a + b is b + a, to the bit
+        np.multiply(m[0], scales[0], out=out)
+        out += m[-1]
+    else:
+        np.copyto(out, m[-1])
+    product = np.empty_like(out) if len(scales) > 1 else None  # a second component's product
+    for k in range(1, len(scales)):
+        out += np.multiply(m[k], scales[k], out=product)
+    out.reshape(-1)[maps.hot_index] = np.asarray(hot, dtype=np.float32)
+    out += np.asarray(bias, dtype=np.float32)[:, None]
+    # np.minimum(out, SATURATED), in a sixth of its time: the few pixels above set, NaN left NaN
+    over = out > np.float32(SATURATED)
+    if over.any():
+        out[over] = np.float32(SATURATED)
+    return out
+
+
+# -- in a predictions file ---------------------------------------------------------------------
+#
+# Group ``terms/`` of a predictions file: ``row_maps`` (N,) int32, the map set of each row (-1:
+# the row's dark is kept as pixels); ``bias`` (N, rows) float32; ``values`` float32, each row's
+# scales then hot values, row i's from ``start[i]`` to ``start[i + 1]`` ((N + 1,) int64); and one
+# group per map set, ``maps/<j>`` with datasets ``maps`` and ``hot_index`` and the attributes
+# ``camera`` and ``channel``. The row hashes of the predictions file are those of the darks
+# summed from the terms, so any damage to them is found as a damaged row.
+
+BIAS_CHUNK_ROWS = 64  # rows of ``terms/bias`` per chunk (256 KB of a KAF-4320 channel)
+VALUES_CHUNK = 2**16
+
+
+class TermsWriter:
+    """Writes the terms of a predictions file's rows into its group ``terms``, batch by batch."""
+
+    def __init__(self, f: h5py.File, n: int, shape: tuple[int, int], compression: dict):
+        self.group = f.create_group("terms")
+        self.compression = compression
+        chunked = n > 0  # HDF5 cannot chunk nothing
+        self.row_maps = self.group.create_dataset("row_maps", shape=(n,), dtype=np.int32, fillvalue=-1)
+        self.bias = self.group.create_dataset(
+            "bias",
+            shape=(n, shape[0]),
+            dtype=np.float32,
+            chunks=(min(n, BIAS_CHUNK_ROWS), shape[0]) if chunked else None,
+        )
+        self.values = self.group.create_dataset(
+            "values", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(VALUES_CHUNK,)
+        )
+        self.start = np.zeros(n + 1, np.int64)
+        self.sets: dict[tuple, int] = {}
+
+    def add(self, first: int, k: int, terms: DarkTerms | None) -> None:
+        """Rows ``first`` to ``first + k - 1``: the terms of those ``terms`` gives (None: none)."""
+        values = []
+        for i in range(k):
+            key = None if terms is None else terms.key[i]
+            size = 0
+            if key is not None:
+                self.row_maps[first + i] = self._map_set(key, terms.maps[key])
+                self.bias[first + i] = terms.bias[i]
+                values.append(
+                    np.concatenate([np.asarray(terms.scales[i], np.float32), np.asarray(terms.hot[i], np.float32)])
+                )
+                size = values[-1].size
+            self.start[first + i + 1] = self.start[first + i] + size
+        if values:
+            v = np.concatenate(values)
+            end = self.values.shape[0]
+            self.values.resize((end + v.size,))
+            self.values[end:] = v
+
+    def _map_set(self, key: tuple, maps: ChannelMaps) -> int:
+        if key not in self.sets:
+            j = self.sets[key] = len(self.sets)
+            g = self.group.create_group(f"maps/{j}")
+            g.attrs.update(camera=str(key[0]), channel=str(key[1]))
+            g.create_dataset("maps", data=maps.maps, chunks=(1, *maps.maps.shape[1:]), **self.compression)
+            g.create_dataset("hot_index", data=np.asarray(maps.hot_index, np.int64))
+        return self.sets[key]
+
+    def close(self) -> None:
+        """Write the rows' offsets into ``values`` (known once every row is added)."""
+        self.group.create_dataset("start", data=self.start)
+
+
+class TermsReader:
+    """The darks of a predictions file's rows that are kept as terms; the map sets read when
+    first needed and kept while they take at most ``kept_bytes``."""
+
+    def __init__(self, path: Path, group: h5py.Group, n: int, kept_bytes: float):
+        self.path, self.group, self.kept_bytes = path, group, kept_bytes
+        self.row_maps = self._read("row_maps")
+        self.start = self._read("start")
+        if self.row_maps.shape != (n,) or self.start.shape != (n + 1,):
+            raise CorruptFileError(
+                f"{path}: the terms of {n} rows have map sets of shape {self.row_maps.shape} and offsets of "
+                f"shape {self.start.shape}: the file is damaged"
+            )
+        self.has = self.row_maps >= 0
+        self._kept: OrderedDict[int, ChannelMaps] = OrderedDict()
+
+    def _read(self, name: str) -> np.ndarray:
+        try:
+            return self.group[name][()]
+        except (OSError, KeyError) as exc:
+            raise CorruptFileError(f"{self.path}: cannot read /terms/{name} ({exc}): the file is damaged") from None
+
+    def maps(self, j: int) -> ChannelMaps:
+        if j not in self._kept:
+            try:
+                g = self.group[f"maps/{j}"]
+                self._kept[j] = ChannelMaps(g["maps"][()], g["hot_index"][()])
+            except (OSError, KeyError) as exc:
+                raise CorruptFileError(
+                    f"{self.path}: cannot read the map set /terms/maps/{j} ({exc}): the file is damaged"
+                ) from None
+            while len(self._kept) > 1 and sum(m.nbytes for m in self._kept.values()) > self.kept_bytes:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(j)
+        return self._kept[j]
+
+    def dark(self, row: int, out: np.ndarray) -> np.ndarray:
+        """Row ``row``'s dark, summed from its terms into ``out``."""
+        maps = self.maps(int(self.row_maps[row]))
+        a, b = int(self.start[row]), int(self.start[row + 1])
+        k, n_hot = maps.maps.shape[0] - 1, maps.hot_index.size
+        if b - a != k + n_hot:
+            raise CorruptFileError(
+                f"{self.path}: row {row} has {b - a} term values, its maps need {k + n_hot}: the file is damaged"
+            )
+        try:
+            values = self.group["values"][a:b]
+            bias = self.group["bias"][row]
+        except OSError as exc:
+            raise CorruptFileError(
+                f"{self.path}: cannot read the terms of row {row} ({exc}): the file is damaged"
+            ) from None
+        return dark_of_terms(maps, values[:k], values[k:], bias, out)
