@@ -139,7 +139,8 @@ def predict_step(env: dict, work: Path, frames: int, repeats: int = 3) -> dict[s
     """The physics predict step of both nights of ``work`` (as :func:`run_path` left them), per
     frame (best of ``repeats``): ``step`` (``write_predictions``, reading the shard and writing
     the file), ``compute`` (the same predictions, nothing written), ``read`` (every frame's darks
-    read back, as ``correct`` and ``qa`` each do) and ``mb`` (the file's size); and the peak
+    read back, as ``correct`` and ``qa`` each do) and ``mb`` (the file's size; ``mb_night``: what
+    a night's file holds whatever its number of frames, the channels' maps); and the peak
     memory (MB) of a fresh process predicting each night, ``peak_small`` and ``peak_large``."""
     per_night = {}
     for night in NIGHTS:
@@ -153,6 +154,7 @@ def predict_step(env: dict, work: Path, frames: int, repeats: int = 3) -> dict[s
         }
     small, large = (per_night[n] for n in NIGHTS)
     out = {k: max(0.0, (large[k] - small[k]) / ((LARGE - 1) * frames)) for k in ("step", "compute", "read", "mb")}
+    out["mb_night"] = small["mb"] - frames * out["mb"]  # what a night's file holds whatever its frames
     return out | {"peak_small": small["peak"], "peak_large": large["peak"]}
 
 
@@ -191,14 +193,15 @@ def print_predict_step(fig: dict, frames: int) -> None:
     print(
         f"predict  {1 / fig['step']:6.3f} frames/s/core  ({fig['step']:.3f} s/frame: the prediction "
         f"{fig['compute']:.3f} s, writing the file {write:.3f} s = {write / fig['step']:.0%} of the step; "
-        f"{fig['mb']:.1f} MB/frame; peak memory {fig['peak_small']:.0f} MB at {frames} frames, "
+        f"file {fig['mb'] * 1e3:.0f} kB/frame + {fig['mb_night']:.1f} MB/night; "
+        f"peak memory {fig['peak_small']:.0f} MB at {frames} frames, "
         f"{fig['peak_large']:.0f} MB at {LARGE * frames})"
     )
     net = 2 * (fig["compute"] - fig["read"]) - write  # correct and qa each predict, predict writes nothing
     print(
         f"         predicting again in correct and qa instead of reading: -{write:.3f} s (no darks written), "
         f"2 x (+{fig['compute']:.3f} s predicted - {fig['read']:.3f} s read) = {net:+.3f} s/frame, "
-        f"-{fig['mb']:.1f} MB/frame of predictions files"
+        f"-{fig['mb'] * 1e3:.0f} kB/frame of predictions files"
     )
 
 

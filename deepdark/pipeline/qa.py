@@ -347,12 +347,18 @@ def clip_bounds(img: np.ndarray, sigma: float = CLIP_SIGMA, maxiters: int = CLIP
     (lower, upper)
         Values below ``lower`` or above ``upper`` are clipped; NaN when no value is finite.
     """
+    return _clipped_interval(img, sigma, maxiters)[:2]
+
+
+def _clipped_interval(img: np.ndarray, sigma: float, maxiters: int) -> tuple:
+    """:func:`clip_bounds`, and how many values of ``img`` are finite."""
     s = np.sort(img, axis=None)  # NaN sorts last, +-inf just inside it
     dtype = s.dtype.type
     # The infinities in the image's own type: a Python or float64 scalar would have numpy compare
     # in float64, converting all of ``s`` for each search.
     lo = int(np.searchsorted(s, dtype(-np.inf), "right"))
     hi = int(np.searchsorted(s, dtype(np.inf), "left"))
+    finite = hi - lo
     lower = upper = dtype(np.nan)
     for _ in range(maxiters):
         run = s[lo:hi]
@@ -366,18 +372,17 @@ def clip_bounds(img: np.ndarray, sigma: float = CLIP_SIGMA, maxiters: int = CLIP
         if (new_lo, new_hi) == (lo, hi):
             break
         lo, hi = new_lo, new_hi
-    return lower, upper
+    return lower, upper, finite
 
 
 def clipped(img: np.ndarray, sigma: float = CLIP_SIGMA, maxiters: int = CLIP_ITERS) -> np.ndarray:
     """The mask of astropy's ``sigma_clip(img, sigma, maxiters, stdfunc="mad_std")``: True where a
     value is outside the final bounds (:func:`clip_bounds`) or not finite."""
-    lower, upper = clip_bounds(img, sigma, maxiters)
+    lower, upper, finite = _clipped_interval(img, sigma, maxiters)
     with np.errstate(invalid="ignore"):
         out = (img < lower) | (img > upper)
-    finite = np.isfinite(img)
-    if not finite.all():
-        out |= ~finite
+    if finite < img.size:  # the sort counted them: no pass over a finite image to find none
+        out |= ~np.isfinite(img)
     return out
 
 
