@@ -183,36 +183,43 @@ class TermsWriter:
 
 
 class TermsReader:
-    """The darks of a predictions file's rows that are kept as terms; the map sets read when
-    first needed and kept while they take at most ``kept_bytes``."""
+    """The darks of a predictions file's rows that are kept as terms (darks of ``shape``); the map
+    sets read when first needed and kept while they take at most ``kept_bytes``. What does not fit
+    together (a row's values, its map set, their shapes) is a :class:`CorruptFileError`; values
+    that fit but were changed sum to a dark that fails the row's hash."""
 
-    def __init__(self, path: Path, group: h5py.Group, n: int, kept_bytes: float):
-        self.path, self.group, self.kept_bytes = path, group, kept_bytes
+    def __init__(self, path: Path, group: h5py.Group, n: int, shape: tuple[int, int], kept_bytes: float):
+        self.path, self.group, self.shape, self.kept_bytes = path, group, tuple(shape), kept_bytes
         self.row_maps = self._read("row_maps")
         self.start = self._read("start")
         if self.row_maps.shape != (n,) or self.start.shape != (n + 1,):
-            raise CorruptFileError(
-                f"{path}: the terms of {n} rows have map sets of shape {self.row_maps.shape} and offsets of "
-                f"shape {self.start.shape}: the file is damaged"
-            )
+            self._damaged(f"the terms of {n} rows have map sets {self.row_maps.shape} and offsets {self.start.shape}")
         self.has = self.row_maps >= 0
         self._kept: OrderedDict[int, ChannelMaps] = OrderedDict()
 
-    def _read(self, name: str) -> np.ndarray:
+    def _damaged(self, what: str):
+        raise CorruptFileError(f"{self.path}: {what} in /terms: the file is damaged; write it again")
+
+    def _read(self, name: str, index=()) -> np.ndarray:
         try:
-            return self.group[name][()]
-        except (OSError, KeyError) as exc:
-            raise CorruptFileError(f"{self.path}: cannot read /terms/{name} ({exc}): the file is damaged") from None
+            return self.group[name][index]
+        except (OSError, KeyError, ValueError) as exc:
+            self._damaged(f"cannot read {name} ({exc})")
 
     def maps(self, j: int) -> ChannelMaps:
         if j not in self._kept:
-            try:
-                g = self.group[f"maps/{j}"]
-                self._kept[j] = ChannelMaps(g["maps"][()], g["hot_index"][()])
-            except (OSError, KeyError) as exc:
-                raise CorruptFileError(
-                    f"{self.path}: cannot read the map set /terms/maps/{j} ({exc}): the file is damaged"
-                ) from None
+            maps, hot_index = self._read(f"maps/{j}/maps"), self._read(f"maps/{j}/hot_index")
+            size = int(np.prod(self.shape))
+            if (
+                maps.ndim != 3
+                or maps.shape[1:] != self.shape
+                or hot_index.ndim != 1
+                or hot_index.dtype.kind not in "iu"
+            ):
+                self._damaged(f"map set {j} has maps {maps.shape} and hot pixels {hot_index.shape} {hot_index.dtype}")
+            if hot_index.size and not (hot_index.min() >= 0 and hot_index.max() < size):
+                self._damaged(f"map set {j} has hot pixels outside its {self.shape} maps")
+            self._kept[j] = ChannelMaps(maps.astype(np.float32, copy=False), hot_index)
             while len(self._kept) > 1 and sum(m.nbytes for m in self._kept.values()) > self.kept_bytes:
                 self._kept.popitem(last=False)
         self._kept.move_to_end(j)
@@ -223,15 +230,10 @@ class TermsReader:
         maps = self.maps(int(self.row_maps[row]))
         a, b = int(self.start[row]), int(self.start[row + 1])
         k, n_hot = maps.maps.shape[0] - 1, maps.hot_index.size
-        if b - a != k + n_hot:
-            raise CorruptFileError(
-                f"{self.path}: row {row} has {b - a} term values, its maps need {k + n_hot}: the file is damaged"
-            )
-        try:
-            values = self.group["values"][a:b]
-            bias = self.group["bias"][row]
-        except OSError as exc:
-            raise CorruptFileError(
-                f"{self.path}: cannot read the terms of row {row} ({exc}): the file is damaged"
-            ) from None
+        values = self._read("values", slice(a, b)) if 0 <= a <= b else np.zeros(0, np.float32)
+        if values.shape != (k + n_hot,):
+            self._damaged(f"row {row} has {values.size} values from offset {a}, its map set needs {k + n_hot}")
+        bias = self._read("bias", row)
+        if bias.shape != self.shape[:1]:
+            self._damaged(f"row {row} has a bias of shape {bias.shape}, not ({self.shape[0]},)")
         return dark_of_terms(maps, values[:k], values[k:], bias, out)

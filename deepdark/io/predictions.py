@@ -235,7 +235,9 @@ class Predictions:
                 self.table[col] = value
             _check_dark_checksums(self.path, self.f)
             self._terms = (
-                TermsReader(self.path, self.f["terms"], len(self.table), MAPS_KEPT_MB * 2**20)
+                TermsReader(
+                    self.path, self.f["terms"], len(self.table), self.geometry.active.shape, MAPS_KEPT_MB * 2**20
+                )
                 if "terms" in self.f
                 else None
             )

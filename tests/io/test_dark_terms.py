@@ -151,3 +151,47 @@ def test_a_schema_1_file_reads_as_before_and_a_newer_one_is_refused(night, tmp_p
         f.attrs["schema_version"] = 3
     with pytest.raises(InputError, match=f"{old}: predictions schema 3, this deepdark reads 1 or 2"):
         Predictions(old)
+
+
+def _set(name, value):
+    def edit(f):
+        data = f[name][()]
+        data.reshape(-1)[0] = value
+        del f[name]
+        f[name] = data
+
+    return edit
+
+
+def _replace(name, value):
+    def edit(f):
+        del f[name]
+        if value is not None:
+            f[name] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _set("terms/row_maps", 7),  # a map set the file does not have
+        _set("terms/start", 10**9),  # offsets past the values
+        _set("terms/start", -5),
+        _replace("terms/maps/0/hot_index", np.array([-1])),  # a hot pixel outside the maps
+        _replace("terms/maps/0/hot_index", np.array([10**9])),
+        _replace("terms/start", None),
+        _replace("terms/maps/0/maps", np.zeros((2, 5, 5), np.float32)),  # maps of another shape
+        _replace("terms/bias", np.zeros((3, 2), np.float32)),
+        _replace("terms/values", np.zeros(3, np.float32)),
+    ],
+    ids=lambda e: f"{e.__qualname__.split('.')[0]}",
+)
+def test_terms_that_do_not_fit_together_are_a_named_error(night, tmp_path, edit):
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(night["pred"], copy)
+    with h5py.File(copy, "r+") as f:
+        edit(f)
+    with pytest.raises(DeepdarkError) as info, Predictions(copy) as p:
+        p.dark(np.arange(len(p)))
+    assert str(copy) in str(info.value) and "\n" not in str(info.value)
