@@ -58,6 +58,21 @@ class DarkTerms:
         """Row ``i``'s dark (:func:`dark_of_terms`)."""
         return dark_of_terms(self.maps[self.key[i]], self.scales[i], self.hot[i], self.bias[i], out)
 
+    def check(self, k: int, shape: tuple[int, int], unserved: np.ndarray) -> None:
+        """A ValueError unless these are the terms of ``k`` rows of darks of ``shape``, none of
+        them an ``unserved`` one, each with a weight per component map and a value per hot pixel."""
+        if len(self.key) != k:
+            raise ValueError(f"predictor returned terms of {len(self.key)} rows for {k}")
+        for i in np.flatnonzero(self.rows):
+            maps = self.maps.get(self.key[i])
+            if maps is None or maps.maps.ndim != 3 or maps.maps.shape[1:] != tuple(shape):
+                raise ValueError(f"predictor returned terms of row {i} without maps of shape {tuple(shape)}")
+            if unserved[i]:
+                raise ValueError(f"predictor returned terms for row {i}, which it did not serve")
+            sizes = (np.size(self.scales[i]), np.size(self.hot[i]), np.shape(self.bias[i]))
+            if sizes != (maps.maps.shape[0] - 1, maps.hot_index.size, (shape[0],)):
+                raise ValueError(f"predictor returned terms of row {i} that do not fit its maps: {sizes}")
+
     @property
     def rows(self) -> np.ndarray:
         """(k,) bool: the rows that have terms."""
@@ -106,7 +121,7 @@ def dark_of_terms(
     product = np.empty_like(out) if len(scales) > 1 else None  # a second component's product
     for k in range(1, len(scales)):
         out += np.multiply(m[k], scales[k], out=product)
-    out.reshape(-1)[maps.hot_index] = np.asarray(hot, dtype=np.float32)
+    out[np.unravel_index(maps.hot_index, out.shape)] = np.asarray(hot, dtype=np.float32)  # any layout of ``out``
     out += np.asarray(bias, dtype=np.float32)[:, None]
     # np.minimum(out, SATURATED), in a sixth of its time: the few pixels above set, NaN left NaN
     over = out > np.float32(SATURATED)
@@ -125,7 +140,7 @@ def dark_of_terms(
 # summed from the terms, so any damage to them is found as a damaged row.
 
 BIAS_CHUNK_ROWS = 64  # rows of ``terms/bias`` per chunk (256 KB of a KAF-4320 channel)
-VALUES_CHUNK = 2**16
+VALUES_CHUNK = 2**12  # values of ``terms/values`` per chunk (a few rows' weights and hot pixels)
 
 
 class TermsWriter:
@@ -195,6 +210,9 @@ class TermsReader:
         if self.row_maps.shape != (n,) or self.start.shape != (n + 1,):
             self._damaged(f"the terms of {n} rows have map sets {self.row_maps.shape} and offsets {self.start.shape}")
         self.has = self.row_maps >= 0
+        bias = self.group.get("bias")
+        if not isinstance(bias, h5py.Dataset) or bias.shape != (n, self.shape[0]):
+            self._damaged(f"the row biases are {getattr(bias, 'shape', 'missing')}, not {(n, self.shape[0])}")
         self._kept: OrderedDict[int, ChannelMaps] = OrderedDict()
 
     def _damaged(self, what: str):
@@ -203,7 +221,7 @@ class TermsReader:
     def _read(self, name: str, index=()) -> np.ndarray:
         try:
             return self.group[name][index]
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, IndexError) as exc:
             self._damaged(f"cannot read {name} ({exc})")
 
     def maps(self, j: int) -> ChannelMaps:

@@ -13,7 +13,7 @@ before, their chunks checked by HDF5.
 
 A dark the physics model predicted is kept as the terms it was summed from (``terms/``,
 :mod:`deepdark.io.dark_terms`: its channel's maps once per file, then per row a few weights, its
-hot pixels' values and its row bias, 4 KB a KAF-4320 channel) instead of its pixels, whose
+hot pixels' values and its row bias, about 7 kB a KAF-4320 channel) instead of its pixels, whose
 chunk is never written; reading sums it again, the same float32 dark to the bit, checked against
 the same row hash. Writing 4 MB of pixels a channel was two thirds of the physics ``predict``
 step, and they made the file 11.8 MB a full-size frame. Darks a network made, and unserved rows,
@@ -53,6 +53,7 @@ from deepdark.io.shards import (
     COMPRESSION,
     TEXT_CHECKSUM,  # the verdict columns carry the same text checksum as the rest of the table
     Shard,
+    damage_named,
     geometry_attrs,
     hdf5_written,
     open_versioned,
@@ -68,7 +69,10 @@ log = logging.getLogger(__name__)
 # 2: a physics dark kept as its terms (``terms/``). Both are read.
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-MAPS_KEPT_MB = 256  # map sets of the rows kept as terms that a reader keeps in memory
+# Map sets of the rows kept as terms that a reader keeps in memory: the 32 channels of eight
+# KAF-4320 cameras with two-component laws (13 MB each), so that frames of a night's cameras in
+# any order find their maps held.
+MAPS_KEPT_MB = 512
 DARK_DIGEST = "dark_xxh3"  # each row's hash (absent from files whose chunks carry HDF5's checksum)
 OK, FLAGGED, UNSERVED = "ok", "flagged", "unserved"
 STATUSES = (OK, FLAGGED, UNSERVED)
@@ -155,6 +159,8 @@ def write_predictions(
             dark = np.asarray(served.dark, dtype=np.float32)
             if dark.shape != (len(rows), *g.active.shape):
                 raise ValueError(f"predictor returned {dark.shape}, expected {(len(rows), *g.active.shape)}")
+            if served.terms is not None:
+                served.terms.check(len(rows), g.active.shape, np.asarray(served.status) == UNSERVED)
             _write_darks(ds, terms, start, dark, served.terms)
             digests[start : start + len(rows)] = row_digests(dark)
             status[rows], reason[rows] = served.status, served.reason
@@ -226,24 +232,30 @@ class Predictions:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.f, self.geometry, self.table = open_versioned(self.path, "predictions", READABLE_VERSIONS)
-        self.attrs = {
-            k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items() if k != "geometry"
-        }
-        defaults = {**VERDICT_COLUMNS, "method": str(self.attrs.get("method", ""))}
         try:
-            for col, value in _read_verdicts(self.path, self.f["table"], len(self.table), defaults).items():
-                self.table[col] = value
-            _check_dark_checksums(self.path, self.f)
-            self._terms = (
-                TermsReader(
-                    self.path, self.f["terms"], len(self.table), self.geometry.active.shape, MAPS_KEPT_MB * 2**20
-                )
-                if "terms" in self.f
-                else None
-            )
+            with damage_named(self.path):  # a damaged object header: HDF5's errors name no file
+                self.attrs = {
+                    k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items() if k != "geometry"
+                }
+                defaults = {**VERDICT_COLUMNS, "method": str(self.attrs.get("method", ""))}
+                for col, value in _read_verdicts(self.path, self.f["table"], len(self.table), defaults).items():
+                    self.table[col] = value
+                _check_dark_checksums(self.path, self.f)
+                self._terms = self._terms_reader()
         except CorruptFileError:
             self.f.close()
             raise
+
+    def _terms_reader(self) -> TermsReader | None:
+        """The reader of the rows kept as terms; None for a schema 1 file (every row as pixels)."""
+        if int(self.f.attrs["schema_version"]) < 2:
+            return None
+        if not isinstance(self.f.get("terms"), h5py.Group):
+            raise CorruptFileError(
+                f"{self.path}: schema 2 without its group /terms: the file is damaged; write it again"
+            )
+        shape = self.geometry.active.shape
+        return TermsReader(self.path, self.f["terms"], len(self.table), shape, MAPS_KEPT_MB * 2**20)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -261,13 +273,20 @@ class Predictions:
         if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):  # not a scalar, nor a mask
             raise ValueError(f"rows must be a 1-D array of row numbers, got {rows.dtype} of shape {rows.shape}")
         rows = rows.astype(np.int64, copy=False)
-        dark = self._darks(rows)
-        if DARK_DIGEST in self.f:
-            bad = rows[row_digests(dark) != read_checked(self.path, self.f[DARK_DIGEST], rows)]
-            if bad.size:
+        with damage_named(self.path):
+            dark = self._darks(rows)
+            stored = read_checked(self.path, self.f[DARK_DIGEST], rows) if DARK_DIGEST in self.f else None
+        if stored is not None:
+            failed = row_digests(dark) != stored
+            if failed.any():
+                summed = np.zeros(len(rows), bool) if self._terms is None else self._terms.has[rows]
+                where = " and ".join(
+                    f"{name} row(s) {', '.join(map(str, rows[failed & kind][:5]))}"
+                    for name, kind in (("dataset /dark", ~summed), ("the terms (/terms) of", summed))
+                    if (failed & kind).any()
+                )
                 raise CorruptFileError(
-                    f"{self.path}: dataset /dark row(s) {', '.join(map(str, bad[:5]))} fail their checksum "
-                    f"({DARK_DIGEST}): the file is damaged; write it again"
+                    f"{self.path}: {where} fail their checksum ({DARK_DIGEST}): the file is damaged; write it again"
                 )
         return dark
 

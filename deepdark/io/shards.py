@@ -245,6 +245,8 @@ def stored_table(f: h5py.File, path: str | Path) -> dict[str, np.ndarray]:
     table = {}
     for col, dtype in TABLE_COLUMNS.items():
         if col not in grp:
+            if col not in ADDED_COLUMNS:  # a column every file has: its link is damaged
+                raise CorruptFileError(f"{path}: the table has no column {col!r}: the file is damaged")
             table[col] = np.array([ADDED_COLUMNS[col]] * n, dtype=dtype)
             continue
         table[col] = values = read_checked(path, grp[col])
@@ -297,11 +299,11 @@ def _raised_in_hdf5(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def damage_named(path: str | Path):
     """Turn an error that HDF5 raises while reading ``path`` (a damaged header, object or
-    chunk: h5py raises OSError, KeyError, RuntimeError or ValueError, naming no file) into a
-    :class:`CorruptFileError` naming the file. Errors of deepdark's own code pass unchanged."""
+    chunk: h5py raises OSError, KeyError, RuntimeError, TypeError or ValueError, naming no file)
+    into a :class:`CorruptFileError` naming the file. Errors of deepdark's own code pass unchanged."""
     try:
         yield
-    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+    except (OSError, KeyError, RuntimeError, TypeError, ValueError) as exc:
         if isinstance(exc, DeepdarkError) or not _raised_in_hdf5(exc):
             raise
         raise CorruptFileError(f"{path}: cannot be read ({exc}): the file is damaged; make it again") from None

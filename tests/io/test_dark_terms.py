@@ -195,3 +195,49 @@ def test_terms_that_do_not_fit_together_are_a_named_error(night, tmp_path, edit)
     with pytest.raises(DeepdarkError) as info, Predictions(copy) as p:
         p.dark(np.arange(len(p)))
     assert str(copy) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_schema_2_file_without_its_terms_is_a_named_error(night, tmp_path):
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(night["pred"], copy)
+    with h5py.File(copy, "r+") as f:
+        del f["terms"]
+    with pytest.raises(DeepdarkError, match=f"{copy}: schema 2 without its group /terms"):
+        Predictions(copy)
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda t, st: setattr(t, "key", t.key[:-1]), "terms of 3 rows for 4"),
+        (lambda t, st: t.scales.__setitem__(0, np.append(t.scales[0], 1.0)), "do not fit its maps"),
+        (lambda t, st: t.bias.__setitem__(1, t.bias[1][:-1]), "do not fit its maps"),
+        (lambda t, st: st.__setitem__(2, "unserved"), "which it did not serve"),
+    ],
+    ids=["rows", "weights", "bias", "unserved"],
+)
+def test_terms_that_do_not_fit_their_rows_are_refused_when_written(night, tmp_path, spoil, message):
+    physics = P.physics_predictor(night["phys"], area="active")
+    serve = physics.serve
+
+    def spoiled(s, r):
+        served = serve(s, r)
+        spoil(served.terms, served.status)
+        return served
+
+    physics.serve = spoiled
+    with pytest.raises(ValueError, match=message):
+        write_predictions(
+            night["shard"], tmp_path / "p.h5", physics, {"method": "physics"}, batch_size=4, progress=False
+        )
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_a_dark_summed_into_any_layout_of_array_is_the_same():
+    rng = np.random.default_rng(9)
+    maps = ChannelMaps(rng.normal(0, 1, (2, 6, 5)).astype(np.float32), np.array([3, 17, 29]))
+    args = (np.float32([2.0]), np.float32([7.0, 8.0, 9.0]), np.zeros(6, np.float32))
+    whole = dark_of_terms(maps, *args)
+    strided = np.empty((5, 6), np.float32).T  # a transposed view: not C-contiguous
+    np.testing.assert_array_equal(dark_of_terms(maps, *args, out=strided), whole)
+    assert whole.reshape(-1)[[3, 17, 29]].tolist() == [7.0, 8.0, 9.0]
