@@ -1,5 +1,3 @@
-import sys
+from deepdark.cli import entry
 
-from deepdark.cli import main
-
-sys.exit(main())
+entry()

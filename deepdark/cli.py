@@ -858,13 +858,53 @@ def _is_simulated_frame(path: Path) -> bool:
 
 
 # OSErrors that are the system refusing what was asked (a full disk or quota, a read-only file
-# system, a file without permission): not bugs, so reported in one line like a DeepdarkError.
-SYSTEM_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# system, a file without permission, an output path through a file or onto a folder): not bugs,
+# so reported in one line like a DeepdarkError.
+SYSTEM_REFUSALS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+)
 INTERRUPTED = 130  # the shell's status of a command ended by SIGINT (128 + 2)
+
+
+# Writes the system refused for want of room or of a working device.
+WRITE_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+# Set once a command reported a refused write: HDF5 may then crash freeing the files it could not
+# close (SIGSEGV at exit), so the ``deepdark`` command ends at once (:func:`entry`).
+_write_refused = False
 
 
 def _is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, DeepdarkError) or (isinstance(exc, OSError) and exc.errno in SYSTEM_REFUSALS)
+
+
+class _HDF5Cleanup:
+    """h5py's complaints of HDF5 objects that fail to write their last bytes as they are freed
+    ("Exception ignored in ... ObjectID.__dealloc__"), held while a command runs: after a write
+    the system refused (a full disk) every object freed fails again, dozens of tracebacks that
+    only repeat the one-line error, so they are dropped then; otherwise they are printed when the
+    command ends, as Python would have. Any other unraisable error is printed at once."""
+
+    def __enter__(self):
+        self.held, self.previous, self.refused = [], sys.unraisablehook, False
+        sys.unraisablehook = self._hook
+        return self
+
+    def _hook(self, unraisable) -> None:
+        tb = unraisable.exc_traceback
+        frames = []
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if any("h5py" in f for f in frames) or "h5py" in repr(unraisable.object):
+            self.held.append((unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback, unraisable))
+        else:
+            self.previous(unraisable)
+
+    def __exit__(self, *_):
+        sys.unraisablehook = self.previous
+        if not self.refused:
+            for *_, unraisable in self.held:
+                self.previous(unraisable)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -876,25 +916,44 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error (a :class:`DeepdarkError`, or the system refusing a file) is
     one line on stderr and exit status 2; Ctrl-C one line and 130; anything else is a bug and
     keeps its traceback (exit status 1). ``-v`` shows the traceback of a user error too."""
+    global _write_refused
     name = "deepdark"
-    try:
-        args = resolve_defaults(build_parser().parse_args(argv))
-        name = f"deepdark {args.command}"
-        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    with _HDF5Cleanup() as cleanup:
         try:
-            check_paths(args)
-            args.func(args)
-        except (DeepdarkError, OSError) as exc:
-            if args.verbose or not _is_user_error(exc):
-                raise
-            print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
-            return 2
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+            args = resolve_defaults(build_parser().parse_args(argv))
+            name = f"deepdark {args.command}"
+            level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+            logging.basicConfig(
+                level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+            )
+            try:
+                check_paths(args)
+                args.func(args)
+            except (DeepdarkError, OSError) as exc:
+                if args.verbose or not _is_user_error(exc):
+                    raise
+                print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+                if isinstance(exc, OSError) and exc.errno in WRITE_REFUSALS:
+                    cleanup.refused = _write_refused = True
+                return 2
+        except KeyboardInterrupt:
+            print(f"{name}: interrupted", file=sys.stderr)
+            return INTERRUPTED
     return 0
 
 
+def entry() -> None:
+    """The ``deepdark`` command: :func:`main`, its status the process's. After a refused write
+    the process ends at once, its output flushed: HDF5's clean-up at exit can crash (SIGSEGV)
+    freeing a file whose close failed, which would turn the reported error's status 2 into 139."""
+    code = main()
+    if _write_refused:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

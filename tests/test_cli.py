@@ -269,6 +269,17 @@ def test_the_system_refusing_a_write_is_one_line(monkeypatch, capsys):
     assert_one_line_error(code, err, "presets", "No space left on device")
 
 
+def test_an_output_path_through_a_file_is_one_line(capsys, night_shard_predictions, tmp_path):
+    night, shard, pred = night_shard_predictions
+    for command, args in (
+        ("extract", [night, "--out", shard / "x.h5"]),
+        ("correct", [pred, "--out", shard / "c"]),
+        ("qa", ["--shard", shard, "--predictions", pred, "--out", shard / "q"]),
+    ):
+        code, err = run_cli(capsys, command, *args)
+        assert_one_line_error(code, err, command, shard)
+
+
 def test_keyboard_interrupt_is_one_line_and_status_130(monkeypatch, capsys):
     import deepdark.cli as cli
 
