@@ -68,7 +68,7 @@ from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError, MissingInputError
 from deepdark.model import conditioning as C
 from deepdark.model import selection as S
-from deepdark.model.files import DEFAULT_INPUTS, file_sha256, json_default, physics_card, save_model
+from deepdark.model.files import CARD_FILE, DEFAULT_INPUTS, file_sha256, json_default, physics_card, save_model
 from deepdark.model.losses import LossConfig, discriminator_loss, generator_loss
 from deepdark.model.nets import PRESETS, Discriminator, Generator
 from deepdark.model.runtime import autocast, fp32_head, resolve_device
@@ -79,6 +79,7 @@ from deepdark.training.batchnorm import (
     track_running_stats,
 )
 from deepdark.training.checkpoint import (
+    CHECKPOINT_JSON,
     check_signature,
     read_checkpoint,
     remove_checkpoint,
@@ -670,6 +671,17 @@ def _physics_model(shards, out_dir: Path, config: TrainConfig, progress: bool):
     return PhysicsModel.load(phys_path), physics_card(phys_path, phys_source, config.residual_range_adu)
 
 
+def _refuse_other_physics(out_dir: Path, dest: Path, src: Path) -> None:
+    """A run (a checkpoint, or a finished model) in ``out_dir`` was made with the physics model
+    ``dest``: another one in its place would break that model and could not resume it, so the
+    command stops before it writes anything, as for any other setting that differs."""
+    if dest.exists() and any((out_dir / name).exists() for name in (CHECKPOINT_JSON, CARD_FILE)):
+        raise InputError(
+            f"{out_dir} holds a run made with another physics model ({dest} differs from --physics {src}): "
+            "train into another --out, or remove that run"
+        )
+
+
 def _physics_file(shards, out_dir: Path, physics, budget: tuple, progress: bool) -> tuple[Path, str]:
     """``out_dir/physics.h5``: a copy of ``physics``, or (None) fitted from ``shards``; (path, source)."""
     import shutil
@@ -682,6 +694,7 @@ def _physics_file(shards, out_dir: Path, physics, budget: tuple, progress: bool)
             raise MissingInputError(f"physics model {src} not found")
         same_file = dest.exists() and dest.resolve() == src.resolve()
         if not same_file and not (dest.is_file() and file_sha256(dest) == file_sha256(src)):
+            _refuse_other_physics(out_dir, dest, src)
             with atomic_path(dest) as tmp:
                 shutil.copyfile(src, tmp)
         return dest, str(src.resolve())

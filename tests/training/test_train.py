@@ -459,3 +459,23 @@ def test_incomplete_model_directory(trained, tmp_path):
         model_io.load_model(half)
     with pytest.raises(model_io.ModelError, match="not a model directory"):
         model_io.load_model(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("earlier", ["checkpoint.json", "model.json"])
+def test_another_physics_model_for_a_folder_holding_a_run_is_refused_before_anything_is_written(tmp_path, earlier):
+    """Its physics.h5 belongs to the run there (a checkpoint to resume, or a finished model whose
+    card names the file's hash): replacing it would break that model."""
+    from deepdark.io.errors import InputError
+    from deepdark.training.loop import _physics_file
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / C.PHYSICS_FILE).write_bytes(b"the run's physics model")
+    (out / earlier).write_text("{}")
+    other = tmp_path / "other.h5"
+    other.write_bytes(b"another physics model")
+    with pytest.raises(InputError, match=f"{out} holds a run made with another physics model"):
+        _physics_file([], out, other, (512, 1), progress=False)
+    assert (out / C.PHYSICS_FILE).read_bytes() == b"the run's physics model"
+    (out / earlier).unlink()  # no run there: the file is the command's to replace
+    assert _physics_file([], out, other, (512, 1), progress=False)[0].read_bytes() == b"another physics model"
