@@ -136,9 +136,12 @@ def night_qa(
                 "header's (CCDTEMP, else the setpoint), not measured on the frame"
             )
         darks = (table["imagetyp"] == "DARK").to_numpy()
-        if darks.any():
+        served = darks & (preds.table["status"] != "unserved").to_numpy() if "status" in preds.table else darks
+        if served.any():
             per_image = _evaluate_darks(shard_path, preds, masters_path, out_dir, notes, progress)
             qa = _merge_dark_rmse(qa, per_image, shard.geometry)
+        elif darks.any():  # every method is scored on the same darks: here on none
+            notes.append(f"{int(darks.sum())} dark frame-channel(s), none predicted: no RMSE on the night's darks")
         guides = np.flatnonzero((table["imagetyp"] == "OBJECT").to_numpy() & selected)
         if guides.size:
             qa = _merge_guide_stats(qa, _guide_stats(preds, masters, table, guides, keywords, notes, progress))

@@ -386,6 +386,18 @@ def test_frames_the_predictions_did_not_serve_are_named_not_scored(write_night, 
     assert "2 frame(s) unserved" in page and "GS1_object_0002.fits" in page
 
 
+def test_a_night_whose_darks_were_none_predicted_still_gets_its_page(write_night, tmp_path, mini):
+    from tests.pipeline.test_correct_faults import set_status
+
+    night = write_night(n_dark=2, n_guide=1)
+    shard, pred = _zero_predictions(night, tmp_path, mini, "no_darks")
+    set_status(pred, {f"GS1_dark_000{i}.fits": ("unserved", "no model") for i in range(2)})
+    qa = night_qa(shard, pred, None, tmp_path / "qa", progress=False)
+    assert qa["rmse_model"].isna().all() and qa.loc[qa["imagetyp"] == "OBJECT", "bg_model"].notna().all()
+    page = (tmp_path / "qa" / "qa.html").read_text(encoding="utf-8")
+    assert "none predicted: no RMSE on the night" in page
+
+
 def test_evaluate_scores_every_method_on_the_same_darks_and_lists_the_unserved(tmp_path):
     from deepdark.evaluation.evaluate import Scores
 
