@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from deepdark.io.units import SATURATED
+
 MAD_SIGMA = 1.4826  # sd / MAD of a normal distribution
 OVERSCAN_SKIP = 4  # first overscan columns left out of the row bias (residue, settling)
 BIAS_CLIP = 4.0  # overscan pixels beyond this many robust sigmas leave the row mean
@@ -25,10 +27,14 @@ class FrameState:
     ob_rows: np.ndarray  # (k, n, active cols): OB rows minus the frame's mean bias (float32)
     # (k,): how ``bias`` was made from the overscan (see :func:`bias_rule`, :func:`with_transfer`)
     bias_source: np.ndarray = field(default=None)
+    # (k,): rows whose overscan holds no measurement (:func:`blind_overscan_rows`)
+    blind_rows: np.ndarray = field(default=None)
 
     def __post_init__(self):
         if self.bias_source is None:
             self.bias_source = np.full(len(self.level), "overscan", dtype=object)
+        if self.blind_rows is None:
+            self.blind_rows = np.zeros(len(self.level), dtype=np.int64)
 
 
 def bias_rule(shrink: bool, smooth: int) -> str:
@@ -94,7 +100,17 @@ def frame_state(
     ob_cols = a2.astype(np.float32) - bias[:, :, None].astype(np.float32)
     ob_rows = a3.astype(np.float32) - level[:, None, None].astype(np.float32)
     source = np.full(len(level), bias_rule(shrink, smooth), dtype=object)
-    return FrameState(bias, level, read_var, row_var, bias_var, ob_cols, ob_rows, source)
+    return FrameState(bias, level, read_var, row_var, bias_var, ob_cols, ob_rows, source, blind_overscan_rows(a1, skip))
+
+
+def blind_overscan_rows(a1: np.ndarray, skip: int = OVERSCAN_SKIP) -> np.ndarray:
+    """(k,): how many rows of each of k overscan strips (k, R, cols) have most of their pixels
+    (after ``skip`` columns) saturated or at 0: a bright source or a readout fault left no
+    measurement of their bias there, and the row bias made of them is that fault's level, not
+    the bias (a few such pixels in a row are clipped out of its mean)."""
+    used = np.asarray(a1)[:, :, skip:]
+    blind = (used >= SATURATED) | (used <= 0)
+    return (2 * blind.sum(-1) > used.shape[-1]).sum(-1)
 
 
 def transferred_bias(bias: np.ndarray, level: np.ndarray, coefficient: np.ndarray) -> np.ndarray:

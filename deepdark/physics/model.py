@@ -486,6 +486,7 @@ class PhysicsModel:
                 for i in rows:
                     self.check_exposure(table.iloc[i]["camera"], exptime)
                     self.channel(table.iloc[i]["camera"], table.iloc[i]["channel"])
+                _check_overscan(state, table, rows)
                 T, s, src, note = self._frame_temperature(state, table, rows, TEFF_MAX_SIGMA, TEFF_MAX_OFFSET)
                 self.check_temperature(r0["camera"], T, exptime)
             except PhysicsError as exc:
@@ -602,6 +603,18 @@ class PhysicsModel:
         if reason is not None:
             raise PhysicsError(reason)
         return served.dark
+
+
+def _check_overscan(state: FrameState, table: pd.DataFrame, rows) -> None:
+    """A :class:`PhysicsError` when the overscan of a channel of the frame (table ``rows``) has
+    rows with no measurement of their bias (saturated or empty): its dark would carry that
+    level (a saturated overscan made darks of 60,000 ADU), so the frame is not served."""
+    blind = {table.iloc[i]["channel"]: int(n) for i, n in zip(rows, state.blind_rows[rows]) if n}
+    if blind:
+        which = ", ".join(f"{ch} ({n} of {state.bias.shape[1]} rows)" for ch, n in blind.items())
+        raise PhysicsError(
+            f"{table.iloc[rows[0]]['file']}: overscan saturated or empty in channel(s) {which}: no row bias"
+        )
 
 
 def _hot_signal(law: Law, ch: ChannelModel, T: float, exptime: float, f) -> np.ndarray:

@@ -17,6 +17,7 @@ from deepdark.io.errors import DeepdarkError
 from deepdark.io.frames import write_raw_frame
 from deepdark.io.geometry import load_geometry
 from deepdark.io.shards import Shard
+from deepdark.physics.frame_state import OVERSCAN_SKIP
 from deepdark.physics.model import Temperatures
 from deepdark.pipeline.extract import extract
 from deepdark.sim import simulate as S
@@ -146,3 +147,30 @@ def test_camera_and_exposure_the_library_lacks_are_unserved(sim, tmp_path):
     assert "no camera name in its header" in by_file["none.fits"]
     assert "no physics model for camera 'GS9'" in by_file["gs9.fits"]
     assert "library has only 30 s darks: cannot predict 10 s" in by_file["short.fits"]
+
+
+def test_a_frame_whose_overscan_holds_no_measurement_is_not_served(sim, tmp_path):
+    """A bright source or a fault that saturates (or zeroes) most of a channel's overscan rows
+    leaves no row bias: the dark would carry that level (60,000 ADU), so the frame is unserved
+    with the reason; a few saturated overscan pixels are clipped out of the row means."""
+    import shutil
+
+    import h5py
+
+    shard = tmp_path / "night.h5"
+    shutil.copyfile(sim["shard"], shard)
+    with Shard(shard) as s:
+        blind, speckled = _rows(s, "GS1_dark_0001.fits"), _rows(s, "GS1_dark_0005.fits")
+    with h5py.File(shard, "r+") as f:
+        a1 = f["a1"][()]
+        a1[blind[1], 5:40, OVERSCAN_SKIP:] = 65535  # channel 2: 35 rows saturated
+        a1[blind[3], :, OVERSCAN_SKIP:] = 0  # channel 4: read out as zeros
+        a1[speckled[0], ::3, -2:] = 65535  # a few saturated pixels in a third of the rows
+        f["a1"][...] = a1
+    model = P.PhysicsModel.load(sim["phys"])
+    with Shard(shard) as s:
+        served = model.serve_rows(s, np.concatenate([blind, speckled]))
+        assert set(served.status[: len(blind)]) == {"unserved"}
+        reason = served.reason[0]
+        assert "overscan saturated or empty" in reason and "(35 of" in reason and "GS1_dark_0001.fits" in reason
+        assert set(served.status[len(blind) :]) == {"ok"} and np.isfinite(served.dark[len(blind) :]).all()
