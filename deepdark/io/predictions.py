@@ -238,7 +238,10 @@ class Predictions:
                     k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items() if k != "geometry"
                 }
                 defaults = {**VERDICT_COLUMNS, "method": str(self.attrs.get("method", ""))}
-                for col, value in _read_verdicts(self.path, self.f["table"], len(self.table), defaults).items():
+                # written with every schema 2 file: a missing column or checksum is damage, not an older file
+                complete = int(self.f.attrs["schema_version"]) >= 2
+                columns = _read_verdicts(self.path, self.f["table"], len(self.table), defaults, complete)
+                for col, value in columns.items():
                     self.table[col] = value
                 _check_dark_checksums(self.path, self.f)
                 self._terms = self._terms_reader()
@@ -321,16 +324,23 @@ def _check_dark_checksums(path: Path, f: h5py.File) -> None:
         )
 
 
-def _read_verdicts(path: Path, table: h5py.Group, n: int, defaults: dict[str, str]) -> dict[str, np.ndarray]:
+def _read_verdicts(
+    path: Path, table: h5py.Group, n: int, defaults: dict[str, str], complete: bool
+) -> dict[str, np.ndarray]:
     """The verdict columns (``defaults``: column -> its value in files written without it) of
-    every row, checksums verified."""
+    every row, checksums verified; ``complete``: the file was written with every column and its
+    checksum (a missing one is damage: an unserved row must not read as served)."""
     out = {}
     for col, default in defaults.items():
         if col not in table:
+            if complete:
+                raise CorruptFileError(f"{path}: table column {col!r} is missing: the file is damaged")
             out[col] = np.full(n, default, dtype=object)
             continue
         values = read_checked(path, table[col])
         stored = table[col].attrs.get(TEXT_CHECKSUM)
+        if complete and stored is None:
+            raise CorruptFileError(f"{path}: table column {col!r} has lost its checksum: the file is damaged")
         if stored is not None and text_digest(values) != stored:
             raise CorruptFileError(
                 f"{path}: the strings of dataset {table[col].name} fail their checksum: the file is damaged"

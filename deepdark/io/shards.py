@@ -250,6 +250,10 @@ def stored_table(f: h5py.File, path: str | Path) -> dict[str, np.ndarray]:
             table[col] = np.array([ADDED_COLUMNS[col]] * n, dtype=dtype)
             continue
         table[col] = values = read_checked(path, grp[col])
+        if (values.dtype == object) != (np.dtype(dtype) == object) or (
+            values.dtype != object and values.dtype != np.dtype(dtype)
+        ):  # a damaged datatype message: the values read as another type
+            raise CorruptFileError(f"{path}: table column {col!r} reads as {values.dtype}: the file is damaged")
         stored = grp[col].attrs.get(TEXT_CHECKSUM)  # files written before it have none
         if stored is not None and text_digest(values) != stored:
             raise CorruptFileError(

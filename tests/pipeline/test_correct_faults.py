@@ -18,6 +18,7 @@ from deepdark.cli import main
 from deepdark.io.errors import DeepdarkError
 from deepdark.io.frames import write_raw_frame
 from deepdark.io.predictions import DARK_DIGEST, Predictions, row_digests, write_predictions
+from deepdark.io.shards import TEXT_CHECKSUM, text_digest
 from deepdark.pipeline.correct import (
     NIGHT_STATUS,
     EmptyResultError,
@@ -52,7 +53,8 @@ def set_status(pred: Path, verdicts: dict[str, tuple[str, str]]) -> None:
         for col, values in (("status", status), ("reason", reason)):
             if col in f["table"]:
                 del f["table"][col]
-            f["table"].create_dataset(col, data=values, dtype=h5py.string_dtype())
+            stored = f["table"].create_dataset(col, data=values, dtype=h5py.string_dtype())
+            stored.attrs[TEXT_CHECKSUM] = text_digest(stored[()])  # as predict writes it
         for row in np.flatnonzero(status == "unserved"):
             f["dark"][row] = np.nan
             f[DARK_DIGEST][row] = row_digests(f["dark"][row : row + 1])[0]

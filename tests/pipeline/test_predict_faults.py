@@ -5,6 +5,7 @@ file reads as all served; memory stays bounded by the batch (mini geometry, CPU)
 from __future__ import annotations
 
 import math
+import shutil
 
 import h5py
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from deepdark import physics as P
 from deepdark.cli import main
+from deepdark.io.errors import DeepdarkError
 from deepdark.io.frames import write_raw_frame
 from deepdark.io.geometry import load_geometry
 from deepdark.io.predictions import Predictions, write_predictions
@@ -157,12 +159,19 @@ def test_an_older_predictions_file_reads_as_all_served(sim, tmp_path):
     )
     with Predictions(out) as p:
         assert set(p.table["status"]) == {"ok"} and set(p.table["reason"]) == {""}
-    with h5py.File(out, "r+") as f:  # a file written before the columns existed
-        del f["table/status"], f["table/reason"], f["table/method"]
+    damaged = tmp_path / "damaged.h5"
+    shutil.copyfile(out, damaged)
+    with h5py.File(out, "r+") as f:  # a file written before the columns existed: schema 1
+        del f["table/status"], f["table/reason"], f["table/method"], f["terms"]
+        f.attrs["schema_version"] = 1
     with Predictions(out) as p:
         assert len(p.table) == 4 * len(NIGHT)
         assert set(p.table["status"]) == {"ok"} and set(p.table["reason"]) == {""}
         assert set(p.table["method"]) == {"x"}  # the file's method
+    with h5py.File(damaged, "r+") as f:  # schema 2 files have them: an unserved row must not read as served
+        del f["table/status"]
+    with pytest.raises(DeepdarkError, match=f"{damaged}: table column 'status' is missing"):
+        Predictions(damaged)
 
 
 def test_predict_reads_the_night_a_batch_at_a_time(sim, monkeypatch, tmp_path):
