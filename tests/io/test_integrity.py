@@ -168,11 +168,37 @@ def test_the_same_inputs_give_a_byte_identical_shard(write_night, tmp_path, mini
     assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
 
 
-def test_damage_anywhere_in_a_shard_is_a_named_error_or_harmless(shard, tmp_path):
-    """A flipped byte anywhere in the file (headers and object metadata too, not only chunks):
-    reading everything either gives the same data or a one-line error of deepdark's naming the
-    file, never an HDF5 traceback."""
+def damaged_anywhere(path, read_all, same, tmp_path, samples: int, bit: int) -> list[str]:
+    """What goes wrong reading ``path`` whole (``read_all``) after one ``bit`` of each of
+    ``samples`` bytes spread over it is flipped, one copy at a time: an error that is not
+    deepdark's one-line error naming the copy, or data read back different (``same(before,
+    after)`` false) in silence. Headers and object metadata too, not only chunks."""
     from deepdark.io.errors import DeepdarkError
+
+    before = read_all(path)
+    size = path.stat().st_size
+    bad = []
+    for byte in range(0, size, max(1, size // samples)):
+        copy = tmp_path / "copy.h5"
+        shutil.copyfile(path, copy)
+        flip_bit(copy, byte, bit)
+        try:
+            after = read_all(copy)
+        except DeepdarkError as exc:
+            if str(copy) not in str(exc) or "\n" in str(exc):
+                bad.append(f"byte {byte}: {exc!r}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - what this looks for
+            bad.append(f"byte {byte}: {type(exc).__name__}: {exc}")
+            continue
+        if not same(before, after):
+            bad.append(f"byte {byte}: read back different data in silence")
+    return bad
+
+
+def test_damage_anywhere_in_a_shard_is_a_named_error_or_harmless(shard, tmp_path):
+    """Reading everything either gives the same data or a one-line error of deepdark's naming
+    the file, never an HDF5 traceback."""
 
     def read_all(path):
         with Shard(path) as s:
@@ -180,22 +206,8 @@ def test_damage_anywhere_in_a_shard_is_a_named_error_or_harmless(shard, tmp_path
             darks = np.flatnonzero(s.table["active_index"].to_numpy() >= 0)
             return s.table.copy(), s.strips(rows), s.active(darks)
 
-    table, strips, active = read_all(shard)
-    size = shard.stat().st_size
-    bad = []
-    for byte in range(0, size, max(1, size // 150)):
-        copy = tmp_path / "copy.h5"
-        shutil.copyfile(shard, copy)
-        flip_bit(copy, byte, 4)
-        try:
-            t, s, a = read_all(copy)
-        except DeepdarkError as exc:
-            assert str(copy) in str(exc) and "\n" not in str(exc)
-            continue
-        except Exception as exc:  # noqa: BLE001 - what this test looks for
-            bad.append(f"byte {byte}: {type(exc).__name__}: {exc}")
-            continue
-        same = t.equals(table) and all(np.array_equal(s[k], strips[k]) for k in strips) and np.array_equal(a, active)
-        if not same:
-            bad.append(f"byte {byte}: read back different data in silence")
+    def same(a, b):
+        return a[0].equals(b[0]) and all(np.array_equal(a[1][k], b[1][k]) for k in a[1]) and np.array_equal(a[2], b[2])
+
+    bad = damaged_anywhere(shard, read_all, same, tmp_path, samples=150, bit=4)
     assert not bad, "\n".join(bad[:10])
