@@ -896,14 +896,14 @@ class _HDF5Cleanup:
             frames.append(tb.tb_frame.f_code.co_filename)
             tb = tb.tb_next
         if any("h5py" in f for f in frames) or "h5py" in repr(unraisable.object):
-            self.held.append((unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback, unraisable))
+            self.held.append(unraisable)
         else:
             self.previous(unraisable)
 
     def __exit__(self, *_):
         sys.unraisablehook = self.previous
         if not self.refused:
-            for *_, unraisable in self.held:
+            for unraisable in self.held:
                 self.previous(unraisable)
 
 

@@ -49,7 +49,7 @@ class DarkTerms:
     scales: list[np.ndarray]
     hot: list[np.ndarray]
     bias: list[np.ndarray]
-    maps: dict[str, ChannelMaps]
+    maps: dict[tuple[str, str], ChannelMaps]
 
     def __len__(self) -> int:
         return len(self.key)

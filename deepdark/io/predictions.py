@@ -184,7 +184,8 @@ def _write_darks(ds: h5py.Dataset, terms: TermsWriter, start: int, dark: np.ndar
     kept = np.zeros(len(dark), bool) if served is None else served.rows
     if not kept.any():
         ds[start : start + len(dark)] = dark
-    for i in np.flatnonzero(~kept) if kept.any() else ():  # a chunk a row
+        return
+    for i in np.flatnonzero(~kept):  # a chunk a row
         ds[start + i] = dark[i]
 
 
@@ -238,9 +239,9 @@ class Predictions:
                     k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.f.attrs.items() if k != "geometry"
                 }
                 defaults = {**VERDICT_COLUMNS, "method": str(self.attrs.get("method", ""))}
+                self.version = int(self.f.attrs["schema_version"])
                 # written with every schema 2 file: a missing column or checksum is damage, not an older file
-                complete = int(self.f.attrs["schema_version"]) >= 2
-                columns = _read_verdicts(self.path, self.f["table"], len(self.table), defaults, complete)
+                columns = _read_verdicts(self.path, self.f["table"], len(self.table), defaults, self.version >= 2)
                 for col, value in columns.items():
                     self.table[col] = value
                 _check_dark_checksums(self.path, self.f)
@@ -251,7 +252,7 @@ class Predictions:
 
     def _terms_reader(self) -> TermsReader | None:
         """The reader of the rows kept as terms; None for a schema 1 file (every row as pixels)."""
-        if int(self.f.attrs["schema_version"]) < 2:
+        if self.version < 2:
             return None
         if not isinstance(self.f.get("terms"), h5py.Group):
             raise CorruptFileError(

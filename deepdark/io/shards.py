@@ -250,9 +250,7 @@ def stored_table(f: h5py.File, path: str | Path) -> dict[str, np.ndarray]:
             table[col] = np.array([ADDED_COLUMNS[col]] * n, dtype=dtype)
             continue
         table[col] = values = read_checked(path, grp[col])
-        if (values.dtype == object) != (np.dtype(dtype) == object) or (
-            values.dtype != object and values.dtype != np.dtype(dtype)
-        ):  # a damaged datatype message: the values read as another type
+        if values.dtype != np.dtype(dtype):  # a damaged datatype message: the values read as another type
             raise CorruptFileError(f"{path}: table column {col!r} reads as {values.dtype}: the file is damaged")
         stored = grp[col].attrs.get(TEXT_CHECKSUM)  # files written before it have none
         if stored is not None and text_digest(values) != stored:
@@ -336,6 +334,9 @@ def finish_written(f: h5py.File, path: str | Path) -> None:
     except RuntimeError as exc:
         _close_quietly(f)
         raise _write_error(path, exc) from None
+    except OSError:
+        _close_quietly(f)
+        raise
 
 
 def _close_quietly(f: h5py.File) -> None:
