@@ -33,10 +33,14 @@ METHOD_ORDER = ("median_all", "median_temp", "physics", "model", "floor")
 
 
 def median_predictor(masters: Masters, kind: str) -> Predictor:
-    """The traditional method: the master dark (``all`` or per-``temp``) of each frame-channel."""
+    """The traditional method: the master dark (``all`` or per-``temp``) of each frame-channel;
+    NaN where the library has none (a camera or setpoint it lacks), so that such a dark is left
+    out as unserved, not the whole baseline."""
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
-        return np.stack([window_of(m, shard.geometry) for m in masters.for_frames(shard.table.iloc[rows], kind)])
+        none = np.full(shard.geometry.window_shape, np.nan, np.float32)
+        found = masters.for_frames(shard.table.iloc[rows], kind, strict=False)
+        return np.stack([none if m is None else window_of(m, shard.geometry) for m in found])
 
     return predict
 

@@ -39,7 +39,17 @@ from tqdm import tqdm
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import CorruptFileError, InputError
 from deepdark.io.geometry import parse_geometry
-from deepdark.io.shards import HDF5_FORMAT, TEXT_CHECKSUM, Shard, hdf5_written, read_checked, text_digest
+from deepdark.io.shards import (
+    GEOMETRY_CHECKSUM,
+    HDF5_FORMAT,
+    TEXT_CHECKSUM,
+    Shard,
+    check_text,
+    geometry_attrs,
+    hdf5_written,
+    read_checked,
+    text_digest,
+)
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
 
 MASTER_SCHEMA = 1
@@ -86,6 +96,7 @@ class Masters:
         self.f = h5py.File(self.path, "r")
         if int(self.f.attrs.get("schema_version", -1)) != MASTER_SCHEMA:
             raise InputError(f"{self.path}: not a deepdark master-dark file of schema {MASTER_SCHEMA}")
+        check_text(self.path, "geometry", self.f.attrs["geometry"], self.f.attrs.get(GEOMETRY_CHECKSUM))
         self.geometry = parse_geometry(self.f.attrs["geometry"], origin=f"{self.path}:geometry")
         self.setpoints = [float(x) for x in self.f.attrs["setpoints"]]
         grp = self.f["table"]
@@ -474,7 +485,7 @@ def write_masters(
         with atomic_path(out) as tmp, hdf5_written(tmp, libver=HDF5_FORMAT) as f:
             f.attrs.update(
                 schema_version=MASTER_SCHEMA,
-                geometry=geometry.source,
+                **geometry_attrs(geometry),
                 setpoints=np.asarray(sorted(set(frames["setpoint"])), dtype=float),
                 nights=",".join(sorted(set(frames["night"]))),
             )

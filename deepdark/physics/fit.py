@@ -23,7 +23,7 @@ from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError
 from deepdark.io.geometry import Geometry
 from deepdark.io.masters import StackedRows
-from deepdark.io.shards import HDF5_FORMAT, Shard, hdf5_written
+from deepdark.io.shards import HDF5_FORMAT, Shard, geometry_attrs, hdf5_written
 from deepdark.io.strips import strip_shapes
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
 from deepdark.io.threads import PerThread, in_flight, ordered_map, resolve_threads, threads_within
@@ -831,7 +831,7 @@ def _fit_library(opened, cameras, out: Path, params: dict, budget, progress: boo
         with atomic_path(out) as tmp, hdf5_written(tmp, libver=HDF5_FORMAT) as f:
             f.attrs.update(
                 schema_version=PHYSICS_SCHEMA,
-                geometry=g.source,
+                **geometry_attrs(g),
                 software=f"deepdark {__version__}",
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 params=json.dumps(params),

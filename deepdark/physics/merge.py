@@ -16,7 +16,7 @@ import h5py
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError
-from deepdark.io.shards import HDF5_FORMAT, hdf5_written
+from deepdark.io.shards import GEOMETRY_CHECKSUM, HDF5_FORMAT, check_text, hdf5_written, text_digest
 
 from .fit import PHYSICS_SCHEMA
 
@@ -48,6 +48,7 @@ def merge_physics(parts: Sequence[str | Path], out: str | Path) -> Path:
     out = Path(out)
     with atomic_path(out) as tmp, hdf5_written(tmp, libver=HDF5_FORMAT) as dst:
         dst.attrs.update({key: first_attrs[key] for key in SHARED_ATTRS})
+        dst.attrs[GEOMETRY_CHECKSUM] = text_digest([first_attrs["geometry"]])
         dst.attrs.update(
             software=f"deepdark {__version__}",
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -75,6 +76,7 @@ def _camera_groups(path: Path) -> tuple[Path, dict, list[str]]:
     missing = [key for key in SHARED_ATTRS if key not in attrs]
     if missing:
         raise InputError(f"{path}: not a deepdark physics model (no attribute {', '.join(missing)})")
+    check_text(path, "geometry", attrs["geometry"], attrs.get(GEOMETRY_CHECKSUM))
     return path, attrs, cameras
 
 

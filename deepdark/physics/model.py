@@ -19,7 +19,7 @@ from deepdark.io.errors import DeepdarkError
 from deepdark.io.frames import UNKNOWN_CAMERA
 from deepdark.io.geometry import Geometry, parse_geometry
 from deepdark.io.predictions import FLAGGED, OK, UNSERVED, Served
-from deepdark.io.shards import Shard
+from deepdark.io.shards import GEOMETRY_CHECKSUM, Shard, check_text
 
 from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, _map_names
 from .frame_state import FrameState, frame_state, with_transfer
@@ -124,6 +124,7 @@ class PhysicsModel:
             raise ValueError(f"{self.path}: not a deepdark physics model ({exc})") from None
         if version != PHYSICS_SCHEMA:
             raise ValueError(f"{self.path}: physics schema {version}, this deepdark reads {PHYSICS_SCHEMA}")
+        check_text(self.path, "geometry", self.f.attrs["geometry"], self.f.attrs.get(GEOMETRY_CHECKSUM))
         self.geometry: Geometry = parse_geometry(self.f.attrs["geometry"], origin=f"{self.path}:geometry")
         self.params = json.loads(self.f.attrs["params"])
         self.cameras: dict[str, CameraInfo] = {}

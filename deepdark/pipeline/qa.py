@@ -227,20 +227,34 @@ def _evaluate_darks(
     def model(shard: Shard, rows: np.ndarray) -> np.ndarray:
         return window_of(preds.dark(rows), shard.geometry)
 
-    try:
-        evaluate([shard_path], masters_path, out_dir, predictors={"model": model}, progress=progress)
-    except ValueError as exc:
-        if masters_path is None or "master dark" not in str(exc):
-            raise
-        notes.append(f"median baselines not scored: {exc}")
-        log.warning("median baselines not scored: %s", exc)
-        evaluate([shard_path], None, out_dir, predictors={"model": model}, progress=progress)
+    evaluate([shard_path], masters_path, out_dir, predictors={"model": model}, progress=progress)
+    if (out_dir / "unserved.csv").exists():
+        notes += _unmastered_notes(_read_evaluated(out_dir / "unserved.csv"), masters_path)
+    return _read_evaluated(out_dir / "per_image.csv")
+
+
+def _read_evaluated(path: Path) -> pd.DataFrame:
     return pd.read_csv(
-        out_dir / "per_image.csv",
-        dtype={"file": str, "night": str, "camera": str, "channel": str},
-        keep_default_na=False,
-        na_values=[""],
+        path, dtype={"file": str, "night": str, "camera": str, "channel": str}, keep_default_na=False, na_values=[""]
     )
+
+
+def _unmastered_notes(unserved: pd.DataFrame, masters_path) -> list[str]:
+    """A line for the darks a median baseline had no master for (a camera or setpoint the library
+    lacks): like every dark some method could not predict, they are left out of every method's RMSE."""
+    baseline = unserved["unserved_by"].str.contains("median_")
+    if not baseline.any():
+        return []
+    lacking = unserved[baseline]
+    where = ", ".join(
+        f"camera {camera} at {setpoint:g} C" for (camera, setpoint), _ in lacking.groupby(["camera", "setpoint"])
+    )
+    line = (
+        f"{len(lacking)} dark frame-channel(s) without a median master dark in {Path(masters_path).name} "
+        f"({where}): left out of every method's RMSE (unserved.csv)"
+    )
+    log.warning(line)
+    return [line]
 
 
 def _merge_dark_rmse(qa: pd.DataFrame, per_image: pd.DataFrame, geometry) -> pd.DataFrame:

@@ -129,3 +129,22 @@ def test_a_part_without_the_fit_options_is_named(library, tmp_path):
         del f.attrs["params"]
     with pytest.raises(InputError, match="GS1.h5: not a deepdark physics model .no attribute params"):
         P.merge_physics([part], tmp_path / "m.h5")
+
+
+def test_a_changed_geometry_is_named_by_the_model_the_merge_and_the_masters(library, tmp_path):
+    """The geometry is kept as text that no chunk checksum covers: it has its own, as in shards."""
+    from deepdark.io.errors import CorruptFileError
+    from deepdark.io.masters import Masters
+    from deepdark.pipeline.baseline import build_masters
+
+    _, shards = library
+    part = P.fit_physics(shards, tmp_path / "GS1.h5", cameras=["GS1"], progress=False)
+    masters = build_masters(shards, tmp_path / "masters.h5", progress=False)
+    for path in (part, masters):
+        with h5py.File(path, "a") as f:
+            f.attrs["geometry"] = f.attrs["geometry"].replace("mini", "mine", 1)
+    for read in (P.PhysicsModel, lambda p: P.merge_physics([p], tmp_path / "m.h5"), Masters):
+        path = masters if read is Masters else part
+        with pytest.raises(CorruptFileError, match=f"{path}: attribute 'geometry' fails its checksum"):
+            read(path)
+    assert not (tmp_path / "m.h5").exists()

@@ -398,6 +398,23 @@ def test_a_night_whose_darks_were_none_predicted_still_gets_its_page(write_night
     assert "none predicted: no RMSE on the night" in page
 
 
+def test_a_camera_without_master_darks_loses_its_own_darks_not_the_baselines(archive, write_night, tmp_path, mini):
+    write_night(n_dark=2, n_guide=1)
+    night = write_night(n_dark=1, n_guide=1, camera="GS9", seed=1)  # the library has no GS9
+    shard, pred = _zero_predictions(night, tmp_path, mini, "two_cameras")
+    qa = night_qa(shard, pred, archive["masters"], tmp_path / "qa", progress=False)
+    darks = qa[qa["imagetyp"] == "DARK"]
+    known = darks["camera"] == "GS1"
+    rmse = ["rmse_model", "rmse_median_all", "rmse_median_temp"]
+    assert darks.loc[known, rmse].notna().all().all() and darks.loc[~known, rmse].isna().all().all()
+    table = pooled_table(qa)["total"]
+    assert all(np.isfinite(table[m]) for m in ("model", "median_all", "median_temp"))
+    unserved = pd.read_csv(tmp_path / "qa" / "unserved.csv", dtype=str)
+    assert set(unserved["camera"]) == {"GS9"} and len(unserved) == 4
+    page = (tmp_path / "qa" / "qa.html").read_text(encoding="utf-8")
+    assert "4 dark frame-channel(s) without a median master dark in masters.h5 (camera GS9 at -15 C)" in page
+
+
 def test_evaluate_scores_every_method_on_the_same_darks_and_lists_the_unserved(tmp_path):
     from deepdark.evaluation.evaluate import Scores
 
