@@ -32,17 +32,27 @@ HIST_EDGES = np.arange(-100.5, 101.5, 1.0)  # 1-ADU bins for the difference hist
 METHOD_ORDER = ("median_all", "median_temp", "physics", "model", "floor")
 
 
-def median_predictor(masters: Masters, kind: str) -> Predictor:
-    """The traditional method: the master dark (``all`` or per-``temp``) of each frame-channel;
-    NaN where the library has none (a camera or setpoint it lacks), so that such a dark is left
-    out as unserved, not the whole baseline."""
+def median_predictor(masters: Masters, kind: str, strict: bool = True) -> Predictor:
+    """The traditional method: the master dark (``all`` or per-``temp``) of each frame-channel.
+    Where the library has none (a camera or setpoint it lacks): an error naming it, or when not
+    ``strict`` NaN, so that such a dark is left out as unserved rather than the whole baseline."""
 
     def predict(shard: Shard, rows: np.ndarray) -> np.ndarray:
         none = np.full(shard.geometry.window_shape, np.nan, np.float32)
-        found = masters.for_frames(shard.table.iloc[rows], kind, strict=False)
+        found = masters.for_frames(shard.table.iloc[rows], kind, strict=strict)
         return np.stack([none if m is None else window_of(m, shard.geometry) for m in found])
 
     return predict
+
+
+class NothingScored(InputError):
+    """Every test dark was left out: some method could predict none of them."""
+
+
+def _unserved_line(unserved: list[dict], path: Path) -> str:
+    by = pd.Series([u["unserved_by"] for u in unserved]).value_counts()
+    methods = ", ".join(f"{n} by {m}" for m, n in by.items())
+    return f"{len(unserved)} dark frame-channel(s) left out of every method's score, not predicted ({methods}): {path}"
 
 
 class DifferenceHistograms:
@@ -141,34 +151,41 @@ def evaluate(
     batch_size: int = 4,
     progress: bool = True,
     figures: bool = True,
+    partial_masters: bool = False,
 ) -> dict:
     """Score the median baselines (when ``masters_path``) and ``predictors`` on the test darks.
 
     Writes ``table1.json``, ``table1.csv``, ``per_image.csv``, ``histograms.csv``, ``unserved.csv``
     (darks some method could not predict, left out of every method's score; only when there are
     any) and (when ``figures``) the paper's figures 6-8 as PNG into ``out_dir``; returns the table.
+    A dark the masters do not cover is an error naming it, or with ``partial_masters`` unserved by
+    the median baselines. Raises :class:`NothingScored` (``unserved.csv`` written) when every
+    dark was left out.
     """
     out_dir = Path(out_dir)
     methods: dict[str, Predictor] = {}
     masters = Masters(masters_path) if masters_path else None
     if masters:
-        methods["median_all"] = median_predictor(masters, "all")
-        methods["median_temp"] = median_predictor(masters, "temp")
+        methods["median_all"] = median_predictor(masters, "all", strict=not partial_masters)
+        methods["median_temp"] = median_predictor(masters, "temp", strict=not partial_masters)
     methods.update(predictors or {})
     scores = Scores(masters.setpoints if masters else None)
     for path in test_shards:
         with Shard(path) as shard:
             darks = np.flatnonzero((shard.table["imagetyp"] == "DARK").to_numpy())
             scores.add_shard(shard, darks, methods, batch_size, progress)
-    if not scores.per_image:
+    if not scores.per_image and not scores.unserved:
         raise InputError("no DARK frames in the test shards: nothing to evaluate")
-    table = ordered_table(scores.pooled.table())
     out_dir.mkdir(parents=True, exist_ok=True)
+    if scores.unserved:
+        _write_csv(out_dir / "unserved.csv", pd.DataFrame(scores.unserved))
+        log.warning("%s", _unserved_line(scores.unserved, out_dir / "unserved.csv"))
+    if not scores.per_image:
+        raise NothingScored(_unserved_line(scores.unserved, out_dir / "unserved.csv") + ": nothing to score")
+    table = ordered_table(scores.pooled.table())
     _write_json(out_dir / "table1.json", table)
     _write_csv(out_dir / "table1.csv", table_frame(table))
     _write_csv(out_dir / "per_image.csv", pd.DataFrame(scores.per_image))
-    if scores.unserved:
-        _write_csv(out_dir / "unserved.csv", pd.DataFrame(scores.unserved))
     _write_csv(out_dir / "histograms.csv", scores.hists.summary())
     if figures:
         from deepdark.evaluation.plots import difference_histograms, error_heatmap

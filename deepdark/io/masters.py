@@ -94,6 +94,14 @@ class Masters:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.f = h5py.File(self.path, "r")
+        try:
+            self._read_header()
+        except BaseException:
+            self.f.close()
+            raise
+
+    def _read_header(self) -> None:
+        """The file's geometry, setpoints, table of masters and record of frames, checked."""
         if int(self.f.attrs.get("schema_version", -1)) != MASTER_SCHEMA:
             raise InputError(f"{self.path}: not a deepdark master-dark file of schema {MASTER_SCHEMA}")
         check_text(self.path, "geometry", self.f.attrs["geometry"], self.f.attrs.get(GEOMETRY_CHECKSUM))

@@ -121,7 +121,21 @@ class PhysicsModel:
             version = int(self.f.attrs["schema_version"])
             self.f["cameras"]
         except (OSError, KeyError) as exc:
+            if hasattr(self, "f"):
+                self.f.close()
             raise ValueError(f"{self.path}: not a deepdark physics model ({exc})") from None
+        try:
+            self._read_header(version)
+        except BaseException:
+            self.f.close()
+            raise
+        self._channels: OrderedDict = OrderedDict()
+        self._cache_size = cache_channels
+        self._temperature_ranges: dict[str, tuple[float, float]] = {}
+        self._transfers: dict[tuple[str, str], Transfer] = {}
+
+    def _read_header(self, version: int) -> None:
+        """The model's geometry, fit options and cameras (:class:`CameraInfo`), checked."""
         if version != PHYSICS_SCHEMA:
             raise ValueError(f"{self.path}: physics schema {version}, this deepdark reads {PHYSICS_SCHEMA}")
         check_text(self.path, "geometry", self.f.attrs["geometry"], self.f.attrs.get(GEOMETRY_CHECKSUM))
@@ -141,10 +155,6 @@ class PhysicsModel:
                 f"cameras/{key}",
                 float(a["header_sigma"]),
             )
-        self._channels: OrderedDict = OrderedDict()
-        self._cache_size = cache_channels
-        self._temperature_ranges: dict[str, tuple[float, float]] = {}
-        self._transfers: dict[tuple[str, str], Transfer] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> PhysicsModel:

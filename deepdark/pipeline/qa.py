@@ -16,7 +16,8 @@ Outputs in the night's QA folder: ``qa.csv`` (one row per frame-channel, for mac
 frame's ``frame_hash``, so that the summary counts a frame that two nights hold once; names
 that are not UTF-8 with their odd bytes as ``\\xNN``),
 ``qa.html`` (for people, figures embedded), ``quarantine.csv`` (a copy of the night's), and the
-files of ``evaluate`` (``table1.*``, ``per_image.csv``, ``histograms.csv``, ``fig*.png``).
+files of ``evaluate`` (``table1.*``, ``per_image.csv``, ``histograms.csv``, ``unserved.csv`` (darks
+left out of every method's RMSE: a method could not predict them), ``fig*.png``).
 
 :func:`summarize` pools every night's ``qa.csv`` into the archive's Table 1 (squared errors
 summed over all nights, never an average of RMSEs), a per-night table with the nights where the
@@ -38,7 +39,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from deepdark.evaluation import plots, report
-from deepdark.evaluation.evaluate import evaluate, ordered_table
+from deepdark.evaluation.evaluate import NothingScored, evaluate, ordered_table
 from deepdark.evaluation.metrics import PooledRMSE
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError
@@ -77,6 +78,7 @@ EVALUATE_FILES = (
     "table1.csv",
     "per_image.csv",
     "histograms.csv",
+    "unserved.csv",
     "fig6_heatmap.png",
     "fig7_histogram.png",
     "fig8_histogram_by_temp.png",
@@ -138,7 +140,7 @@ def night_qa(
         darks = (table["imagetyp"] == "DARK").to_numpy()
         served = darks & (preds.table["status"] != "unserved").to_numpy() if "status" in preds.table else darks
         if served.any():
-            per_image = _evaluate_darks(shard_path, preds, masters_path, out_dir, notes, progress)
+            per_image = _evaluate_darks(shard_path, preds, masters_path, out_dir, notes, cameras, progress)
             qa = _merge_dark_rmse(qa, per_image, shard.geometry)
         elif darks.any():  # every method is scored on the same darks: here on none
             notes.append(f"{int(darks.sum())} dark frame-channel(s), none predicted: no RMSE on the night's darks")
@@ -220,16 +222,29 @@ def _check_same_rows(shard: Shard, preds: Predictions) -> None:
 
 
 def _evaluate_darks(
-    shard_path, preds: Predictions, masters_path, out_dir: Path, notes: list[str], progress: bool
+    shard_path, preds: Predictions, masters_path, out_dir: Path, notes: list[str], cameras, progress: bool
 ) -> pd.DataFrame:
-    """``evaluate`` on the night's darks, the predictions file as the ``model``; its per-image table."""
+    """``evaluate`` on the night's darks, the predictions file as the ``model``; its per-image
+    table. Darks the masters do not cover are left out (named in ``notes``); where they cover none
+    of the darks the model predicted, the model is scored alone."""
 
     def model(shard: Shard, rows: np.ndarray) -> np.ndarray:
         return window_of(preds.dark(rows), shard.geometry)
 
-    evaluate([shard_path], masters_path, out_dir, predictors={"model": model}, progress=progress)
-    if (out_dir / "unserved.csv").exists():
-        notes += _unmastered_notes(_read_evaluated(out_dir / "unserved.csv"), masters_path)
+    unserved = out_dir / "unserved.csv"
+    try:
+        evaluate([shard_path], masters_path, out_dir, {"model": model}, progress=progress, partial_masters=True)
+    except NothingScored:
+        if masters_path is None:
+            raise
+        # the masters cover none of the darks the model predicted: the model is scored alone
+        notes += _unmastered_notes(_read_evaluated(unserved), masters_path, cameras, "the baselines are not scored")
+        unserved.unlink()
+        evaluate([shard_path], None, out_dir, {"model": model}, progress=progress)
+    else:
+        if unserved.exists():
+            left_out = "left out of every method's RMSE"
+            notes += _unmastered_notes(_read_evaluated(unserved), masters_path, cameras, left_out)
     return _read_evaluated(out_dir / "per_image.csv")
 
 
@@ -239,19 +254,25 @@ def _read_evaluated(path: Path) -> pd.DataFrame:
     )
 
 
-def _unmastered_notes(unserved: pd.DataFrame, masters_path) -> list[str]:
-    """A line for the darks a median baseline had no master for (a camera or setpoint the library
-    lacks): like every dark some method could not predict, they are left out of every method's RMSE."""
-    baseline = unserved["unserved_by"].str.contains("median_")
-    if not baseline.any():
+def _unmastered_notes(
+    unserved: pd.DataFrame, masters_path, cameras: Sequence[str] | None, outcome: str, listed: int = 10
+) -> list[str]:
+    """A line for the darks (of ``cameras``, None: all) a median baseline had no master for (a
+    camera or setpoint the library lacks), naming the first ``listed`` cameras and setpoints, and
+    what became of them: ``outcome``."""
+    lacking = unserved[unserved["unserved_by"].str.contains("median_")]
+    if cameras:
+        lacking = lacking[lacking["camera"].isin(list(cameras))]
+    if lacking.empty:
         return []
-    lacking = unserved[baseline]
-    where = ", ".join(
-        f"camera {camera} at {setpoint:g} C" for (camera, setpoint), _ in lacking.groupby(["camera", "setpoint"])
-    )
+    groups = [
+        f"camera {camera} at {'no setpoint' if pd.isna(setpoint) else f'{setpoint:g} C'}"
+        for camera, setpoint in lacking.groupby(["camera", "setpoint"], dropna=False).groups
+    ]
+    where = ", ".join(groups[:listed]) + (", ..." if len(groups) > listed else "")
     line = (
         f"{len(lacking)} dark frame-channel(s) without a median master dark in {Path(masters_path).name} "
-        f"({where}): left out of every method's RMSE (unserved.csv)"
+        f"({where}): {outcome} (unserved.csv)"
     )
     log.warning(line)
     return [line]

@@ -415,6 +415,26 @@ def test_a_camera_without_master_darks_loses_its_own_darks_not_the_baselines(arc
     assert "4 dark frame-channel(s) without a median master dark in masters.h5 (camera GS9 at -15 C)" in page
 
 
+def test_darks_without_any_master_are_scored_by_the_model_alone_and_a_rerun_forgets_them(
+    archive, write_night, tmp_path, mini
+):
+    uncovered = write_night(night="20240101", n_dark=2, n_guide=1, camera="GS9")
+    shard, pred = _zero_predictions(uncovered, tmp_path, mini, "uncovered")
+    qa = night_qa(shard, pred, archive["masters"], tmp_path / "qa", progress=False)
+    darks = qa[qa["imagetyp"] == "DARK"]
+    assert darks["rmse_model"].notna().all() and darks[["rmse_median_all", "rmse_median_temp"]].isna().all().all()
+    page = (tmp_path / "qa" / "qa.html").read_text(encoding="utf-8")
+    assert "8 dark frame-channel(s) without a median master dark in masters.h5 (camera GS9 at -15 C): " in page
+    assert "the baselines are not scored" in page and not (tmp_path / "qa" / "unserved.csv").exists()
+    # the library gains nothing, but the night's darks are now of a covered camera: nothing stale
+    (tmp_path / "qa" / "unserved.csv").write_text("stale\n")
+    covered = write_night(night="20240102", n_dark=2, n_guide=1)
+    shard, pred = _zero_predictions(covered, tmp_path, mini, "covered")
+    night_qa(shard, pred, archive["masters"], tmp_path / "qa", progress=False)
+    assert not (tmp_path / "qa" / "unserved.csv").exists()
+    assert "without a median master" not in (tmp_path / "qa" / "qa.html").read_text(encoding="utf-8")
+
+
 def test_evaluate_scores_every_method_on_the_same_darks_and_lists_the_unserved(tmp_path):
     from deepdark.evaluation.evaluate import Scores
 
