@@ -81,7 +81,7 @@ def cmd_baseline(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from deepdark.evaluation.evaluate import evaluate, format_table
+    from deepdark.evaluation.evaluate import evaluate, format_table, lenient
 
     if not (a.baseline or a.model or getattr(a, "physics", None)):
         raise UserError("nothing to evaluate: give --baseline, --model and/or --physics")
@@ -100,6 +100,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         from deepdark.physics import physics_predictor
 
         predictors["physics"] = physics_predictor(a.physics)
+    predictors = {name: lenient(p) for name, p in predictors.items()}
     table = evaluate(a.test, a.baseline, a.out, predictors=predictors, progress=not a.quiet)
     print(format_table(table))
 

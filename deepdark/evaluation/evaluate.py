@@ -45,6 +45,16 @@ def median_predictor(masters: Masters, kind: str, strict: bool = True) -> Predic
     return predict
 
 
+def lenient(predictor: Predictor) -> Predictor:
+    """``predictor``'s darks, NaN where its ``serve`` (each row's verdict, as ``predict`` writes
+    them) leaves a row unserved (a camera, exposure or temperature it does not cover): such a dark
+    is left out of the table and listed, where the predictor itself would stop the evaluation."""
+    serve = getattr(predictor, "serve", None)
+    if serve is None:
+        return predictor
+    return lambda shard, rows: serve(shard, rows).dark
+
+
 class NothingScored(InputError):
     """Every test dark was left out: some method could predict none of them."""
 
@@ -151,27 +161,28 @@ def evaluate(
     batch_size: int = 4,
     progress: bool = True,
     figures: bool = True,
-    partial_masters: bool = False,
 ) -> dict:
     """Score the median baselines (when ``masters_path``) and ``predictors`` on the test darks.
 
     Writes ``table1.json``, ``table1.csv``, ``per_image.csv``, ``histograms.csv``, ``unserved.csv``
     (darks some method could not predict, left out of every method's score; only when there are
     any) and (when ``figures``) the paper's figures 6-8 as PNG into ``out_dir``; returns the table.
-    A dark the masters do not cover is an error naming it, or with ``partial_masters`` unserved by
-    the median baselines. Raises :class:`NothingScored` (``unserved.csv`` written) when every
-    dark was left out.
+    A dark the masters do not cover (a camera or setpoint the library lacks) is unserved by the
+    median baselines. Raises :class:`NothingScored` (``unserved.csv`` written) when every dark
+    was left out.
     """
     out_dir = Path(out_dir)
     methods: dict[str, Predictor] = {}
     masters = Masters(masters_path) if masters_path else None
     if masters:
-        methods["median_all"] = median_predictor(masters, "all", strict=not partial_masters)
-        methods["median_temp"] = median_predictor(masters, "temp", strict=not partial_masters)
+        methods["median_all"] = median_predictor(masters, "all", strict=False)
+        methods["median_temp"] = median_predictor(masters, "temp", strict=False)
     methods.update(predictors or {})
     scores = Scores(masters.setpoints if masters else None)
     for path in test_shards:
         with Shard(path) as shard:
+            if masters:
+                masters.check_geometry(shard.geometry)
             darks = np.flatnonzero((shard.table["imagetyp"] == "DARK").to_numpy())
             scores.add_shard(shard, darks, methods, batch_size, progress)
     if not scores.per_image and not scores.unserved:

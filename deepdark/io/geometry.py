@@ -287,6 +287,17 @@ def _geometry_text(name_or_path: str) -> str:
     raise GeometryError(f"geometry {name_or_path!r}: neither a preset ({', '.join(presets())}) nor a readable file")
 
 
+def layout_mismatch(made: Geometry, data: Geometry) -> str | None:
+    """Why what was made for geometry ``made`` (master darks, a physics model) cannot serve data
+    of geometry ``data``, or None when they share a layout (:attr:`Geometry.digest`, whatever
+    their names)."""
+    if made.digest == data.digest:
+        return None
+    if made.name == data.name:
+        return f"geometry {made.name!r} of another layout than the data's (a geometry file edited under the same name)"
+    return f"geometry {made.name!r}, the data's is {data.name!r}"
+
+
 def parse_geometry(text: str, origin: str = "<text>") -> Geometry:
     """Parse and validate geometry YAML (either form); every error names the offending field."""
     try:

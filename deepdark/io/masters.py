@@ -38,16 +38,15 @@ from tqdm import tqdm
 
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import CorruptFileError, InputError
-from deepdark.io.geometry import parse_geometry
+from deepdark.io.geometry import Geometry, layout_mismatch
 from deepdark.io.shards import (
-    GEOMETRY_CHECKSUM,
     HDF5_FORMAT,
     TEXT_CHECKSUM,
     Shard,
-    check_text,
     geometry_attrs,
     hdf5_written,
     read_checked,
+    stored_geometry,
     text_digest,
 )
 from deepdark.io.tables import common_geometry, frame_setpoints, library_table
@@ -83,7 +82,7 @@ FRAME_COLUMNS = {
 }
 
 
-class MissingMaster(ValueError):
+class MissingMaster(InputError):
     """The library has no master dark of the kind asked for a frame-channel; one line."""
 
 
@@ -104,8 +103,7 @@ class Masters:
         """The file's geometry, setpoints, table of masters and record of frames, checked."""
         if int(self.f.attrs.get("schema_version", -1)) != MASTER_SCHEMA:
             raise InputError(f"{self.path}: not a deepdark master-dark file of schema {MASTER_SCHEMA}")
-        check_text(self.path, "geometry", self.f.attrs["geometry"], self.f.attrs.get(GEOMETRY_CHECKSUM))
-        self.geometry = parse_geometry(self.f.attrs["geometry"], origin=f"{self.path}:geometry")
+        self.geometry = stored_geometry(self.f, self.path)
         self.setpoints = [float(x) for x in self.f.attrs["setpoints"]]
         grp = self.f["table"]
         self.table = pd.DataFrame({c: grp[c][()] for c in grp})
@@ -128,6 +126,12 @@ class Masters:
                 values = np.array([decode(v) if isinstance(v, bytes) else v for v in values], dtype=object)
             columns[col] = values
         return pd.DataFrame(columns)
+
+    def check_geometry(self, g: Geometry) -> None:
+        """An :class:`InputError` naming the file when its masters are not of data of geometry ``g``."""
+        why = layout_mismatch(self.geometry, g)
+        if why:
+            raise InputError(f"{self.path}: master darks of {why}")
 
     def inputs(self, i: int) -> pd.DataFrame:
         """The library frames that master ``i`` (a row of :attr:`table`) is the median of: the

@@ -271,6 +271,20 @@ def geometry_attrs(geometry: Geometry) -> dict[str, str]:
     return {"geometry": geometry.source, GEOMETRY_CHECKSUM: text_digest([geometry.source])}
 
 
+def stored_geometry(f: h5py.File, path: str | Path) -> Geometry:
+    """The geometry a deepdark HDF5 file keeps (attribute ``geometry``), checked against its
+    checksum; a one-line error naming the file when it is missing, not text or damaged."""
+    text = f.attrs.get("geometry")
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if text is None:
+        raise InputError(f"{path}: no attribute 'geometry': not a deepdark file, or a damaged one")
+    if not isinstance(text, str):
+        raise CorruptFileError(f"{path}: attribute 'geometry' is not text: the file is damaged; make it again")
+    check_text(path, "geometry", text, f.attrs.get(GEOMETRY_CHECKSUM))
+    return parse_geometry(text, origin=f"{path}:geometry")
+
+
 def check_text(path: str | Path, name: str, text: str, stored: str | None) -> None:
     """A :class:`CorruptFileError` naming the file when ``text`` no longer matches its stored
     checksum (files written before checksums have none)."""
@@ -380,8 +394,7 @@ def open_versioned(path: Path, kind: str, versions: int | tuple[int, ...]) -> tu
         raise InputError(f"{path}: {kind} schema {found}, this deepdark reads {' or '.join(map(str, versions))}")
     try:
         with damage_named(path):
-            check_text(path, "geometry", f.attrs["geometry"], f.attrs.get(GEOMETRY_CHECKSUM))
-            geometry = parse_geometry(f.attrs["geometry"], origin=f"{path}:geometry")
+            geometry = stored_geometry(f, path)
             table = pd.DataFrame({c: _decode(c, v) for c, v in stored_table(f, path).items()})
     except DeepdarkError:
         f.close()

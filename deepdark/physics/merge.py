@@ -15,8 +15,8 @@ import h5py
 
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
-from deepdark.io.errors import InputError
-from deepdark.io.shards import GEOMETRY_CHECKSUM, HDF5_FORMAT, check_text, hdf5_written, text_digest
+from deepdark.io.errors import DeepdarkError, InputError
+from deepdark.io.shards import GEOMETRY_CHECKSUM, HDF5_FORMAT, hdf5_written, stored_geometry, text_digest
 
 from .fit import PHYSICS_SCHEMA
 
@@ -69,6 +69,10 @@ def _camera_groups(path: Path) -> tuple[Path, dict, list[str]]:
         with h5py.File(path, "r") as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
             cameras = [str(g.attrs["camera"]) for g in f["cameras"].values()]
+            if all(key in attrs for key in SHARED_ATTRS):
+                stored_geometry(f, path)  # its checksum, and text that parses
+    except DeepdarkError:
+        raise
     except (OSError, KeyError) as exc:
         raise InputError(f"{path}: not a deepdark physics model ({exc})") from None
     if attrs.get("schema_version") != PHYSICS_SCHEMA:
@@ -76,7 +80,6 @@ def _camera_groups(path: Path) -> tuple[Path, dict, list[str]]:
     missing = [key for key in SHARED_ATTRS if key not in attrs]
     if missing:
         raise InputError(f"{path}: not a deepdark physics model (no attribute {', '.join(missing)})")
-    check_text(path, "geometry", attrs["geometry"], attrs.get(GEOMETRY_CHECKSUM))
     return path, attrs, cameras
 
 

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 
 from deepdark.io.dark_terms import ChannelMaps, DarkTerms
-from deepdark.io.errors import DeepdarkError
+from deepdark.io.errors import DeepdarkError, InputError
 from deepdark.io.frames import UNKNOWN_CAMERA
-from deepdark.io.geometry import Geometry, parse_geometry
+from deepdark.io.geometry import Geometry, layout_mismatch
 from deepdark.io.predictions import FLAGGED, OK, UNSERVED, Served
-from deepdark.io.shards import GEOMETRY_CHECKSUM, Shard, check_text
+from deepdark.io.shards import Shard, stored_geometry
 
 from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, _map_names
 from .frame_state import FrameState, frame_state, with_transfer
@@ -123,7 +123,7 @@ class PhysicsModel:
         except (OSError, KeyError) as exc:
             if hasattr(self, "f"):
                 self.f.close()
-            raise ValueError(f"{self.path}: not a deepdark physics model ({exc})") from None
+            raise InputError(f"{self.path}: not a deepdark physics model ({exc})") from None
         try:
             self._read_header(version)
         except BaseException:
@@ -137,9 +137,8 @@ class PhysicsModel:
     def _read_header(self, version: int) -> None:
         """The model's geometry, fit options and cameras (:class:`CameraInfo`), checked."""
         if version != PHYSICS_SCHEMA:
-            raise ValueError(f"{self.path}: physics schema {version}, this deepdark reads {PHYSICS_SCHEMA}")
-        check_text(self.path, "geometry", self.f.attrs["geometry"], self.f.attrs.get(GEOMETRY_CHECKSUM))
-        self.geometry: Geometry = parse_geometry(self.f.attrs["geometry"], origin=f"{self.path}:geometry")
+            raise InputError(f"{self.path}: physics schema {version}, this deepdark reads {PHYSICS_SCHEMA}")
+        self.geometry: Geometry = stored_geometry(self.f, self.path)
         self.params = json.loads(self.f.attrs["params"])
         self.cameras: dict[str, CameraInfo] = {}
         for key, grp in self.f["cameras"].items():
@@ -308,9 +307,11 @@ class PhysicsModel:
             " dark current)"
         )
 
-    def _check_geometry(self, g: Geometry) -> None:
-        if g.name != self.geometry.name or g.active.shape != self.geometry.active.shape:
-            raise PhysicsError(f"{self.path.name}: fitted on geometry {self.geometry.name}, data is {g.name}")
+    def check_geometry(self, g: Geometry) -> None:
+        """A :class:`PhysicsError` naming the file when the model was not fitted on data of geometry ``g``."""
+        why = layout_mismatch(self.geometry, g)
+        if why:
+            raise PhysicsError(f"{self.path}: fitted on {why}")
 
     # -- frame state and temperature ----------------------------------------------------------------
     def state(self, strips: dict[str, np.ndarray], table: pd.DataFrame | None = None) -> FrameState:
@@ -595,7 +596,7 @@ class PhysicsModel:
 
     def _frames_of(self, shard: Shard, rows) -> _Frames:
         """The strips, state and verdicts of every row of the frames of table ``rows``."""
-        self._check_geometry(shard.geometry)
+        self.check_geometry(shard.geometry)
         rows = np.asarray(rows)
         tab = shard.table
         files = pd.unique(tab["file"].to_numpy()[rows])

@@ -246,6 +246,11 @@ class MedianDarks(DarkSource):
             self.table, self.geometry = s.table.copy(), s.geometry
         self.path = Path(shard)
         self.masters = Masters(masters)
+        try:
+            self.masters.check_geometry(self.geometry)
+        except InputError:
+            self.masters.close()
+            raise
         self.attrs = dict(
             method=f"median_{kind}", masters=str(masters), shard=str(shard), software=f"deepdark {__version__}"
         )

@@ -116,6 +116,8 @@ def night_qa(
         preds = stack.enter_context(Predictions(predictions_path))
         masters = stack.enter_context(Masters(masters_path)) if masters_path else None
         _check_same_rows(shard, preds)
+        if masters is not None:
+            masters.check_geometry(shard.geometry)
         table = shard.table
         setpoints = frame_setpoints(table, masters.setpoints if masters else None)
         qa = table[
@@ -233,7 +235,7 @@ def _evaluate_darks(
 
     unserved = out_dir / "unserved.csv"
     try:
-        evaluate([shard_path], masters_path, out_dir, {"model": model}, progress=progress, partial_masters=True)
+        evaluate([shard_path], masters_path, out_dir, {"model": model}, progress=progress)
     except NothingScored:
         if masters_path is None:
             raise

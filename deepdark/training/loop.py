@@ -66,6 +66,7 @@ from tqdm import tqdm
 
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError, MissingInputError
+from deepdark.io.shards import Shard
 from deepdark.model import conditioning as C
 from deepdark.model import selection as S
 from deepdark.model.files import CARD_FILE, DEFAULT_INPUTS, file_sha256, json_default, physics_card, save_model
@@ -682,6 +683,17 @@ def _refuse_other_physics(out_dir: Path, dest: Path, src: Path) -> None:
         )
 
 
+def _check_physics_source(src: Path, shards) -> None:
+    """The physics model ``src`` opens and was fitted on the layout of the (first of) ``shards``:
+    its errors name ``src``, not the copy the run would make of it."""
+    from deepdark.physics import PhysicsModel
+
+    with PhysicsModel(src) as model:
+        for path in shards[:1]:
+            with Shard(path) as shard:
+                model.check_geometry(shard.geometry)
+
+
 def _physics_file(shards, out_dir: Path, physics, budget: tuple, progress: bool) -> tuple[Path, str]:
     """``out_dir/physics.h5``: a copy of ``physics``, or (None) fitted from ``shards``; (path, source)."""
     import shutil
@@ -695,6 +707,7 @@ def _physics_file(shards, out_dir: Path, physics, budget: tuple, progress: bool)
         same_file = dest.exists() and dest.resolve() == src.resolve()
         if not same_file and not (dest.is_file() and file_sha256(dest) == file_sha256(src)):
             _refuse_other_physics(out_dir, dest, src)
+            _check_physics_source(src, list(shards))
             with atomic_path(dest) as tmp:
                 shutil.copyfile(src, tmp)
         return dest, str(src.resolve())

@@ -8,7 +8,7 @@ import pytest
 
 from deepdark import physics as P
 from deepdark.cli import main
-from deepdark.io.errors import InputError
+from deepdark.io.errors import DeepdarkError, InputError
 from deepdark.io.geometry import load_geometry
 from deepdark.io.shards import Shard
 from deepdark.io.tables import library_cameras
@@ -148,3 +148,98 @@ def test_a_changed_geometry_is_named_by_the_model_the_merge_and_the_masters(libr
         with pytest.raises(CorruptFileError, match=f"{path}: attribute 'geometry' fails its checksum"):
             read(path)
     assert not (tmp_path / "m.h5").exists()
+
+
+def _set_geometry(path, text, checksum=True):
+    from deepdark.io.shards import GEOMETRY_CHECKSUM, text_digest
+
+    with h5py.File(path, "a") as f:
+        if text is None:
+            del f.attrs["geometry"]
+        else:
+            f.attrs["geometry"] = text
+        if GEOMETRY_CHECKSUM in f.attrs:
+            del f.attrs[GEOMETRY_CHECKSUM]
+        if checksum and isinstance(text, str):
+            f.attrs[GEOMETRY_CHECKSUM] = text_digest([text])
+
+
+GEOMETRY_ERRORS = [(None, ".*no attribute '?geometry"), (5, "attribute 'geometry' is not text")]
+
+
+@pytest.mark.parametrize("stored, error", GEOMETRY_ERRORS, ids=["gone", "a number"])
+def test_a_missing_or_odd_geometry_is_one_line_for_the_model_the_merge_and_the_masters(
+    library, tmp_path, stored, error
+):
+    from deepdark.io.masters import Masters
+    from deepdark.pipeline.baseline import build_masters
+
+    _, shards = library
+    part = P.fit_physics(shards, tmp_path / "GS1.h5", cameras=["GS1"], progress=False)
+    masters = build_masters(shards, tmp_path / "masters.h5", progress=False)
+    for path in (part, masters):
+        _set_geometry(path, stored)
+    for read in (P.PhysicsModel, lambda p: P.merge_physics([p], tmp_path / "m.h5"), Masters):
+        path = masters if read is Masters else part
+        with pytest.raises(DeepdarkError, match=f"{path}: {error}"):
+            read(path)
+
+
+def test_masters_and_models_of_another_layout_under_the_same_name_are_refused(library, tmp_path):
+    """A channel read out the other way round: the same name, frame and active area, another layout."""
+    from deepdark.evaluation.evaluate import evaluate
+    from deepdark.io.masters import Masters
+    from deepdark.physics.model import PhysicsError
+    from deepdark.pipeline.baseline import build_masters
+    from deepdark.pipeline.correct import MedianDarks
+    from deepdark.training.loop import _physics_file
+
+    _, shards = library
+    flipped = MINI.source.replace("col0: 126, flip_rows: false", "col0: 126, flip_rows: true")
+    assert load_geometry_text(flipped).digest != MINI.digest
+    part = P.fit_physics(shards, tmp_path / "GS1.h5", cameras=["GS1"], progress=False)
+    masters = build_masters(shards, tmp_path / "masters.h5", progress=False)
+    for path in (part, masters):
+        _set_geometry(path, flipped)
+    same_layout = "of another layout than the data's"
+    with pytest.raises(InputError, match=f"{masters}: master darks of geometry 'mini' {same_layout}"):
+        MedianDarks(shards[0], masters)
+    with pytest.raises(InputError, match=f"{masters}: master darks of geometry 'mini' {same_layout}"):
+        evaluate([shards[0]], masters, tmp_path / "eval", progress=False, figures=False)
+    with Masters(masters) as m:  # the geometry itself reads: it is only not the data's
+        assert m.geometry.name == "mini"
+    with pytest.raises(PhysicsError, match=f"{part}: fitted on geometry 'mini' {same_layout}"):
+        P.physics_predictor(part)(Shard(shards[0]), np.array([0]))
+    with pytest.raises(PhysicsError, match=f"{part}: fitted on geometry 'mini' {same_layout}"):
+        _physics_file(shards, tmp_path / "model", part, (512, 1), progress=False)
+    assert not (tmp_path / "model" / "physics.h5").exists()
+
+
+def load_geometry_text(text):
+    from deepdark.io.geometry import parse_geometry
+
+    return parse_geometry(text)
+
+
+def test_evaluate_leaves_out_and_lists_the_darks_a_predictor_or_the_masters_do_not_cover(library, tmp_path):
+    """A physics model of camera GS1 only, on darks of GS1 and GS2: GS1's are scored, by every method."""
+    from deepdark.pipeline.baseline import build_masters
+
+    _, shards = library
+    part = P.fit_physics(shards, tmp_path / "GS1.h5", cameras=["GS1"], progress=False)
+    with Shard(shards[0]) as s:
+        gs1 = s.table[s.table["camera"] == "GS1"]
+    masters = build_masters(shards, tmp_path / "masters.h5", progress=False)
+    out = tmp_path / "eval"
+    assert (
+        main(
+            ["evaluate", "--test", str(shards[0]), "--physics", str(part), "--baseline", str(masters)]
+            + ["--out", str(out), "-q"]
+        )
+        == 0
+    )
+    scored = pd.read_csv(out / "per_image.csv", dtype=str)
+    unserved = pd.read_csv(out / "unserved.csv", dtype=str)
+    assert set(scored["camera"]) == {"GS1"} and len(scored) == len(gs1)
+    assert set(unserved["camera"]) == {"GS2"}
+    assert set(unserved["unserved_by"]) == {"physics"}

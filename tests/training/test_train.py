@@ -477,5 +477,7 @@ def test_another_physics_model_for_a_folder_holding_a_run_is_refused_before_anyt
     with pytest.raises(InputError, match=f"{out} holds a run made with another physics model"):
         _physics_file([], out, other, (512, 1), progress=False)
     assert (out / C.PHYSICS_FILE).read_bytes() == b"the run's physics model"
-    (out / earlier).unlink()  # no run there: the file is the command's to replace
-    assert _physics_file([], out, other, (512, 1), progress=False)[0].read_bytes() == b"another physics model"
+    (out / earlier).unlink()  # no run there: the file is the command's to replace, with a physics model
+    with pytest.raises(InputError, match=f"{other}: not a deepdark physics model"):
+        _physics_file([], out, other, (512, 1), progress=False)
+    assert (out / C.PHYSICS_FILE).read_bytes() == b"the run's physics model"
