@@ -7,6 +7,7 @@ and the physics model are compared by one loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -172,22 +173,13 @@ def evaluate(
     was left out.
     """
     out_dir = Path(out_dir)
-    methods: dict[str, Predictor] = {}
-    masters = Masters(masters_path) if masters_path else None
-    if masters:
-        methods["median_all"] = median_predictor(masters, "all", strict=False)
-        methods["median_temp"] = median_predictor(masters, "temp", strict=False)
-    methods.update(predictors or {})
-    scores = Scores(masters.setpoints if masters else None)
-    for path in test_shards:
-        with Shard(path) as shard:
-            if masters:
-                masters.check_geometry(shard.geometry)
-            darks = np.flatnonzero((shard.table["imagetyp"] == "DARK").to_numpy())
-            scores.add_shard(shard, darks, methods, batch_size, progress)
+    with contextlib.ExitStack() as stack:
+        masters = stack.enter_context(Masters(masters_path)) if masters_path else None
+        scores = _scores(test_shards, masters, predictors or {}, batch_size, progress)
     if not scores.per_image and not scores.unserved:
         raise InputError("no DARK frames in the test shards: nothing to evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "unserved.csv").unlink(missing_ok=True)  # none of an earlier run's
     if scores.unserved:
         _write_csv(out_dir / "unserved.csv", pd.DataFrame(scores.unserved))
         log.warning("%s", _unserved_line(scores.unserved, out_dir / "unserved.csv"))
@@ -205,6 +197,23 @@ def evaluate(
         difference_histograms(scores.hists, out_dir / "fig7_histogram.png", by_group=False)
         difference_histograms(scores.hists, out_dir / "fig8_histogram_by_temp.png", by_group=True)
     return table
+
+
+def _scores(test_shards, masters: Masters | None, predictors: dict, batch_size: int, progress: bool) -> Scores:
+    """The median baselines (with ``masters``) and ``predictors`` scored on the test shards' darks."""
+    methods: dict[str, Predictor] = {}
+    if masters:
+        methods["median_all"] = median_predictor(masters, "all", strict=False)
+        methods["median_temp"] = median_predictor(masters, "temp", strict=False)
+    methods.update(predictors)
+    scores = Scores(masters.setpoints if masters else None)
+    for path in test_shards:
+        with Shard(path) as shard:
+            if masters:
+                masters.check_geometry(shard.geometry)
+            darks = np.flatnonzero((shard.table["imagetyp"] == "DARK").to_numpy())
+            scores.add_shard(shard, darks, methods, batch_size, progress)
+    return scores
 
 
 def ordered_table(table: dict) -> dict:
