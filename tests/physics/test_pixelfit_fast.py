@@ -29,7 +29,7 @@ def _numpy_masked_median(values, valid):
     return out
 
 
-@pytest.mark.parametrize("n_frames", [1, 2, 3, 4, 5, 16, 17, 64, 65, 130])  # 65, 130: tiles of the transposed copy
+@pytest.mark.parametrize("n_frames", [1, 2, 3, 4, 5, 16, 17, 64, 65, 130])  # 17, 65, 130: a part band
 def test_masked_median_equals_numpy_to_the_bit(n_frames):
     rng = np.random.default_rng(n_frames)
     values = np.abs(rng.normal(size=(n_frames, 2000))).astype(np.float32)
