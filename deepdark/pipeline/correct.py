@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import itertools
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from tqdm import tqdm
 
 from deepdark import __version__
@@ -365,13 +367,32 @@ def output_name(raw_path: str | Path) -> str:
     return name + ".fits"
 
 
+def _free_output_name(raw_path: str | Path, taken) -> str:
+    """:func:`output_name`, or where another frame of the night took it (``a.fits`` and
+    ``a.fits.gz``), the raw file's whole name with ``.fits``, then numbered: never one ``taken``."""
+    whole = Path(raw_path).name
+    numbered = (f"{whole}.{n}.fits" for n in itertools.count(2))
+    return next(c for c in itertools.chain((output_name(raw_path), whole + ".fits"), numbered) if c not in taken)
+
+
 def corrected_header(raw_header: fits.Header) -> fits.Header:
-    """The raw header without the cards that described the raw pixel array."""
+    """The raw header without the cards that described the raw pixel array; a card that is not
+    FITS standard (a lowercase or illegal keyword, a value such as NaN or 1.0.0, a tab in a
+    string), which astropy reads but would refuse to write, kept as HISTORY text."""
     hdr = raw_header.copy()
     for key in list(hdr.keys()):
         base = key.rstrip("0123456789") if key.startswith("NAXIS") else key
         if base in _STRUCTURAL:
             hdr.remove(key, ignore_missing=True, remove_all=True)
+    unwritable = []
+    for i in reversed(range(len(hdr))):
+        try:
+            hdr.cards[i].verify("exception")
+        except VerifyError:
+            unwritable.insert(0, hdr.cards[i].image)
+            del hdr[i]
+    for image in unwritable:
+        hdr.add_history(f"deepdark: raw card not FITS standard: {' '.join(_ascii_text(image).split())}")
     return hdr
 
 
@@ -954,9 +975,7 @@ def _correct_frames(
         if cameras and first["camera"] not in cameras:
             rec.update(status="skipped", reason=f"camera {first['camera']} not selected")
             continue
-        name = output_name(f)
-        if name in names:  # a.fits and a.fits.gz in one night
-            name = Path(f).name + ".fits"
+        name = _free_output_name(f, names)
         names[name] = f
         try:
             correct_frame(

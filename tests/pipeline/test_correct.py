@@ -215,3 +215,22 @@ def test_manifest_lists_every_frame(night, tmp_path):
     with Shard(night["shard"]) as s:
         assert set(man["file"]) == set(s.table["file"])
     assert (man["status"] == "ok").all()
+
+
+def test_output_names_of_a_night_never_clash():
+    """In the order a night's files may come: every frame its own corrected file."""
+    from deepdark.pipeline.correct import _free_output_name
+
+    taken: dict[str, str] = {}
+    for raw in ("a.fits.gz", "a.fits.fits", "a.fits", "a.FITS", "a.fits.2.fits", "a.fz"):
+        name = _free_output_name(f"/night/{raw}", taken)
+        assert name not in taken and name.endswith(".fits")
+        taken[name] = raw
+    assert taken == {
+        "a.fits": "a.fits.gz",
+        "a.fits.fits": "a.fits.fits",
+        "a.fits.2.fits": "a.fits",
+        "a.FITS.fits": "a.FITS",
+        "a.fits.2.fits.fits": "a.fits.2.fits",
+        "a.fz.fits": "a.fz",
+    }

@@ -144,3 +144,38 @@ def test_sky_of_a_pixel_is_kept_in_the_reference_tile(mini, tmp_path):
     assert separation == pytest.approx(np.hypot(odc - dc, odr - dr), abs=0.01) and odc - dc == 92
     assert not set(RAW_LAYOUT) & set(h)
     assert any("exact in channel 3" in str(v) for v in h["HISTORY"])
+
+
+NONSTANDARD_CARDS = (
+    "FOCUS   =                  NaN",  # astropy reads NaN, FITS has no such number
+    "FOCUS2  =                1.0.0",
+    "OBJECT  = 'a\tb'",  # a tab in a string
+    "focus3  =                  1.0",  # a lowercase keyword
+    "FOC&US  =                  1.0",  # an illegal keyword
+)
+
+
+def test_raw_cards_that_are_not_fits_standard_are_kept_as_history_and_the_frame_written(mini, tmp_path):
+    """astropy reads such cards but refuses to write them: the frame is corrected all the same."""
+    folder = tmp_path / "night"
+    write_raw_frame(
+        folder / "GS1_object_0000.fits",
+        random_frame(mini, 1),
+        header("OBJECT", PLACE0="x", PLACE1="x", PLACE2="x", PLACE3="x", PLACE4="x"),
+    )
+    raw = folder / "GS1_object_0000.fits"
+    data = bytearray(raw.read_bytes())
+    for i, card in enumerate(NONSTANDARD_CARDS):
+        at = data.index(f"PLACE{i}  =".encode())
+        data[at : at + 80] = card.ljust(80).encode("ascii")
+    raw.write_bytes(bytes(data))
+    pred = predictions_of(folder, tmp_path / "pred.h5", mini)
+    correct_night(pred, tmp_path / "out", compression="none", progress=False)
+    with fits.open(tmp_path / "out" / raw.name, checksum=True) as c:
+        c.verify("exception")
+        history = [str(v) for v in c[0].header["HISTORY"]]
+        assert "FOCUS" not in c[0].header and "FOC&US" not in c[0].header
+    kept = [" ".join(card.replace("\t", "\\t").split()) for card in NONSTANDARD_CARDS]
+    assert [line for line in history if "not FITS standard" in line] == [
+        f"deepdark: raw card not FITS standard: {card}" for card in kept
+    ]
