@@ -163,12 +163,16 @@ def _tile_compressed(raw: bytes, path: Path) -> tuple[fits.Header, np.ndarray] |
 
 
 def _primary_header(raw: bytes) -> tuple[fits.Header, int]:
-    """The primary header and the offset of its data (FITS headers are 2880-byte blocks)."""
+    """The primary header and the offset of its data (FITS headers are 2880-byte blocks).
+
+    A byte outside ASCII (``OBSERVER= 'Müller'``, against the standard but common) is read as
+    Latin-1, as astropy reads a compressed file's header: its card is refused only where deepdark
+    needs its value (:func:`_card`), and kept as HISTORY text in the corrected frame."""
     for block in range(0, len(raw), _BLOCK):
         for card in range(block, block + _BLOCK, 80):
             if raw[card : card + 8] == b"END     ":
                 end = block + _BLOCK
-                return fits.Header.fromstring(raw[:end].decode("ascii")), end
+                return fits.Header.fromstring(raw[:end].decode("latin-1")), end
     raise ValueError("no END card")
 
 
@@ -177,7 +181,13 @@ def _card(header: fits.Header, key: str, path: str | Path):
     its text when the card holds no valid FITS value (``NaN``, ``1.0.0``)."""
     if key not in header:
         return None
-    card = header.cards[key]
+    values = [_card_value(header.cards[key, i], key, path) for i in range(header.count(key))]
+    if any(v != values[0] for v in values[1:]):  # which one the camera meant, no one can tell
+        raise FrameError(path, f"header keyword {key} given {len(values)} times, with different values {values}")
+    return values[0]
+
+
+def _card_value(card: fits.Card, key: str, path: str | Path):
     try:
         return card.value
     except VerifyError:
@@ -257,7 +267,10 @@ def parse_header(header: fits.Header, kw: Keywords, path: str | Path, geometry: 
     if not -150.0 <= ccdtemp <= 60.0 and not math.isnan(ccdtemp):
         raise FrameError(path, f"header keyword {kw.ccdtemp}={ccdtemp} is not a sensor temperature in deg C")
     settemp = _number(_card(header, kw.settemp, path), kw.settemp, path) if kw.settemp in header else math.nan
-    date_obs = str(_text(_required(header, kw.date_obs, path), kw.date_obs, path)).strip()
+    date_obs = _required(header, kw.date_obs, path)
+    if not isinstance(date_obs, str):  # 20240101 as a number is no FITS date
+        raise FrameError(path, f"header keyword {kw.date_obs}={date_obs!r} is not text (an ISO-8601 date)")
+    date_obs = date_obs.strip()
     try:
         datetime.fromisoformat(date_obs.replace("Z", "+00:00"))
     except ValueError:

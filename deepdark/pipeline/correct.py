@@ -386,10 +386,13 @@ def corrected_header(raw_header: fits.Header) -> fits.Header:
             hdr.remove(key, ignore_missing=True, remove_all=True)
     unwritable = []
     for i in reversed(range(len(hdr))):
+        card = hdr.cards[i]
         try:
-            hdr.cards[i].verify("exception")
+            card.verify("exception")
         except VerifyError:
-            unwritable.insert(0, hdr.cards[i].image)
+            # the card's text as read (its ``image`` would try to fix it first, and fail on a
+            # byte outside ASCII)
+            unwritable.insert(0, getattr(card, "_image", None) or card.keyword)
             del hdr[i]
     for image in unwritable:
         hdr.add_history(f"deepdark: raw card not FITS standard: {' '.join(_ascii_text(image).split())}")

@@ -62,6 +62,10 @@ def _bad_files(tmp_path, mini):
     write_raw_frame(tmp_path / "date.fits", good, header(date="yesterday"))
     write_raw_frame(tmp_path / "sat.fits", np.full_like(good, 65535), header())
     (tmp_path / "badgz.fits.gz").write_bytes(gzip.compress(raw)[:300])
+    write_raw_frame(tmp_path / "numdate.fits", good, header(date=20240101))
+    twice = fits.Header(header())
+    twice.append(("EXPTIME", 60.0), bottom=True)
+    write_raw_frame(tmp_path / "twice.fits", good, twice)
     return {
         "empty.fits": "empty file",
         "truncated.fits": "truncated",
@@ -74,6 +78,8 @@ def _bad_files(tmp_path, mini):
         "date.fits": "not an ISO-8601 date",
         "sat.fits": "saturated",
         "badgz.fits.gz": "corrupt gzip",
+        "numdate.fits": "DATE-OBS=20240101 is not text",
+        "twice.fits": "EXPTIME given 2 times, with different values [30.0, 60.0]",
     }
 
 
@@ -87,3 +93,18 @@ def test_each_bad_file_raises_frame_error_with_path_and_reason(tmp_path, mini):
 def test_unreadable_file(tmp_path, mini):
     with pytest.raises(FrameError, match="cannot read"):
         read_frame(tmp_path / "missing.fits", mini)
+
+
+def test_a_repeated_card_of_the_same_value_and_a_byte_outside_ascii_are_read(tmp_path, mini):
+    """Both are against the FITS standard and common in archives; neither makes a frame unusable.
+    (A byte outside ASCII in a card deepdark needs makes that card's value refused.)"""
+    h = fits.Header(header())
+    h.append(("EXPTIME", 30.0), bottom=True)
+    h["OBSERVER"] = "PLACEHOLDER"
+    write_raw_frame(tmp_path / "odd.fits", random_frame(mini, 6), h)
+    data = bytearray((tmp_path / "odd.fits").read_bytes())
+    at = data.index(b"PLACEHOLDER")
+    data[at : at + 11] = "Müller    '".encode("latin-1")[:11].ljust(11)
+    (tmp_path / "odd.fits").write_bytes(bytes(data))
+    frame = read_frame(tmp_path / "odd.fits", mini)
+    assert frame.info.exptime == 30.0 and frame.header.count("OBSERVER") == 1
