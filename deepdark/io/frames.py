@@ -203,6 +203,8 @@ def _check_layout(header: fits.Header, geometry: Geometry, nbytes: int | None, p
     if isinstance(bitpix, bool) or bitpix not in (8, 16, 32, 64):
         raise FrameError(path, f"pixels are not integer ADU (BITPIX={bitpix})")
     naxis = _card(header, "NAXIS", path)
+    if naxis == 0:
+        raise FrameError(path, "no image in the primary HDU (NAXIS = 0) nor a tile-compressed one in HDU 1")
     axes = [_card(header, f"NAXIS{i}", path) for i in range(1, naxis + 1)] if isinstance(naxis, int) else []
     shape = (axes[1], axes[0]) if naxis == 2 else None
     if shape != tuple(geometry.frame_shape):

@@ -62,6 +62,7 @@ def _bad_files(tmp_path, mini):
     write_raw_frame(tmp_path / "date.fits", good, header(date="yesterday"))
     write_raw_frame(tmp_path / "sat.fits", np.full_like(good, 65535), header())
     (tmp_path / "badgz.fits.gz").write_bytes(gzip.compress(raw)[:300])
+    fits.HDUList([fits.PrimaryHDU(header=fits.Header(header())), fits.ImageHDU(good)]).writeto(tmp_path / "ext.fits")
     write_raw_frame(tmp_path / "numdate.fits", good, header(date=20240101))
     twice = fits.Header(header())
     twice.append(("EXPTIME", 60.0), bottom=True)
@@ -78,6 +79,7 @@ def _bad_files(tmp_path, mini):
         "date.fits": "not an ISO-8601 date",
         "sat.fits": "saturated",
         "badgz.fits.gz": "corrupt gzip",
+        "ext.fits": "no image in the primary HDU (NAXIS = 0) nor a tile-compressed one in HDU 1",
         "numdate.fits": "DATE-OBS=20240101 is not text",
         "twice.fits": "EXPTIME given 2 times, with different values [30.0, 60.0]",
     }
