@@ -35,6 +35,10 @@ include: "rules/qa.smk"
 include: "rules/summary.smk"
 
 
+onstart:
+    hold_results_lock()
+
+
 rule all:
     default_target: True
     input:

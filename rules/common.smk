@@ -174,6 +174,29 @@ def results(path):
     return f"{config['results']}/{path}"
 
 
+RESULTS_LOCK = ".deepdark.lock"
+_held_locks = []  # open, locked files: released when this process ends, however it ends
+
+
+def hold_results_lock():
+    """One run at a time writes a results folder, from whatever folder Snakemake runs in (its own
+    lock lives in the working directory's .snakemake/): an exclusive lock on RESULTS/.deepdark.lock
+    that this run's Snakemake process holds until it ends (the system frees it after a kill -9)."""
+    import fcntl
+
+    os.makedirs(config["results"], exist_ok=True)
+    fh = open(results(RESULTS_LOCK), "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise WorkflowError(
+            f"results: another Snakemake run is writing {config['results']} (it holds "
+            f"{results(RESULTS_LOCK)}): let it finish, or give this run other results"
+        ) from None
+    _held_locks.append(fh)
+
+
 def uses_conda():
     from snakemake.settings.types import DeploymentMethod
 

@@ -139,6 +139,7 @@ MANIFEST_COLUMNS = ("file", "output", "status", "reason", "camera", "imagetyp", 
 # (failed: unserved by the predictions, or an error), or left out (skipped: camera not selected).
 STATUSES = ("ok", "flagged", "failed", "skipped")
 NIGHT_STATUS = "status.json"
+STALE = "stale"  # subfolder of a night's corrected frames that a later run of the night did not make
 # Cards of the raw HDU that describe its pixel array, not the observation: astropy writes the
 # right ones for the float32 mosaic, and checksums are recomputed.
 _STRUCTURAL = (
@@ -913,7 +914,8 @@ def correct_night(
     A result without any corrected frame (an empty or all-unserved predictions file, every
     frame failed) raises :class:`EmptyResultError` where ``out_dir`` holds corrected frames of
     an earlier run, and leaves them as they are; with ``replace_with_empty`` it is written, and
-    the earlier frames that the earlier manifest lists are removed.
+    the earlier frames that the earlier manifest lists are removed. Otherwise the earlier frames
+    that this run did not make are moved to ``out_dir/stale/`` (listed in ``status.json``).
     """
     out_dir = Path(out_dir)
     storage = _Storage(include_dark, compression, quantize_level)  # a bad option fails before any frame
@@ -924,6 +926,7 @@ def correct_night(
     c = status["counts"]
     if c["ok"] + c["flagged"] == 0:
         _replace_earlier_frames(out_dir, replace_with_empty)
+    status["stale"] = _set_aside_stale_frames(out_dir, records)
     if c["failed"]:
         tried = c["ok"] + c["flagged"] + c["failed"]
         log.warning("%s: %d of %d frames not corrected, see %s", out_dir, c["failed"], tried, out_dir / MANIFEST)
@@ -1028,6 +1031,32 @@ def night_status(records: Sequence[dict]) -> dict:
         "counts": counts,
         "failed_fraction": counts["failed"] / tried if tried else 0.0,
     }
+
+
+def _set_aside_stale_frames(out_dir: Path, records: Sequence[dict]) -> list[str]:
+    """Move into ``out_dir/stale/`` the corrected frames that the earlier manifest lists and this
+    run did not make (their raw file gone or quarantined, their frame failed or its camera left
+    out), so that the folder holds what its new manifest says, and nothing of them is lost; their
+    names, sorted."""
+    if not (out_dir / MANIFEST).exists():
+        return []
+    earlier = read_manifest(out_dir)
+    made = {rec["output"] for rec in records if rec["status"] in ("ok", "flagged")}
+    stale = []
+    for name in sorted(set(earlier.loc[earlier["status"].isin(["ok", "flagged"]), "output"]) - made):
+        if name and Path(name).name == name and (out_dir / name).is_file():  # only names inside the folder
+            (out_dir / STALE).mkdir(exist_ok=True)
+            os.replace(out_dir / name, out_dir / STALE / name)
+            stale.append(name)
+    if stale:
+        log.warning(
+            "%s: %d corrected frame(s) of an earlier run that this run did not make moved to %s/: %s",
+            out_dir,
+            len(stale),
+            STALE,
+            ", ".join(stale[:10]) + (", ..." if len(stale) > 10 else ""),
+        )
+    return stale
 
 
 def _replace_earlier_frames(out_dir: Path, replace: bool) -> None:

@@ -207,6 +207,28 @@ def test_a_rerun_on_an_empty_predictions_file_keeps_the_earlier_frames(night, tm
     assert res.n_corrected == 0 and read_manifest(tmp_path / "new").empty
 
 
+def test_earlier_frames_this_run_did_not_make_are_set_aside_not_lost(night, tmp_path, mini):
+    """A raw frame deleted, one damaged (now quarantined), one the model now refuses: their
+    corrected files of the earlier run leave the night's folder for stale/, byte for byte."""
+    folder, pred = night
+    out = tmp_path / "out"
+    correct_night(pred, out, progress=False)
+    earlier = {p.name: p.read_bytes() for p in out.glob("*.fits")}
+    (folder / "GS1_dark_0000.fits").unlink()
+    (folder / "GS1_object_0002.fits").write_bytes(b"SIMPLE  =                    T\n")
+    again = predictions_of(folder, tmp_path / "again.h5", mini)
+    set_status(again, {"GS1_dark_0001.fits": ("unserved", "no model")})
+    correct_night(again, out, progress=False)
+    assert fits_names(out) == ["GS1_object_0003.fits"]
+    stale = ["GS1_dark_0000.fits", "GS1_dark_0001.fits", "GS1_object_0002.fits"]
+    assert {p.name: p.read_bytes() for p in (out / "stale").iterdir()} == {n: earlier[n] for n in stale}
+    assert read_night_status(out)["stale"] == stale
+    # a rerun that makes one of them again has nothing stale; what was set aside stays
+    correct_night(predictions_of(folder, tmp_path / "served.h5", mini), out, progress=False)
+    assert fits_names(out) == ["GS1_dark_0001.fits", "GS1_object_0003.fits"]
+    assert read_night_status(out)["stale"] == [] and sorted(p.name for p in (out / "stale").iterdir()) == stale
+
+
 def test_cli_replace_with_empty(night, tmp_path):
     folder, pred = night
     out = tmp_path / "out"

@@ -166,6 +166,24 @@ def test_second_run_has_nothing_to_do(run):
     assert "Nothing to be done" in res.stdout + res.stderr
 
 
+def test_a_second_run_on_the_same_results_from_another_folder_is_refused(run, tmp_path):
+    """Snakemake's own lock lives in its working folder; the results folder has one of its own,
+    held by the run's Snakemake process (here: this test holds it)."""
+    import fcntl
+
+    summary = run / RESULTS / "summary.csv"
+    before = summary.read_bytes(), summary.stat().st_mtime_ns
+    config = yaml.safe_load((run / "test.yaml").read_text())
+    config = {**config, "results": str(run / RESULTS), "archive": {"path": str(run / ARCHIVE)}}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(config))
+    with open(run / RESULTS / ".deepdark.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = snakemake(tmp_path, "--cores", "1", "--forcerun", "summary")
+    assert res.returncode != 0
+    assert f"another Snakemake run is writing {run / RESULTS}" in res.stdout + res.stderr
+    assert (summary.read_bytes(), summary.stat().st_mtime_ns) == before
+
+
 def test_slurm_profile_dry_run_requests_gpu_for_predict(run):
     res = snakemake(run, "-n", "-F", "--profile", str(REPO / "workflow/profiles/slurm"))
     assert res.returncode == 0, res.stderr[-3000:]
