@@ -181,13 +181,9 @@ def _card(header: fits.Header, key: str, path: str | Path):
     its text when the card holds no valid FITS value (``NaN``, ``1.0.0``)."""
     if key not in header:
         return None
-    values = [_card_value(header.cards[key, i], key, path) for i in range(header.count(key))]
-    if any(v != values[0] for v in values[1:]):  # which one the camera meant, no one can tell
-        raise FrameError(path, f"header keyword {key} given {len(values)} times, with different values {values}")
-    return values[0]
-
-
-def _card_value(card: fits.Card, key: str, path: str | Path):
+    # A keyword given twice is read from its first card, as astropy reads it: real headers
+    # repeat some with other values (Lick's Kast writes OBSTYPE = 'DARK', then OBSTYPE = 0).
+    card = header.cards[key]
     try:
         return card.value
     except VerifyError:
