@@ -194,6 +194,12 @@ def hold_results_lock():
             f"results: another Snakemake run is writing {config['results']} (it holds "
             f"{results(RESULTS_LOCK)}): let it finish, or give this run other results"
         ) from None
+    except OSError as exc:  # a file system without locks (some parallel file systems)
+        fh.close()
+        logger.warning(
+            f"results: {results(RESULTS_LOCK)} cannot be locked ({exc.strerror}): run one Snakemake at a time"
+        )
+        return
     _held_locks.append(fh)
 
 

@@ -31,6 +31,16 @@ log = logging.getLogger(__name__)
 Predictor = Callable[[Shard, np.ndarray], np.ndarray]
 HIST_EDGES = np.arange(-100.5, 101.5, 1.0)  # 1-ADU bins for the difference histograms
 METHOD_ORDER = ("median_all", "median_temp", "physics", "model", "floor")
+EVALUATE_FILES = (  # what evaluate writes: none of an earlier run's outlives a run
+    "table1.json",
+    "table1.csv",
+    "per_image.csv",
+    "histograms.csv",
+    "unserved.csv",
+    "fig6_heatmap.png",
+    "fig7_histogram.png",
+    "fig8_histogram_by_temp.png",
+)
 
 
 def median_predictor(masters: Masters, kind: str, strict: bool = True) -> Predictor:
@@ -179,7 +189,8 @@ def evaluate(
     if not scores.per_image and not scores.unserved:
         raise InputError("no DARK frames in the test shards: nothing to evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "unserved.csv").unlink(missing_ok=True)  # none of an earlier run's
+    for name in EVALUATE_FILES:
+        (out_dir / name).unlink(missing_ok=True)
     if scores.unserved:
         _write_csv(out_dir / "unserved.csv", pd.DataFrame(scores.unserved))
         log.warning("%s", _unserved_line(scores.unserved, out_dir / "unserved.csv"))

@@ -166,8 +166,9 @@ def _primary_header(raw: bytes) -> tuple[fits.Header, int]:
     """The primary header and the offset of its data (FITS headers are 2880-byte blocks).
 
     A byte outside ASCII (``OBSERVER= 'Müller'``, against the standard but common) is read as
-    Latin-1, as astropy reads a compressed file's header: its card is refused only where deepdark
-    needs its value (:func:`_card`), and kept as HISTORY text in the corrected frame."""
+    Latin-1 (astropy, reading a compressed file's header, makes it ``?``): the frame is used, its
+    card refused only where deepdark needs its value (:func:`_card`) and kept as HISTORY text in
+    the corrected frame."""
     for block in range(0, len(raw), _BLOCK):
         for card in range(block, block + _BLOCK, 80):
             if raw[card : card + 8] == b"END     ":
@@ -199,7 +200,7 @@ def _check_layout(header: fits.Header, geometry: Geometry, nbytes: int | None, p
     if isinstance(bitpix, bool) or bitpix not in (8, 16, 32, 64):
         raise FrameError(path, f"pixels are not integer ADU (BITPIX={bitpix})")
     naxis = _card(header, "NAXIS", path)
-    if naxis == 0:
+    if naxis == 0 and not isinstance(naxis, bool):
         raise FrameError(path, "no image in the primary HDU (NAXIS = 0) nor a tile-compressed one in HDU 1")
     axes = [_card(header, f"NAXIS{i}", path) for i in range(1, naxis + 1)] if isinstance(naxis, int) else []
     shape = (axes[1], axes[0]) if naxis == 2 else None

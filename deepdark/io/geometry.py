@@ -114,14 +114,24 @@ class Geometry:
         change of a region, channel or the window changes it. Model cards store it, so a model
         refuses data cut with an edited geometry file that kept the old name.
         """
-        layout = {
+        window = [self.window_size, self.window_offset] if self.has_window else None
+        return hashlib.sha256(
+            json.dumps({**self._sensor_layout(), "window": window}, sort_keys=True).encode()
+        ).hexdigest()
+
+    @property
+    def sensor_digest(self) -> str:
+        """SHA-256 of the layout without the model window: what master darks and physics models,
+        made of whole active areas, depend on."""
+        return hashlib.sha256(json.dumps(self._sensor_layout(), sort_keys=True).encode()).hexdigest()
+
+    def _sensor_layout(self) -> dict:
+        return {
             "frame_shape": list(self.frame_shape),
             "channel_shape": list(self.channel_shape),
             "channels": [c.layout() for c in self.channels],
             "regions": {k: dataclasses.astuple(r) for k, r in sorted(self.regions.items())},
-            "window": [self.window_size, self.window_offset] if self.has_window else None,
         }
-        return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
 
     # -- what the layout has ------------------------------------------------------------------
     @property
@@ -289,12 +299,12 @@ def _geometry_text(name_or_path: str) -> str:
 
 def layout_mismatch(made: Geometry, data: Geometry) -> str | None:
     """Why what was made for geometry ``made`` (master darks, a physics model) cannot serve data
-    of geometry ``data``, or None when they share a layout (:attr:`Geometry.digest`, whatever
-    their names)."""
-    if made.digest == data.digest:
+    of geometry ``data``, or None when they share a sensor layout (:attr:`Geometry.sensor_digest`,
+    whatever their names and model windows)."""
+    if made.sensor_digest == data.sensor_digest:
         return None
     if made.name == data.name:
-        return f"geometry {made.name!r} of another layout than the data's (a geometry file edited under the same name)"
+        return f"geometry {made.name!r} of another layout than the data's (the geometry file was edited since)"
     return f"geometry {made.name!r}, the data's is {data.name!r}"
 
 

@@ -37,22 +37,11 @@ _HDF5_SIGNATURES = {
 # names files that only that kind leaves behind (a training log, the QA figures).
 # What each kind of folder holds once its command has written anything, so that the rerun of a
 # killed command may finish it: a model folder its physics model (copied or fitted before the
-# first checkpoint), a QA folder the files of the night's evaluation (written before the page).
+# first checkpoint), a QA folder its copy of the night's quarantine (written first).
 _FOLDER_SIGNATURES = {
     "model": {"model.json", "checkpoint.json", "training_log.csv", "physics.h5"},
-    "corrected": {"manifest.csv", "status.json"},
-    "qa": {
-        "qa.csv",
-        "qa.html",
-        "quarantine.csv",
-        "rmse_vs_temperature.png",
-        "guide_background.png",
-        "table1.json",
-        "table1.csv",
-        "per_image.csv",
-        "histograms.csv",
-        "unserved.csv",
-    },
+    "corrected": {"manifest.csv", "status.json", "stale"},
+    "qa": {"qa.csv", "qa.html", "quarantine.csv", "rmse_vs_temperature.png", "guide_background.png"},
     "evaluation": {"table1.json"},
     "ablation": {"table2.json", *(f"model-{loss}" for loss in ("deepdark", "pix2pix", "lsgan", "mixed"))},
 }

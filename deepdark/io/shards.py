@@ -275,13 +275,16 @@ def stored_geometry(f: h5py.File, path: str | Path) -> Geometry:
     """The geometry a deepdark HDF5 file keeps (attribute ``geometry``), checked against its
     checksum; a one-line error naming the file when it is missing, not text or damaged."""
     text = f.attrs.get("geometry")
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
     if text is None:
         raise InputError(f"{path}: no attribute 'geometry': not a deepdark file, or a damaged one")
-    if not isinstance(text, str):
+    if not isinstance(text, (str, bytes)):
         raise CorruptFileError(f"{path}: attribute 'geometry' is not text: the file is damaged; make it again")
-    check_text(path, "geometry", text, f.attrs.get(GEOMETRY_CHECKSUM))
+    check_text(path, "geometry", text, f.attrs.get(GEOMETRY_CHECKSUM))  # the bytes as stored
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptFileError(f"{path}: attribute 'geometry' is not UTF-8 text: the file is damaged") from None
     return parse_geometry(text, origin=f"{path}:geometry")
 
 

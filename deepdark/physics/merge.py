@@ -71,7 +71,7 @@ def _camera_groups(path: Path) -> tuple[Path, dict, list[str]]:
             cameras = [str(g.attrs["camera"]) for g in f["cameras"].values()]
             if all(key in attrs for key in SHARED_ATTRS):
                 stored_geometry(f, path)  # its checksum, and text that parses
-    except DeepdarkError:
+    except DeepdarkError:  # a damaged geometry is named as such (CorruptFileError is an OSError)
         raise
     except (OSError, KeyError) as exc:
         raise InputError(f"{path}: not a deepdark physics model ({exc})") from None

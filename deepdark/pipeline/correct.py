@@ -55,7 +55,8 @@ the night's counts per status go to ``status.json`` (:func:`read_night_status`).
 verdict on each frame is carried through: a frame they could not serve (``unserved``) is listed
 as ``failed`` with their reason; one served with doubts (``flagged``) is corrected, listed as
 ``flagged`` with the reason, and its header says so (``DDSTATUS``, ``DDREASON``). A rerun whose
-result would hold no corrected frame never replaces a folder that holds some, unless asked.
+result would hold no corrected frame never replaces a folder that holds some, unless asked; the
+earlier frames a rerun did not make are moved to ``stale/UTC-TIME/`` (:class:`_StaleFrames`).
 
 Header cards are ASCII: a raw file name that is not printable ASCII is written to ``DDSRC``
 percent-encoded (its bytes as the operating system gives them, ``DDSRCENC = 'percent'``), from
@@ -921,12 +922,15 @@ def correct_night(
     storage = _Storage(include_dark, compression, quantize_level)  # a bad option fails before any frame
     with open_darks(source, method, masters) as darks:
         out_dir.mkdir(parents=True, exist_ok=True)
-        records = _correct_frames(darks, out_dir, method, storage, cameras, keywords, progress)
+        aside = _StaleFrames(out_dir)
+        records = _correct_frames(darks, out_dir, method, storage, cameras, keywords, progress, aside)
     status = night_status(records)
     c = status["counts"]
     if c["ok"] + c["flagged"] == 0:
         _replace_earlier_frames(out_dir, replace_with_empty)
-    status["stale"] = _set_aside_stale_frames(out_dir, records)
+    made = {rec["output"] for rec in records if rec["status"] in ("ok", "flagged")}
+    aside.move(name for name in aside.earlier if name not in made and (out_dir / name).is_file())
+    status["stale"] = aside.moved
     if c["failed"]:
         tried = c["ok"] + c["flagged"] + c["failed"]
         log.warning("%s: %d of %d frames not corrected, see %s", out_dir, c["failed"], tried, out_dir / MANIFEST)
@@ -959,8 +963,10 @@ def _correct_frames(
     cameras: Sequence[str] | None,
     keywords: Keywords,
     progress: bool,
+    aside: _StaleFrames,
 ) -> list[dict]:
-    """Correct each frame of ``darks`` into ``out_dir``; one manifest record per frame."""
+    """Correct each frame of ``darks`` into ``out_dir``; one manifest record per frame. A file of
+    an earlier run made from another raw file is moved ``aside`` before its name is written."""
     table = darks.table
     files = list(dict.fromkeys(table["file"]))  # table order, once each
     names: dict[str, str] = {}
@@ -983,6 +989,8 @@ def _correct_frames(
             continue
         name = _free_output_name(f, names)
         names[name] = f
+        if aside.earlier.get(name, Path(f).name) != Path(f).name:
+            aside.move([name])
         try:
             correct_frame(
                 f,
@@ -1033,30 +1041,42 @@ def night_status(records: Sequence[dict]) -> dict:
     }
 
 
-def _set_aside_stale_frames(out_dir: Path, records: Sequence[dict]) -> list[str]:
-    """Move into ``out_dir/stale/`` the corrected frames that the earlier manifest lists and this
-    run did not make (their raw file gone or quarantined, their frame failed or its camera left
-    out), so that the folder holds what its new manifest says, and nothing of them is lost; their
-    names, sorted."""
-    if not (out_dir / MANIFEST).exists():
-        return []
-    earlier = read_manifest(out_dir)
-    made = {rec["output"] for rec in records if rec["status"] in ("ok", "flagged")}
-    stale = []
-    for name in sorted(set(earlier.loc[earlier["status"].isin(["ok", "flagged"]), "output"]) - made):
-        if name and Path(name).name == name and (out_dir / name).is_file():  # only names inside the folder
-            (out_dir / STALE).mkdir(exist_ok=True)
-            os.replace(out_dir / name, out_dir / STALE / name)
-            stale.append(name)
-    if stale:
-        log.warning(
-            "%s: %d corrected frame(s) of an earlier run that this run did not make moved to %s/: %s",
-            out_dir,
-            len(stale),
-            STALE,
-            ", ".join(stale[:10]) + (", ..." if len(stale) > 10 else ""),
-        )
-    return stale
+class _StaleFrames:
+    """The corrected frames an earlier run wrote into a night's folder (:attr:`earlier`: file name
+    -> its raw file's name, from their headers, since a workflow rerun removes the manifest
+    first), and those of them this run did not make, moved into ``stale/UTC-TIME/`` (one folder a
+    run: nothing is ever written over): the night's folder holds what its new manifest says."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.moved = out_dir, []
+        self.earlier = {p.name: source for p in sorted(out_dir.glob("*.fits")) if (source := _made_from(p))}
+        self.folder = out_dir / STALE / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+    def move(self, names) -> None:
+        now = [name for name in names if name not in self.moved]
+        for name in now:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            os.replace(self.out_dir / name, self.folder / name)
+        self.moved += now
+        if now:
+            listed = ", ".join(now[:10]) + (", ..." if len(now) > 10 else "")
+            log.warning(
+                "%s: %d frame(s) corrected by an earlier run, not by this one, moved to %s: %s",
+                self.out_dir,
+                len(now),
+                self.folder,
+                listed,
+            )
+
+
+def _made_from(path: Path) -> str | None:
+    """The raw file's name of a frame ``deepdark correct`` wrote (its ``DDSRC``), else None."""
+    try:
+        with fits.open(path) as hdul:
+            header = next((h.header for h in hdul[:2] if "DDMETHOD" in h.header and "DDSRC" in h.header), None)
+            return None if header is None else source_name(header)
+    except (OSError, ValueError):  # not a FITS file astropy reads: not one of ours
+        return None
 
 
 def _replace_earlier_frames(out_dir: Path, replace: bool) -> None:

@@ -39,7 +39,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from deepdark.evaluation import plots, report
-from deepdark.evaluation.evaluate import NothingScored, evaluate, ordered_table
+from deepdark.evaluation.evaluate import EVALUATE_FILES, NothingScored, evaluate, ordered_table
 from deepdark.evaluation.metrics import PooledRMSE
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError
@@ -72,16 +72,6 @@ QA_COLUMNS = (
     "median_kind",
     "star_free_fraction",
     "frame_hash",
-)
-EVALUATE_FILES = (
-    "table1.json",
-    "table1.csv",
-    "per_image.csv",
-    "histograms.csv",
-    "unserved.csv",
-    "fig6_heatmap.png",
-    "fig7_histogram.png",
-    "fig8_histogram_by_temp.png",
 )
 QA_FIGURES = ("rmse_vs_temperature.png", "guide_background.png")
 CLIP_SIGMA = 3.0
@@ -118,6 +108,8 @@ def night_qa(
         _check_same_rows(shard, preds)
         if masters is not None:
             masters.check_geometry(shard.geometry)
+        with atomic_path(out_dir / "quarantine.csv") as tmp:  # first: it marks the folder as a QA folder
+            shutil.copyfile(quarantine_path(shard_path), tmp)
         table = shard.table
         setpoints = frame_setpoints(table, masters.setpoints if masters else None)
         qa = table[
@@ -159,9 +151,7 @@ def night_qa(
 def _write_night_outputs(
     qa: pd.DataFrame, shard_path, out_dir: Path, night: str, attrs: dict, notes: list[str]
 ) -> None:
-    """``quarantine.csv``, ``qa.csv``, the night's figures and ``qa.html``."""
-    with atomic_path(out_dir / "quarantine.csv") as tmp:
-        shutil.copyfile(quarantine_path(shard_path), tmp)
+    """``qa.csv``, the night's figures and ``qa.html``."""
     with atomic_path(out_dir / "qa.csv") as tmp:
         qa.to_csv(tmp, index=False, encoding="utf-8")
     if qa["rmse_model"].notna().any():
@@ -240,12 +230,16 @@ def _evaluate_darks(
         if masters_path is None:
             raise
         # the masters cover none of the darks the model predicted: the model is scored alone
-        notes += _unmastered_notes(_read_evaluated(unserved), masters_path, cameras, "the baselines are not scored")
+        alone = _unmastered_notes(_read_evaluated(unserved), masters_path, cameras, "the baselines are not scored")
+        notes += alone or [
+            f"no dark the model predicted has a median master dark in {Path(masters_path).name}: "
+            "the baselines are not scored"
+        ]
         unserved.unlink()
         evaluate([shard_path], None, out_dir, {"model": model}, progress=progress)
     else:
         if unserved.exists():
-            left_out = "left out of every method's RMSE"
+            left_out = "left out of every method's RMSE (unserved.csv)"
             notes += _unmastered_notes(_read_evaluated(unserved), masters_path, cameras, left_out)
     return _read_evaluated(out_dir / "per_image.csv")
 
@@ -272,12 +266,10 @@ def _unmastered_notes(
         for camera, setpoint in lacking.groupby(["camera", "setpoint"], dropna=False).groups
     ]
     where = ", ".join(groups[:listed]) + (", ..." if len(groups) > listed else "")
-    line = (
+    return [
         f"{len(lacking)} dark frame-channel(s) without a median master dark in {Path(masters_path).name} "
-        f"({where}): {outcome} (unserved.csv)"
-    )
-    log.warning(line)
-    return [line]
+        f"({where}): {outcome}"
+    ]
 
 
 def _merge_dark_rmse(qa: pd.DataFrame, per_image: pd.DataFrame, geometry) -> pd.DataFrame:

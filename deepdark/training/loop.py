@@ -684,8 +684,8 @@ def _refuse_other_physics(out_dir: Path, dest: Path, src: Path) -> None:
 
 
 def _check_physics_source(src: Path, shards) -> None:
-    """The physics model ``src`` opens and was fitted on the layout of the (first of) ``shards``:
-    its errors name ``src``, not the copy the run would make of it."""
+    """The physics model ``src`` opens and was fitted on the layout of the (first of) ``shards``
+    (errors name ``src``, not the copy a run would make of it)."""
     from deepdark.physics import PhysicsModel
 
     with PhysicsModel(src) as model:
@@ -712,6 +712,7 @@ def _physics_file(shards, out_dir: Path, physics, budget: tuple, progress: bool)
                 shutil.copyfile(src, tmp)
         return dest, str(src.resolve())
     if dest.is_file():  # fitted by an earlier (interrupted) run of the same command: reuse it
+        _check_physics_source(dest, list(shards))
         log.info("reusing the physics model %s", dest)
         return dest, "fitted from the training shards"
     from deepdark.physics import fit_physics

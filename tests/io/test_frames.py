@@ -103,7 +103,7 @@ def test_a_repeated_card_and_a_byte_outside_ascii_are_read(tmp_path, mini):
     write_raw_frame(tmp_path / "odd.fits", random_frame(mini, 6), h)
     data = bytearray((tmp_path / "odd.fits").read_bytes())
     at = data.index(b"PLACEHOLDER")
-    data[at : at + 11] = "Müller    '".encode("latin-1")[:11].ljust(11)
+    data[at : at + 11] = "Müller".ljust(11).encode("latin-1")
     (tmp_path / "odd.fits").write_bytes(bytes(data))
     frame = read_frame(tmp_path / "odd.fits", mini)
     assert frame.info.exptime == 30.0 and frame.header.count("OBSERVER") == 1

@@ -238,3 +238,16 @@ def test_strips_and_window_are_optional():
     assert not g.has_ob and not g.has_window and set(g.regions) == {"active", "overscan"}
     with pytest.raises(GeometryError, match="has no model window"):
         g.require_window("the learned model")
+
+
+def test_masters_and_physics_models_depend_on_the_sensor_layout_not_the_window_nor_the_name():
+    from deepdark.io.geometry import layout_mismatch, parse_geometry
+
+    mini = load_geometry("mini")
+    window = parse_geometry(mini.source.replace("window: {size: 64, offset: 2}", "window: {size: 32, offset: 4}"))
+    renamed = parse_geometry(mini.source.replace("name: mini", "name: mini-copy"))
+    flipped = parse_geometry(mini.source.replace("col0: 126, flip_rows: false", "col0: 126, flip_rows: true"))
+    assert window.digest != mini.digest  # a model card's digest holds the window
+    assert layout_mismatch(mini, window) is None and layout_mismatch(mini, renamed) is None
+    assert "another layout" in layout_mismatch(mini, flipped)
+    assert layout_mismatch(mini, load_geometry("nickel-direct")) == "geometry 'mini', the data's is 'nickel-direct'"

@@ -3,6 +3,7 @@ everything failed and inputs that are missing: no frame lost, none hidden, nothi
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import urllib.parse
@@ -207,13 +208,20 @@ def test_a_rerun_on_an_empty_predictions_file_keeps_the_earlier_frames(night, tm
     assert res.n_corrected == 0 and read_manifest(tmp_path / "new").empty
 
 
+def set_aside(out: Path) -> list[dict[str, bytes]]:
+    """The contents of each run's folder in ``out/stale``, in the order of the runs."""
+    return [{p.name: p.read_bytes() for p in run.iterdir()} for run in sorted((out / "stale").iterdir())]
+
+
 def test_earlier_frames_this_run_did_not_make_are_set_aside_not_lost(night, tmp_path, mini):
     """A raw frame deleted, one damaged (now quarantined), one the model now refuses: their
-    corrected files of the earlier run leave the night's folder for stale/, byte for byte."""
+    corrected files of the earlier run leave the night's folder for stale/, byte for byte. As in
+    the workflow, whose rerun removes the manifest first: the frames' headers say what they are."""
     folder, pred = night
     out = tmp_path / "out"
     correct_night(pred, out, progress=False)
     earlier = {p.name: p.read_bytes() for p in out.glob("*.fits")}
+    (out / "manifest.csv").unlink()
     (folder / "GS1_dark_0000.fits").unlink()
     (folder / "GS1_object_0002.fits").write_bytes(b"SIMPLE  =                    T\n")
     again = predictions_of(folder, tmp_path / "again.h5", mini)
@@ -221,12 +229,28 @@ def test_earlier_frames_this_run_did_not_make_are_set_aside_not_lost(night, tmp_
     correct_night(again, out, progress=False)
     assert fits_names(out) == ["GS1_object_0003.fits"]
     stale = ["GS1_dark_0000.fits", "GS1_dark_0001.fits", "GS1_object_0002.fits"]
-    assert {p.name: p.read_bytes() for p in (out / "stale").iterdir()} == {n: earlier[n] for n in stale}
-    assert read_night_status(out)["stale"] == stale
+    assert set_aside(out) == [{n: earlier[n] for n in stale}]
+    assert sorted(read_night_status(out)["stale"]) == stale
     # a rerun that makes one of them again has nothing stale; what was set aside stays
     correct_night(predictions_of(folder, tmp_path / "served.h5", mini), out, progress=False)
     assert fits_names(out) == ["GS1_dark_0001.fits", "GS1_object_0003.fits"]
-    assert read_night_status(out)["stale"] == [] and sorted(p.name for p in (out / "stale").iterdir()) == stale
+    assert read_night_status(out)["stale"] == [] and set_aside(out) == [{n: earlier[n] for n in stale}]
+
+
+def test_a_name_another_raw_file_takes_sets_the_earlier_frame_aside_first(tmp_path, mini):
+    """``a.fits`` and ``a.fits.gz`` in a night: ``a.fits`` is the first's; once the first is gone
+    the second takes the name, and the first's corrected frame is set aside, not written over."""
+    folder = tmp_path / "archive" / "20240101"
+    write_raw_frame(folder / "a.fits", random_frame(mini, 1), header("OBJECT"))
+    write_raw_frame(tmp_path / "b.fits", random_frame(mini, 2), header("OBJECT"))
+    (folder / "a.fits.gz").write_bytes(gzip.compress((tmp_path / "b.fits").read_bytes()))
+    out = tmp_path / "out"
+    correct_night(predictions_of(folder, tmp_path / "p1.h5", mini), out, progress=False)
+    first = (out / "a.fits").read_bytes()
+    (folder / "a.fits").unlink()
+    correct_night(predictions_of(folder, tmp_path / "p2.h5", mini), out, progress=False)
+    assert fits_names(out) == ["a.fits"] and (out / "a.fits").read_bytes() != first
+    assert set_aside(out)[0]["a.fits"] == first and len(set_aside(out)[0]) == 2
 
 
 def test_cli_replace_with_empty(night, tmp_path):

@@ -435,6 +435,27 @@ def test_darks_without_any_master_are_scored_by_the_model_alone_and_a_rerun_forg
     assert "without a median master" not in (tmp_path / "qa" / "qa.html").read_text(encoding="utf-8")
 
 
+def test_a_qa_killed_in_the_nights_evaluation_leaves_a_folder_its_rerun_may_finish(
+    write_night, tmp_path, mini, monkeypatch
+):
+    import deepdark.pipeline.qa as Q
+    from deepdark.io.outputs import check_output
+
+    shard, pred = _zero_predictions(write_night(n_dark=1, n_guide=1), tmp_path, mini, "killed")
+
+    def killed(*args, **kwargs):
+        (tmp_path / "qa" / "per_image.csv").write_text("file\n")  # what evaluate writes, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Q, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        night_qa(shard, pred, None, tmp_path / "qa", progress=False)
+    check_output(tmp_path / "qa", [], "qa")
+    monkeypatch.undo()
+    night_qa(shard, pred, None, tmp_path / "qa", progress=False)
+    assert (tmp_path / "qa" / "qa.html").is_file()
+
+
 def test_evaluate_scores_every_method_on_the_same_darks_and_lists_the_unserved(tmp_path):
     from deepdark.evaluation.evaluate import Scores
 
