@@ -43,6 +43,7 @@ from deepdark.io.shards import (
     HDF5_FORMAT,
     TEXT_CHECKSUM,
     Shard,
+    closed_on_error,
     geometry_attrs,
     hdf5_written,
     read_checked,
@@ -93,11 +94,8 @@ class Masters:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.f = h5py.File(self.path, "r")
-        try:
+        with closed_on_error(self.f):
             self._read_header()
-        except BaseException:
-            self.f.close()
-            raise
 
     def _read_header(self) -> None:
         """The file's geometry, setpoints, table of masters and record of frames, checked."""

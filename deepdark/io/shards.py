@@ -356,6 +356,17 @@ def finish_written(f: h5py.File, path: str | Path) -> None:
         raise
 
 
+@contextlib.contextmanager
+def closed_on_error(opened):
+    """Close ``opened`` (a file, a reader) if the block raises, and raise on: what a reader's
+    ``__init__`` checks after opening its file must not leave the file open."""
+    try:
+        yield opened
+    except BaseException:
+        opened.close()
+        raise
+
+
 def _close_quietly(f: h5py.File) -> None:
     with contextlib.suppress(RuntimeError, OSError):
         f.close()

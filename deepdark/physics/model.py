@@ -19,7 +19,7 @@ from deepdark.io.errors import DeepdarkError, InputError
 from deepdark.io.frames import UNKNOWN_CAMERA
 from deepdark.io.geometry import Geometry, layout_mismatch
 from deepdark.io.predictions import FLAGGED, OK, UNSERVED, Served
-from deepdark.io.shards import Shard, stored_geometry
+from deepdark.io.shards import Shard, closed_on_error, stored_geometry
 
 from .fit import PHYSICS_SCHEMA, PIXEL_CLIP, _map_names
 from .frame_state import FrameState, frame_state, with_transfer
@@ -124,11 +124,8 @@ class PhysicsModel:
             if hasattr(self, "f"):
                 self.f.close()
             raise InputError(f"{self.path}: not a deepdark physics model ({exc})") from None
-        try:
+        with closed_on_error(self.f):
             self._read_header(version)
-        except BaseException:
-            self.f.close()
-            raise
         self._channels: OrderedDict = OrderedDict()
         self._cache_size = cache_channels
         self._temperature_ranges: dict[str, tuple[float, float]] = {}

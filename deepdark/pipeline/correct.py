@@ -96,7 +96,7 @@ from deepdark.io.frames import FITS_SUFFIXES, FrameError, Keywords, RawFrame, re
 from deepdark.io.geometry import Geometry
 from deepdark.io.masters import Masters, MissingMaster
 from deepdark.io.predictions import Predictions
-from deepdark.io.shards import Shard, printable
+from deepdark.io.shards import Shard, closed_on_error, printable
 
 __all__ = [
     "COMPRESSIONS",
@@ -250,11 +250,8 @@ class MedianDarks(DarkSource):
             self.table, self.geometry = s.table.copy(), s.geometry
         self.path = Path(shard)
         self.masters = Masters(masters)
-        try:
+        with closed_on_error(self.masters):
             self.masters.check_geometry(self.geometry)
-        except InputError:
-            self.masters.close()
-            raise
         self.attrs = dict(
             method=f"median_{kind}", masters=str(masters), shard=str(shard), software=f"deepdark {__version__}"
         )

@@ -183,6 +183,7 @@ def test_a_missing_or_odd_geometry_is_one_line_for_the_model_the_merge_and_the_m
         path = masters if read is Masters else part
         with pytest.raises(DeepdarkError, match=f"{path}: {error}"):
             read(path)
+        h5py.File(path, "a").close()  # the refusal closed the file (HDF5 refuses a second opening)
 
 
 def test_masters_and_models_of_another_layout_under_the_same_name_are_refused(library, tmp_path):
