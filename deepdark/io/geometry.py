@@ -297,14 +297,16 @@ def _geometry_text(name_or_path: str) -> str:
     raise GeometryError(f"geometry {name_or_path!r}: neither a preset ({', '.join(presets())}) nor a readable file")
 
 
-def layout_mismatch(made: Geometry, data: Geometry) -> str | None:
-    """Why what was made for geometry ``made`` (master darks, a physics model) cannot serve data
-    of geometry ``data``, or None when they share a sensor layout (:attr:`Geometry.sensor_digest`,
-    whatever their names and model windows)."""
-    if made.sensor_digest == data.sensor_digest:
+def layout_mismatch(made: Geometry, data: Geometry, window: bool = False) -> str | None:
+    """Why what was made for geometry ``made`` cannot serve data of geometry ``data``, or None
+    when they share a sensor layout (:attr:`Geometry.sensor_digest`, whatever their names), and
+    with ``window`` the model window too (a physics model predicts its own window): master darks
+    are whole active areas."""
+    if made.sensor_digest == data.sensor_digest and (not window or made.digest == data.digest):
         return None
     if made.name == data.name:
-        return f"geometry {made.name!r} of another layout than the data's (the geometry file was edited since)"
+        what = "layout or model window" if window else "layout"
+        return f"geometry {made.name!r} of another {what} than the data's (the geometry file was edited since)"
     return f"geometry {made.name!r}, the data's is {data.name!r}"
 
 

@@ -45,7 +45,8 @@ def uses_network(physics_rmse: float | None, network_rmse: float | None, margin:
     """Whether the network's validation RMSE beat physics alone's by at least ``margin``."""
     if physics_rmse is None or network_rmse is None or not np.isfinite([physics_rmse, network_rmse]).all():
         return False
-    return bool(network_rmse <= physics_rmse * (1.0 - margin))
+    # strictly lower too: a tie (two zeros, a group the physics fit had seen) is no gain
+    return bool(network_rmse < physics_rmse and network_rmse <= physics_rmse * (1.0 - margin))
 
 
 def _scores(errors: pd.DataFrame, keys: Sequence[str], margin: float) -> list[dict]:

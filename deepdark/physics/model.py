@@ -306,7 +306,7 @@ class PhysicsModel:
 
     def check_geometry(self, g: Geometry) -> None:
         """A :class:`PhysicsError` naming the file when the model was not fitted on data of geometry ``g``."""
-        why = layout_mismatch(self.geometry, g)
+        why = layout_mismatch(self.geometry, g, window=True)
         if why:
             raise PhysicsError(f"{self.path}: fitted on {why}")
 

@@ -54,6 +54,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -672,13 +673,13 @@ def _physics_model(shards, out_dir: Path, config: TrainConfig, progress: bool):
     return PhysicsModel.load(phys_path), physics_card(phys_path, phys_source, config.residual_range_adu)
 
 
-def _refuse_other_physics(out_dir: Path, dest: Path, src: Path) -> None:
+def _refuse_other_physics(out_dir: Path, dest: Path, other: str) -> None:
     """A run (a checkpoint, or a finished model) in ``out_dir`` was made with the physics model
-    ``dest``: another one in its place would break that model and could not resume it, so the
-    command stops before it writes anything, as for any other setting that differs."""
+    ``dest``: another one in its place (``other``) would break that model and could not resume
+    it, so the command stops before it writes anything, as for any other setting that differs."""
     if dest.exists() and any((out_dir / name).exists() for name in (CHECKPOINT_JSON, CARD_FILE)):
         raise InputError(
-            f"{out_dir} holds a run made with another physics model ({dest} differs from --physics {src}): "
+            f"{out_dir} holds a run made with another physics model ({dest} differs from {other}): "
             "train into another --out, or remove that run"
         )
 
@@ -694,6 +695,23 @@ def _check_physics_source(src: Path, shards) -> None:
                 model.check_geometry(shard.geometry)
 
 
+def _fitted_from(physics: Path, shards) -> bool:
+    """Whether the physics model ``physics`` was fitted from the DARK and BIAS frames of ``shards``
+    (the file names its frame tables record)."""
+    import h5py
+
+    from deepdark.io.tables import library_table
+
+    try:
+        with h5py.File(physics, "r") as f:
+            fitted = {os.fsdecode(v) for g in f["cameras"].values() for v in g["frames/file"][()]}
+    except (OSError, KeyError):
+        return False
+    with contextlib.ExitStack() as stack:
+        lib = library_table([stack.enter_context(Shard(p)) for p in shards], ("DARK", "BIAS"))
+    return fitted == set(lib.loc[lib["active_index"] >= 0, "file"])
+
+
 def _physics_file(shards, out_dir: Path, physics, budget: tuple, progress: bool) -> tuple[Path, str]:
     """``out_dir/physics.h5``: a copy of ``physics``, or (None) fitted from ``shards``; (path, source)."""
     import shutil
@@ -706,15 +724,18 @@ def _physics_file(shards, out_dir: Path, physics, budget: tuple, progress: bool)
             raise MissingInputError(f"physics model {src} not found")
         same_file = dest.exists() and dest.resolve() == src.resolve()
         if not same_file and not (dest.is_file() and file_sha256(dest) == file_sha256(src)):
-            _refuse_other_physics(out_dir, dest, src)
+            _refuse_other_physics(out_dir, dest, f"--physics {src}")
             _check_physics_source(src, list(shards))
             with atomic_path(dest) as tmp:
                 shutil.copyfile(src, tmp)
         return dest, str(src.resolve())
-    if dest.is_file():  # fitted by an earlier (interrupted) run of the same command: reuse it
-        _check_physics_source(dest, list(shards))
-        log.info("reusing the physics model %s", dest)
-        return dest, "fitted from the training shards"
+    if dest.is_file():  # fitted by an earlier (interrupted) run: reused if of these shards' frames
+        if _fitted_from(dest, shards):
+            _check_physics_source(dest, list(shards))
+            log.info("reusing the physics model %s", dest)
+            return dest, "fitted from the training shards"
+        _refuse_other_physics(out_dir, dest, "a fit of these shards' frames")
+        log.info("%s was fitted from other frames: fitting again", dest)
     from deepdark.physics import fit_physics
 
     log.info("fitting the physics model of %d shard(s) into %s", len(shards), dest)

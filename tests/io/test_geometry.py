@@ -249,5 +249,7 @@ def test_masters_and_physics_models_depend_on_the_sensor_layout_not_the_window_n
     flipped = parse_geometry(mini.source.replace("col0: 126, flip_rows: false", "col0: 126, flip_rows: true"))
     assert window.digest != mini.digest  # a model card's digest holds the window
     assert layout_mismatch(mini, window) is None and layout_mismatch(mini, renamed) is None
+    assert "another layout or model window" in layout_mismatch(mini, window, window=True)  # a physics model's
+    assert layout_mismatch(mini, renamed, window=True) is None
     assert "another layout" in layout_mismatch(mini, flipped)
     assert layout_mismatch(mini, load_geometry("nickel-direct")) == "geometry 'mini', the data's is 'nickel-direct'"

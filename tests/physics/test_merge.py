@@ -209,9 +209,10 @@ def test_masters_and_models_of_another_layout_under_the_same_name_are_refused(li
         evaluate([shards[0]], masters, tmp_path / "eval", progress=False, figures=False)
     with Masters(masters) as m:  # the geometry itself reads: it is only not the data's
         assert m.geometry.name == "mini"
-    with pytest.raises(PhysicsError, match=f"{part}: fitted on geometry 'mini' {same_layout}"):
+    model_layout = "of another layout or model window than the data's"
+    with pytest.raises(PhysicsError, match=f"{part}: fitted on geometry 'mini' {model_layout}"):
         P.physics_predictor(part)(Shard(shards[0]), np.array([0]))
-    with pytest.raises(PhysicsError, match=f"{part}: fitted on geometry 'mini' {same_layout}"):
+    with pytest.raises(PhysicsError, match=f"{part}: fitted on geometry 'mini' {model_layout}"):
         _physics_file(shards, tmp_path / "model", part, (512, 1), progress=False)
     assert not (tmp_path / "model" / "physics.h5").exists()
 
@@ -244,3 +245,22 @@ def test_evaluate_leaves_out_and_lists_the_darks_a_predictor_or_the_masters_do_n
     assert set(scored["camera"]) == {"GS1"} and len(scored) == len(gs1)
     assert set(unserved["camera"]) == {"GS2"}
     assert set(unserved["unserved_by"]) == {"physics"}
+
+
+def test_a_physics_model_left_in_a_model_folder_is_reused_only_for_its_own_frames(library, tmp_path):
+    """A training refused after its physics fit leaves physics.h5; a run on other shards fits
+    again (where a run of its own is there, it is refused)."""
+    from deepdark.training.loop import _fitted_from, _physics_file
+
+    _, shards = library
+    out = tmp_path / "model"
+    P.fit_physics(shards[:1], out / "physics.h5", progress=False)
+    assert _fitted_from(out / "physics.h5", shards[:1]) and not _fitted_from(out / "physics.h5", shards)
+    (out / "checkpoint.json").write_text("{}")
+    with pytest.raises(InputError, match="holds a run made with another physics model"):
+        _physics_file(shards, out, None, (512, 1), progress=False)
+    (out / "checkpoint.json").unlink()
+    path, source = _physics_file(shards, out, None, (512, 1), progress=False)
+    assert _fitted_from(path, shards) and source == "fitted from the training shards"
+    before = path.read_bytes()
+    assert _physics_file(shards, out, None, (512, 1), progress=False)[0].read_bytes() == before  # reused

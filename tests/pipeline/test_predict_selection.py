@@ -121,3 +121,6 @@ def test_selection_rule_and_fallbacks():
     assert not S.Selection.from_card(card, margin=0.1).any_network
     assert S.Selection.from_card({}) is None  # a card from before: the network everywhere
     assert not S.uses_network(None, 1.0, 0.0) and not S.uses_network(float("nan"), 1.0, 0.0)
+    # a tie is no gain, even at a margin of 0 (two zeros: darks the physics fit had seen)
+    assert not S.uses_network(0.0, 0.0, 0.005) and not S.uses_network(2.0, 2.0, 0.0)
+    assert S.uses_network(2.0, 1.99, 0.0)
