@@ -53,7 +53,7 @@ from deepdark.io.predictions import FLAGGED, OK, UNSERVED, Served
 from deepdark.io.shards import Shard
 from deepdark.io.units import unit_to_adu
 from deepdark.model import conditioning as C
-from deepdark.model.files import LoadedModel, check_geometry, load_model
+from deepdark.model.files import LoadedModel, ModelError, check_geometry, load_model
 from deepdark.model.nets import model_input
 from deepdark.model.runtime import DEFAULT_BATCH_SIZE, DEFAULT_DEVICE, autocast, fp32_head, resolve_device
 from deepdark.model.selection import DEFAULT_MARGIN, NETWORK, PHYSICS, PHYSICS_NETWORK, Selection
@@ -98,7 +98,10 @@ class ModelRunner:
             self.exposure_range = (min(exptimes), max(exptimes))
         self.cameras = tuple(self.model.card.get("training", {}).get("cameras") or ())
         # physics-mode models: where the network is used (None: everywhere, a card without one)
-        self.selection = None if self.physics is None else Selection.from_card(self.model.card, self.margin)
+        try:
+            self.selection = None if self.physics is None else Selection.from_card(self.model.card, self.margin)
+        except InputError as exc:
+            raise ModelError(f"{self.model.path}: {exc}") from None
 
     @property
     def generator(self):

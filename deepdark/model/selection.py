@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from deepdark.io.errors import InputError
 from deepdark.io.units import pooled_rmse
 
 PHYSICS = "physics"  # the physics prediction alone
@@ -113,11 +114,20 @@ class Selection:
         if "cameras" not in rec:
             return None
 
-        def decision(r: dict) -> bool:
+        def decision(r: dict, where: str) -> bool:
+            for key in ("physics_rmse_adu", "network_rmse_adu"):
+                v = r.get(key) if isinstance(r, dict) else None
+                if not (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))):
+                    raise InputError(f"card field selection.{where}.{key} must be a number or null, got {v!r:.40}")
             return uses_network(r["physics_rmse_adu"], r["network_rmse_adu"], margin)
 
-        cameras = {str(r["camera"]): decision(r) for r in rec["cameras"]}
-        groups = {_group_key(r): decision(r) for r in rec.get("groups", [])}
+        try:
+            cameras = {str(r["camera"]): decision(r, f"cameras[{i}]") for i, r in enumerate(rec["cameras"])}
+            groups = {_group_key(r): decision(r, f"groups[{i}]") for i, r in enumerate(rec.get("groups", []))}
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"card's selection is not valid ({type(exc).__name__}: {exc})") from None
         return cls(float(margin), cameras, groups)
 
     @property

@@ -119,6 +119,10 @@ def night_qa(
         # UTF-8 text for every tool and page: a name that is not UTF-8 shows its odd bytes as \\xNN
         qa["file"] = qa["file"].map(printable)
         selected = np.ones(len(table), bool) if not cameras else table["camera"].isin(list(cameras)).to_numpy()
+        absent = sorted(set(cameras or ()) - set(table["camera"]))
+        if absent:
+            notes.append(f"camera(s) {', '.join(absent)} selected, but none of this night's frames is of them")
+            log.warning("%s: %s", shard_path, notes[-1])
         if cameras and not selected.all():
             notes.append(
                 f"cameras selected: {', '.join(cameras)}; "

@@ -10,6 +10,7 @@ frames corrected (``ok``), corrected but flagged by the predictions (``flagged``
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,10 @@ from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import InputError
 from deepdark.pipeline.correct import MANIFEST, read_manifest
 from deepdark.pipeline.qa import QA_COLUMNS, RMSE_METHODS, pooled_table
+
+log = logging.getLogger(__name__)
+# the columns without which a table is no QA table (the others may be missing from an older one)
+QA_KEY_COLUMNS = ("file", "channel", "imagetyp")
 
 COUNT_COLUMNS = ("n_correct_ok", "n_correct_flagged", "n_correct_failed")
 NIGHT_COLUMNS = (
@@ -77,6 +82,8 @@ def summarize(
     qa_dir, out_csv, out_html = Path(qa_dir), Path(out_csv), Path(out_html)
     if nights is None:
         nights = sorted(p.parent.name for p in qa_dir.glob("*/qa.csv"))
+        for folder in sorted(p for p in qa_dir.iterdir() if p.is_dir() and p.name not in nights):
+            log.warning("%s holds no qa.csv (its QA did not finish): the night is left out of the summary", folder)
     rows, pooled, seen = [], [], set()
     for night in map(str, nights):
         qa = read_qa(qa_dir / night / "qa.csv")
@@ -95,16 +102,26 @@ def summarize(
 
 
 def read_qa(path: str | Path) -> pd.DataFrame:
-    """A night's ``qa.csv`` (text columns as text, empty cells NaN; ``frame_hash`` "" where a file
-    written before it has none)."""
-    qa = pd.read_csv(
-        path,
-        dtype={"night": str, "file": str, "camera": str, "channel": str, "median_kind": str, "frame_hash": str},
-        keep_default_na=False,
-        na_values=[""],
-        encoding="utf-8",
-    )
-    qa["frame_hash"] = qa["frame_hash"].fillna("") if "frame_hash" in qa else ""
+    """A night's ``qa.csv`` (text columns as text, empty cells NaN; a column of the QA that a file
+    written before it lacks, empty; ``frame_hash`` "" there); a one-line error naming the file
+    when it is missing, empty or not a QA table."""
+    try:
+        qa = pd.read_csv(
+            path,
+            dtype={"night": str, "file": str, "camera": str, "channel": str, "median_kind": str, "frame_hash": str},
+            keep_default_na=False,
+            na_values=[""],
+            encoding="utf-8",
+        )
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file: the night's QA did not finish (run it again)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise InputError(f"{path}: not a QA table ({' '.join(str(exc).split())})") from None
+    missing = [c for c in QA_KEY_COLUMNS if c not in qa]
+    if missing:
+        raise InputError(f"{path}: not a QA table (no column {', '.join(missing)})")
+    qa = qa.reindex(columns=list(dict.fromkeys([*qa.columns, *QA_COLUMNS])))
+    qa["frame_hash"] = qa["frame_hash"].astype(object).where(qa["frame_hash"].notna(), "")
     return qa
 
 
@@ -120,7 +137,10 @@ def _drop_seen(qa: pd.DataFrame, seen: set[str]) -> tuple[pd.DataFrame, int]:
 
 def _night_row(night: str, qa: pd.DataFrame, qa_night: Path, corrected_dir) -> dict:
     """One night's row: frames, quarantine, correction counts, pooled RMSE, guide-frame noise."""
-    quarantine = pd.read_csv(qa_night / "quarantine.csv", dtype=str, keep_default_na=False, encoding="utf-8")
+    try:
+        quarantine = pd.read_csv(qa_night / "quarantine.csv", dtype=str, keep_default_na=False, encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{qa_night / 'quarantine.csv'}: {' '.join(str(exc).split())}") from None
     t = pooled_table(qa).get("total", {})
     guides = qa[qa["noise_model"].notna()]
     return dict(

@@ -121,6 +121,14 @@ def test_selection_rule_and_fallbacks():
     assert not S.Selection.from_card(card, margin=0.1).any_network
     assert S.Selection.from_card({}) is None  # a card from before: the network everywhere
     assert not S.uses_network(None, 1.0, 0.0) and not S.uses_network(float("nan"), 1.0, 0.0)
+    # a card field of another type is named, not a traceback
+    from deepdark.io.errors import InputError
+
+    bad = {"selection": {"cameras": [{"camera": "A", "physics_rmse_adu": "abc", "network_rmse_adu": 1.0}]}}
+    with pytest.raises(InputError, match=r"cameras\[0\].physics_rmse_adu must be a number or null, got 'abc'"):
+        S.Selection.from_card(bad)
+    with pytest.raises(InputError, match="card's selection is not valid"):
+        S.Selection.from_card({"selection": {"cameras": [{"physics_rmse_adu": 1.0, "network_rmse_adu": 1.0}]}})
     # a tie is no gain, even at a margin of 0 (two zeros: darks the physics fit had seen)
     assert not S.uses_network(0.0, 0.0, 0.005) and not S.uses_network(2.0, 2.0, 0.0)
     assert S.uses_network(2.0, 1.99, 0.0)

@@ -456,6 +456,14 @@ def test_a_qa_killed_in_the_nights_evaluation_leaves_a_folder_its_rerun_may_fini
     assert (tmp_path / "qa" / "qa.html").is_file()
 
 
+def test_a_selected_camera_the_night_lacks_is_named(write_night, tmp_path, mini):
+    shard, pred = _zero_predictions(write_night(n_dark=1, n_guide=1), tmp_path, mini, "absent")
+    qa = night_qa(shard, pred, None, tmp_path / "qa", cameras=["GS1", "GS9"], progress=False)
+    assert set(qa["camera"]) == {"GS1"}
+    page = (tmp_path / "qa" / "qa.html").read_text(encoding="utf-8")
+    assert "camera(s) GS9 selected, but none of this night" in page
+
+
 def test_evaluate_scores_every_method_on_the_same_darks_and_lists_the_unserved(tmp_path):
     from deepdark.evaluation.evaluate import Scores
 

@@ -107,3 +107,22 @@ def test_max_failed_fraction_must_be_a_fraction(tmp_path):
         with pytest.raises(InputError, match="not a fraction"):
             summarize(tmp_path, tmp_path / "s.csv", tmp_path / "s.html", max_failed_fraction=bad)
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_qa_table_of_an_older_layout_is_read_and_a_damaged_or_missing_one_is_named(qa_dir, tmp_path, caplog):
+    from deepdark.io.errors import InputError
+
+    older = pd.read_csv(qa_dir / TWIN / "qa.csv", dtype=str).drop(columns=["rmse_floor", "frame_hash"])
+    older.to_csv(qa_dir / TWIN / "qa.csv", index=False)
+    (qa_dir / "20240103").mkdir()  # a night whose QA did not finish: named, left out
+    table, _ = summarize(qa_dir, tmp_path / "s.csv", tmp_path / "s.html", tmp_path / "t.csv")
+    assert list(table["night"]) == [NIGHT, TWIN] and table["n_frames"].tolist() == [4, 4]
+    assert "20240103 holds no qa.csv" in caplog.text
+    with pytest.raises(InputError, match=f"{qa_dir / '20240103' / 'qa.csv'}: no such file"):
+        summarize(qa_dir, tmp_path / "s.csv", tmp_path / "s.html", tmp_path / "t.csv", nights=[NIGHT, "20240103"])
+    (qa_dir / TWIN / "qa.csv").write_text("")
+    with pytest.raises(InputError, match=f"{qa_dir / TWIN / 'qa.csv'}: not a QA table"):
+        summarize(qa_dir, tmp_path / "s.csv", tmp_path / "s.html", tmp_path / "t.csv")
+    (qa_dir / TWIN / "qa.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(InputError, match="not a QA table .no column file, channel, imagetyp"):
+        summarize(qa_dir, tmp_path / "s.csv", tmp_path / "s.html", tmp_path / "t.csv")
