@@ -192,9 +192,12 @@ def train(
     dev = resolve_device(config.device)
     inputs = list(DEFAULT_INPUTS) + ([C.PHYSICS_INPUT] if config.physics_mode else [])
     gen_cfg = _generator_config(config.preset, config.norm, len(inputs))
-    phys_model, phys_card = _physics_model(shards, out_dir, config, progress) if config.physics_mode else (None, None)
-    try:
-        with open_library(shards, setpoints=config.setpoints, nights=config.nights) as lib:
+    with open_library(shards, setpoints=config.setpoints, nights=config.nights) as lib:
+        split_nights(lib.table["night"], config.val_nights)  # a bad --val-nights before an hour's physics fit
+        phys_model, phys_card = (None, None)
+        if config.physics_mode:
+            phys_model, phys_card = _physics_model(shards, out_dir, config, progress)
+        try:
             config, samples = _samples(lib, config, 2**gen_cfg.n_down, phys_model)
             signature = _signature(config, gen_cfg, inputs, lib, samples, phys_card)
             with _torch_threads(config, dev, samples.size):
@@ -203,9 +206,9 @@ def train(
                 _run_epochs(run, out_dir, signature, history, start_epoch)
                 _save_model(run, out_dir, lib, history, inputs, phys_card)
             return _result(run, out_dir, history, time.perf_counter() - t_start)
-    finally:
-        if phys_model is not None:
-            phys_model.close()
+        finally:
+            if phys_model is not None:
+                phys_model.close()
 
 
 def _result(run: _Run, out_dir: Path, history: list[dict], seconds: float) -> TrainResult:

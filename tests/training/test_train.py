@@ -481,3 +481,14 @@ def test_another_physics_model_for_a_folder_holding_a_run_is_refused_before_anyt
     with pytest.raises(InputError, match=f"{other}: not a deepdark physics model"):
         _physics_file([], out, other, (512, 1), progress=False)
     assert (out / C.PHYSICS_FILE).read_bytes() == b"the run's physics model"
+
+
+def test_a_validation_night_not_there_is_refused_before_the_physics_fit(library, tmp_path):
+    """At the paper's scale the fit takes an hour: a typo must not cost it, nor leave its file."""
+    from deepdark.io.errors import InputError
+
+    shards, _ = library
+    out = tmp_path / "m"
+    with pytest.raises(InputError, match=r"validation night\(s\) \['20990101'\] not in"):
+        quick_train(shards, out, preset="physics", val_nights=("20990101",))
+    assert not (out / C.PHYSICS_FILE).exists()
