@@ -193,9 +193,10 @@ def evaluate(
         (out_dir / name).unlink(missing_ok=True)
     if scores.unserved:
         _write_csv(out_dir / "unserved.csv", pd.DataFrame(scores.unserved))
-        log.warning("%s", _unserved_line(scores.unserved, out_dir / "unserved.csv"))
-    if not scores.per_image:
-        raise NothingScored(_unserved_line(scores.unserved, out_dir / "unserved.csv") + ": nothing to score")
+        left_out = _unserved_line(scores.unserved, out_dir / "unserved.csv")
+        if not scores.per_image:
+            raise NothingScored(f"{left_out}: nothing to score")
+        log.warning("%s", left_out)
     table = ordered_table(scores.pooled.table())
     _write_json(out_dir / "table1.json", table)
     _write_csv(out_dir / "table1.csv", table_frame(table))

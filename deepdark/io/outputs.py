@@ -32,12 +32,11 @@ _HDF5_SIGNATURES = {
     "masters": {"master", "table"},
     "physics": {"cameras"},
 }
-# Folders of deepdark, by a file only that kind holds. A folder output may also be empty.
-# A rerun under Snakemake finds its folder with the declared outputs removed, so a signature also
-# names files that only that kind leaves behind (a training log, the QA figures).
-# What each kind of folder holds once its command has written anything, so that the rerun of a
-# killed command may finish it: a model folder its physics model (copied or fitted before the
-# first checkpoint), a QA folder its copy of the night's quarantine (written first).
+# Folders of deepdark, by the files their kind holds. A folder output may also be empty. A rerun
+# under Snakemake finds its folder with the declared outputs removed, and the rerun of a killed
+# command finds what it wrote first: so a signature also names what a kind leaves behind (a
+# training log, the QA figures, earlier frames set aside), and what it writes first (a model
+# folder its physics model, before the first checkpoint; a QA folder its copy of the quarantine).
 _FOLDER_SIGNATURES = {
     "model": {"model.json", "checkpoint.json", "training_log.csv", "physics.h5"},
     "corrected": {"manifest.csv", "status.json", "stale"},

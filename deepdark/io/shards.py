@@ -146,6 +146,13 @@ def printable(text: str) -> str:
     return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
+def first_few(items, most: int = 10) -> str:
+    """The first ``most`` of ``items`` joined by commas, with ``, ...`` when there are more: a
+    list short enough for one line of a message or note."""
+    items = list(items)
+    return ", ".join(map(str, items[:most])) + (", ..." if len(items) > most else "")
+
+
 class ShardWriter:
     """Appends frame-channels to growing, chunked datasets; writes the table on close."""
 

@@ -124,9 +124,9 @@ class Selection:
         try:
             cameras = {str(r["camera"]): decision(r, f"cameras[{i}]") for i, r in enumerate(rec["cameras"])}
             groups = {_group_key(r): decision(r, f"groups[{i}]") for i, r in enumerate(rec.get("groups", []))}
+        except InputError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, InputError):
-                raise
             raise InputError(f"card's selection is not valid ({type(exc).__name__}: {exc})") from None
         return cls(float(margin), cameras, groups)
 

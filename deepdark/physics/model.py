@@ -118,21 +118,22 @@ class PhysicsModel:
         self.path = Path(path)
         try:
             self.f = h5py.File(self.path, "r")
-            version = int(self.f.attrs["schema_version"])
-            self.f["cameras"]
-        except (OSError, KeyError) as exc:
-            if hasattr(self, "f"):
-                self.f.close()
+        except OSError as exc:
             raise InputError(f"{self.path}: not a deepdark physics model ({exc})") from None
         with closed_on_error(self.f):
-            self._read_header(version)
+            self._read_header()
         self._channels: OrderedDict = OrderedDict()
         self._cache_size = cache_channels
         self._temperature_ranges: dict[str, tuple[float, float]] = {}
         self._transfers: dict[tuple[str, str], Transfer] = {}
 
-    def _read_header(self, version: int) -> None:
+    def _read_header(self) -> None:
         """The model's geometry, fit options and cameras (:class:`CameraInfo`), checked."""
+        try:
+            version = int(self.f.attrs["schema_version"])
+            self.f["cameras"]
+        except (OSError, KeyError) as exc:
+            raise InputError(f"{self.path}: not a deepdark physics model ({exc})") from None
         if version != PHYSICS_SCHEMA:
             raise InputError(f"{self.path}: physics schema {version}, this deepdark reads {PHYSICS_SCHEMA}")
         self.geometry: Geometry = stored_geometry(self.f, self.path)

@@ -96,7 +96,7 @@ from deepdark.io.frames import FITS_SUFFIXES, FrameError, Keywords, RawFrame, re
 from deepdark.io.geometry import Geometry
 from deepdark.io.masters import Masters, MissingMaster
 from deepdark.io.predictions import Predictions
-from deepdark.io.shards import Shard, closed_on_error, printable
+from deepdark.io.shards import Shard, closed_on_error, first_few, printable
 
 __all__ = [
     "COMPRESSIONS",
@@ -913,7 +913,7 @@ def correct_night(
     frame failed) raises :class:`EmptyResultError` where ``out_dir`` holds corrected frames of
     an earlier run, and leaves them as they are; with ``replace_with_empty`` it is written, and
     the earlier frames that the earlier manifest lists are removed. Otherwise the earlier frames
-    that this run did not make are moved to ``out_dir/stale/`` (listed in ``status.json``).
+    that this run did not make are moved to ``out_dir/stale/UTC-TIME/`` (listed in ``status.json``).
     """
     out_dir = Path(out_dir)
     storage = _Storage(include_dark, compression, quantize_level)  # a bad option fails before any frame
@@ -1056,13 +1056,12 @@ class _StaleFrames:
             os.replace(self.out_dir / name, self.folder / name)
         self.moved += now
         if now:
-            listed = ", ".join(now[:10]) + (", ..." if len(now) > 10 else "")
             log.warning(
                 "%s: %d frame(s) corrected by an earlier run, not by this one, moved to %s: %s",
                 self.out_dir,
                 len(now),
                 self.folder,
-                listed,
+                first_few(now),
             )
 
 

@@ -46,7 +46,7 @@ from deepdark.io.errors import InputError
 from deepdark.io.frames import FrameError, Keywords, read_frame
 from deepdark.io.masters import Masters
 from deepdark.io.predictions import Predictions
-from deepdark.io.shards import Shard, printable, quarantine_path, read_quarantine
+from deepdark.io.shards import Shard, first_few, printable, quarantine_path, read_quarantine
 from deepdark.io.strips import window_of
 from deepdark.io.tables import frame_setpoints, temp_label
 from deepdark.pipeline.correct import active_areas, corrected_actives, median_by_partition
@@ -203,7 +203,7 @@ def _verdict_notes(table: pd.DataFrame, listed: int = 10) -> list[str]:
     ):
         files = table.loc[table["status"] == status, "file"].unique()
         if len(files):
-            names = ", ".join(Path(f).name for f in files[:listed]) + (", ..." if len(files) > listed else "")
+            names = first_few((Path(f).name for f in files), listed)
             notes.append(f"{len(files)} frame(s) {status} ({meaning}): {names}")
     return notes
 
@@ -269,7 +269,7 @@ def _unmastered_notes(
         f"camera {camera} at {'no setpoint' if pd.isna(setpoint) else f'{setpoint:g} C'}"
         for camera, setpoint in lacking.groupby(["camera", "setpoint"], dropna=False).groups
     ]
-    where = ", ".join(groups[:listed]) + (", ..." if len(groups) > listed else "")
+    where = first_few(groups, listed)
     return [
         f"{len(lacking)} dark frame-channel(s) without a median master dark in {Path(masters_path).name} "
         f"({where}): {outcome}"
