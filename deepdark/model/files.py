@@ -313,16 +313,17 @@ def _check_card_fields(card: dict, path: Path) -> None:
             raise ModelError(f"{path}: card field {key!r} must be {what}, got {value!r:.60}")
 
 
-def generator_config(card: dict) -> GeneratorConfig:
+def generator_config(card: dict, where: str | Path = "card") -> GeneratorConfig:
+    """The generator's configuration from a card's architecture (``where``: the card, for errors)."""
     fields = {f.name for f in dataclasses.fields(GeneratorConfig)}
     given = dict(card["architecture"].get("generator") or {})
     unknown = sorted(set(given) - fields)
     if unknown:
-        raise ModelError(f"card's architecture has fields this deepdark does not know: {unknown}")
+        raise ModelError(f"{where}: architecture has fields this deepdark does not know: {unknown}")
     try:
         return GeneratorConfig(**given)
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"card's architecture is invalid: {exc}") from None
+        raise ModelError(f"{where}: architecture is invalid: {exc}") from None
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -408,7 +409,7 @@ def load_model(
         raise ModelError(f"{model_dir}: input channels {unknown} are not known to deepdark {__version__}")
     if geometry is not None:
         check_geometry(card, geometry, where=f"geometry {geometry.name!r}")
-    cfg = generator_config(card)
+    cfg = generator_config(card, model_dir / CARD_FILE)
     if cfg.in_channels != len(card["inputs"]):
         raise ModelError(f"{model_dir}: card lists inputs {card['inputs']} but in_channels={cfg.in_channels}")
     weights = model_dir / MODEL_FILE
@@ -435,7 +436,7 @@ def _read_generator(model_dir: Path, card: dict) -> Generator:
     """The generator of a model directory whose card has been checked (:func:`load_model`)."""
     weights = model_dir / MODEL_FILE
     state = read_safetensors(weights)
-    net = Generator(generator_config(card))
+    net = Generator(generator_config(card, model_dir / CARD_FILE))
     check_state(net.state_dict(), state, f"{weights}")
     net.load_state_dict(state, strict=True)
     return net.eval()

@@ -245,6 +245,10 @@ class GeneratorConfig:
             raise ValueError(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
         if self.upsample not in UPSAMPLES:
             raise ValueError(f"unknown upsample {self.upsample!r}; valid: {', '.join(UPSAMPLES)}")
+        for f in ("in_channels", "width", "n_blocks", "n_down"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{f} must be a whole number, got {v!r:.40}")
         for f in ("in_channels", "width"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1")

@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from deepdark import __version__
@@ -645,8 +646,8 @@ def _count_rows(values: np.ndarray, counts: np.ndarray) -> None:
     if values.shape[1] == 0:
         return
     if values.shape[1] >= LONG_ROW:  # long rows: a call each costs nothing beside its values
-        for f in range(n):
-            counts[f] += np.bincount(values[f], minlength=width)
+        for f, row in enumerate(_rows_to_count(values, width)):
+            counts[f] += _bincount(row, minlength=width)
         return
     per_row = 8 * (values.shape[1] + width)  # the offset values and the counts, int64
     rows = max(1, COUNT_BYTES // max(per_row, 1))
@@ -654,6 +655,23 @@ def _count_rows(values: np.ndarray, counts: np.ndarray) -> None:
         part = values[r0 : r0 + rows].astype(np.int64)
         part += (np.arange(len(part)) * width)[:, None]
         counts[r0 : r0 + rows] += np.bincount(part.ravel(), minlength=len(part) * width).reshape(len(part), width)
+
+
+def _rows_to_count(values: np.ndarray, width: int):
+    """The rows of ``values`` as torch counts them, when it can: numpy's bincount holds the
+    interpreter lock, so that two threads count no faster than one, and torch's does not (and
+    counts int16 2.5x faster than numpy counts uint16). Bins below 2**15 are the same numbers
+    as int16."""
+    if values.dtype == np.uint16 and width <= 2**15:
+        return torch.from_numpy(values.view(np.int16))
+    return values
+
+
+def _bincount(row, minlength: int) -> np.ndarray:
+    """numpy's or torch's bincount of ``row`` (as :func:`_rows_to_count` gave it)."""
+    if isinstance(row, torch.Tensor):
+        return torch.bincount(row, minlength=minlength).numpy()
+    return np.bincount(row, minlength=minlength)
 
 
 class _MedianWindow:
@@ -918,11 +936,15 @@ def _fit_camera(grp, cl: _Library, shards, mem: _Members, g: Geometry, params, b
 
 
 def _exposure_coverage(cl: _Library) -> list[float]:
-    """The library's dark exposure times (sorted), with a warning when glow cannot be told from
-    dark current (one exposure time and no bias frames)."""
+    """The library's dark exposure times (sorted), with a warning when only bias frames can be
+    predicted (no darks) or glow cannot be told from dark current (one exposure time, no biases)."""
     dark = cl.t > 0
     dark_exptimes = sorted(set(np.round(cl.t[dark], 6).tolist()))
-    if not _separable(cl, dark_exptimes):
+    if not dark_exptimes:
+        log.warning(
+            "camera %s: library has bias frames only: only bias frames (exposure 0) can be predicted", cl.camera
+        )
+    elif not _separable(cl, dark_exptimes):
         log.warning(
             "camera %s: library has only %g s darks and no bias frames: glow cannot be told from dark"
             " current; only %g s can be predicted",

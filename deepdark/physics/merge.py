@@ -16,7 +16,8 @@ import h5py
 from deepdark import __version__
 from deepdark.io.atomic import atomic_path
 from deepdark.io.errors import DeepdarkError, InputError
-from deepdark.io.shards import GEOMETRY_CHECKSUM, HDF5_FORMAT, hdf5_written, stored_geometry, text_digest
+from deepdark.io.geometry import Geometry
+from deepdark.io.shards import HDF5_FORMAT, geometry_attrs, hdf5_written, stored_geometry
 
 from .fit import PHYSICS_SCHEMA
 
@@ -34,9 +35,9 @@ def merge_physics(parts: Sequence[str | Path], out: str | Path) -> Path:
     if not parts:
         raise InputError("physics-merge: no physics model files given")
     sources = [_camera_groups(Path(p)) for p in parts]
-    first_path, first_attrs, _ = sources[0]
+    first_path, first_attrs, _, geometry = sources[0]
     owner: dict[str, Path] = {}
-    for path, attrs, cameras in sources:
+    for path, attrs, cameras, _ in sources:
         for key in SHARED_ATTRS:
             if attrs[key] != first_attrs[key]:
                 raise InputError(f"{path}: its {key} differs from that of {first_path}: fitted another way")
@@ -44,11 +45,11 @@ def merge_physics(parts: Sequence[str | Path], out: str | Path) -> Path:
             if camera in owner:
                 raise InputError(f"{path}: camera {camera} is also fitted in {owner[camera]}")
             owner[camera] = path
-    nights = sorted({n for _, attrs, _ in sources for n in str(attrs.get("nights", "")).split(",") if n})
+    nights = sorted({n for _, attrs, _, _ in sources for n in str(attrs.get("nights", "")).split(",") if n})
     out = Path(out)
     with atomic_path(out) as tmp, hdf5_written(tmp, libver=HDF5_FORMAT) as dst:
         dst.attrs.update({key: first_attrs[key] for key in SHARED_ATTRS})
-        dst.attrs[GEOMETRY_CHECKSUM] = text_digest([first_attrs["geometry"]])
+        dst.attrs.update(geometry_attrs(geometry))
         dst.attrs.update(
             software=f"deepdark {__version__}",
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -63,14 +64,14 @@ def merge_physics(parts: Sequence[str | Path], out: str | Path) -> Path:
     return out
 
 
-def _camera_groups(path: Path) -> tuple[Path, dict, list[str]]:
-    """(path, root attributes, cameras) of a physics model file."""
+def _camera_groups(path: Path) -> tuple[Path, dict, list[str], Geometry]:
+    """(path, root attributes, cameras, geometry) of a physics model file."""
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
             cameras = [str(g.attrs["camera"]) for g in f["cameras"].values()]
             if all(key in attrs for key in SHARED_ATTRS):
-                stored_geometry(f, path)  # its checksum, and text that parses
+                geometry = stored_geometry(f, path)  # its checksum, and text that parses
     except DeepdarkError:  # a damaged geometry is named as such (CorruptFileError is an OSError)
         raise
     except (OSError, KeyError) as exc:
@@ -80,7 +81,7 @@ def _camera_groups(path: Path) -> tuple[Path, dict, list[str]]:
     missing = [key for key in SHARED_ATTRS if key not in attrs]
     if missing:
         raise InputError(f"{path}: not a deepdark physics model (no attribute {', '.join(missing)})")
-    return path, attrs, cameras
+    return path, attrs, cameras, geometry
 
 
 def _group_of(f: h5py.File, camera: str) -> str:

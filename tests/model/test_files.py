@@ -53,6 +53,14 @@ def test_card_fields_of_the_wrong_type_give_one_line_errors(model_dir, key, valu
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("field", "value"), [("width", "16"), ("width", 16.0), ("n_blocks", True), ("norm", "layer")])
+def test_a_generator_field_of_the_wrong_type_or_value_names_the_card(model_dir, field, value):
+    _edit_card(model_dir, lambda c: c["architecture"]["generator"].update({field: value}))
+    with pytest.raises(ModelError) as err:
+        load_model(model_dir)
+    assert str(model_dir / CARD_FILE) in str(err.value) and field in str(err.value) and "\n" not in str(err.value)
+
+
 def test_an_edited_geometry_that_kept_its_name_is_refused(model_dir, mini):
     # Same name and window, the channels' flips swapped: only the content digest tells them apart.
     swapped = mini.source.replace("flip_cols: false}", "flip_cols: TMP}").replace(

@@ -344,6 +344,20 @@ def test_rows_counted_together_equal_a_bincount_per_row(length, monkeypatch):
     np.testing.assert_array_equal(counts, expected)
 
 
+@pytest.mark.parametrize(("width", "dtype"), [(2**15, np.uint16), (2**15 + 1, np.uint16), (300, np.int64)])
+def test_long_rows_count_the_same_whether_torch_or_numpy_counts_them(width, dtype):
+    """Bins up to 2**15 (the last int16) are counted by torch, wider ones and other dtypes by
+    numpy; the same counts, from the strided rows of a histogram's gathered bins too."""
+    rng = np.random.default_rng(width)
+    gathered = rng.integers(0, width, (5, 3 * F.LONG_ROW)).astype(dtype)
+    gathered[:, 0] = width - 1  # the last bin, the sign bit of an int16 at 2**15 + 1
+    values = gathered[:, : 2 * F.LONG_ROW]  # rows of a wider array: not contiguous
+    expected = np.stack([np.bincount(v, minlength=width) for v in values])
+    counts = np.zeros((5, width), np.int32)
+    F._count_rows(values, counts)
+    np.testing.assert_array_equal(counts, expected)
+
+
 @pytest.mark.parametrize("max_bytes", [1e3, 2e7, 6e7, 1.3e8])
 def test_bounded_columns_are_the_fine_bins_then_coarse_ones(max_bytes):
     """A bounded histogram's float arithmetic gives every bin its column: the bin itself below
