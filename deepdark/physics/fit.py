@@ -509,7 +509,7 @@ class _ResidualHistograms:
     When every bin of every frame does not fit in ``max_bytes``, the first bins are counted one
     by one (as many as fit) and the rest in coarse bins of COARSE_BINS, the overflow bin in a
     column of its own (:meth:`columns_of`: float arithmetic on the bins before they are gathered,
-    so that a single bincount, which holds the interpreter lock, counts them; a gather from a
+    so that a single bincount counts them (:func:`_count_rows`); a gather from a
     lookup table cost more, 3.5 ns a value):
     a frame whose median lies in a coarse bin gets its median's bin from that coarse bin's fine
     bins, counted in a second pass over the residuals (:class:`_MedianWindow`); the bins equal
