@@ -10,7 +10,8 @@ night's shard (N darks) and all four (4N):
 * the bare read: every stored active area read chunk by chunk (``ds[i]``: each chunk decoded
   once, nothing else), per dark;
 * the step, in a child process (its peak resident memory above what it held before the
-  step, VmHWM), per dark, and its ratio to the bare read;
+  step, VmHWM, its libraries loaded: torch's import alone is 0.9 s and 181 MB), per dark, and
+  its ratio to the bare read;
 * the scaling ratio time(4N) / time(N) (linear: 4).
 
 It also runs 4N with a budget that gives the blocks of rows the library of the projection
@@ -75,6 +76,7 @@ def peak_kb():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 module, name, out, memory_mb, *shards = sys.argv[1:]
 step = getattr(importlib.import_module(module), name)
+import torch  # the fit counts with it, loaded when first needed: a library's code, as numpy's, is not the step's
 from deepdark.io.shards import Shard
 with Shard(shards[0]) as s:  # load HDF5's filters and caches first: the step's own memory is measured
     s.f["active"][0], s.f["a1"][0]

@@ -172,8 +172,10 @@ def evaluate(
     batch_size: int = 4,
     progress: bool = True,
     figures: bool = True,
+    cameras: Sequence[str] | None = None,
 ) -> dict:
-    """Score the median baselines (when ``masters_path``) and ``predictors`` on the test darks.
+    """Score the median baselines (when ``masters_path``) and ``predictors`` on the test darks
+    (of ``cameras``; None: of every camera).
 
     Writes ``table1.json``, ``table1.csv``, ``per_image.csv``, ``histograms.csv``, ``unserved.csv``
     (darks some method could not predict, left out of every method's score; only when there are
@@ -185,9 +187,10 @@ def evaluate(
     out_dir = Path(out_dir)
     with contextlib.ExitStack() as stack:
         masters = stack.enter_context(Masters(masters_path)) if masters_path else None
-        scores = _scores(test_shards, masters, predictors or {}, batch_size, progress)
+        scores = _scores(test_shards, masters, predictors or {}, batch_size, progress, cameras)
     if not scores.per_image and not scores.unserved:
-        raise InputError("no DARK frames in the test shards: nothing to evaluate")
+        of = f" of camera(s) {', '.join(cameras)}" if cameras else ""
+        raise InputError(f"no DARK frames{of} in the test shards: nothing to evaluate")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in EVALUATE_FILES:
         (out_dir / name).unlink(missing_ok=True)
@@ -211,8 +214,9 @@ def evaluate(
     return table
 
 
-def _scores(test_shards, masters: Masters | None, predictors: dict, batch_size: int, progress: bool) -> Scores:
-    """The median baselines (with ``masters``) and ``predictors`` scored on the test shards' darks."""
+def _scores(test_shards, masters: Masters | None, predictors: dict, batch_size: int, progress: bool, cameras) -> Scores:
+    """The median baselines (with ``masters``) and ``predictors`` scored on the test shards'
+    darks (of ``cameras``, None: all)."""
     methods: dict[str, Predictor] = {}
     if masters:
         methods["median_all"] = median_predictor(masters, "all", strict=False)
@@ -223,7 +227,10 @@ def _scores(test_shards, masters: Masters | None, predictors: dict, batch_size: 
         with Shard(path) as shard:
             if masters:
                 masters.check_geometry(shard.geometry)
-            darks = np.flatnonzero((shard.table["imagetyp"] == "DARK").to_numpy())
+            dark = shard.table["imagetyp"] == "DARK"
+            if cameras:
+                dark &= shard.table["camera"].isin(list(cameras))
+            darks = np.flatnonzero(dark.to_numpy())
             scores.add_shard(shard, darks, methods, batch_size, progress)
     return scores
 

@@ -126,8 +126,7 @@ def night_qa(
         if cameras and not selected.all():
             notes.append(
                 f"cameras selected: {', '.join(cameras)}; "
-                f"{int((~selected).sum())} frame-channels of other cameras left out of the tables "
-                "(the evaluate figures cover every camera of the night)"
+                f"{int((~selected).sum())} frame-channels of other cameras left out of the tables and figures"
             )
         notes += _verdict_notes(preds.table[selected])
         if not shard.geometry.has_ob:
@@ -135,7 +134,7 @@ def night_qa(
                 f"geometry {shard.geometry.name!r} has no optical black: each frame's temperature is its "
                 "header's (CCDTEMP, else the setpoint), not measured on the frame"
             )
-        darks = (table["imagetyp"] == "DARK").to_numpy()
+        darks = (table["imagetyp"] == "DARK").to_numpy() & selected
         served = darks & (preds.table["status"] != "unserved").to_numpy() if "status" in preds.table else darks
         if served.any():
             per_image = _evaluate_darks(shard_path, preds, masters_path, out_dir, notes, cameras, progress)
@@ -229,7 +228,7 @@ def _evaluate_darks(
 
     unserved = out_dir / "unserved.csv"
     try:
-        evaluate([shard_path], masters_path, out_dir, {"model": model}, progress=progress)
+        evaluate([shard_path], masters_path, out_dir, {"model": model}, progress=progress, cameras=cameras)
     except NothingScored:
         if masters_path is None:
             raise
@@ -240,7 +239,7 @@ def _evaluate_darks(
             "the baselines are not scored"
         ]
         unserved.unlink()
-        evaluate([shard_path], None, out_dir, {"model": model}, progress=progress)
+        evaluate([shard_path], None, out_dir, {"model": model}, progress=progress, cameras=cameras)
     else:
         if unserved.exists():
             left_out = "left out of every method's RMSE (unserved.csv)"

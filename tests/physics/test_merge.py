@@ -269,7 +269,7 @@ def test_a_physics_model_left_in_a_model_folder_is_reused_only_for_its_own_frame
 def test_a_camera_with_bias_frames_only_is_fitted_for_its_biases_with_a_warning(tmp_path, caplog):
     shards = mini_library(tmp_path, nights=1, cameras=("GS1",), temperatures=(-5,), darks_per_temp=0, bias_per_night=3)
     out = P.fit_physics(shards, tmp_path / "x.h5", progress=False)
-    assert "camera GS1: library has bias frames only" in caplog.text
+    assert "camera GS1: a bias-only library (3 frames): it predicts bias frames only" in caplog.text
     with P.PhysicsModel(out) as model:
         model.check_exposure("GS1", 0.0)
         with pytest.raises(P.PhysicsError, match="only bias frames"):

@@ -344,18 +344,33 @@ def test_rows_counted_together_equal_a_bincount_per_row(length, monkeypatch):
     np.testing.assert_array_equal(counts, expected)
 
 
-@pytest.mark.parametrize(("width", "dtype"), [(2**15, np.uint16), (2**15 + 1, np.uint16), (300, np.int64)])
-def test_long_rows_count_the_same_whether_torch_or_numpy_counts_them(width, dtype):
-    """Bins up to 2**15 (the last int16) are counted by torch, wider ones and other dtypes by
-    numpy; the same counts, from the strided rows of a histogram's gathered bins too."""
-    rng = np.random.default_rng(width)
-    gathered = rng.integers(0, width, (5, 3 * F.LONG_ROW)).astype(dtype)
+@pytest.mark.parametrize(
+    ("width", "dtype", "length", "by_torch"),
+    [
+        (2**15, np.uint16, 2 * F.LONG_ROW, True),
+        (2**15 + 1, np.uint16, 2 * F.LONG_ROW, False),  # a bin past int16
+        (300, np.int64, 2 * F.LONG_ROW, False),
+        (300, np.uint16, F.TORCH_GRAIN + 1, False),  # torch would check its range on threads of its own
+    ],
+)
+def test_long_rows_count_the_same_whether_torch_or_numpy_counts_them(width, dtype, length, by_torch, monkeypatch):
+    """Bins up to 2**15 (the last int16) in rows up to TORCH_GRAIN values are counted by torch,
+    which frees the interpreter lock; the rest by numpy: the same counts, from the strided rows
+    of a histogram's gathered bins too."""
+    import torch
+
+    calls = []
+    bincount = torch.bincount
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: calls.append(1) or bincount(*a, **k))
+    rng = np.random.default_rng(width + length)
+    gathered = rng.integers(0, width, (5, length + 7)).astype(dtype)
     gathered[:, 0] = width - 1  # the last bin, the sign bit of an int16 at 2**15 + 1
-    values = gathered[:, : 2 * F.LONG_ROW]  # rows of a wider array: not contiguous
+    values = gathered[:, :length]  # rows of a wider array: not contiguous
     expected = np.stack([np.bincount(v, minlength=width) for v in values])
     counts = np.zeros((5, width), np.int32)
     F._count_rows(values, counts)
     np.testing.assert_array_equal(counts, expected)
+    assert len(calls) == (5 if by_torch else 0)
 
 
 @pytest.mark.parametrize("max_bytes", [1e3, 2e7, 6e7, 1.3e8])

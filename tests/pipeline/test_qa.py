@@ -464,6 +464,23 @@ def test_a_selected_camera_the_night_lacks_is_named(write_night, tmp_path, mini)
     assert "camera(s) GS9 selected, but none of this night" in page
 
 
+def test_selected_cameras_are_the_only_ones_scored_on_the_page_and_in_the_figures(write_night, tmp_path, mini):
+    write_night(n_dark=2, n_guide=1, camera="GS2", seed=1)
+    shard, pred = _zero_predictions(write_night(n_dark=1, n_guide=1), tmp_path, mini, "two")
+    qa = night_qa(shard, pred, None, tmp_path / "qa", cameras=["GS2"], progress=False)
+    assert set(qa["camera"]) == {"GS2"}
+    scored = pd.read_csv(tmp_path / "qa" / "per_image.csv", dtype={"camera": str})
+    assert set(scored["camera"]) == {"GS2"} and len(scored) == 2 * len(mini.channels)
+    table = json.loads((tmp_path / "qa" / "table1.json").read_text())
+    assert table["total"]["n_images"] == len(scored)
+    # a selected camera without darks: nothing of the other camera's darks is scored
+    write_night(night="20240102", n_dark=0, n_guide=1, camera="GS3")
+    write_night(night="20240102", n_dark=1, n_guide=0, camera="GS1")
+    shard, pred = _zero_predictions(tmp_path / "archive" / "20240102", tmp_path, mini, "guides")
+    night_qa(shard, pred, None, tmp_path / "qa2", cameras=["GS3"], progress=False)
+    assert not (tmp_path / "qa2" / "per_image.csv").exists()
+
+
 def test_evaluate_scores_every_method_on_the_same_darks_and_lists_the_unserved(tmp_path):
     from deepdark.evaluation.evaluate import Scores
 
