@@ -11,7 +11,8 @@ night's shard (N darks) and all four (4N):
   once, nothing else), per dark;
 * the step, in a child process (its peak resident memory above what it held before the
   step, VmHWM, its libraries loaded: torch's import alone is 0.9 s and 181 MB), per dark, and
-  its ratio to the bare read;
+  its ratio to the bare read; ``--step-repeats K``: the median of K runs, each on a page cache
+  warmed again, with the fastest and slowest;
 * the scaling ratio time(4N) / time(N) (linear: 4).
 
 It also runs 4N with a budget that gives the blocks of rows the library of the projection
@@ -116,6 +117,19 @@ def run_step(step: str, shards: list[Path], out: Path, memory_mb: float) -> dict
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def timed_step(step: str, shards: list[Path], out: Path, memory_mb: float, repeats: int) -> dict:
+    """:func:`run_step` ``repeats`` times, each on a page cache warmed again (as the bare read's:
+    the machine may have evicted some of the shards meanwhile): the median time, the fastest and
+    slowest, and the largest peak rise."""
+    runs = []
+    for i in range(repeats):
+        bare_read(shards)
+        runs.append(run_step(step, shards, out.with_name(f"{out.stem}-{i}{out.suffix}"), memory_mb))
+    seconds = sorted(r["seconds"] for r in runs)
+    peak = max(r["peak_rise_mb"] for r in runs)
+    return {"seconds": statistics.median(seconds), "range": (seconds[0], seconds[-1]), "peak_rise_mb": peak}
+
+
 def library(root: Path, darks: int, g) -> list[Path]:
     """Four nights of ``darks`` darks of geometry ``g`` each, extracted: one shard per night."""
     simulate_archive(
@@ -169,6 +183,10 @@ def report(step: str, darks: int, bare: dict, runs: dict, memory_mb: float, proj
     for k in (n, n4):
         per, b, rise = runs[k]["seconds"] / k * 1e3, bare[k] / k * 1e3, runs[k]["peak_rise_mb"]
         print(f"{k:>6} {b:13.1f} {per:13.1f} {per / b:6.1f} {rise:13.0f} {rise / memory_mb:10.0%}")
+    ranges = {k: runs[k]["range"] for k in (n, n4)}
+    if any(lo != hi for lo, hi in ranges.values()):  # more than one run of the step
+        spread = ", ".join(f"{k}: {lo / k * 1e3:.1f}-{hi / k * 1e3:.1f}" for k, (lo, hi) in ranges.items())
+        print(f"step ms/dark: the median of its runs (fastest-slowest {spread})")
     print(f"scaling: time({n4}) / time({n}) = {runs[n4]['seconds'] / runs[n]['seconds']:.2f} (linear: 4)")
     projection(step, n4, bare[n4] / n4, runs[n4]["seconds"] / n4, memory_mb, project, spill, g.active.shape)
 
@@ -201,6 +219,7 @@ def main() -> int:
     p.add_argument("--memory-mb", type=float, default=512, help="the step's budget (default: %(default)s)")
     p.add_argument("--project", type=int, default=20_000, help="library size to project to (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="bare reads, median taken (default: %(default)s)")
+    p.add_argument("--step-repeats", type=int, default=1, help="runs of the step, median taken (default: %(default)s)")
     p.add_argument("--geometry", default="lamost-kaf4320", help="of the darks (default: %(default)s)")
     a = p.parse_args()
     g = load_geometry(a.geometry)
@@ -212,12 +231,12 @@ def main() -> int:
         sets = {a.darks: shards[:1], 4 * a.darks: shards}
         bare_read(shards)  # the page cache holds every shard from here on
         bare = {k: timed_bare(s, a.repeats) for k, s in sets.items()}
-        runs = {k: run_step(a.step, s, tmp / f"out{k}.h5", a.memory_mb) for k, s in sets.items()}
+        runs = {k: timed_step(a.step, s, tmp / f"out{k}.h5", a.memory_mb, a.step_repeats) for k, s in sets.items()}
         tables = table_mb_per_dark(shards)
         budget, rows = equivalent_budget(a.step, a.memory_mb, a.project, 4 * a.darks, tables, g.active.shape)
         spill = {"budget": budget, "rows": rows}
         if rows < g.active.shape[0]:
-            spill["run"] = run_step(a.step, shards, tmp / "spill.h5", budget)
+            spill["run"] = timed_step(a.step, shards, tmp / "spill.h5", budget, a.step_repeats)
         report(a.step, a.darks, bare, runs, a.memory_mb, a.project, spill, g)
     return 0
 
