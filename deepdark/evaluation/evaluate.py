@@ -214,7 +214,14 @@ def evaluate(
     return table
 
 
-def _scores(test_shards, masters: Masters | None, predictors: dict, batch_size: int, progress: bool, cameras) -> Scores:
+def _scores(
+    test_shards,
+    masters: Masters | None,
+    predictors: dict,
+    batch_size: int,
+    progress: bool,
+    cameras: Sequence[str] | None,
+) -> Scores:
     """The median baselines (with ``masters``) and ``predictors`` scored on the test shards'
     darks (of ``cameras``, None: all)."""
     methods: dict[str, Predictor] = {}

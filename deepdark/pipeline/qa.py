@@ -219,9 +219,9 @@ def _check_same_rows(shard: Shard, preds: Predictions) -> None:
 def _evaluate_darks(
     shard_path, preds: Predictions, masters_path, out_dir: Path, notes: list[str], cameras, progress: bool
 ) -> pd.DataFrame:
-    """``evaluate`` on the night's darks, the predictions file as the ``model``; its per-image
-    table. Darks the masters do not cover are left out (named in ``notes``); where they cover none
-    of the darks the model predicted, the model is scored alone."""
+    """``evaluate`` on the night's darks (of ``cameras``, None: all), the predictions file as the
+    ``model``; its per-image table. Darks the masters do not cover are left out (named in
+    ``notes``); where they cover none of the darks the model predicted, the model is scored alone."""
 
     def model(shard: Shard, rows: np.ndarray) -> np.ndarray:
         return window_of(preds.dark(rows), shard.geometry)
@@ -233,7 +233,7 @@ def _evaluate_darks(
         if masters_path is None:
             raise
         # the masters cover none of the darks the model predicted: the model is scored alone
-        alone = _unmastered_notes(_read_evaluated(unserved), masters_path, cameras, "the baselines are not scored")
+        alone = _unmastered_notes(_read_evaluated(unserved), masters_path, "the baselines are not scored")
         notes += alone or [
             f"no dark the model predicted has a median master dark in {Path(masters_path).name}: "
             "the baselines are not scored"
@@ -243,7 +243,7 @@ def _evaluate_darks(
     else:
         if unserved.exists():
             left_out = "left out of every method's RMSE (unserved.csv)"
-            notes += _unmastered_notes(_read_evaluated(unserved), masters_path, cameras, left_out)
+            notes += _unmastered_notes(_read_evaluated(unserved), masters_path, left_out)
     return _read_evaluated(out_dir / "per_image.csv")
 
 
@@ -253,15 +253,10 @@ def _read_evaluated(path: Path) -> pd.DataFrame:
     )
 
 
-def _unmastered_notes(
-    unserved: pd.DataFrame, masters_path, cameras: Sequence[str] | None, outcome: str, listed: int = 10
-) -> list[str]:
-    """A line for the darks (of ``cameras``, None: all) a median baseline had no master for (a
-    camera or setpoint the library lacks), naming the first ``listed`` cameras and setpoints, and
-    what became of them: ``outcome``."""
+def _unmastered_notes(unserved: pd.DataFrame, masters_path, outcome: str, listed: int = 10) -> list[str]:
+    """A line for the darks a median baseline had no master for (a camera or setpoint the library
+    lacks), naming the first ``listed`` cameras and setpoints, and what became of them: ``outcome``."""
     lacking = unserved[unserved["unserved_by"].str.contains("median_")]
-    if cameras:
-        lacking = lacking[lacking["camera"].isin(list(cameras))]
     if lacking.empty:
         return []
     groups = [
