@@ -69,7 +69,7 @@ def _block_means(signal: np.ndarray, bs: int, clip: float = PIXEL_CLIP) -> np.nd
         v = signal[i, : nr * bs, : nc * bs].reshape(nr, bs, nc, bs).transpose(0, 2, 1, 3).reshape(nr, nc, bs * bs)
         med = median_last(v, keepdims=True)
         dev = np.abs(v - med)
-        sig = np.maximum(MAD_SIGMA * median_last(dev, keepdims=True), 0.5)
+        sig = np.maximum(MAD_SIGMA * median_last(dev, keepdims=True, nonnegative=True), 0.5)
         keep = dev <= clip * sig
         out[i] = masked_sum(v, keep) / np.maximum(keep.sum(-1), 1)
     return out
@@ -437,7 +437,7 @@ class _Piece:
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(Y (N, P) float32 bias-subtracted, valid (N, P) bool: neither saturated nor zero)."""
         n = len(self.raw)
-        Y = self.raw.astype(np.float32) - self.bias[:, :, None]
+        Y = np.subtract(self.raw, self.bias[:, :, None], dtype=np.float32)  # one pass: no float copy of raw
         valid = (self.raw < SATURATED) & (self.raw > 0)
         return Y.reshape(n, -1), valid.reshape(n, -1)
 
@@ -744,12 +744,11 @@ def _pass_a(
 
 def _weighted_fit(Y, valid, X, noise: _Noise, clip, extra_var=None) -> _PixelFit:
     """Frame-variance weighted start, then per-pixel variances from the fitted signal."""
-    var = np.empty(Y.shape, np.float32)
-    var[...] = noise.frame_var[:, None]
+    start_var = noise.frame_var.astype(np.float32)[:, None]  # (N, 1): the same for every pixel
     if extra_var is not None:
-        var += extra_var
-    beta0 = _robust_fit(Y, valid, X, var, clip, rounds=1, chi2=False).beta
-    np.matmul(X.astype(np.float32), beta0.astype(np.float32), out=var)
+        start_var = extra_var + start_var
+    beta0 = _robust_fit(Y, valid, X, start_var, clip, rounds=1, chi2=False).beta
+    var = np.matmul(X.astype(np.float32), beta0.astype(np.float32))
     noise(var, out=var)
     if extra_var is not None:
         var += extra_var

@@ -64,7 +64,7 @@ def row_bias(
     k, rows, _ = x.shape
     med = median_last(x, keepdims=True)
     dev = x - med
-    sigma = np.maximum(MAD_SIGMA * median_last(np.abs(dev).reshape(k, -1)), 0.5)
+    sigma = np.maximum(MAD_SIGMA * median_last(np.abs(dev).reshape(k, -1), nonnegative=True), 0.5)
     keep = np.abs(dev) <= clip * sigma[:, None, None]
     n = np.maximum(keep.sum(-1), 1)
     raw = med[..., 0].astype(np.float64) + masked_sum(dev, keep, dtype=np.float64) / n
@@ -72,7 +72,7 @@ def row_bias(
     read_var = np.einsum("krc,krc->k", res, res, dtype=np.float64) / np.maximum(keep.sum((1, 2)) - rows, 1)
     est_var = read_var[:, None] / n
     level = raw.mean(axis=1)
-    spread = MAD_SIGMA * median_last(np.abs(raw - median_last(raw, keepdims=True)))
+    spread = MAD_SIGMA * median_last(np.abs(raw - median_last(raw, keepdims=True)), nonnegative=True)
     row_var = np.maximum(spread**2 - est_var.mean(axis=1), 0.0)
     if smooth > 1:
         kernel = np.ones(int(smooth))
@@ -140,18 +140,45 @@ def with_transfer(state: FrameState, coefficient: np.ndarray, residual_var: np.n
     return replace(state, bias=bias, bias_var=bias_var, ob_cols=ob_cols, bias_source=source)
 
 
-def median_last(a: np.ndarray, keepdims: bool = False) -> np.ndarray:
+def median_last(a: np.ndarray, keepdims: bool = False, nonnegative: bool = False) -> np.ndarray:
     """``np.median(a, axis=-1)`` of a float array, equal to it to the bit (NaN where a lane holds
-    NaN; the mean of the two middle values in ``a``'s dtype for an even count), from a sorted
-    copy: numpy's vectorised sort costs a fraction of the partition ``np.median`` makes."""
-    lanes = np.sort(a, axis=-1)  # NaN last
-    n = lanes.shape[-1]
-    if n % 2:
-        out = lanes[..., n // 2]
-    else:
-        out = (lanes[..., n // 2 - 1] + lanes[..., n // 2]) / 2
-    out = np.where(np.isnan(lanes[..., -1]), np.nan, out).astype(a.dtype, copy=False)
+    NaN; the mean of the two middle values in ``a``'s dtype for an even count), from a copy
+    sorted or partitioned about the middle (:func:`middle_values`): ``np.median`` partitions
+    about both middle values, which numpy's vectorised partition does not do, several times
+    slower. ``nonnegative``: values without a sign bit (``np.abs`` gives them), which order as
+    their bit patterns, faster."""
+    a = np.asarray(a)
+    n = a.shape[-1]
+    lanes = np.array(a, order="C").reshape(-1, n)
+    nan = np.isnan(lanes).any(axis=1) if lanes.size and np.isnan(lanes.max()) else None
+    keys = lanes.view(f"u{lanes.itemsize}") if nonnegative else lanes
+    out = middle_values(keys, n, a.dtype)
+    if nan is not None:
+        out[nan] = np.nan
+    out = out.reshape(a.shape[:-1])
     return out[..., None] if keepdims else out
+
+
+PARTITION_LANE = 512  # values: from this long a lane, a partition about its middle beats a sort
+
+
+def middle_values(keys: np.ndarray, n: int, dtype) -> np.ndarray:
+    """(lanes,): the median, in ``dtype`` (whose values ``keys`` hold, or order as), of the first
+    ``n`` values in order of each lane of ``keys`` (lanes, values), reordered in place: NaN and
+    values to leave out must order last. numpy's vectorised sort costs about as much as its
+    partition up to a few hundred values a lane, 2-4x more from a thousand (on 2**19 float32
+    values: 0.48 against 0.24 ms in lanes of 1,024 values, 0.60 against 0.16 in lanes of 4,096)."""
+    if keys.shape[1] < PARTITION_LANE:
+        keys.sort(axis=1)
+        middle = keys[:, n // 2].view(dtype)
+        lower = keys[:, n // 2 - 1].view(dtype) if n % 2 == 0 else None
+    else:
+        keys.partition(n // 2, axis=1)
+        middle = keys[:, n // 2].view(dtype)
+        lower = keys[:, : n // 2].max(axis=1).view(dtype) if n % 2 == 0 else None  # the largest below it
+    if lower is None:
+        return middle.copy()
+    return (lower + middle) / 2
 
 
 RADIX_BITS = 16  # bits of the values' bit patterns told apart per pass of streamed_median
@@ -230,7 +257,7 @@ def active_row_offsets(active_minus_bias: np.ndarray, bias: np.ndarray, level: n
     for i, frame in enumerate(x):  # a frame at a time: its copies stay in the cache
         med = median_last(frame, keepdims=True)
         dev = frame - med
-        sigma = MAD_SIGMA * median_last(np.abs(dev[::8]).ravel())
+        sigma = MAD_SIGMA * median_last(np.abs(dev[::8]).ravel(), nonnegative=True)
         keep = np.abs(dev) <= clip * np.maximum(sigma, 0.5)
         mean[i] = med[:, 0] + masked_sum(dev, keep, dtype=np.float64) / np.maximum(keep.sum(-1), 1)
     return mean + (np.asarray(bias, np.float64) - np.asarray(level, np.float64)[:, None])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .frame_state import MAD_SIGMA
+from .frame_state import MAD_SIGMA, middle_values
 from .law import Law
 
 HOT_TAUS = np.round(np.arange(2.0, 16.01, 0.1), 2)  # per-pixel doubling temperatures tried, C
@@ -34,7 +34,7 @@ def _normal_equations(Y: np.ndarray, W: np.ndarray, X: np.ndarray, block: int = 
     for p0 in range(0, P, block):
         w = W[:, p0 : p0 + block].astype(np.float64)
         A[:, p0 : p0 + block] = XX @ w
-        b[:, p0 : p0 + block] = X.T @ (w * Y[:, p0 : p0 + block])
+        b[:, p0 : p0 + block] = X.T @ np.multiply(w, Y[:, p0 : p0 + block], out=w)
     return A, b
 
 
@@ -111,29 +111,27 @@ def _masked_median(values: np.ndarray, valid: np.ndarray, nonnegative: bool = Fa
     Equal to the bit to :func:`numpy.median` of fully valid columns (NaN if they hold one) and to
     :func:`numpy.nanmedian` of the valid values of the others (the mean of the two middle values
     in the values' dtype for an even count). The columns are transposed so that each pixel's
-    values are contiguous and sorted (numpy's vectorised sort): several times faster than
-    ``np.median``'s partition along a strided axis. ``nonnegative``: float32 values without a
-    sign bit (``np.abs`` gives them), which sort as their bit patterns, faster still."""
+    values are contiguous (:func:`middle_values`): several times faster than ``np.median``'s
+    partition along a strided axis. ``nonnegative``: float32 values without a sign bit
+    (``np.abs`` gives them), which order as their bit patterns, faster still."""
     N, P = values.shape
     lanes = _transposed(values)
     partial = ~valid.all(axis=0)
     if partial.any():
-        np.copyto(lanes, np.nan, where=~valid.T)
-    if nonnegative and lanes.dtype == np.float32:
-        lanes.view(np.uint32).sort(axis=1)  # finite, then inf, then NaN: the order of the values
+        np.copyto(lanes, np.nan, where=~valid.T)  # invalid values order last, as NaN values do
+    if partial.any() or (P and np.isnan(lanes.max())):
+        count = N - np.isnan(lanes).sum(axis=1)  # each pixel's valid values that are not NaN
     else:
-        lanes.sort(axis=1)  # NaN (invalid values and NaN values alike) last
-    count = valid.sum(axis=0) if partial.any() else np.full(P, N)
-    has_nan = np.isnan(lanes[:, -1])
-    if has_nan.any():
-        count[has_nan] = N - np.isnan(lanes[has_nan]).sum(axis=1)
-    if (count == N).all():
-        return _middle(lanes, N)
+        count = np.full(P, N)
+    keys = lanes.view(np.uint32) if nonnegative and lanes.dtype == np.float32 else lanes
     out = np.empty(P, values.dtype)
     for n in np.unique(count):
         here = count == n
-        out[here] = _middle(lanes[here], int(n)) if n else np.nan
-    out[has_nan & ~partial] = np.nan  # np.median of a column that holds NaN
+        if not n:
+            out[here] = np.nan
+            continue
+        out[here] = middle_values(keys if here.all() else keys[here], int(n), values.dtype)
+    out[(count < N) & ~partial] = np.nan  # np.median of a column that holds NaN
     return out
 
 
@@ -144,21 +142,17 @@ def _transposed(a: np.ndarray) -> np.ndarray:
     """A C-ordered copy of ``a.T`` (2-D), a band of ``a``'s rows at a time, as many as fill a cache
     line of each row of the copy: numpy's copy of a whole transposed view walks one of the two with
     a stride of a whole row, twice as slow on blocks of a megabyte or more; square tiles of 64
-    (measured on blocks of the per-pixel fit: 1.3-2x slower) cost a Python step for every tile."""
+    (measured on blocks of the per-pixel fit: 1.3-2x slower) cost a Python step for every tile.
+    A narrow ``a`` (rows of up to 4 cache lines: the few pixels a clip looks at) is copied whole:
+    the bands' Python steps would cost more (48 against 28 us for 1,024 x 64 float32)."""
     rows, cols = a.shape
+    if cols * a.itemsize <= 4 * CACHE_LINE:
+        return a.T.copy()
     out = np.empty((cols, rows), a.dtype)
     band = max(1, CACHE_LINE // a.itemsize)
     for i in range(0, rows, band):
         out[:, i : i + band] = a[i : i + band].T
     return out
-
-
-def _middle(sorted_lanes: np.ndarray, n: int) -> np.ndarray:
-    """The median of the first ``n`` values of each sorted lane: the middle value, or the mean of
-    the two middle values (their sum halved, in the lanes' dtype, as numpy's median)."""
-    if n % 2:
-        return sorted_lanes[:, n // 2].copy()
-    return (sorted_lanes[:, n // 2 - 1] + sorted_lanes[:, n // 2]) / 2
 
 
 @dataclass
@@ -174,7 +168,8 @@ class _PixelFit:
 
 
 def _robust_fit(Y, valid, X, var, clip: float, rounds: int = 2, chi2: bool = True) -> _PixelFit:
-    """Weighted, clipped per-pixel fit. ``var`` (N, P) noise variance of every frame-pixel, or
+    """Weighted, clipped per-pixel fit. ``var`` (N, P) noise variance of every frame-pixel, (N, 1)
+    that of every frame (the same for all pixels: not written out for each), or
     None for an unweighted fit (residual scale from the pixel's own MAD). Cuts frame-pixels beyond
     ``clip`` times the pixel's robust residual scale (never tighter than the noise model), and
     fits again; ``rounds`` times. Without ``chi2`` the fit's ``chi2`` and ``n`` are None.
@@ -202,7 +197,7 @@ def _robust_fit(Y, valid, X, var, clip: float, rounds: int = 2, chi2: bool = Tru
             todo = todo[moved]
         if not todo.size:
             break
-        sd = None if inv_sd is None else inv_sd[:, todo]
+        sd = inv_sd if inv_sd is None or inv_sd.shape[1] == 1 else inv_sd[:, todo]
         A[:, todo], b[:, todo] = _normal_equations(Y[:, todo], _weights(keep[:, todo], sd), X)
         beta[:, todo] = _solve(A[:, todo], b[:, todo], K)
         z[:, todo] = _scaled_residuals(Y[:, todo], X32, beta[:, todo], sd)
@@ -214,9 +209,12 @@ def _robust_fit(Y, valid, X, var, clip: float, rounds: int = 2, chi2: bool = Tru
 
 
 def _weights(keep: np.ndarray, inv_sd: np.ndarray | None) -> np.ndarray:
-    """(N, P) float32 weights of the kept frame-pixels: 1, or 1 / variance."""
+    """(N, P) weights of the kept frame-pixels: the flags themselves (1), or 1 / variance
+    (float32); the normal equations take them as float64."""
     if inv_sd is None:
-        return keep.astype(np.float32)
+        return keep
+    if inv_sd.shape[1] == 1:  # one per frame: squared once (the same products)
+        return np.multiply(keep, inv_sd * inv_sd)
     w = np.multiply(keep, inv_sd)
     w *= inv_sd
     return w
@@ -236,7 +234,9 @@ def _kept(z, valid, clip: float, weighted: bool) -> np.ndarray:
     at least 1 noise sigma when weighted).
 
     Weighted, a pixel none of whose valid frame-pixels lies beyond ``clip`` sigmas keeps them all
-    whatever its scale (at least 1): only the others need the median, a few in a thousand."""
+    whatever its scale (at least 1); of the others (more of them the more frames: one cosmic ray
+    is enough), those whose scale is 1 are known by a count (:func:`_wider_than_noise`): only the
+    rest need their median."""
     if not weighted:
         return valid & (_clip_threshold(z, valid, clip, 1e-3)[None, :] >= z)
     keep = valid.copy()
@@ -244,8 +244,39 @@ def _kept(z, valid, clip: float, weighted: bool) -> np.ndarray:
     out = np.flatnonzero((valid & ~(z <= np.float32(clip))).any(axis=0))
     if out.size:
         zo, vo = z[:, out], valid[:, out]
-        keep[:, out] = vo & (_clip_threshold(zo, vo, clip, 1.0)[None, :] >= zo)
+        bound = np.full(out.size, np.float32(clip))  # clip times a scale of 1
+        wide = _wider_than_noise(zo, vo)
+        if wide.any():
+            bound[wide] = _clip_threshold(zo[:, wide], vo[:, wide], clip, 1.0)
+        keep[:, out] = vo & (bound[None, :] >= zo)
     return keep
+
+
+def _unit_mad() -> np.float32:
+    """The largest float32 median |residual| whose robust scale (times MAD_SIGMA, in float32, as
+    :func:`_clip_threshold` computes it) is at most 1."""
+    m = np.float32(1 / MAD_SIGMA)
+    while np.float32(m) * MAD_SIGMA > 1:
+        m = np.nextafter(m, np.float32(0))
+    while np.nextafter(m, np.float32(np.inf)) * MAD_SIGMA <= 1:
+        m = np.nextafter(m, np.float32(np.inf))
+    return m
+
+
+UNIT_MAD = _unit_mad()
+
+
+def _wider_than_noise(z, valid) -> np.ndarray:
+    """(P,) bool: the pixels whose robust scale of ``z`` (N, P) may exceed 1, those that need their
+    median. The others' median is at most UNIT_MAD: more than half their valid values are, which
+    a count tells at a fraction of a median's cost (a transposed copy and a partition of every
+    lane). A pixel with a NaN residual is counted wide: its median may be NaN."""
+    n = valid.sum(axis=0)
+    within = (valid & (z <= UNIT_MAD)).sum(axis=0)
+    wide = within < n // 2 + 1
+    if np.isnan(z.max()):
+        wide |= np.isnan(z).any(axis=0)
+    return wide
 
 
 def _clip_threshold(z, valid, clip: float, floor: float) -> np.ndarray:
@@ -259,7 +290,8 @@ def _clip_threshold(z, valid, clip: float, floor: float) -> np.ndarray:
 def _kept_sum_of_squares(z, keep) -> np.ndarray:
     """Per pixel, the float32 sum over the kept frames of ``z``^2."""
     sq = z * z
-    if np.isfinite(sq).all():  # then multiplying a term by 0 drops it as np.where does, faster
+    # every square finite (a NaN or inf would be the max): a term times 0 drops as np.where drops it
+    if not sq.size or np.isfinite(sq.max()):
         return np.multiply(sq, keep, out=sq).sum(axis=0)
     return np.where(keep, sq, 0).sum(axis=0)
 

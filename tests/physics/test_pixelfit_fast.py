@@ -29,7 +29,8 @@ def _numpy_masked_median(values, valid):
     return out
 
 
-@pytest.mark.parametrize("n_frames", [1, 2, 3, 4, 5, 16, 17, 64, 65, 130])  # 17, 65, 130: a part band
+# 17, 65, 130: a part band; from 512 the lanes are partitioned, not sorted
+@pytest.mark.parametrize("n_frames", [1, 2, 3, 4, 5, 16, 17, 64, 65, 130, 512, 513, 1030])
 def test_masked_median_equals_numpy_to_the_bit(n_frames):
     rng = np.random.default_rng(n_frames)
     values = np.abs(rng.normal(size=(n_frames, 2000))).astype(np.float32)
@@ -53,7 +54,7 @@ def test_masked_median_equals_numpy_to_the_bit(n_frames):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [1, 2, 7, 8, 1024, 1042])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 1024, 1025, 1042])  # from 512 values partitioned, not sorted
 def test_median_last_equals_numpy_to_the_bit(dtype, n):
     rng = np.random.default_rng(n)
     a = rng.normal(size=(3, 5, n)).astype(dtype)
@@ -62,8 +63,12 @@ def test_median_last_equals_numpy_to_the_bit(dtype, n):
         got, expected = median_last(a, keepdims=keepdims), np.median(a, axis=-1, keepdims=keepdims)
         assert got.dtype == expected.dtype and got.shape == expected.shape
         np.testing.assert_array_equal(got, expected)
+        # values without a sign bit, ordered as their bit patterns
+        got = median_last(np.abs(a), keepdims=keepdims, nonnegative=True)
+        np.testing.assert_array_equal(got, np.median(np.abs(a), axis=-1, keepdims=keepdims))
     flat = a[1:].ravel()
     np.testing.assert_array_equal(median_last(flat), np.median(flat))
+    np.testing.assert_array_equal(median_last(a[..., ::2]), np.median(a[..., ::2], axis=-1))  # a strided view
 
 
 def _streamed(values: np.ndarray, parts: int) -> float:
@@ -174,6 +179,33 @@ def test_robust_fit_refitting_changed_pixels_only_equals_refitting_all(weighted,
     # BLAS may round the sums of a few pixels in their last bit unlike those of a whole block
     np.testing.assert_allclose(fit.beta, beta, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(fit.chi2, chi2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_frames", [9, 40])
+def test_weighted_clip_counts_what_it_need_not_take_a_median_of(n_frames):
+    """The weighted clip knows by a count the pixels whose scale is 1 (median |z| at most
+    UNIT_MAD): it keeps the same frames as with every looked-at pixel's median, at the boundary
+    (odd and even counts, middles either side of UNIT_MAD) and with NaN residuals."""
+    rng = np.random.default_rng(n_frames)
+    N, P = n_frames, 3000
+    z = (np.abs(rng.normal(size=(N, P))) * rng.uniform(0.3, 2.5, P)).astype(np.float32)
+    z[rng.random((N, P)) < 0.05] = 50  # beyond the clip: the pixels looked at
+    above = np.nextafter(PF.UNIT_MAD, np.float32(1))
+    for c, low in enumerate(range(N // 2 - 1, N // 2 + 3)):  # as many values at UNIT_MAD, the rest above
+        z[:, c * 10 : c * 10 + 10] = above
+        z[:low, c * 10 : c * 10 + 10] = PF.UNIT_MAD
+    z[0, :100] = 50
+    z[1, 100:110] = np.nan  # NaN residuals: a NaN median (all valid) or one without them
+    valid = rng.random((N, P)) > 0.05
+    valid[:, 100:105] = True
+    out = np.flatnonzero((valid & ~(z <= np.float32(5.0))).any(axis=0))
+    expected = valid.copy()
+    zo, vo = z[:, out], valid[:, out]
+    expected[:, out] = vo & (PF._clip_threshold(zo, vo, 5.0, 1.0)[None, :] >= zo)
+    np.testing.assert_array_equal(PF._kept(z, valid, 5.0, weighted=True), expected)
+    wide = PF._wider_than_noise(zo, vo)
+    assert 0 < wide.sum() < out.size  # both kinds of pixels were looked at
+    np.testing.assert_array_equal(PF._unit_mad() * MAD_SIGMA, np.float32(1))
 
 
 def _cumsum_box(a, r, axis):
