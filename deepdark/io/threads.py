@@ -1,8 +1,9 @@
 """Work spread over a node's cores by threads, in order (``deepdark.io``).
 
 numpy releases the interpreter lock inside its array operations (sorting, BLAS, ufunc loops),
-so independent blocks of array work run side by side on threads: no copies between processes,
-one address space, the same memory budget. Results come back in the order of their inputs, so
+as do the fit's compiled sums (:mod:`deepdark.physics.compiled`), so independent blocks of array
+work run side by side on threads: no copies between processes, one address space, the same
+memory budget. Results come back in the order of their inputs, so
 what is built from them does not depend on the number of threads.
 """
 

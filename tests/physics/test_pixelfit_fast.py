@@ -118,6 +118,26 @@ def test_masked_sum_equals_where_sum():
     np.testing.assert_array_equal(masked_sum(values, keep), np.where(keep, values, 0).sum(-1))
 
 
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_normal_equations_are_the_weighted_products(K):
+    """The compiled sums equal numpy's float64 products (to their rounding), for float32 and
+    bool weights, whole blocks and strided parts of them, and no pixels."""
+    rng = np.random.default_rng(K)
+    N, P = 37, 1001
+    X = rng.uniform(0.5, 300, (N, K))
+    Y = (rng.normal(size=(N, P)) * 50 + 1000).astype(np.float32)
+    weights = {"float32": rng.random((N, P)).astype(np.float32), "bool": rng.random((N, P)) > 0.1}
+    for name, W in weights.items():
+        for y, w in ((Y, W), (Y[:, ::3], W[:, ::3]), (Y[:, :0], W[:, :0])):
+            A, b = PF._normal_equations(y, w, X)
+            w64 = w.astype(np.float64)
+            expected_A = np.stack([(X[:, k] * X[:, m]) @ w64 for k, m in PF._pairs(K)])
+            expected_b = X.T @ (w64 * y)
+            assert A.shape == (K * (K + 1) // 2, y.shape[1]) and b.shape == (K, y.shape[1])
+            np.testing.assert_allclose(A, expected_A, rtol=1e-13, err_msg=name)
+            np.testing.assert_allclose(b, expected_b, rtol=1e-13, err_msg=name)
+
+
 def _random_system(rng, K, P=3000, N=40):
     X = np.stack([rng.uniform(1, 300, N), rng.uniform(1, 100, N), rng.uniform(0.5, 2, N), np.ones(N)], 1)[:, -K:]
     W = rng.random((N, P)).astype(np.float32)
