@@ -1,9 +1,10 @@
 """The per-pixel fit's innermost sums, compiled (numba) (``deepdark.physics``).
 
 Imported when first needed, not with the package: loading numba takes a fifth of a second and
-compiling a kernel half a second (then cached beside this file, or in the user's cache when the
-package's folder is read-only; compiled in each process where neither can be written), which a
-job that never fits a library need not pay.
+compiling a kernel about half a second, which a job that never fits a library need not pay.
+Compiled in each process, not cached on disk: numba's cache can be corrupted by processes that
+compile into it at once (numba issues 4807, 10128), as a cluster's jobs sharing one installation
+would, and a corrupted or foreign kernel would be a silent error in every map.
 """
 
 from __future__ import annotations
@@ -12,15 +13,7 @@ import numpy as np
 from numba import njit
 
 
-def _compiled(fn):
-    """``fn`` compiled without the interpreter lock, cached where a cache can be written."""
-    try:
-        return njit(nogil=True, cache=True)(fn)
-    except RuntimeError:  # numba found no folder to cache in
-        return njit(nogil=True)(fn)
-
-
-@_compiled
+@njit(nogil=True)
 def normal_sums(Y, W, XT, XX, A, b) -> None:
     """Add to the packed normal matrices ``A`` (pairs, P) and right sides ``b`` (K, P), float64,
     the weighted sums of every pixel: ``A[q] += XX[q, f] * W[f]``, ``b[k] += XT[k, f] * W[f] * Y[f]``

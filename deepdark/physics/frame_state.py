@@ -149,10 +149,10 @@ def median_last(a: np.ndarray, keepdims: bool = False, nonnegative: bool = False
     their bit patterns, faster."""
     a = np.asarray(a)
     n = a.shape[-1]
-    lanes = np.array(a, order="C").reshape(-1, n)
+    lanes = np.array(a, dtype=a.dtype.newbyteorder("="), order="C").reshape(-1, n)  # bit patterns in native order
     nan = np.isnan(lanes).any(axis=1) if lanes.size and np.isnan(lanes.max()) else None
     keys = lanes.view(f"u{lanes.itemsize}") if nonnegative else lanes
-    out = middle_values(keys, n, a.dtype)
+    out = middle_values(keys, n, lanes.dtype)
     if nan is not None:
         out[nan] = np.nan
     out = out.reshape(a.shape[:-1])

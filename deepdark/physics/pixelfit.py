@@ -34,7 +34,10 @@ def _normal_equations(Y: np.ndarray, W: np.ndarray, X: np.ndarray):
     P, K = Y.shape[1], X.shape[1]
     XX = np.stack([X[:, k] * X[:, m] for k, m in _pairs(K)])  # (npairs, N)
     A, b = np.zeros((len(XX), P)), np.zeros((K, P))
-    normal_sums(Y, W, np.ascontiguousarray(X.T), XX, A, b)
+    # C order (a refit's columns come out of numpy's indexing in another): rows read in order,
+    # and one compiled version per dtype (float32 or bool weights), not per layout
+    Y, W = np.ascontiguousarray(Y), np.ascontiguousarray(W)
+    normal_sums(Y, W, np.ascontiguousarray(X.T, np.float64), np.ascontiguousarray(XX, np.float64), A, b)
     return A, b
 
 
@@ -163,7 +166,7 @@ class _PixelFit:
     chi2: np.ndarray | None  # (P,) reduced chi-square of the kept frames (1 = as noisy as the model says)
     n: np.ndarray | None  # (P,) frames kept
     keep: np.ndarray  # (N, P) frames kept (for the hot-pixel fits)
-    var: np.ndarray  # (N, P) noise variance model
+    var: np.ndarray  # (N, P) noise variance model (or (N, 1): one per frame)
     z: np.ndarray  # (N, P) float32 |residual| of every frame-pixel (in noise sigmas when weighted)
 
 
@@ -213,8 +216,6 @@ def _weights(keep: np.ndarray, inv_sd: np.ndarray | None) -> np.ndarray:
     (float32); the normal equations take them as float64."""
     if inv_sd is None:
         return keep
-    if inv_sd.shape[1] == 1:  # one per frame: squared once (the same products)
-        return np.multiply(keep, inv_sd * inv_sd)
     w = np.multiply(keep, inv_sd)
     w *= inv_sd
     return w
@@ -255,10 +256,14 @@ def _kept(z, valid, clip: float, weighted: bool) -> np.ndarray:
 def _unit_mad() -> np.float32:
     """The largest float32 median |residual| whose robust scale (times MAD_SIGMA, in float32, as
     :func:`_clip_threshold` computes it) is at most 1."""
+
+    def scale(m) -> float:  # as an array: numpy 1.x would multiply a float32 scalar in float64
+        return float((np.array([m], np.float32) * MAD_SIGMA)[0])
+
     m = np.float32(1 / MAD_SIGMA)
-    while np.float32(m) * MAD_SIGMA > 1:
+    while scale(m) > 1:
         m = np.nextafter(m, np.float32(0))
-    while np.nextafter(m, np.float32(np.inf)) * MAD_SIGMA <= 1:
+    while scale(np.nextafter(m, np.float32(np.inf))) <= 1:
         m = np.nextafter(m, np.float32(np.inf))
     return m
 
@@ -270,7 +275,10 @@ def _wider_than_noise(z, valid) -> np.ndarray:
     """(P,) bool: the pixels whose robust scale of ``z`` (N, P) may exceed 1, those that need their
     median. The others' median is at most UNIT_MAD: more than half their valid values are, which
     a count tells at a fraction of a median's cost (a transposed copy and a partition of every
-    lane). A pixel with a NaN residual is counted wide: its median may be NaN."""
+    lane). A pixel with a NaN residual is counted wide: its median may be NaN; so is every pixel
+    of residuals other than float32, whose scale UNIT_MAD does not bound."""
+    if z.dtype != np.float32:
+        return np.ones(z.shape[1], bool)
     n = valid.sum(axis=0)
     within = (valid & (z <= UNIT_MAD)).sum(axis=0)
     wide = within < n // 2 + 1
