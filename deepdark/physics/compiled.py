@@ -1,7 +1,8 @@
 """The per-pixel fit's innermost sums, compiled (numba) (``deepdark.physics``).
 
 Imported when first needed, not with the package: loading numba takes a fifth of a second and
-compiling a kernel about half a second, which a job that never fits a library need not pay.
+compiling the kernel half a second for each kind of weights (float32, bool), which a job that
+never fits a library need not pay.
 Compiled in each process, not cached on disk: numba's cache can be corrupted by processes that
 compile into it at once (numba issues 4807, 10128), as a cluster's jobs sharing one installation
 would, and a corrupted or foreign kernel would be a silent error in every map.
